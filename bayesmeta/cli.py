@@ -1,0 +1,118 @@
+"""`bayesmeta fit | evaluate | report`: the command line. Errors print one line and exit non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bayesmeta.config import ConfigError
+
+EXIT_CONFIG, EXIT_RUN, EXIT_INTERRUPT = 2, 1, 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bayesmeta", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("fit", help="meta-train a method, evaluate it and write runs/<name>/")
+    f.add_argument("config", nargs="?", help="TOML config (default: the built-in sinusoid MAML run)")
+    f.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.steps=1000 (repeatable)",
+    )
+    f.add_argument("--run-dir", type=Path, help="output folder (default: runs/<name>)")
+    f.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    f.add_argument("--force", action="store_true", help="start over in a run folder that has a checkpoint")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e = sub.add_parser("evaluate", help="re-evaluate a run from its checkpoint and rewrite its report")
+    e.add_argument("run_dir", type=Path)
+    e.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override evaluation settings, e.g. --set eval.tasks=100",
+    )
+    e.add_argument("--no-progress", action="store_true")
+    r = sub.add_parser("report", help="redraw summary.md and plots from a run's files")
+    r.add_argument("run_dir", type=Path)
+    return p
+
+
+def _print_summary(run_dir: Path, metrics: dict) -> None:
+    print(
+        f"\n{metrics['method']} on {metrics['family']}: {metrics['steps']} steps in "
+        f"{metrics['train_seconds']:.1f} s"
+    )
+    for k, v in metrics["metrics"].items():
+        print(f"  {k:>14s} = {v['mean']:.4f} ± {v['ci95']:.4f} (95% CI over {v['n']} tasks)")
+    print(f"run folder: {run_dir}/  (summary.md, metrics.json, inference.nc, plots/)")
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from bayesmeta import config, run
+    from bayesmeta.fit import CHECKPOINT
+
+    cfg_path = args.config
+    if cfg_path is None and args.resume and args.run_dir is not None:
+        cfg_path = args.run_dir / "config.toml"
+    cfg = config.load(cfg_path, args.set)
+    run_dir = args.run_dir or run.default_run_dir(cfg)
+    if (run_dir / CHECKPOINT).exists() and not (args.resume or args.force):
+        print(
+            f"bayesmeta: error: {run_dir} already holds a checkpoint; pass --resume to continue it "
+            "or --force to start over",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    try:
+        _, metrics = run.train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted; the last completed chunk is checkpointed. Resume with:\n"
+            f"  bayesmeta fit --resume --run-dir {run_dir}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPT
+    if metrics is not None:
+        _print_summary(run_dir, metrics)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from bayesmeta import config, run
+
+    cfg = config.load(args.run_dir / "config.toml", args.set)
+    setup, result = run.restore(cfg, args.run_dir)
+    metrics = run.finish(setup, args.run_dir, result, progress=not args.no_progress)
+    _print_summary(args.run_dir, metrics)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from bayesmeta.report import write_report
+
+    for path in write_report(args.run_dir):
+        print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from bayesmeta.fit import CheckpointError, NonFiniteError
+
+    try:
+        return {"fit": _fit, "evaluate": _evaluate, "report": _report}[args.command](args)
+    except ConfigError as e:
+        print(f"bayesmeta: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (NonFiniteError, CheckpointError, FileNotFoundError) as e:
+        print(f"bayesmeta: error: {e}", file=sys.stderr)
+        return EXIT_RUN
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""TOML configs validated into frozen dataclasses; every error names the key and what is allowed."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.toml"
+
+
+class ConfigError(ValueError):
+    """An invalid config: the message is one line naming the key and what is allowed."""
+
+
+def opt(
+    default: Any,
+    *,
+    choices: Any = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    doc: str = "",
+) -> Any:
+    """A dataclass field with validation metadata (choices may be a callable returning a list)."""
+    meta = {"choices": choices, "ge": ge, "gt": gt, "le": le, "doc": doc}
+    if isinstance(default, (dict, list)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: _copy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _copy(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return dataclasses.replace(value)
+    return type(value)(value)
+
+
+def _task_families() -> list[str]:
+    from bayesmeta.tasks import FAMILIES
+
+    return sorted(FAMILIES)
+
+
+def _methods() -> list[str]:
+    from bayesmeta.registry import available_methods
+
+    return available_methods()
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    family: str = opt("sinusoid", choices=_task_families, doc="task family")
+    shots: int = opt(10, ge=1, doc="support points per task (per class for classification)")
+    queries: int = opt(10, ge=1, doc="query points per task")
+    params: dict = opt({}, doc="family-specific parameters, validated by the family")
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    kind: str = opt("mlp", choices=["mlp"])
+    hidden: tuple[int, ...] = opt((40, 40), doc="hidden layer widths")
+    activation: str = opt("relu", choices=["relu", "tanh", "elu"])
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    method: str = opt("maml", choices=_methods)
+    net: NetConfig = opt(NetConfig())
+    inner_steps: int = opt(1, ge=0, doc="inner gradient steps during meta-training")
+    inner_lr: float = opt(0.01, gt=0, doc="inner step size alpha")
+    first_order: bool = opt(False, doc="drop second derivatives of the inner loop")
+    adapt: str = opt("all", choices=["all", "head"], doc="which parameters the inner loop adapts")
+    likelihood: str = opt("gaussian", choices=["gaussian", "categorical"])
+    noise_sd: float = opt(
+        math.sqrt(0.5),
+        gt=0,
+        doc="Gaussian likelihood sd; sqrt(1/2) makes the NLL equal MSE + const",
+    )
+    prior_scale: float = opt(0.0, ge=0, doc="sd of a N(0, s^2) prior on theta (MAP); 0 = none")
+    params: dict = opt({}, doc="method-specific options, validated by the method")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = opt(2000, ge=1)
+    meta_batch: int = opt(25, ge=1, doc="tasks per meta-update")
+    optimizer: str = opt("adam", choices=["adam", "adamw", "sgd"])
+    lr: float = opt(1e-3, gt=0)
+    grad_clip: float = opt(0.0, ge=0, doc="global-norm gradient clipping; 0 = off")
+    log_every: int = opt(100, ge=1, doc="steps fused into one device call between host updates")
+    eval_every: int = opt(1000, ge=1, doc="held-out evaluation interval (multiple of log_every)")
+    eval_tasks: int = opt(100, ge=1, doc="held-out tasks used for evaluation during training")
+    checkpoint_every: int = opt(1000, ge=1, doc="checkpoint interval (multiple of log_every)")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    tasks: int = opt(600, ge=1, doc="evaluation tasks")
+    inner_steps: tuple[int, ...] = opt((1, 10), doc="test-time inner steps to report")
+    batch: int = opt(100, ge=1, doc="tasks per device call")
+    samples: int = opt(1, ge=1, doc="posterior predictive draws per task")
+    plot_tasks: int = opt(9, ge=0, le=25, doc="test tasks shown in the prediction plot")
+    seed: int = opt(1234, ge=0, doc="seed of the evaluation tasks, shared by runs so methods compare")
+    task: TaskConfig = opt(TaskConfig(), doc="evaluation task family; missing keys come from [task]")
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = opt("default", doc="run name: runs/<name>/")
+    seed: int = opt(0, ge=0)
+    task: TaskConfig = opt(TaskConfig())
+    model: ModelConfig = opt(ModelConfig())
+    train: TrainConfig = opt(TrainConfig())
+    eval: EvalConfig = opt(EvalConfig())
+
+
+# ---------------------------------------------------------------------------------------------- #
+def _describe(tp: Any, meta: Mapping[str, Any]) -> str:
+    choices = meta.get("choices")
+    if choices is not None:
+        choices = choices() if callable(choices) else choices
+        return "one of " + ", ".join(repr(c) for c in choices)
+    bounds = [
+        f"{op} {meta[k]}" for k, op in (("gt", ">"), ("ge", ">="), ("le", "<=")) if meta.get(k) is not None
+    ]
+    name = {
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        str: "a string",
+        dict: "a table",
+    }.get(tp)
+    if name is None and typing.get_origin(tp) is tuple:
+        inner = typing.get_args(tp)[0]
+        name = f"a list of {_describe(inner, {})}s".replace("an integers", "integers")
+        name = name.replace("a numbers", "numbers")
+    return (name or str(tp)) + (" " + " and ".join(bounds) if bounds else "")
+
+
+def _coerce(tp: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
+    """Check one value against its annotated type and bounds; return it in canonical form."""
+
+    def fail() -> typing.NoReturn:
+        raise ConfigError(f"{key}: expected {_describe(tp, meta)}, got {value!r}")
+
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a table of {', '.join(_field_names(tp))}")
+        return build(tp, value, key + ".")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            fail()
+        inner = typing.get_args(tp)[0]
+        return tuple(_coerce(inner, v, f"{key}[{i}]", {"ge": meta.get("ge")}) for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail()
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail()
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            fail()
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            fail()
+    elif tp is dict:
+        if not isinstance(value, Mapping):
+            fail()
+        return dict(value)
+    choices = meta.get("choices")
+    if choices is not None:
+        allowed = choices() if callable(choices) else choices
+        if value not in allowed:
+            fail()
+    for k, ok in (
+        ("gt", lambda a, b: a > b),
+        ("ge", lambda a, b: a >= b),
+        ("le", lambda a, b: a <= b),
+    ):
+        if meta.get(k) is not None and not ok(value, meta[k]):
+            fail()
+    return value
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def build[T](cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    """Validate a mapping into dataclass `cls`: unknown keys, wrong types and bounds are errors."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in fields:
+            raise ConfigError(f"{prefix}{k}: unknown key; allowed keys: {', '.join(fields)}")
+    kwargs = {k: _coerce(hints[k], v, prefix + k, fields[k].metadata) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def set_dotted(data: dict, dotted: str, raw: str) -> None:
+    """Apply one `--set key.sub=value` override; the value is parsed as TOML (else a string)."""
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {k} is not a table")
+    node[keys[-1]] = value
+
+
+def _merge(base: Mapping, over: Mapping) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+def resolve(data: Mapping[str, Any]) -> Config:
+    """Raw TOML mapping -> validated Config; [eval.task] inherits what it omits from [task]."""
+    data = dict(data)
+    task = data.get("task", {})
+    ev = dict(data.get("eval", {}))
+    if not isinstance(task, Mapping) or not isinstance(ev, Mapping):
+        raise ConfigError("task/eval: expected tables")
+    ev_task = ev.get("task", {})
+    if not isinstance(ev_task, Mapping):
+        raise ConfigError("eval.task: expected a table")
+    base_task = task if ev_task.get("family", task.get("family")) == task.get("family") else {}
+    ev["task"] = _merge(base_task, ev_task)
+    data["eval"] = ev
+    cfg = build(Config, data)
+    _check_cross(cfg)
+    return cfg
+
+
+def _check_cross(cfg: Config) -> None:
+    t = cfg.train
+    for key in ("eval_every", "checkpoint_every"):
+        if getattr(t, key) % t.log_every:
+            raise ConfigError(
+                f"train.{key}: expected a multiple of train.log_every ({t.log_every}), got {getattr(t, key)}"
+            )
+    if not cfg.eval.inner_steps:
+        raise ConfigError("eval.inner_steps: expected a non-empty list of integers >= 0")
+    from bayesmeta.registry import check_method_params
+    from bayesmeta.tasks import make_family
+
+    make_family(cfg.task, "task")
+    make_family(cfg.eval.task, "eval.task")
+    check_method_params(cfg.model)
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a TOML file (default: the built-in config), apply `key=value` overrides, validate."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected key=value")
+        k, v = item.split("=", 1)
+        set_dotted(data, k.strip(), v.strip())
+    return resolve(data)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Config -> plain nested dict (tuples as lists), ready for TOML or JSON."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            v = to_dict(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[f.name] = v
+    return out
+
+
+def dumps(cfg: Config) -> str:
+    return tomli_w.dumps(to_dict(cfg))
+
+
+def parse_params[T](cls: type[T], params: Mapping[str, Any], prefix: str) -> T:
+    """Validate a family's or method's own `params` table."""
+    return build(cls, params, prefix + ".params.")

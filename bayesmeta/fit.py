@@ -1,0 +1,230 @@
+"""The one SVI driver: any (model, guide), optax, chunks of jitted steps, checkpoints, resume, NaN guard.
+
+A chunk of `log_every` SVI steps is one XLA computation (`lax.scan` over steps, tasks sampled on
+device); the host sees the state only between chunks, to log, evaluate and checkpoint. Step s draws its
+tasks from fold_in(data_key, s), so the trajectory does not depend on where a run was interrupted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from numpyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from tqdm.auto import tqdm
+
+from bayesmeta.config import TrainConfig
+from bayesmeta.io import atomic_write
+from bayesmeta.method import Method
+from bayesmeta.tasks import Family
+
+CHECKPOINT = "checkpoint/state.npz"
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced NaN or inf; the message names the step and the checkpoint kept."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or does not match the configured model."""
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """optax chain: optional global-norm clipping, then Adam / AdamW / SGD at a constant rate."""
+    opt = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd}[cfg.optimizer](cfg.lr)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt) if cfg.grad_clip else opt
+
+
+def make_svi(method: Method, cfg: TrainConfig) -> SVI:
+    elbo = TraceMeanField_ELBO() if method.elbo == "meanfield" else Trace_ELBO()
+    return SVI(method.model, method.guide, make_optimizer(cfg), elbo)
+
+
+@dataclass
+class Trace:
+    """The training record: loss per step, and evaluation metrics at chosen steps."""
+
+    loss: list[float] = field(default_factory=list)
+    eval_step: list[int] = field(default_factory=list)
+    eval: dict[str, list[float]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def add_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.eval_step.append(step)
+        for k, v in metrics.items():
+            self.eval.setdefault(k, []).append(v)
+
+    def to_json(self) -> str:
+        return json.dumps({"eval_step": self.eval_step, "eval": self.eval, "seconds": self.seconds})
+
+    @classmethod
+    def from_arrays(cls, loss: np.ndarray, meta: str) -> Trace:
+        d = json.loads(meta)
+        return cls(
+            loss=[float(v) for v in loss],
+            eval_step=d["eval_step"],
+            eval=d["eval"],
+            seconds=d["seconds"],
+        )
+
+
+@dataclass
+class FitResult:
+    params: dict[str, jax.Array]
+    state: Any
+    step: int
+    trace: Trace
+
+
+def _tree_finite(tree: Any) -> jax.Array:
+    return jnp.all(
+        jnp.stack(
+            [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+        )
+    )
+
+
+def make_chunk(
+    svi: SVI, family: Family, meta_batch: int, data_key: jax.Array
+) -> Callable[[Any, jax.Array, int], tuple]:
+    """chunk(state, start, n): n SVI steps in one jitted lax.scan -> (state, losses (n,), finite)."""
+
+    def one(state: Any, step: jax.Array) -> tuple[Any, jax.Array]:
+        batch = family.sample(jax.random.fold_in(data_key, step), meta_batch)
+        return svi.update(state, batch)
+
+    def chunk(state: Any, start: jax.Array, n: int) -> tuple[Any, jax.Array, jax.Array]:
+        state, losses = jax.lax.scan(one, state, start + jnp.arange(n))
+        return state, losses, _tree_finite(svi.optim.get_params(state.optim_state))
+
+    return jax.jit(chunk, static_argnums=2)
+
+
+def save_checkpoint(run_dir: Path, state: Any, step: int, trace: Trace) -> Path:
+    leaves = {f"leaf_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))}
+
+    def write(f: Any) -> None:
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            step=step,
+            loss=np.asarray(trace.loss, np.float32),
+            meta=np.array(trace.to_json()),
+            **leaves,
+        )
+        f.write(buf.getvalue())
+
+    return atomic_write(run_dir / CHECKPOINT, write)
+
+
+def load_checkpoint(run_dir: Path, template: Any) -> tuple[Any, int, Trace]:
+    """Restore (state, step, trace) into the structure of `template` (a fresh svi.init state)."""
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint to resume from: {path} does not exist")
+    try:
+        with np.load(path) as z:
+            data = {k: z[k] for k in z.files}
+    except Exception as e:  # zip or pickle errors from a truncated or foreign file
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from None
+    leaves, treedef = jax.tree.flatten(template)
+    saved = [data.get(f"leaf_{i}") for i in range(len(leaves))]
+    if any(s is None or s.shape != np.shape(t) for s, t in zip(saved, leaves, strict=True)) or (
+        f"leaf_{len(leaves)}" in data
+    ):
+        raise CheckpointError(f"checkpoint {path} does not match the configured model and optimizer")
+    state = jax.tree.unflatten(treedef, [jnp.asarray(s, t.dtype) for s, t in zip(saved, leaves, strict=True)])
+    return state, int(data["step"]), Trace.from_arrays(data["loss"], str(data["meta"]))
+
+
+def fit(
+    method: Method,
+    family: Family,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    until: int | None = None,
+    evaluate: Callable[[dict], dict[str, float]] | None = None,
+    progress: bool = True,
+    desc: str = "fit",
+) -> FitResult:
+    """Meta-train `method` on tasks from `family` by SVI for cfg.steps steps (or up to `until`).
+
+    Checkpoints (to run_dir) every cfg.checkpoint_every steps, at the end and on KeyboardInterrupt;
+    `resume` continues from the checkpoint and ends in the same parameters as an uninterrupted run.
+    A non-finite loss or parameter raises NonFiniteError naming the step, after saving the last good
+    state. `evaluate(params) -> metrics` runs every cfg.eval_every steps.
+    """
+    run_dir = Path(run_dir) if run_dir is not None else None
+    init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
+    svi = make_svi(method, cfg)
+    state = svi.init(init_key, family.sample(jax.random.fold_in(data_key, 0), cfg.meta_batch))
+    step, trace = 0, Trace()
+    if resume:
+        if run_dir is None:
+            raise CheckpointError("resume needs a run directory")
+        state, step, trace = load_checkpoint(run_dir, state)
+    total = cfg.steps if until is None else min(until, cfg.steps)
+    chunk = make_chunk(svi, family, cfg.meta_batch, data_key)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=step,
+        desc=desc,
+        unit="step",
+        disable=not progress,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
+    postfix: dict[str, str] = {}
+    last_saved = step
+    t0 = time.perf_counter() - trace.seconds
+    try:
+        while step < total:
+            n = min(cfg.log_every - step % cfg.log_every, total - step)
+            new_state, losses, finite = chunk(state, jnp.asarray(step), n)
+            losses = np.asarray(losses)
+            if not (np.all(np.isfinite(losses)) and bool(finite)):
+                bad = int(np.argmin(np.isfinite(losses))) if not np.all(np.isfinite(losses)) else n - 1
+                where = "nowhere (no run directory)"
+                if run_dir is not None:
+                    trace.seconds = time.perf_counter() - t0
+                    save_checkpoint(run_dir, state, step, trace)
+                    where = str(run_dir / CHECKPOINT)
+                    last_saved = step
+                raise NonFiniteError(
+                    f"non-finite loss or parameters at step {step + bad + 1}; last good state "
+                    f"(step {last_saved}) kept in {where}"
+                )
+            state, step = new_state, step + n
+            trace.loss.extend(losses.tolist())
+            postfix["loss"] = f"{losses.mean():.4g}"
+            if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                metrics = evaluate(svi.get_params(state))
+                trace.add_eval(step, metrics)
+                postfix.update({k: f"{v:.4g}" for k, v in metrics.items()})
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(n)
+            if run_dir is not None and (step % cfg.checkpoint_every == 0 or step == total):
+                trace.seconds = time.perf_counter() - t0
+                save_checkpoint(run_dir, state, step, trace)
+                last_saved = step
+    except KeyboardInterrupt:
+        if run_dir is not None and step > last_saved:
+            trace.seconds = time.perf_counter() - t0
+            save_checkpoint(run_dir, state, step, trace)
+        raise
+    finally:
+        bar.close()
+    trace.seconds = time.perf_counter() - t0
+    return FitResult(params=svi.get_params(state), state=state, step=step, trace=trace)

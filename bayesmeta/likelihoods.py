@@ -1,0 +1,60 @@
+"""Observation models: the NumPyro distribution of y given network outputs, and its mean loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpyro.distributions as dist
+
+from bayesmeta.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Gaussian:
+    """y ~ N(f, sd^2) per output; with sd = sqrt(1/2) the inner loss is exactly the MSE."""
+
+    sd: float
+
+    def dist(self, out: jax.Array) -> dist.Distribution:
+        return dist.Normal(out, self.sd).to_event(1)
+
+    def loss(self, out: jax.Array, y: jax.Array) -> jax.Array:
+        """Mean over points of the NLL without its constant: sum_d (y - f)^2 / (2 sd^2)."""
+        return jnp.mean(jnp.sum(jnp.square(y - out), -1)) / (2 * self.sd**2)
+
+    def mean(self, out: jax.Array) -> jax.Array:
+        return out
+
+    def task_metrics(self, mean: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
+        """Per-task MSE of the predictive mean (mean over points and outputs)."""
+        return {"mse": jnp.mean(jnp.square(mean - y), axis=(-2, -1))}
+
+
+@dataclass(frozen=True)
+class Categorical:
+    """y ~ Categorical(logits = f); the inner loss is the mean cross-entropy."""
+
+    def dist(self, out: jax.Array) -> dist.Distribution:
+        return dist.Categorical(logits=out)
+
+    def loss(self, out: jax.Array, y: jax.Array) -> jax.Array:
+        logp = jax.nn.log_softmax(out)
+        return -jnp.mean(jnp.take_along_axis(logp, y[..., None].astype(jnp.int32), -1))
+
+    def mean(self, out: jax.Array) -> jax.Array:
+        return jax.nn.softmax(out)
+
+    def task_metrics(self, mean: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
+        """Per-task accuracy and NLL of the predictive class probabilities."""
+        y = y.astype(jnp.int32)
+        p_true = jnp.take_along_axis(mean, y[..., None], -1)[..., 0]
+        return {
+            "accuracy": jnp.mean(jnp.argmax(mean, -1) == y, -1),
+            "nll": -jnp.mean(jnp.log(jnp.clip(p_true, 1e-12)), -1),
+        }
+
+
+def make_likelihood(cfg: ModelConfig) -> Gaussian | Categorical:
+    return Gaussian(cfg.noise_sd) if cfg.likelihood == "gaussian" else Categorical()

@@ -1,0 +1,31 @@
+"""The contract between the engine and a method file: a NumPyro model, a guide, and how to fit them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class Method:
+    """A meta-learner as a (model, guide) pair over a TaskBatch.
+
+    model(batch, inner_steps=None): the joint over the batch; observes batch.y_query and samples it
+      when y_query is None; records the predictive mean as the deterministic site "f".
+      `inner_steps=None` means the training number of steps; evaluation passes the test-time number.
+    guide(batch, inner_steps=None): the variational family (empty for empirical Bayes / MAP).
+    elbo: "trace" (Monte Carlo Trace_ELBO) or "meanfield" (TraceMeanField_ELBO, analytic KL).
+    predict_with_guide: draw global latents from the guide at prediction time (False when the guide
+      reads the query labels, as PLATIPUS's does).
+    """
+
+    name: str
+    model: Callable[..., None]
+    guide: Callable[..., None]
+    elbo: Literal["trace", "meanfield"] = "trace"
+    predict_with_guide: bool = True
+
+
+def no_guide(*args: object, **kwargs: object) -> None:
+    """The empty guide: every latent is a point estimate held in numpyro.param (empirical Bayes)."""

@@ -1,0 +1,204 @@
+"""Run outputs: the ArviZ DataTree (inference.nc), metrics.json, summary.md and PNG plots.
+
+Plots and the summary are drawn from the saved files alone, so `bayesmeta report RUN_DIR` can redraw
+them without JAX or the model.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import arviz_base as az
+import numpy as np
+import xarray as xr
+
+from bayesmeta.io import atomic_write, write_json, write_text
+
+INFERENCE = "inference.nc"
+
+
+def build_datatree(
+    params: dict[str, Any],
+    draws: dict[str, np.ndarray],
+    tasks: Any,
+    grid: dict[str, np.ndarray] | None,
+    trace: Any,
+    attrs: dict[str, Any],
+    inner_steps: list[int],
+) -> xr.DataTree:
+    """Groups: posterior (meta-parameters), posterior_predictive + observed_data + constant_data
+    (evaluation tasks), predictions + predictions_constant_data (dense grids on plotted tasks),
+    sample_stats (training trace: loss per step, evaluation metrics per eval step)."""
+    io_dims = ["task", "point", "output"]
+    post = {k: np.asarray(v)[None, None] for k, v in params.items()}
+    # f carries one predictive mean per test-time step count: (chain, draw, steps, task, point, out)
+    f = np.stack([draws[s]["f"] for s in inner_steps], axis=1)[None]
+    y = draws[inner_steps[-1]]["y"][None]
+    groups: dict[str, dict[str, Any]] = {
+        "posterior": post,
+        "posterior_predictive": {"y": y, "f": f},
+        "observed_data": {"y": np.asarray(tasks.y_query)},
+        "constant_data": {
+            "x_support": np.asarray(tasks.x_support),
+            "y_support": np.asarray(tasks.y_support),
+            "x_query": np.asarray(tasks.x_query),
+        },
+    }
+    dims = {
+        "y": io_dims,
+        "f": ["inner_steps", *io_dims],
+        "x_support": ["task", "support", "input"],
+        "y_support": ["task", "support", "output"],
+        "x_query": ["task", "point", "input"],
+    }
+    coords = {"inner_steps": inner_steps}
+    pred_dims, pred_coords = {}, {}
+    if grid is not None:
+        groups["predictions"] = {"f": np.stack([grid["f"][s] for s in inner_steps], 1)[None]}
+        groups["predictions_constant_data"] = {"x": grid["x"], "truth": grid["truth"]}
+        pred_dims = {
+            "f": ["inner_steps", "plot_task", "grid", "output"],
+            "x": ["plot_task", "grid", "input"],
+            "truth": ["plot_task", "grid", "output"],
+        }
+        pred_coords = {"inner_steps": inner_steps}
+    dt = az.from_dict(groups, dims=dims, coords=coords, pred_dims=pred_dims, pred_coords=pred_coords)
+    stats = xr.Dataset(
+        {"loss": ("step", np.asarray(trace.loss, np.float32))},
+        coords={"step": np.arange(1, len(trace.loss) + 1)},
+    )
+    for k, v in trace.eval.items():
+        stats[f"eval_{k}"] = xr.DataArray(
+            np.asarray(v), dims="eval_step", coords={"eval_step": trace.eval_step}
+        )
+    dt["sample_stats"] = xr.DataTree(stats)
+    dt.attrs.update({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in attrs.items()})
+    return dt
+
+
+def save_datatree(dt: xr.DataTree, path: Path) -> Path:
+    """Atomic netCDF write (h5netcdf) of the whole tree."""
+
+    def write(f: Any) -> None:
+        f.write(dt.to_netcdf(engine="h5netcdf"))
+
+    return atomic_write(path, write)
+
+
+def load_datatree(run_dir: Path) -> xr.DataTree:
+    path = Path(run_dir) / INFERENCE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no inference file; run `bayesmeta evaluate {run_dir}`")
+    with xr.open_datatree(path, engine="h5netcdf") as dt:
+        return dt.load()
+
+
+def _save_fig(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def plot_training(dt: xr.DataTree, path: Path) -> Path:
+    """Training loss per step (light) with its moving average, and held-out metrics per eval step."""
+    import matplotlib.pyplot as plt
+
+    stats = dt["sample_stats"].to_dataset()
+    evals = [k for k in stats.data_vars if k.startswith("eval_")]
+    fig, axes = plt.subplots(1, 1 + bool(evals), figsize=(5.5 * (1 + bool(evals)), 3.6), squeeze=False)
+    loss = stats["loss"].values
+    ax = axes[0, 0]
+    ax.plot(stats["step"].values, loss, color="0.8", lw=0.5, label="per step")
+    w = max(1, len(loss) // 100)
+    if len(loss) >= w:
+        smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
+        ax.plot(stats["step"].values[w - 1 :], smooth, color="C0", label=f"mean of {w}")
+    ax.set(xlabel="step", ylabel="SVI loss (negative scaled ELBO)", title="training")
+    if np.all(loss > 0):
+        ax.set_yscale("log")
+    ax.legend()
+    if evals:
+        ax = axes[0, 1]
+        for k in evals:
+            ax.plot(stats["eval_step"].values, stats[k].values, marker="o", ms=3, label=k[5:])
+        ax.set(xlabel="step", title="held-out tasks")
+        ax.legend()
+    return _save_fig(fig, path)
+
+
+def plot_predictions(dt: xr.DataTree, path: Path) -> Path | None:
+    """Adapted predictions against the true function and the support points on test tasks (1-D x)."""
+    if "predictions" not in dt.children:
+        return None
+    import matplotlib.pyplot as plt
+
+    pred = dt["predictions"]["f"]
+    const = dt["predictions_constant_data"]
+    x = const["x"].values[..., 0]
+    n = x.shape[0]
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.5 * rows), squeeze=False, sharex=True)
+    xs = dt["constant_data"]["x_support"].values[:n, :, 0]
+    ys = dt["constant_data"]["y_support"].values[:n, :, 0]
+    steps = pred["inner_steps"].values
+    for t, ax in enumerate(axes.flat):
+        if t >= n:
+            ax.axis("off")
+            continue
+        ax.plot(x[t], const["truth"].values[t, :, 0], color="k", lw=1.2, label="truth")
+        for j, s in enumerate(steps):
+            draws = pred.values[:, :, j, t, :, 0].reshape(-1, x.shape[1])
+            ax.plot(x[t], draws.mean(0), color=f"C{j}", lw=1.2, label=f"{s} steps")
+            if draws.shape[0] > 1:
+                lo, hi = np.quantile(draws, [0.05, 0.95], axis=0)
+                ax.fill_between(x[t], lo, hi, color=f"C{j}", alpha=0.2)
+        ax.scatter(xs[t], ys[t], color="C3", s=14, zorder=3, label="support")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"{dt.attrs.get('method', '')}: adapted predictions on test tasks")
+    return _save_fig(fig, path)
+
+
+def summary_markdown(metrics: dict[str, Any], files: list[str]) -> str:
+    rows = "\n".join(
+        f"| {k} | {v['mean']:.4f} | ± {v['ci95']:.4f} | {v['sd']:.4f} | {v['n']} |"
+        for k, v in metrics["metrics"].items()
+    )
+    return (
+        f"# Run `{metrics['name']}`\n\n"
+        f"Method **{metrics['method']}** on task family **{metrics['family']}** "
+        f"(evaluation: {metrics['eval_family']}), seed {metrics['seed']}, "
+        f"{metrics['steps']} meta-training steps in {metrics['train_seconds']:.1f} s; "
+        f"evaluation of {metrics['eval_tasks']} tasks in {metrics['eval_seconds']:.1f} s.\n\n"
+        "## Held-out tasks (metric@test-time inner steps)\n\n"
+        "| metric | mean | 95% CI | sd over tasks | tasks |\n|---|---|---|---|---|\n"
+        f"{rows}\n\n"
+        f"Final training loss (mean of the last 100 steps): {metrics['final_loss']:.4f}\n\n"
+        "## Files\n\n" + "\n".join(f"- `{f}`" for f in files) + "\n"
+    )
+
+
+def write_report(
+    run_dir: Path, dt: xr.DataTree | None = None, metrics: dict[str, Any] | None = None
+) -> list[Path]:
+    """(Re)write summary.md and plots from the run's files (or the given tree and metrics)."""
+    run_dir = Path(run_dir)
+    dt = load_datatree(run_dir) if dt is None else dt
+    if metrics is None:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    else:
+        write_json(run_dir / "metrics.json", metrics)
+    plots = [
+        plot_training(dt, run_dir / "plots" / "training.png"),
+        plot_predictions(dt, run_dir / "plots" / "predictions.png"),
+    ]
+    files = [INFERENCE, "metrics.json", "summary.md", "config.toml", "checkpoint/state.npz"]
+    files += [str(p.relative_to(run_dir)) for p in plots if p is not None]
+    summary = write_text(run_dir / "summary.md", summary_markdown(metrics, files))
+    return [summary, *[p for p in plots if p is not None]]

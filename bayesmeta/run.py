@@ -1,0 +1,166 @@
+"""Wires a Config to the engine: build family and method, fit, evaluate, write the run folder."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from bayesmeta import config as config_mod
+from bayesmeta.config import Config
+from bayesmeta.fit import FitResult, fit, load_checkpoint, make_svi
+from bayesmeta.io import write_text
+from bayesmeta.likelihoods import make_likelihood
+from bayesmeta.method import Method
+from bayesmeta.predict import Evaluation, eval_tasks, evaluate, predictive, quick_metric
+from bayesmeta.registry import build_method
+from bayesmeta.report import INFERENCE, build_datatree, save_datatree, write_report
+from bayesmeta.tasks import Family, make_family
+
+GRID_POINTS = 200
+
+
+@dataclass
+class Setup:
+    cfg: Config
+    family: Family
+    eval_family: Family
+    method: Method
+    likelihood: Any
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Setup:
+        family = make_family(cfg.task, "task")
+        eval_family = make_family(cfg.eval.task, "eval.task")
+        if (eval_family.x_dim, eval_family.y_dim) != (family.x_dim, family.y_dim):
+            raise config_mod.ConfigError(
+                f"eval.task: its inputs/outputs ({eval_family.x_dim}, {eval_family.y_dim}) differ "
+                f"from task's ({family.x_dim}, {family.y_dim})"
+            )
+        method = build_method(cfg.model, family.x_dim, family.y_dim)
+        return cls(cfg, family, eval_family, method, make_likelihood(cfg.model))
+
+    @property
+    def eval_key(self) -> jax.Array:
+        return jax.random.PRNGKey(self.cfg.eval.seed)
+
+
+def default_run_dir(cfg: Config, root: str | Path = "runs") -> Path:
+    return Path(root) / cfg.name
+
+
+def train(
+    cfg: Config,
+    run_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    until: int | None = None,
+    progress: bool = True,
+) -> tuple[FitResult, dict | None]:
+    """Fit the configured method; when the run completes, evaluate it and write the run folder."""
+    setup = Setup.from_config(cfg)
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    write_text(run_dir / "config.toml", config_mod.dumps(cfg))
+    monitor = setup.eval_family.sample(jax.random.fold_in(setup.eval_key, 10**6), cfg.train.eval_tasks)
+    metric = quick_metric(setup.method, setup.likelihood, monitor, max(cfg.eval.inner_steps))
+    result = fit(
+        setup.method,
+        setup.family,
+        cfg.train,
+        seed=cfg.seed,
+        run_dir=run_dir,
+        resume=resume,
+        until=until,
+        evaluate=metric,
+        progress=progress,
+        desc=cfg.name,
+    )
+    if result.step < cfg.train.steps:
+        return result, None
+    return result, finish(setup, run_dir, result, progress=progress)
+
+
+def restore(cfg: Config, run_dir: Path) -> tuple[Setup, FitResult]:
+    """Rebuild the method and load the run's checkpointed parameters."""
+    setup = Setup.from_config(cfg)
+    svi = make_svi(setup.method, cfg.train)
+    init_key, data_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    template = svi.init(init_key, setup.family.sample(data_key, cfg.train.meta_batch))
+    state, step, trace = load_checkpoint(run_dir, template)
+    return setup, FitResult(svi.get_params(state), state, step, trace)
+
+
+def grid_predictions(setup: Setup, params: dict, tasks: Any) -> dict[str, Any] | None:
+    """Predictive means on a dense input grid for the first eval.plot_tasks tasks (1-D regression)."""
+    n = min(setup.cfg.eval.plot_tasks, tasks.x_support.shape[0])
+    fam = setup.eval_family
+    if n == 0 or setup.cfg.model.likelihood != "gaussian" or not hasattr(fam, "grid"):
+        return None
+    plot = jax.tree.map(lambda a: a[:n], tasks)
+    x = fam.grid(plot.info, GRID_POINTS)
+    batch = plot._replace(x_query=x, y_query=None)
+    f = {
+        s: np.asarray(
+            predictive(setup.method, s, setup.cfg.eval.samples, ("f",))(params, batch, jax.random.PRNGKey(1))[
+                "f"
+            ]
+        )
+        for s in setup.cfg.eval.inner_steps
+    }
+    return {"x": np.asarray(x), "truth": np.asarray(fam.truth(plot.info, x)), "f": f}
+
+
+def finish(setup: Setup, run_dir: Path, result: FitResult, progress: bool = True) -> dict:
+    """Evaluate on held-out tasks and write inference.nc, metrics.json, summary.md and plots."""
+    cfg = setup.cfg
+    t0 = time.perf_counter()
+    batches = eval_tasks(setup.eval_family, setup.eval_key, cfg.eval.tasks, cfg.eval.batch)
+    ev: Evaluation = evaluate(
+        setup.method,
+        setup.likelihood,
+        result.params,
+        batches,
+        cfg.eval.inner_steps,
+        cfg.eval.samples,
+        jax.random.fold_in(setup.eval_key, 1),
+        progress=progress,
+    )
+    grid = grid_predictions(setup, result.params, ev.tasks)
+    eval_seconds = time.perf_counter() - t0
+    loss = np.asarray(result.trace.loss)
+    metrics = {
+        "name": cfg.name,
+        "method": setup.method.name,
+        "family": cfg.task.family,
+        "eval_family": cfg.eval.task.family,
+        "seed": cfg.seed,
+        "steps": result.step,
+        "train_seconds": result.trace.seconds,
+        "eval_seconds": eval_seconds,
+        "eval_tasks": cfg.eval.tasks,
+        "final_loss": float(loss[-100:].mean()),
+        "metrics": ev.summary(),
+    }
+    attrs = {
+        "method": setup.method.name,
+        "family": cfg.task.family,
+        "config": config_mod.dumps(cfg),
+        "train_seconds": result.trace.seconds,
+        "inference": "SVI (empirical Bayes point estimates have one draw)",
+    }
+    dt = build_datatree(
+        {k: np.asarray(v) for k, v in result.params.items()},
+        ev.draws,
+        ev.tasks,
+        grid,
+        result.trace,
+        attrs,
+        list(cfg.eval.inner_steps),
+    )
+    save_datatree(dt, run_dir / INFERENCE)
+    write_report(run_dir, dt, metrics)
+    return metrics

@@ -1,0 +1,22 @@
+"""Task families: jittable samplers of task batches with a leading task axis."""
+
+from __future__ import annotations
+
+from bayesmeta.config import ConfigError, TaskConfig, parse_params
+from bayesmeta.tasks.base import Family, TaskBatch
+from bayesmeta.tasks.sinusoid import NMESinusoid, Sinusoid
+
+FAMILIES: dict[str, type] = {"sinusoid": Sinusoid, "nme_sinusoid": NMESinusoid}
+
+__all__ = ["FAMILIES", "Family", "TaskBatch", "make_family"]
+
+
+def make_family(cfg: TaskConfig, prefix: str = "task") -> Family:
+    """Build the family named in a TaskConfig; its `params` table is validated by the family."""
+    cls = FAMILIES[cfg.family]
+    params = parse_params(cls.Params, cfg.params, prefix)
+    family = cls(params=params, shots=cfg.shots, queries=cfg.queries)
+    problem = family.check()
+    if problem:
+        raise ConfigError(f"{prefix}.{problem}")
+    return family

@@ -1,0 +1,83 @@
+"""MAML and first-order MAML as empirical Bayes (Finn et al. 2017; Grant et al. 2018, METHODS 1-2).
+
+    theta                                   meta-parameters: numpyro.param (MAP with a N(0, s^2) prior)
+    phi_i = GD_s(theta; D_i)                truncated gradient descent = implicit posterior mode
+    y*_i ~ p(y | f(x*_i; phi_i))            observed in training, sampled for prediction
+
+With no latent variables the ELBO is the scaled log marginal likelihood sum_i log p(D*_i | phi_i), and
+SVI with the empty guide maximises it over theta: type-II maximum likelihood.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpyro
+
+from bayesmeta.adapt import adapt_tasks
+from bayesmeta.config import ModelConfig
+from bayesmeta.likelihoods import make_likelihood
+from bayesmeta.method import Method, no_guide
+from bayesmeta.nets import make_net
+from bayesmeta.sites import observe, param_tree
+from bayesmeta.tasks import TaskBatch
+
+
+def gaussian_prior_logpdf(theta: dict, sd: float) -> jax.Array:
+    """log N(theta; 0, sd^2 I) without its constant."""
+    return -0.5 * sum(jnp.sum(jnp.square(v)) for v in jax.tree.leaves(theta)) / sd**2
+
+
+def build_maml(cfg: ModelConfig, x_dim: int, y_dim: int, *, first_order: bool) -> Method:
+    net = make_net(cfg.net, x_dim, y_dim)
+    lik = make_likelihood(cfg)
+
+    def task_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+        return lik.loss(net.apply(params, x), y)
+
+    def model(batch: TaskBatch, inner_steps: int | None = None) -> None:
+        theta = param_tree("theta", net.init)
+        if cfg.prior_scale > 0:
+            # The prior enters like one batch of data: an L2 penalty of 1 / (2 s^2 T Q).
+            n = batch.x_query.shape[0] * batch.x_query.shape[1]
+            numpyro.factor("theta_prior", gaussian_prior_logpdf(theta, cfg.prior_scale) / n)
+        steps = cfg.inner_steps if inner_steps is None else inner_steps
+        phi, _ = adapt_tasks(
+            task_loss,
+            theta,
+            batch.x_support,
+            batch.y_support,
+            steps=steps,
+            lr=cfg.inner_lr,
+            adapt=cfg.adapt,
+            first_order=first_order,
+        )
+        observe(lik, jax.vmap(net.apply)(phi, batch.x_query), batch.y_query)
+
+    name = "fomaml" if first_order else "maml"
+    return Method(name=name, model=model, guide=no_guide)
+
+
+@dataclass(frozen=True)
+class MAML:
+    """Second-order MAML, or first-order when [model] first_order = true."""
+
+    @dataclass(frozen=True)
+    class Params:
+        pass
+
+    first_order: ClassVar[bool | None] = None
+
+    @classmethod
+    def build(cls, cfg: ModelConfig, params: Params, x_dim: int, y_dim: int) -> Method:
+        fo = cfg.first_order if cls.first_order is None else cls.first_order
+        return build_maml(cfg, x_dim, y_dim, first_order=fo)
+
+
+class FOMAML(MAML):
+    """First-order MAML: the inner gradients are treated as constants."""
+
+    first_order = True
