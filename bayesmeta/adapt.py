@@ -30,7 +30,7 @@ def step_sizes(lr: float | Params, fast: Params, steps: int) -> Params:
     """Per-step rates as a pytree over `fast` with a leading steps axis (scalar, per layer or Meta-SGD)."""
     if isinstance(lr, dict):
         return lr
-    return jax.tree.map(lambda _: jnp.full((steps,), lr, jnp.float32), fast)
+    return jax.tree.map(lambda p: jnp.full((steps,), lr, jnp.result_type(p)), fast)
 
 
 def gradient_descent(

@@ -66,7 +66,7 @@ class TaskConfig:
 @dataclass(frozen=True)
 class NetConfig:
     kind: str = opt("mlp", choices=["mlp"])
-    hidden: tuple[int, ...] = opt((40, 40), doc="hidden layer widths")
+    hidden: tuple[int, ...] = opt((40, 40), ge=1, doc="hidden layer widths")
     activation: str = opt("relu", choices=["relu", "tanh", "elu"])
 
 
@@ -104,7 +104,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     tasks: int = opt(600, ge=1, doc="evaluation tasks")
-    inner_steps: tuple[int, ...] = opt((1, 10), doc="test-time inner steps to report")
+    inner_steps: tuple[int, ...] = opt((1, 10), ge=0, doc="test-time inner steps to report")
     batch: int = opt(100, ge=1, doc="tasks per device call")
     samples: int = opt(1, ge=1, doc="posterior predictive draws per task")
     plot_tasks: int = opt(9, ge=0, le=25, doc="test tasks shown in the prediction plot")

@@ -32,4 +32,4 @@ def write_text(path: str | Path, text: str) -> Path:
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    return write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")

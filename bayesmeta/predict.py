@@ -36,12 +36,29 @@ def predictive(
     return jax.jit(run)
 
 
-def summarize(values: np.ndarray) -> dict[str, float]:
-    """Mean over tasks with sd and the normal-approximation 95% CI half-width 1.96 sd / sqrt(n)."""
+def summarize(values: np.ndarray) -> dict[str, float | int | None]:
+    """Mean over tasks with sd and the normal-approximation 95% CI half-width 1.96 sd / sqrt(n).
+
+    A task whose adapted prediction diverged makes the mean non-finite (reported as None); the
+    median, the mean over finite tasks and their count say how much of the mean that is.
+    """
     values = np.asarray(values, np.float64)
     n = values.size
-    sd = float(values.std(ddof=1)) if n > 1 else 0.0
-    return {"mean": float(values.mean()), "sd": sd, "ci95": 1.96 * sd / np.sqrt(n), "n": n}
+    finite = values[np.isfinite(values)]
+
+    def num(v: float) -> float | None:
+        return float(v) if np.isfinite(v) else None
+
+    sd = values.std(ddof=1) if n > 1 else 0.0
+    return {
+        "mean": num(values.mean()),
+        "sd": num(sd),
+        "ci95": num(1.96 * sd / np.sqrt(n)),
+        "n": n,
+        "median": num(np.median(values)),
+        "n_nonfinite": int(n - finite.size),
+        "mean_finite": num(finite.mean()) if finite.size else None,
+    }
 
 
 def eval_tasks(family: Family, key: jax.Array, n_tasks: int, chunk: int) -> list[TaskBatch]:

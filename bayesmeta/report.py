@@ -165,9 +165,14 @@ def plot_predictions(dt: xr.DataTree, path: Path) -> Path | None:
     return _save_fig(fig, path)
 
 
+def _fmt(v: float | None) -> str:
+    return "diverged" if v is None else f"{v:.4f}"
+
+
 def summary_markdown(metrics: dict[str, Any], files: list[str]) -> str:
     rows = "\n".join(
-        f"| {k} | {v['mean']:.4f} | ± {v['ci95']:.4f} | {v['sd']:.4f} | {v['n']} |"
+        f"| {k} | {_fmt(v['mean'])} | ± {_fmt(v['ci95'])} | {_fmt(v['median'])} | {v['n']} | "
+        f"{v['n_nonfinite']} |"
         for k, v in metrics["metrics"].items()
     )
     return (
@@ -177,8 +182,10 @@ def summary_markdown(metrics: dict[str, Any], files: list[str]) -> str:
         f"{metrics['steps']} meta-training steps in {metrics['train_seconds']:.1f} s; "
         f"evaluation of {metrics['eval_tasks']} tasks in {metrics['eval_seconds']:.1f} s.\n\n"
         "## Held-out tasks (metric@test-time inner steps)\n\n"
-        "| metric | mean | 95% CI | sd over tasks | tasks |\n|---|---|---|---|---|\n"
+        "| metric | mean | 95% CI | median | tasks | diverged tasks |\n|---|---|---|---|---|---|\n"
         f"{rows}\n\n"
+        "A diverged task (its inner loop ran to inf/NaN) makes the mean undefined; the median and "
+        "`mean_finite` in metrics.json still describe the rest.\n\n"
         f"Final training loss (mean of the last 100 steps): {metrics['final_loss']:.4f}\n\n"
         "## Files\n\n" + "\n".join(f"- `{f}`" for f in files) + "\n"
     )

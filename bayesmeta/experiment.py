@@ -1,0 +1,210 @@
+"""Experiment grids: run (method, setting, seed) cells through the engine, resumably, and write the
+folder's RESULTS.md and results.json (mean and sd over seeds, with the command, seeds and wall time)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bayesmeta import config, run
+from bayesmeta.fit import CHECKPOINT
+from bayesmeta.io import write_json, write_text
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run: a method label, a setting label, a seed and config overrides."""
+
+    method: str
+    setting: str
+    seed: int
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-{self.setting}-seed{self.seed}"
+
+
+@dataclass
+class Outcome:
+    cell: Cell
+    metrics: dict[str, Any]
+    seconds: float
+    reused: bool = False
+
+
+def run_cell(cell: Cell, base: Path, out_dir: Path, progress: bool = True) -> Outcome:
+    """Train and evaluate one cell; reuse a finished run with the same config, resume an interrupted one."""
+    cfg = config.load(base, [*cell.overrides, f"seed={cell.seed}", f"name={cell.name}"])
+    run_dir = out_dir / "runs" / cell.name
+    done = run_dir / "metrics.json"
+    same = (run_dir / "config.toml").is_file() and (run_dir / "config.toml").read_text() == config.dumps(cfg)
+    if done.is_file() and same:
+        m = json.loads(done.read_text())
+        return Outcome(cell, m, m["train_seconds"] + m["eval_seconds"], reused=True)
+    t0 = time.perf_counter()
+    resume = same and (run_dir / CHECKPOINT).is_file()
+    _, metrics = run.train(cfg, run_dir, resume=resume, progress=progress)
+    return Outcome(cell, metrics, time.perf_counter() - t0)
+
+
+def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
+    if any(v is None for v in values):
+        return None, None
+    a = np.asarray(values, np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+def aggregate(
+    outcomes: list[Outcome],
+    metric_names: list[str],
+    published: dict[tuple[str, str, str], float] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per (method, setting, metric): mean and sd over seeds of the per-run mean over tasks,
+    and the same for the mean over finite tasks, with the count of diverged tasks."""
+    published = published or {}
+    groups: dict[tuple[str, str], list[Outcome]] = {}
+    for o in outcomes:
+        groups.setdefault((o.cell.method, o.cell.setting), []).append(o)
+    rows = []
+    for (method, setting), group in groups.items():
+        for metric in metric_names:
+            stats = [o.metrics["metrics"][metric] for o in group]
+            mean, sd = _mean_sd([s["mean"] for s in stats])
+            mean_f, sd_f = _mean_sd([s["mean_finite"] for s in stats])
+            rows.append(
+                {
+                    "method": method,
+                    "setting": setting,
+                    "metric": metric,
+                    "mean": mean,
+                    "sd": sd,
+                    "mean_finite": mean_f,
+                    "sd_finite": sd_f,
+                    "n": len(group),
+                    "diverged_tasks": sum(s["n_nonfinite"] for s in stats),
+                    "tasks_per_seed": stats[0]["n"],
+                    "seeds": [o.cell.seed for o in group],
+                    "per_seed": [s["mean"] for s in stats],
+                    "published": published.get((method, setting, metric)),
+                }
+            )
+    return rows
+
+
+def machine() -> str:
+    import jax
+
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{platform.machine()} CPU, {os.cpu_count()} cores, {mem:.0f} GiB RAM, "
+        f"Python {platform.python_version()}, JAX {jax.__version__} ({jax.default_backend()})"
+    )
+
+
+@dataclass
+class Results:
+    title: str
+    out_dir: Path
+    rows: list[dict[str, Any]]
+    outcomes: list[Outcome]
+    wall_seconds: float
+    notes: str = ""
+    command: str = field(
+        default_factory=lambda: " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv])
+    )
+
+    def table(self) -> str:
+        def cell(m: float | None, sd: float | None) -> str:
+            return "diverged" if m is None else f"{m:.4f} ({sd:.4f})"
+
+        head = (
+            "| method | setting | metric | mean (sd) over seeds | finite-task mean (sd) | diverged tasks "
+            "| seeds | published |\n|---|---|---|---|---|---|---|---|\n"
+        )
+        body = "".join(
+            f"| {r['method']} | {r['setting']} | {r['metric']} | {cell(r['mean'], r['sd'])} | "
+            f"{cell(r['mean_finite'], r['sd_finite'])} | {r['diverged_tasks']} of "
+            f"{r['tasks_per_seed'] * r['n']} | {r['n']} | "
+            f"{'n/a' if r['published'] is None else r['published']} |\n"
+            for r in self.rows
+        )
+        return head + body
+
+    def write(self) -> None:
+        seeds = sorted({o.cell.seed for o in self.outcomes})
+        run_seconds = sum(o.seconds for o in self.outcomes)
+        reused = sum(o.reused for o in self.outcomes)
+        md = (
+            f"# {self.title}\n\n{self.table()}\n"
+            f"- command: `{self.command}`\n"
+            f"- seeds: {seeds}; {len(self.outcomes)} runs"
+            f"{f' ({reused} reused from earlier invocations)' if reused else ''}\n"
+            f"- wall time: {self.wall_seconds / 60:.1f} min for this invocation; "
+            f"{run_seconds / 60:.1f} min of training and evaluation summed over runs\n"
+            f"- machine: {machine()}\n"
+            f"- written by the experiment script on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
+        )
+        if self.notes:
+            md += f"\n## Notes\n\n{self.notes.strip()}\n"
+        md += "\n## Runs\n\n| run | " + " | ".join(self._metric_names()) + " | train s |\n"
+        md += "|---|" + "---|" * (len(self._metric_names()) + 1) + "\n"
+        for o in self.outcomes:
+            vals = " | ".join(_fmt(o.metrics["metrics"][m]["mean"]) for m in self._metric_names())
+            md += f"| {o.cell.name} | {vals} | {o.metrics['train_seconds']:.0f} |\n"
+        write_text(self.out_dir / "RESULTS.md", md)
+        write_json(
+            self.out_dir / "results.json",
+            {
+                "title": self.title,
+                "command": self.command,
+                "machine": machine(),
+                "wall_seconds": self.wall_seconds,
+                "seeds": seeds,
+                "results": self.rows,
+            },
+        )
+
+    def _metric_names(self) -> list[str]:
+        return list(dict.fromkeys(r["metric"] for r in self.rows))
+
+
+def _fmt(v: float | None) -> str:
+    return "diverged" if v is None else f"{v:.4f}"
+
+
+def run_grid(
+    title: str,
+    base: Path,
+    cells: list[Cell],
+    metric_names: list[str],
+    out_dir: Path,
+    published: dict | None = None,
+    notes: str = "",
+    progress: bool = True,
+) -> Results:
+    """Run every cell (reusing finished ones) and write RESULTS.md / results.json into out_dir."""
+    t0 = time.perf_counter()
+    outcomes = []
+    for i, cell in enumerate(cells):
+        print(f"[{i + 1}/{len(cells)}] {cell.name}", file=sys.stderr, flush=True)
+        outcomes.append(run_cell(cell, base, out_dir, progress))
+    res = Results(
+        title,
+        out_dir,
+        aggregate(outcomes, metric_names, published),
+        outcomes,
+        time.perf_counter() - t0,
+        notes,
+    )
+    res.write()
+    return res

@@ -1,0 +1,86 @@
+"""Bad configs: one line naming the key and what is allowed, a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from bayesmeta import config
+from bayesmeta.cli import main
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.lrr=0.1", "train.lrr: unknown key; allowed keys: steps, meta_batch, optimizer, lr"),
+        ("train.steps=1.5", "train.steps: expected an integer >= 1, got 1.5"),
+        ("train.steps=0", "train.steps: expected an integer >= 1, got 0"),
+        ("train.lr=-1", "train.lr: expected a number > 0, got -1"),
+        (
+            "train.optimizer='rmsprop'",
+            "train.optimizer: expected one of 'adam', 'adamw', 'sgd', got 'rmsprop'",
+        ),
+        ("model.method='nope'", "model.method: expected one of 'fomaml', 'maml'"),
+        ("model.first_order=1", "model.first_order: expected true or false, got 1"),
+        ("model.net.hidden=[40, -2]", "model.net.hidden[1]: expected an integer >= 1, got -2"),
+        ("task.family='cubic'", "task.family: expected one of 'nme_sinusoid', 'sinusoid'"),
+        ("task.params.amplitude=[5.0, 1.0]", "task.params.amplitude: expected [low, high] with low <= high"),
+        ("task.params.wobble=2", "task.params.wobble: unknown key; allowed keys: amplitude, phase"),
+        ("train.eval_every=150", "train.eval_every: expected a multiple of train.log_every (100), got 150"),
+        ("eval.task.params.split='val'", "eval.task.params.split: unknown key"),
+        ("model.params.beta=1", "model.params.beta: unknown key"),
+    ],
+)
+def test_cli_names_the_bad_key(override, expected, capsys, tmp_path):
+    code = main(["fit", "--set", override, "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert expected in err, err
+    assert not (tmp_path / "run").exists()  # nothing was written
+
+
+def test_bad_file_and_bad_toml(tmp_path, capsys):
+    assert main(["fit", str(tmp_path / "missing.toml")]) == 2
+    assert "missing.toml: config file not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nsteps = 3")
+    assert main(["fit", str(bad)]) == 2
+    assert "bad.toml: not valid TOML" in capsys.readouterr().err
+
+
+def test_no_traceback_from_the_installed_command(tmp_path):
+    """The real process prints one line on stderr and exits 2."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bayesmeta.cli", "fit", "--set", "train.meta_batch=0"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        "bayesmeta: config error: train.meta_batch: expected an integer >= 1, got 0"
+    )
+
+
+def test_overrides_parse_as_toml_and_eval_task_inherits():
+    cfg = config.load(
+        None, ["task.shots=5", "model.net.hidden=[8, 8, 8]", "name=x y", "eval.task.queries=50"]
+    )
+    assert cfg.task.shots == 5 and cfg.model.net.hidden == (8, 8, 8) and cfg.name == "x y"
+    assert cfg.eval.task.shots == 5 and cfg.eval.task.queries == 50  # inherited + overridden
+    # a different evaluation family does not inherit the training family's params
+    cfg = config.load(
+        None, ["task.family='nme_sinusoid'", "task.params.n_train=4", "eval.task.family='sinusoid'"]
+    )
+    assert cfg.eval.task.params == {}
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = config.load(None, ["task.family='nme_sinusoid'", "eval.task.params.split='test'"])
+    path = tmp_path / "c.toml"
+    path.write_text(config.dumps(cfg))
+    assert config.load(path) == cfg

@@ -1,0 +1,146 @@
+"""The SVI driver: it learns, resumes exactly, and stops cleanly on NaN, interrupts and bad checkpoints."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bayesmeta import run
+from bayesmeta.cli import main
+from bayesmeta.fit import CHECKPOINT, CheckpointError, fit, load_checkpoint, make_svi
+from bayesmeta.predict import eval_tasks, evaluate
+
+
+def test_short_fit_beats_the_best_constant_predictor(small_cfg, tmp_path):
+    """After 1500 steps MAML's 10-step test MSE is far below predicting each task's support mean."""
+    cfg = small_cfg(
+        "train.steps=1500",
+        "train.meta_batch=25",
+        "model.net.hidden=[40, 40]",
+        "train.log_every=100",
+        "train.eval_every=500",
+        "train.checkpoint_every=500",
+    )
+    setup = run.Setup.from_config(cfg)
+    result = fit(setup.method, setup.family, cfg.train, seed=0, progress=False)
+    batches = eval_tasks(setup.eval_family, jax.random.PRNGKey(99), 200, 100)
+    ev = evaluate(setup.method, setup.likelihood, result.params, batches, (0, 10), 1, jax.random.PRNGKey(0))
+    tasks = ev.tasks
+    const = np.mean((tasks.y_query - tasks.y_support.mean(1, keepdims=True)) ** 2, axis=(1, 2))
+    mse10 = ev.per_task[10]["mse"]
+    assert mse10.mean() < 0.3 * const.mean(), (mse10.mean(), const.mean())
+    assert mse10.mean() < ev.per_task[0]["mse"].mean()  # adaptation helps
+    loss = np.asarray(result.trace.loss)
+    assert loss[-100:].mean() < 0.5 * loss[:100].mean()
+
+
+def test_resume_ends_in_the_same_parameters(small_cfg, tmp_path):
+    cfg = small_cfg()
+    full, _ = run.train(cfg, tmp_path / "full", progress=False)
+    part, metrics = run.train(cfg, tmp_path / "split", until=100, progress=False)
+    assert part.step == 100 and metrics is None
+    assert not (tmp_path / "split" / "metrics.json").exists()
+    resumed, metrics = run.train(cfg, tmp_path / "split", resume=True, progress=False)
+    assert resumed.step == 200 and metrics is not None
+    for k in full.params:
+        np.testing.assert_array_equal(full.params[k], resumed.params[k])
+    np.testing.assert_array_equal(full.trace.loss, resumed.trace.loss)
+    assert full.trace.eval_step == resumed.trace.eval_step == [100, 200]
+
+
+def test_keyboard_interrupt_checkpoints_and_resume_matches(small_cfg, tmp_path):
+    cfg = small_cfg("train.checkpoint_every=200")
+    setup = run.Setup.from_config(cfg)
+    calls = []
+
+    def interrupt(params):
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(
+            setup.method,
+            setup.family,
+            cfg.train,
+            seed=0,
+            run_dir=tmp_path / "a",
+            evaluate=interrupt,
+            progress=False,
+        )
+    assert calls and (tmp_path / "a" / CHECKPOINT).is_file()
+    svi = make_svi(setup.method, cfg.train)
+    template = svi.init(jax.random.PRNGKey(0), setup.family.sample(jax.random.PRNGKey(0), 8))
+    _, step, _ = load_checkpoint(tmp_path / "a", template)
+    assert step == 100  # the interrupt came at the first evaluation, before the first checkpoint
+    resumed = fit(
+        setup.method, setup.family, cfg.train, seed=0, run_dir=tmp_path / "a", resume=True, progress=False
+    )
+    full = fit(setup.method, setup.family, cfg.train, seed=0, progress=False)
+    for k in full.params:
+        np.testing.assert_array_equal(full.params[k], resumed.params[k])
+
+
+def test_nan_guard_names_the_step_and_keeps_the_last_good_checkpoint(small_cfg, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    cfg = small_cfg("train.steps=100")
+    good, _ = run.train(cfg, run_dir, progress=False)
+    # continue with an absurd learning rate: Adam moves every weight by ~1e30 and the loss overflows
+    code = main(
+        [
+            "fit",
+            "--resume",
+            "--run-dir",
+            str(run_dir),
+            "--no-progress",
+            "--set",
+            "train.steps=200",
+            "--set",
+            "train.lr=1e30",
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    m = re.search(r"non-finite loss or parameters at step (\d+); last good state \(step 100\) kept", err)
+    assert m and 100 < int(m.group(1)) <= 110, err
+    setup = run.Setup.from_config(cfg)
+    svi = make_svi(setup.method, cfg.train)
+    template = svi.init(jax.random.PRNGKey(0), setup.family.sample(jax.random.PRNGKey(0), 8))
+    state, step, _ = load_checkpoint(run_dir, template)
+    params = svi.get_params(state)
+    assert step == 100
+    for k in good.params:
+        np.testing.assert_array_equal(params[k], good.params[k])
+        assert jnp.all(jnp.isfinite(params[k]))
+
+
+def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(small_cfg, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    cfg = small_cfg("train.steps=100")
+    run.train(cfg, run_dir, progress=False)
+    # a different network cannot load this checkpoint
+    code = main(["fit", "--resume", "--run-dir", str(run_dir), "--set", "model.net.hidden=[7]"])
+    assert code == 1
+    assert "does not match the configured model" in capsys.readouterr().err
+    (run_dir / CHECKPOINT).write_bytes(b"not a zip file")
+    with pytest.raises(CheckpointError, match="is unreadable"):
+        run.restore(cfg, run_dir)
+    (run_dir / CHECKPOINT).unlink()
+    assert main(["evaluate", str(run_dir)]) == 1
+    assert "no checkpoint to resume from" in capsys.readouterr().err
+
+
+def test_fit_refuses_to_overwrite_a_run(small_cfg, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run.train(
+        small_cfg("train.steps=50", "train.log_every=50", "train.eval_every=50", "train.checkpoint_every=50"),
+        run_dir,
+        progress=False,
+    )
+    before = (run_dir / CHECKPOINT).read_bytes()
+    assert main(["fit", "--run-dir", str(run_dir), "--set", "train.steps=50"]) == 2
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert (run_dir / CHECKPOINT).read_bytes() == before

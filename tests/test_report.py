@@ -1,0 +1,63 @@
+"""The run folder: an ArviZ DataTree with the named groups, metrics, summary and plots, via the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import xarray as xr
+
+from bayesmeta.cli import main
+from tests.conftest import SMALL
+
+
+def test_fit_evaluate_report_through_the_cli(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    sets = [a for s in SMALL for a in ("--set", s)]
+    assert main(["fit", *sets, "--set", "eval.samples=2", "--run-dir", str(run_dir), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "mse@10 =" in out and str(run_dir) in out
+
+    with xr.open_datatree(run_dir / "inference.nc", engine="h5netcdf") as dt:
+        assert {
+            "posterior",
+            "posterior_predictive",
+            "observed_data",
+            "constant_data",
+            "predictions",
+            "predictions_constant_data",
+            "sample_stats",
+        } <= set(dt.children)
+        post = dt["posterior"]
+        assert "theta.head.w" in post.data_vars and post["theta.head.w"].shape == (1, 1, 16, 1)
+        pp = dt["posterior_predictive"]
+        assert pp["y"].dims == ("chain", "draw", "task", "point", "output")
+        assert pp["y"].shape == (1, 2, 40, 10, 1)
+        assert list(pp["f"]["inner_steps"].values) == [1, 10]
+        np.testing.assert_array_equal(dt["observed_data"]["y"].shape, (40, 10, 1))
+        stats = dt["sample_stats"]
+        assert stats["loss"].shape == (200,) and list(stats["eval_step"].values) == [100, 200]
+        assert "eval_mse@10" in stats.data_vars
+        assert dt.attrs["method"] == "maml"
+        # the stored predictive mean reproduces the reported metric
+        f10 = pp["f"].sel(inner_steps=10).mean("draw").values[0]
+        mse = np.mean((f10 - dt["observed_data"]["y"].values) ** 2)
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    np.testing.assert_allclose(metrics["metrics"]["mse@10"]["mean"], mse, rtol=1e-5)
+    assert metrics["metrics"]["mse@10"]["n"] == 40
+    for name in ("summary.md", "config.toml", "plots/training.png", "plots/predictions.png"):
+        assert (run_dir / name).stat().st_size > 0
+    assert "| mse@10 |" in (run_dir / "summary.md").read_text()
+    assert not list(run_dir.rglob("*.tmp"))  # atomic writes leave no temporaries
+
+    assert main(["evaluate", str(run_dir), "--set", "eval.tasks=20", "--no-progress"]) == 0
+    assert json.loads((run_dir / "metrics.json").read_text())["metrics"]["mse@1"]["n"] == 20
+    (run_dir / "summary.md").unlink()
+    assert main(["report", str(run_dir)]) == 0
+    assert (run_dir / "summary.md").is_file()
+
+
+def test_report_of_a_folder_without_a_run_is_a_clear_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 1
+    assert "no inference file" in capsys.readouterr().err
