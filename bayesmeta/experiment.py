@@ -81,6 +81,7 @@ def aggregate(
             stats = [o.metrics["metrics"][metric] for o in group]
             mean, sd = _mean_sd([s["mean"] for s in stats])
             mean_f, sd_f = _mean_sd([s["mean_finite"] for s in stats])
+            med, sd_med = _mean_sd([s["median"] for s in stats])
             rows.append(
                 {
                     "method": method,
@@ -90,6 +91,8 @@ def aggregate(
                     "sd": sd,
                     "mean_finite": mean_f,
                     "sd_finite": sd_f,
+                    "median": med,
+                    "sd_median": sd_med,
                     "n": len(group),
                     "diverged_tasks": sum(s["n_nonfinite"] for s in stats),
                     "tasks_per_seed": stats[0]["n"],
@@ -128,12 +131,12 @@ class Results:
             return "diverged" if m is None else f"{m:.4f} ({sd:.4f})"
 
         head = (
-            "| method | setting | metric | mean (sd) over seeds | finite-task mean (sd) | diverged tasks "
+            "| method | setting | metric | mean (sd) over seeds | median over tasks (sd) | non-finite tasks "
             "| seeds | published |\n|---|---|---|---|---|---|---|---|\n"
         )
         body = "".join(
             f"| {r['method']} | {r['setting']} | {r['metric']} | {cell(r['mean'], r['sd'])} | "
-            f"{cell(r['mean_finite'], r['sd_finite'])} | {r['diverged_tasks']} of "
+            f"{cell(r['median'], r['sd_median'])} | {r['diverged_tasks']} of "
             f"{r['tasks_per_seed'] * r['n']} | {r['n']} | "
             f"{'n/a' if r['published'] is None else r['published']} |\n"
             for r in self.rows

@@ -209,3 +209,30 @@ def test_per_step_rates_as_a_pytree():
     phi, _ = gradient_descent(loss, theta, None, None, steps=3, lr=rates)
     # w <- w (1 - a_t) each step: 1 * 0.5 * 1.0 * 0.75
     np.testing.assert_allclose(phi["w"], [0.375], rtol=1e-6)
+
+
+def test_gaussian_prior_adds_the_scaled_l2_penalty():
+    """model.prior_scale = s adds -log N(theta; 0, s^2) / (T Q) to the loss: MAP instead of ML-II."""
+    _, method, batch, key = _tiny()
+    cfg = config.load(
+        None,
+        [
+            "model.net.hidden=[3]",
+            "model.net.activation='tanh'",
+            "model.inner_steps=2",
+            "model.inner_lr=0.3",
+            "task.shots=4",
+            "task.queries=3",
+            "model.prior_scale=0.5",
+        ],
+    )
+    fam = make_family(cfg.task)
+    with_prior = build_method(cfg.model, fam.x_dim, fam.y_dim)
+    loss, params, _ = _svi_loss_and_params(method, batch, key)
+    loss_p, _, _ = _svi_loss_and_params(with_prior, batch, key)
+    with jax.enable_x64(True):
+        sq = sum(float(jnp.sum(v**2)) for v in params.values())
+        n = batch.x_query.shape[0] * batch.x_query.shape[1]
+        np.testing.assert_allclose(
+            float(loss_p(params)) - float(loss(params)), 0.5 * sq / 0.25 / n, rtol=1e-10
+        )
