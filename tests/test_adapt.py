@@ -89,22 +89,29 @@ def _svi_loss_and_params(method, batch, key):
         return loss, params, batch
 
 
+def _hand_maml(params):
+    """The tiny network of `_tiny` written by hand: (net, likelihood, theta pytree, task loss)."""
+    from bayesmeta.nets import make_net
+
+    cfg = config.load(None, ["model.net.hidden=[3]", "model.net.activation='tanh'"])
+    net = make_net(cfg.model.net, 1, 1)
+    lik = Gaussian(cfg.model.noise_sd)
+    theta = {
+        layer: {leaf: params[f"theta.{layer}.{leaf}"] for leaf in ("w", "b")} for layer in net.layer_names
+    }
+
+    def task_loss(p, xx, yy):
+        return lik.loss(net.apply(p, xx), yy)
+
+    return net, lik, theta, task_loss
+
+
 def test_svi_loss_is_the_mean_query_loss_of_the_adapted_networks():
     """The engine's objective for MAML is mean_i L(phi_i, D*_i) + log(sd sqrt(2 pi)) per point."""
-    cfg, method, batch, key = _tiny()
+    _, method, batch, key = _tiny()
     loss, params, batch = _svi_loss_and_params(method, batch, key)
     with jax.enable_x64(True):
-        from bayesmeta.nets import make_net
-
-        net = make_net(cfg.model.net, 1, 1)
-        lik = Gaussian(cfg.model.noise_sd)
-        theta = {
-            layer: {leaf: params[f"theta.{layer}.{leaf}"] for leaf in ("w", "b")} for layer in net.layer_names
-        }
-
-        def task_loss(p, xx, yy):
-            return lik.loss(net.apply(p, xx), yy)
-
+        net, lik, theta, task_loss = _hand_maml(params)
         phi, _ = adapt_tasks(task_loss, theta, batch.x_support, batch.y_support, steps=2, lr=0.3)
         pred = jax.vmap(net.apply)(phi, batch.x_query)
         mse = jnp.mean((pred - batch.y_query) ** 2)
@@ -147,18 +154,7 @@ def test_first_order_drops_second_derivatives():
         assert diff > 1e-2 * scale
 
         # FO gradient == the query-loss gradient at the adapted parameters, averaged over tasks
-        from bayesmeta.nets import make_net
-
-        cfg = config.load(None, ["model.net.hidden=[3]", "model.net.activation='tanh'"])
-        net = make_net(cfg.model.net, 1, 1)
-        lik = Gaussian(cfg.model.noise_sd)
-        theta = {
-            layer: {leaf: params[f"theta.{layer}.{leaf}"] for leaf in ("w", "b")} for layer in net.layer_names
-        }
-
-        def task_loss(p, xx, yy):
-            return lik.loss(net.apply(p, xx), yy)
-
+        net, _, theta, task_loss = _hand_maml(params)
         phi, _ = adapt_tasks(task_loss, theta, batch64.x_support, batch64.y_support, steps=2, lr=0.3)
         g_phi = jax.vmap(jax.grad(task_loss))(phi, batch64.x_query, batch64.y_query)
         for layer in net.layer_names:
