@@ -95,6 +95,9 @@ class TrainConfig:
     optimizer: str = opt("adam", choices=["adam", "adamw", "sgd"])
     lr: float = opt(1e-3, gt=0)
     grad_clip: float = opt(0.0, ge=0, doc="global-norm gradient clipping; 0 = off")
+    fresh_adam: str = opt(
+        "", doc="parameters (a name prefix, or 'all') updated as by a new Adam every step: lr g/(|g|+1e-7)"
+    )
     log_every: int = opt(100, ge=1, doc="steps fused into one device call between host updates")
     eval_every: int = opt(1000, ge=1, doc="held-out evaluation interval (multiple of log_every)")
     eval_tasks: int = opt(100, ge=1, doc="held-out tasks used for evaluation during training")
@@ -109,6 +112,11 @@ class EvalConfig:
     samples: int = opt(1, ge=1, doc="posterior predictive draws per task")
     plot_tasks: int = opt(9, ge=0, le=25, doc="test tasks shown in the prediction plot")
     seed: int = opt(1234, ge=0, doc="seed of the evaluation tasks, shared by runs so methods compare")
+    posterior_draws: int = opt(100, ge=1, doc="draws of stochastic meta-parameters kept in the posterior")
+    memorization_tasks: int = opt(100, ge=0, doc="tasks for the memorization meter; 0 = off")
+    bound_tasks: int = opt(500, ge=2, doc="training tasks on which the bound's empirical error is estimated")
+    bound_delta: float = opt(0.05, gt=0, le=1, doc="the PAC-Bayes bound holds with probability 1 - delta")
+    bound_clip: float = opt(1.0, gt=0, doc="regression loss for the bound: min((y - f)^2 / clip, 1)")
     task: TaskConfig = opt(TaskConfig(), doc="evaluation task family; missing keys come from [task]")
 
 

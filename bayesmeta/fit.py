@@ -38,9 +38,27 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or does not match the configured model."""
 
 
+def fresh_adam(lr: float, eps: float = 1e-7) -> optax.GradientTransformation:
+    """The first step of a newly built Adam, every step: -lr g / (|g| + eps), a sign-like update.
+
+    This is what re-creating Keras's Adam at every iteration does (the reference MR-MAML notebook).
+    """
+    return optax.chain(
+        optax.stateless(lambda g, _: jax.tree.map(lambda x: x / (jnp.abs(x) + eps), g)), optax.scale(-lr)
+    )
+
+
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """optax chain: optional global-norm clipping, then Adam / AdamW / SGD at a constant rate."""
+    """optax chain: optional global-norm clipping, then Adam / AdamW / SGD at a constant rate, with the
+    parameters named by `fresh_adam` updated by `fresh_adam` instead."""
     opt = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd}[cfg.optimizer](cfg.lr)
+    if cfg.fresh_adam:
+        prefix = cfg.fresh_adam
+
+        def labels(params: dict) -> dict:
+            return {k: "fresh" if prefix == "all" or k.startswith(prefix) else "kept" for k in params}
+
+        opt = optax.multi_transform({"fresh": fresh_adam(cfg.lr), "kept": opt}, labels)
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt) if cfg.grad_clip else opt
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,9 @@ class Method:
     elbo: "trace" (Monte Carlo Trace_ELBO) or "meanfield" (TraceMeanField_ELBO, analytic KL).
     predict_with_guide: draw global latents from the guide at prediction time (False when the guide
       reads the query labels, as PLATIPUS's does).
+    global_latents: prefixes of the guide's sample sites that are meta-level (not per task or point);
+      their draws form the run's ArviZ posterior group.
+    kl: params -> KL(q(theta) || p(theta)) of the stochastic meta-parameters, for the PAC-Bayes bound.
     """
 
     name: str
@@ -25,6 +28,8 @@ class Method:
     guide: Callable[..., None]
     elbo: Literal["trace", "meanfield"] = "trace"
     predict_with_guide: bool = True
+    global_latents: tuple[str, ...] = ()
+    kl: Callable[[dict], Any] | None = None
 
 
 def no_guide(*args: object, **kwargs: object) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from bayesmeta.config import ConfigError, ModelConfig, parse_params
 from bayesmeta.method import Method
 
@@ -26,7 +28,15 @@ def check_method_params(cfg: ModelConfig) -> object:
     return params
 
 
-def build_method(cfg: ModelConfig, x_dim: int, y_dim: int) -> Method:
+class Context(NamedTuple):
+    """What a method may know of the training protocol: meta-training tasks n and query points K
+    (the PAC-Bayes bound's n and K, from which MR(W) can derive its beta)."""
+
+    n_tasks: int = 1
+    n_query: int = 1
+
+
+def build_method(cfg: ModelConfig, x_dim: int, y_dim: int, context: Context | None = None) -> Method:
     """Construct the method named by cfg.method for inputs of x_dim and outputs of y_dim."""
     spec = _methods()[cfg.method]
-    return spec.build(cfg, check_method_params(cfg), x_dim, y_dim)
+    return spec.build(cfg, check_method_params(cfg), x_dim, y_dim, context or Context())

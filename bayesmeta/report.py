@@ -21,19 +21,23 @@ INFERENCE = "inference.nc"
 
 
 def build_datatree(
-    params: dict[str, Any],
+    posterior: dict[str, Any],
+    meta_parameters: dict[str, Any] | None,
     draws: dict[str, np.ndarray],
     tasks: Any,
     grid: dict[str, np.ndarray] | None,
     trace: Any,
     attrs: dict[str, Any],
     inner_steps: list[int],
+    scalars: dict[str, dict[str, float]] | None = None,
 ) -> xr.DataTree:
-    """Groups: posterior (meta-parameters), posterior_predictive + observed_data + constant_data
-    (evaluation tasks), predictions + predictions_constant_data (dense grids on plotted tasks),
-    sample_stats (training trace: loss per step, evaluation metrics per eval step)."""
+    """Groups: posterior (draws (S, ...) of the stochastic meta-parameters, or the point estimates as
+    one draw), meta_parameters (point-estimated parameters, when there is a posterior besides),
+    posterior_predictive + observed_data + constant_data (evaluation tasks), predictions +
+    predictions_constant_data (dense grids on plotted tasks), sample_stats (training trace: loss per
+    step, evaluation metrics per eval step), and one group per entry of `scalars` (e.g. pac_bayes)."""
     io_dims = ["task", "point", "output"]
-    post = {k: np.asarray(v)[None, None] for k, v in params.items()}
+    post = {k: np.asarray(v)[None] for k, v in posterior.items()}
     # f carries one predictive mean per test-time step count: (chain, draw, steps, task, point, out)
     f = np.stack([draws[s]["f"] for s in inner_steps], axis=1)[None]
     y = draws[inner_steps[-1]]["y"][None]
@@ -75,6 +79,17 @@ def build_datatree(
             np.asarray(v), dims="eval_step", coords={"eval_step": trace.eval_step}
         )
     dt["sample_stats"] = xr.DataTree(stats)
+    if meta_parameters:
+        dt["meta_parameters"] = xr.DataTree(
+            xr.Dataset(
+                {
+                    k: (tuple(f"{k}_dim_{i}" for i in range(np.ndim(v))), np.asarray(v))
+                    for k, v in meta_parameters.items()
+                }
+            )
+        )
+    for group, values in (scalars or {}).items():
+        dt[group] = xr.DataTree(xr.Dataset({k: ((), v) for k, v in values.items()}))
     dt.attrs.update({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in attrs.items()})
     return dt
 
@@ -175,7 +190,7 @@ def summary_markdown(metrics: dict[str, Any], files: list[str]) -> str:
         f"{v['n_nonfinite']} |"
         for k, v in metrics["metrics"].items()
     )
-    return (
+    text = (
         f"# Run `{metrics['name']}`\n\n"
         f"Method **{metrics['method']}** on task family **{metrics['family']}** "
         f"(evaluation: {metrics['eval_family']}), seed {metrics['seed']}, "
@@ -186,6 +201,25 @@ def summary_markdown(metrics: dict[str, Any], files: list[str]) -> str:
         f"{rows}\n\n"
         "A diverged task (its inner loop ran to inf/NaN) makes the mean undefined; the median and "
         "`mean_finite` in metrics.json still describe the rest.\n\n"
+    )
+    if metrics.get("diagnostics"):
+        text += (
+            "## Memorization meter\n\nSupport dependence D (0: predictions ignore the support set, "
+            "complete memorization; about 1: they follow it to the truth):\n\n"
+            + "\n".join(f"- {k}: {v:.4f}" for k, v in metrics["diagnostics"].items())
+            + "\n\n"
+        )
+    pac = metrics.get("pac_bayes")
+    if pac:
+        text += (
+            "## PAC-Bayes bound (Yin et al. 2020, Theorem 1)\n\n"
+            f"With probability >= {1 - pac['delta']:g}, the expected clipped error "
+            f"min((y-f)^2/{pac['clip']:g}, 1) "
+            f"on new tasks is at most **{pac['bound']:.4f}** = empirical error {pac['empirical_error']:.4f} "
+            f"+ complexity {pac['complexity']:.4f} (n = {pac['n']} tasks, K = {pac['k']} query points, "
+            f"KL(q || prior) = {pac['kl']:.2f}). The beta the bound implies is {pac['implied_beta']:.3g}.\n\n"
+        )
+    return text + (
         f"Final training loss (mean of the last 100 steps): {metrics['final_loss']:.4f}\n\n"
         "## Files\n\n" + "\n".join(f"- `{f}`" for f in files) + "\n"
     )

@@ -8,16 +8,20 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from numpyro.infer import Predictive
 
 from bayesmeta import config as config_mod
+from bayesmeta.bounds import Bound, clipped_squared_error, pac_bayes_bound
 from bayesmeta.config import Config
+from bayesmeta.diagnostics.memorization import support_dependence
 from bayesmeta.fit import FitResult, fit, load_checkpoint, make_svi
 from bayesmeta.io import write_text
 from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Method
 from bayesmeta.predict import Evaluation, eval_tasks, evaluate, predictive, quick_metric
-from bayesmeta.registry import build_method
+from bayesmeta.registry import Context, build_method
 from bayesmeta.report import INFERENCE, build_datatree, save_datatree, write_report
 from bayesmeta.tasks import Family, make_family
 
@@ -41,7 +45,8 @@ class Setup:
                 f"eval.task: its inputs/outputs ({eval_family.x_dim}, {eval_family.y_dim}) differ "
                 f"from task's ({family.x_dim}, {family.y_dim})"
             )
-        method = build_method(cfg.model, family.x_dim, family.y_dim)
+        context = Context(n_tasks=cfg.train.steps * cfg.train.meta_batch, n_query=cfg.task.queries)
+        method = build_method(cfg.model, family.x_dim, family.y_dim, context)
         return cls(cfg, family, eval_family, method, make_likelihood(cfg.model))
 
     @property
@@ -114,6 +119,54 @@ def grid_predictions(setup: Setup, params: dict, tasks: Any) -> dict[str, Any] |
     return {"x": np.asarray(x), "truth": np.asarray(fam.truth(plot.info, x)), "f": f}
 
 
+def posterior_draws(setup: Setup, params: dict, batch: Any) -> dict[str, np.ndarray]:
+    """Draws (S, ...) of the guide's meta-level latents: the stochastic meta-parameters."""
+    prefixes = setup.method.global_latents
+    if not prefixes:
+        return {}
+    draws = Predictive(setup.method.guide, params=params, num_samples=setup.cfg.eval.posterior_draws)(
+        jax.random.PRNGKey(2), batch
+    )
+    return {k: np.asarray(v) for k, v in draws.items() if k.split(".")[0] in prefixes}
+
+
+def memorization(setup: Setup, params: dict, tasks: Any) -> dict[str, float]:
+    """The support-dependence meter at each test-time step count (regression families only)."""
+    n = min(setup.cfg.eval.memorization_tasks, tasks.x_support.shape[0])
+    if n < 2 or setup.cfg.model.likelihood != "gaussian" or not hasattr(setup.eval_family, "truth"):
+        return {}
+    sub = jax.tree.map(lambda a: jnp.asarray(a[:n]), tasks)
+    return {
+        f"support_dependence@{s}": support_dependence(
+            setup.method,
+            params,
+            setup.eval_family,
+            sub,
+            s,
+            jax.random.PRNGKey(3),
+            samples=setup.cfg.eval.samples,
+        )
+        for s in setup.cfg.eval.inner_steps
+    }
+
+
+def bound(setup: Setup, params: dict) -> Bound | None:
+    """Theorem 1 of Yin et al. for methods with stochastic meta-parameters; the empirical error is the
+    Gibbs risk of the clipped squared error on fresh training-distribution tasks."""
+    cfg = setup.cfg
+    if setup.method.kl is None or cfg.model.likelihood != "gaussian":
+        return None
+    tasks = setup.family.sample(jax.random.PRNGKey(4), cfg.eval.bound_tasks)
+    f = predictive(setup.method, cfg.model.inner_steps, cfg.eval.samples, ("f",))(
+        params, tasks, jax.random.PRNGKey(5)
+    )["f"]
+    err = float(jnp.mean(clipped_squared_error(f, tasks.y_query[None], cfg.eval.bound_clip)))
+    n = cfg.train.steps * cfg.train.meta_batch
+    return pac_bayes_bound(
+        err, float(setup.method.kl(params)), n, cfg.task.queries, cfg.eval.bound_delta, cfg.eval.bound_clip
+    )
+
+
 def finish(setup: Setup, run_dir: Path, result: FitResult, progress: bool = True) -> dict:
     """Evaluate on held-out tasks and write inference.nc, metrics.json, summary.md and plots."""
     cfg = setup.cfg
@@ -130,6 +183,8 @@ def finish(setup: Setup, run_dir: Path, result: FitResult, progress: bool = True
         progress=progress,
     )
     grid = grid_predictions(setup, result.params, ev.tasks)
+    diagnostics = memorization(setup, result.params, ev.tasks)
+    pac = bound(setup, result.params)
     eval_seconds = time.perf_counter() - t0
     loss = np.asarray(result.trace.loss)
     metrics = {
@@ -144,22 +199,29 @@ def finish(setup: Setup, run_dir: Path, result: FitResult, progress: bool = True
         "eval_tasks": cfg.eval.tasks,
         "final_loss": float(loss[-100:].mean()),
         "metrics": ev.summary(),
+        "diagnostics": diagnostics,
+        "pac_bayes": pac.as_dict() if pac else None,
     }
     attrs = {
         "method": setup.method.name,
         "family": cfg.task.family,
         "config": config_mod.dumps(cfg),
         "train_seconds": result.trace.seconds,
-        "inference": "SVI (empirical Bayes point estimates have one draw)",
+        "inference": "SVI; point-estimated meta-parameters are in meta_parameters (or, when a "
+        "method has no stochastic meta-parameters, the posterior as one draw)",
     }
+    params = {k: np.asarray(v) for k, v in result.params.items()}
+    draws = posterior_draws(setup, result.params, batches[0])
     dt = build_datatree(
-        {k: np.asarray(v) for k, v in result.params.items()},
+        draws or {k: v[None] for k, v in params.items()},
+        params if draws else None,
         ev.draws,
         ev.tasks,
         grid,
         result.trace,
         attrs,
         list(cfg.eval.inner_steps),
+        {"pac_bayes": pac.as_dict()} if pac else {},
     )
     save_datatree(dt, run_dir / INFERENCE)
     write_report(run_dir, dt, metrics)

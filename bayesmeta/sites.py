@@ -51,3 +51,77 @@ def observe(likelihood: Any, out: jax.Array, y: jax.Array | None, name: str = "y
         scale(scale=1.0 / (n_tasks * n_points)),
     ):
         numpyro.sample(name, likelihood.dist(out), obs=y)
+
+
+# ---------------------------------------------------------------------------------------------- #
+# Stochastic weights and activations (meta-regularization, Yin et al. 2020): each is a latent sample
+# site declared in the model with its prior and in the guide with its variational family, both under
+# handlers.scale(beta), so TraceMeanField_ELBO adds beta * KL(q || p) to the mean per-point NLL.
+
+
+SD_FLOOR = 1.1920929e-07  # float32 epsilon, added to softplus(rho) as TFP's mean-field posterior does
+
+
+def posterior_sd(rho: jax.Array) -> jax.Array:
+    """sd = eps + softplus(rho): finite KL even for rho = -50 (softplus alone underflows its square)."""
+    return SD_FLOOR + jax.nn.softplus(rho)
+
+
+def gaussian_weights_prior(
+    prefix: str, shapes: dict[str, tuple[int, ...]], beta: float, prior_sd: float = 1.0
+) -> dict[str, jax.Array]:
+    """Model side: W_k ~ N(0, prior_sd^2 I) for each named shape, KL weighted by beta."""
+    import numpyro.distributions as dist
+
+    with scale(scale=beta):
+        return {
+            k: numpyro.sample(f"{prefix}.{k}", dist.Normal(0.0, prior_sd).expand(s).to_event(len(s)))
+            for k, s in shapes.items()
+        }
+
+
+def gaussian_weights_guide(
+    prefix: str, shapes: dict[str, tuple[int, ...]], beta: float, loc_sd: float = 0.1, rho_init: float = -50.0
+) -> dict[str, jax.Array]:
+    """Guide side: W_k ~ N(loc_k, posterior_sd(rho_k)^2), mean-field.
+
+    Initialised as loc ~ N(0, loc_sd^2), rho ~ N(rho_init, 0.1^2) (TFP's DenseReparameterization)."""
+    import numpyro.distributions as dist
+
+    out = {}
+    with scale(scale=beta):
+        for k, s in shapes.items():
+            loc = numpyro.param(f"{prefix}.{k}.loc", lambda key, s=s: loc_sd * jax.random.normal(key, s))
+            rho = numpyro.param(
+                f"{prefix}.{k}.rho", lambda key, s=s: rho_init + 0.1 * jax.random.normal(key, s)
+            )
+            out[k] = numpyro.sample(f"{prefix}.{k}", dist.Normal(loc, posterior_sd(rho)).to_event(len(s)))
+    return out
+
+
+def gaussian_weights_kl(params: dict[str, jax.Array], prefix: str, prior_sd: float = 1.0) -> jax.Array:
+    """KL(N(loc, sd^2) || N(0, prior_sd^2)), sd = posterior_sd(rho), summed over weights under `prefix`."""
+    total = 0.0
+    for name, loc in params.items():
+        if name.startswith(prefix + ".") and name.endswith(".loc"):
+            sd = posterior_sd(params[name[:-4] + ".rho"])
+            total += jax.numpy.sum(jax.numpy.log(prior_sd / sd) + (sd**2 + loc**2) / (2 * prior_sd**2) - 0.5)
+    return total
+
+
+def bottleneck(name: str, mean: jax.Array, sd: jax.Array | None, beta: float) -> jax.Array:
+    """Per-point latent z (T, n, d) under plates (tasks, points) scaled to beta / (T n).
+
+    Model (sd is None): z ~ N(0, I). Guide: z ~ N(mean, sd^2), amortized on the inputs. The scale makes
+    the ELBO add beta * (mean over points of KL summed over the d dimensions).
+    """
+    import numpyro.distributions as dist
+
+    n_tasks, n_points = mean.shape[:2]
+    d = dist.Normal(0.0, 1.0).expand(mean.shape[-1:]) if sd is None else dist.Normal(mean, sd)
+    with (
+        numpyro.plate(f"{name}_tasks", n_tasks, dim=-2),
+        numpyro.plate(f"{name}_points", n_points, dim=-1),
+        scale(scale=beta / (n_tasks * n_points)),
+    ):
+        return numpyro.sample(name, d.to_event(1))

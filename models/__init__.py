@@ -1,8 +1,13 @@
 """Method families, one file each. `METHODS` maps a config name to a spec with `Params` and `build`."""
 
-from models import maml
+from models import cnp, maml, mr_maml
 
 METHODS = {
     "maml": maml.MAML,
     "fomaml": maml.FOMAML,
+    "mr_maml_w": mr_maml.MRMAMLW,
+    "mr_maml_a": mr_maml.MRMAMLA,
+    "cnp": cnp.CNP,
+    "mr_cnp_w": cnp.MRCNPW,
+    "mr_cnp_a": cnp.MRCNPA,
 }

@@ -72,7 +72,9 @@ class MAML:
     first_order: ClassVar[bool | None] = None
 
     @classmethod
-    def build(cls, cfg: ModelConfig, params: Params, x_dim: int, y_dim: int) -> Method:
+    def build(
+        cls, cfg: ModelConfig, params: Params, x_dim: int, y_dim: int, context: object = None
+    ) -> Method:
         fo = cfg.first_order if cls.first_order is None else cls.first_order
         return build_maml(cfg, x_dim, y_dim, first_order=fo)
 

@@ -1,0 +1,1 @@
+"""Diagnostics computed on fitted runs: memorization (here), calibration and landscape (later issues)."""
