@@ -130,6 +130,8 @@ def _spec(name: str, **defaults: object) -> type:
     def check(cfg: ModelConfig, p: object) -> str | None:
         if p.variant != defaults["variant"]:
             return f"model.params.variant: {name} fixes it to {defaults['variant']!r}"
+        if p.variant != "none" and p.beta <= 0:
+            return f"model.params.beta: expected a number > 0 for {name}, got {p.beta}"
         return None
 
     return type(name, (), {"Params": params, "build": staticmethod(build), "check": staticmethod(check)})

@@ -64,7 +64,7 @@ class MRMAMLW:
 
     @dataclass(frozen=True)
     class Params:
-        beta: float = opt(5e-5, ge=0, doc="KL weight")
+        beta: float = opt(5e-5, gt=0, doc="KL weight")
         beta_from_bound: bool = opt(False, doc="use the beta implied by the PAC-Bayes bound instead")
         delta: float = opt(0.05, gt=0, le=1, doc="confidence of the bound (for beta_from_bound)")
         encoder_hidden: tuple[int, ...] = opt((100,), ge=1)
@@ -120,7 +120,7 @@ class MRMAMLA:
 
     @dataclass(frozen=True)
     class Params:
-        beta: float = opt(1.0, ge=0, doc="KL weight (per query point, KL summed over dimensions)")
+        beta: float = opt(1.0, gt=0, doc="KL weight (per query point, KL summed over dimensions)")
         encoder_hidden: tuple[int, ...] = opt((80,), ge=1)
         encoder_dim: int = opt(5, ge=1, doc="bottleneck dimension")
 

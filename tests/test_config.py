@@ -22,7 +22,10 @@ from bayesmeta.cli import main
             "train.optimizer='rmsprop'",
             "train.optimizer: expected one of 'adam', 'adamw', 'sgd', got 'rmsprop'",
         ),
-        ("model.method='nope'", "model.method: expected one of 'cnp', 'fomaml', 'maml', 'mr_cnp_a', 'mr_cnp_w'"),
+        (
+            "model.method='nope'",
+            "model.method: expected one of 'cnp', 'fomaml', 'maml', 'mr_cnp_a', 'mr_cnp_w'",
+        ),
         ("model.first_order=1", "model.first_order: expected true or false, got 1"),
         ("model.net.hidden=[40, -2]", "model.net.hidden[1]: expected an integer >= 1, got -2"),
         ("task.family='cubic'", "task.family: expected one of 'nme_sinusoid', 'sinusoid'"),

@@ -1,0 +1,226 @@
+"""Meta-regularization (Yin et al. 2020): the beta-weighted KL, the PAC-Bayes bound, the memorization
+meter, the fresh-Adam optimizer, and short fits of the six NME-sinusoid methods."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import optax
+import pytest
+import xarray as xr
+from numpyro.infer import SVI, TraceMeanField_ELBO
+
+from bayesmeta import config, run
+from bayesmeta.bounds import complexity, implied_beta, pac_bayes_bound
+from bayesmeta.diagnostics.memorization import support_dependence
+from bayesmeta.fit import fresh_adam
+from bayesmeta.method import Method, no_guide
+from bayesmeta.registry import build_method
+from bayesmeta.sites import observe, posterior_sd
+from bayesmeta.tasks import make_family
+
+BETA0 = 1e-9  # numpyro.handlers.scale needs a positive scale, so the baseline is a negligible beta
+NME = ["task.family='nme_sinusoid'", "task.shots=5", "task.queries=6", "model.net.hidden=[8]"]
+
+
+def _loss_fn(method, batch):
+    svi = SVI(method.model, method.guide, optax.sgd(0.0), TraceMeanField_ELBO())
+    params = svi.get_params(svi.init(jax.random.PRNGKey(0), batch))
+
+    def loss(p):
+        return TraceMeanField_ELBO().loss(jax.random.PRNGKey(7), p, method.model, method.guide, batch)
+
+    return loss, params
+
+
+def _method(name, *overrides):
+    cfg = config.load(None, [*NME, f"model.method='{name}'", *overrides])
+    fam = make_family(cfg.task)
+    return build_method(cfg.model, fam.x_dim, fam.y_dim), fam.sample(jax.random.PRNGKey(1), 3)
+
+
+@pytest.mark.parametrize("beta", [1e-4, 0.3, 2.0])
+def test_weight_kl_enters_the_loss_exactly_beta_times(beta):
+    """SVI loss(beta) - loss(beta0) = (beta - beta0) KL(N(loc, sd^2) || N(0, 1)), KL computed by hand;
+    the data term is unchanged because the same key draws the same weights."""
+    m0, batch = _method("mr_maml_w", f"model.params.beta={BETA0}", "model.params.rho_init=-2.0")
+    mb, _ = _method("mr_maml_w", f"model.params.beta={beta}", "model.params.rho_init=-2.0")
+    loss0, params = _loss_fn(m0, batch)
+    lossb, _ = _loss_fn(mb, batch)
+    kl = 0.0
+    for name in params:
+        if name.endswith(".loc"):
+            loc, sd = (
+                np.asarray(params[name], np.float64),
+                np.asarray(posterior_sd(params[name[:-4] + ".rho"])),
+            )
+            kl += np.sum(-np.log(sd) + (sd**2 + loc**2) / 2 - 0.5)
+    assert kl > 100
+    np.testing.assert_allclose(float(lossb(params)) - float(loss0(params)), (beta - BETA0) * kl, rtol=2e-4)
+    np.testing.assert_allclose(float(mb.kl(params)), kl, rtol=1e-5)
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0, 5.0])
+def test_bottleneck_kl_is_beta_times_the_mean_over_query_points(beta):
+    """MR-MAML(A): loss(beta) - loss(beta0) = (beta - beta0) * mean over tasks and query points of
+    KL(q(z|x*) || N(0, I))."""
+    m0, batch = _method("mr_maml_a", f"model.params.beta={BETA0}")
+    mb, _ = _method("mr_maml_a", f"model.params.beta={beta}")
+    loss0, params = _loss_fn(m0, batch)
+    lossb, _ = _loss_fn(mb, batch)
+    from bayesmeta.nets import MLP
+
+    enc = MLP(21, 10, (80,))
+    theta = {layer: {k: params[f"encoder.{layer}.{k}"] for k in ("w", "b")} for layer in enc.layer_names}
+    out = np.asarray(enc.apply(theta, batch.x_query), np.float64)
+    mu, sd = out[..., :5], np.log1p(np.exp(out[..., 5:]))
+    kl = np.mean(np.sum(-np.log(sd) + (sd**2 + mu**2) / 2 - 0.5, -1))
+    np.testing.assert_allclose(float(lossb(params)) - float(loss0(params)), (beta - BETA0) * kl, rtol=1e-4)
+
+
+def test_pac_bayes_bound_against_a_hand_computation():
+    n, k, kl, delta, err = 15000, 10, 123.4, 0.05, 0.2
+    rate = math.sqrt(1 / 18) + math.sqrt(1 / 29998)
+    expected = err + rate * math.sqrt(kl + math.log(15000 * 11 / 0.05))
+    b = pac_bayes_bound(err, kl, n, k, delta, clip=1.0)
+    assert b.bound == pytest.approx(expected, rel=1e-12)
+    assert b.complexity == pytest.approx(complexity(n, k, kl, delta), rel=1e-12)
+    assert implied_beta(n, k, delta) == pytest.approx(rate / (2 * math.sqrt(math.log(165000 / 0.05))))
+    assert 0.03 < implied_beta(n, k, delta) < 0.032
+    assert pac_bayes_bound(err, 2 * kl, n, k, delta, 1.0).bound > b.bound  # more KL, looser
+    assert pac_bayes_bound(err, kl, 10 * n, k, delta, 1.0).bound < b.bound  # more tasks, tighter
+    with pytest.raises(ValueError, match="K >= 2"):
+        complexity(n, 1, kl, delta)
+
+
+def test_beta_from_bound_uses_the_training_protocol():
+    cfg = config.load(
+        None,
+        [
+            *NME,
+            "model.method='mr_maml_w'",
+            "model.params.beta_from_bound=true",
+            "train.steps=3000",
+            "train.meta_batch=5",
+        ],
+    )
+    setup = run.Setup.from_config(cfg)
+    batch = setup.family.sample(jax.random.PRNGKey(0), 2)
+    loss, params = _loss_fn(setup.method, batch)  # the beta lives inside the model: read it off the loss
+    base, _ = _method("mr_maml_w", f"model.params.beta={BETA0}")
+    loss0, _ = _loss_fn(base, batch)
+    beta = implied_beta(15000, 6, 0.05)
+    kl = float(setup.method.kl(params))
+    np.testing.assert_allclose(float(loss(params)) - float(loss0(params)), (beta - BETA0) * kl, rtol=2e-4)
+
+
+def _oracle_and_memorizer(family):
+    """Two hand-made methods with known meters: one reads the amplitude off the support set by least
+    squares on sin(u) (D ~ 1), one reads it off the one-hot and ignores the support (D = 0)."""
+    amps = family.amplitudes
+
+    def oracle(batch, inner_steps=None):
+        s = jnp.sin(batch.x_support[..., :1])
+        a = jnp.sum(s * batch.y_support, (1, 2)) / jnp.sum(s * s, (1, 2))
+        observe(dist_lik, a[:, None, None] * jnp.sin(batch.x_query[..., :1]), batch.y_query)
+
+    def memorizer(batch, inner_steps=None):
+        a = amps[jnp.argmax(batch.x_query[:, 0, 1:], -1)]
+        observe(dist_lik, a[:, None, None] * jnp.sin(batch.x_query[..., :1]), batch.y_query)
+
+    return Method("oracle", oracle, no_guide), Method("memorizer", memorizer, no_guide)
+
+
+class _Lik:
+    def dist(self, out):
+        return dist.Normal(out, 0.1).to_event(1)
+
+    def mean(self, out):
+        return out
+
+
+dist_lik = _Lik()
+
+
+def test_memorization_meter_reads_zero_for_a_memorizer_and_one_for_an_oracle():
+    cfg = config.load(None, ["task.family='nme_sinusoid'", "task.params.noise_sd=0.0", "task.shots=10"])
+    family = make_family(cfg.task)
+    tasks = family.sample(jax.random.PRNGKey(0), 64)
+    oracle, memorizer = _oracle_and_memorizer(family)
+    d_oracle = support_dependence(oracle, {}, family, tasks, 0, jax.random.PRNGKey(1))
+    d_mem = support_dependence(memorizer, {}, family, tasks, 0, jax.random.PRNGKey(1))
+    assert d_mem == pytest.approx(0.0, abs=1e-12)
+    assert d_oracle == pytest.approx(1.0, abs=1e-4)
+
+
+def test_fresh_adam_is_a_new_adams_first_step():
+    g = {"a": jnp.array([3.0, -1e-3, 0.0])}
+    p = {"a": jnp.zeros(3)}
+    upd, _ = fresh_adam(0.01).update(g, fresh_adam(0.01).init(p), p)
+    adam = optax.adam(0.01, eps=1e-7)
+    upd_adam, _ = adam.update(g, adam.init(p), p)
+    np.testing.assert_allclose(upd["a"], upd_adam["a"], rtol=1e-5, atol=1e-12)
+    # a second step of a persistent Adam differs; a fresh one repeats the first
+    upd2, _ = fresh_adam(0.01).update(g, fresh_adam(0.01).init(p), p)
+    np.testing.assert_allclose(upd2["a"], upd["a"])
+
+
+def test_fresh_adam_config_splits_by_parameter_prefix():
+    from bayesmeta.fit import make_optimizer
+
+    cfg = config.load(None, ["train.fresh_adam='enc'", "train.lr=0.1"])
+    opt = make_optimizer(cfg.train)
+    params = {"enc.w": jnp.zeros(2), "head.w": jnp.zeros(2)}
+    state = opt.init(params)
+    g = {"enc.w": jnp.array([1e-3, 2.0]), "head.w": jnp.array([1e-3, 2.0])}
+    for _ in range(3):
+        upd, state = opt.update(g, state, params)
+    np.testing.assert_allclose(upd["enc.w"], -0.1 * g["enc.w"] / (jnp.abs(g["enc.w"]) + 1e-7), rtol=1e-5)
+    assert not np.allclose(upd["head.w"], upd["enc.w"])
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [
+        ("mr_maml_w", []),
+        ("mr_maml_a", []),
+        ("cnp", ["model.noise_sd=0.1"]),
+        ("mr_cnp_w", ["model.noise_sd=0.1"]),
+        ("mr_cnp_a", ["model.noise_sd=0.1"]),
+    ],
+)
+def test_each_method_learns_and_writes_its_posterior(method, extra, tmp_path, small_cfg):
+    """A short fit on the NME sinusoid lowers the training loss clearly; stochastic-weight methods
+    store posterior draws, their variational parameters and the PAC-Bayes bound."""
+    cfg = small_cfg(
+        "task.family='nme_sinusoid'",
+        f"model.method='{method}'",
+        "train.steps=600",
+        "train.meta_batch=4",
+        "train.log_every=100",
+        "train.eval_every=300",
+        "train.checkpoint_every=300",
+        "eval.samples=3",
+        "eval.inner_steps=[5]",
+        "eval.posterior_draws=7",
+        "eval.bound_tasks=50",
+        *extra,
+    )
+    result, metrics = run.train(cfg, tmp_path, progress=False)
+    loss = np.asarray(result.trace.loss)
+    assert loss[-100:].mean() < loss[:100].mean() - 0.1 * abs(loss[:100].mean())
+    assert metrics["diagnostics"]["support_dependence@5"] >= 0
+    with xr.open_datatree(tmp_path / "inference.nc", engine="h5netcdf") as dt:
+        if method.endswith("_w"):
+            prefix = "encoder" if method.startswith("mr_maml") else "xpath"
+            assert dt["posterior"].to_dataset()[f"{prefix}.layer_0"].shape[:2] == (1, 7)
+            assert f"{prefix}.layer_0.rho" in dt["meta_parameters"].data_vars
+            b = metrics["pac_bayes"]
+            assert float(dt["pac_bayes"]["bound"]) == pytest.approx(b["bound"])
+            assert b["bound"] > b["empirical_error"] >= 0 and b["n"] == 600 * 4
+        else:
+            assert metrics["pac_bayes"] is None and "pac_bayes" not in dt.children
