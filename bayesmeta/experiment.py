@@ -132,13 +132,13 @@ class Results:
 
         head = (
             "| method | setting | metric | mean (sd) over seeds | median over tasks (sd) | non-finite tasks "
-            "| seeds | published |\n|---|---|---|---|---|---|---|---|\n"
+            "| seeds | published | reached |\n|---|---|---|---|---|---|---|---|---|\n"
         )
         body = "".join(
             f"| {r['method']} | {r['setting']} | {r['metric']} | {cell(r['mean'], r['sd'])} | "
             f"{cell(r['median'], r['sd_median'])} | {r['diverged_tasks']} of "
             f"{r['tasks_per_seed'] * r['n']} | {r['n']} | "
-            f"{'n/a' if r['published'] is None else r['published']} |\n"
+            f"{'n/a' if r['published'] is None else r['published']} | {_reached(r)} |\n"
             for r in self.rows
         )
         return head + body
@@ -181,6 +181,13 @@ class Results:
         return list(dict.fromkeys(r["metric"] for r in self.rows))
 
 
+def _reached(row: dict[str, Any]) -> str:
+    """'yes' when the mean over seeds is at or below the published value (lower is better)."""
+    if row["published"] is None:
+        return "n/a"
+    return "yes" if row["mean"] is not None and row["mean"] <= row["published"] else "no"
+
+
 def _fmt(v: float | None) -> str:
     return "diverged" if v is None else f"{v:.4f}"
 
@@ -211,3 +218,33 @@ def run_grid(
     )
     res.write()
     return res
+
+
+def plot_sweep(
+    res: Results, x_of: Any, metric: str, path: Path, xlabel: str, ylabel: str, logx: bool = False
+) -> Path:
+    """Mean and sd over seeds of `metric` against a numeric setting, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bayesmeta.report import _save_fig
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for method in dict.fromkeys(r["method"] for r in res.rows):
+        rows = sorted(
+            (
+                r
+                for r in res.rows
+                if r["method"] == method and r["metric"] == metric and r["mean"] is not None
+            ),
+            key=lambda r: x_of(r["setting"]),
+        )
+        x = [x_of(r["setting"]) for r in rows]
+        ax.errorbar(
+            x, [r["mean"] for r in rows], yerr=[r["sd"] for r in rows], marker="o", capsize=3, label=method
+        )
+    ax.set(xlabel=xlabel, ylabel=ylabel, xscale="log" if logx else "linear")
+    ax.legend()
+    return _save_fig(fig, path)

@@ -123,6 +123,7 @@ class MRMAMLA:
         beta: float = opt(1.0, gt=0, doc="KL weight (per query point, KL summed over dimensions)")
         encoder_hidden: tuple[int, ...] = opt((80,), ge=1)
         encoder_dim: int = opt(5, ge=1, doc="bottleneck dimension")
+        predict_mean: bool = opt(True, doc="predict with the bottleneck mean mu(x), as the reference does")
 
     @staticmethod
     def build(cfg: ModelConfig, p: Params, x_dim: int, y_dim: int, context: Context) -> Method:
@@ -139,9 +140,12 @@ class MRMAMLA:
             encoder = param_tree("encoder", enc.init)
             head = param_tree("head", head_net.init)
             mu_s, sd_s = stats(encoder, batch.x_support)
-            # support codes are sampled by reparameterization, without a KL term (as the reference)
-            z_s = mu_s + sd_s * jax.random.normal(numpyro.prng_key(), mu_s.shape)
-            z_q = bottleneck("z", jnp.zeros((*batch.x_query.shape[:2], p.encoder_dim)), None, p.beta)
+            if batch.y_query is None and p.predict_mean:
+                z_s, z_q = mu_s, stats(encoder, batch.x_query)[0]
+            else:
+                # support codes are sampled by reparameterization, without a KL term (as the reference)
+                z_s = mu_s + sd_s * jax.random.normal(numpyro.prng_key(), mu_s.shape)
+                z_q = bottleneck("z", jnp.zeros((*batch.x_query.shape[:2], p.encoder_dim)), None, p.beta)
             phi = _adapted_head(cfg, lik, head_net, head, z_s, batch.y_support, inner_steps)
             observe(lik, jax.vmap(head_net.apply)(phi, z_q), batch.y_query)
 
@@ -149,4 +153,4 @@ class MRMAMLA:
             encoder = param_tree("encoder", enc.init)
             bottleneck("z", *stats(encoder, batch.x_query), p.beta)
 
-        return Method("mr_maml_a", model, guide, elbo="meanfield")
+        return Method("mr_maml_a", model, guide, elbo="meanfield", predict_with_guide=not p.predict_mean)

@@ -72,7 +72,8 @@ class NMESinusoid:
     """Non-mutually-exclusive sinusoid (Yin et al. 2020, METHODS 4): x = (u, one-hot amplitude index).
 
     split="train": index ~ U{0..n_train-1}, A = amplitudes[index], u ~ U(x_range) for support and query.
-    split="test": A ~ U(amplitude range), the one-hot names a random index other than A's nearest one,
+    split="test": A ~ U(amplitude range), the one-hot names a random training index other than A's
+    nearest one (so it misleads, on an input unit that was trained),
     u ~ U(x_range) for the support set, queries on an even grid over test_grid; both noisy.
     The training one-hot identifies the amplitude, so one function solves every training task and a
     meta-learner can ignore the support set (memorize); at test the one-hot is misleading.
@@ -82,7 +83,7 @@ class NMESinusoid:
     class Params:
         split: str = opt("train", choices=["train", "test"])
         n_amplitudes: int = opt(20, ge=2)
-        n_train: int = opt(16, ge=1, doc="training tasks use amplitude indices 0..n_train-1")
+        n_train: int = opt(16, ge=2, doc="training tasks use amplitude indices 0..n_train-1")
         amplitude: tuple[float, ...] = opt((0.1, 4.0))
         x_range: tuple[float, ...] = opt((-5.0, 5.0))
         test_grid: tuple[float, ...] = opt((-4.5, 4.5))
@@ -133,9 +134,11 @@ class NMESinusoid:
             u_s, u_q = u[:, : self.shots], u[:, self.shots :]
         else:
             amplitude = _uniform(ka, (n_tasks,), p.amplitude)
+            # a training index other than the one nearest to A (the reference draws from 0..15 too)
             nearest = jnp.argmin(jnp.abs(amplitude[:, None] - self.amplitudes[None]), axis=1)
-            shift = jax.random.randint(ki, (n_tasks,), 1, p.n_amplitudes)
-            index = (nearest + shift) % p.n_amplitudes
+            shift = jax.random.randint(ki, (n_tasks,), 1, p.n_train)
+            anywhere = jax.random.randint(ki, (n_tasks,), 0, p.n_train)
+            index = jnp.where(nearest < p.n_train, (nearest + shift) % p.n_train, anywhere)
             u_s = _uniform(ku, (n_tasks, self.shots, 1), p.x_range)
             u_q = jnp.broadcast_to(
                 jnp.linspace(*p.test_grid, self.queries)[None, :, None], (n_tasks, self.queries, 1)
