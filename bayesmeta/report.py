@@ -184,7 +184,32 @@ def _fmt(v: float | None) -> str:
     return "diverged" if v is None else f"{v:.4f}"
 
 
-def summary_markdown(metrics: dict[str, Any], files: list[str]) -> str:
+def posterior_table(dt: xr.DataTree) -> str:
+    """Per stochastic meta-parameter: size, mean |posterior mean| and the posterior sd's mean and range."""
+    post = dt["posterior"].to_dataset()
+    rows = []
+    for name, da in post.data_vars.items():
+        mean, sd = da.mean(("chain", "draw")), da.std(("chain", "draw"))
+        rows.append(
+            f"| {name} | {mean.size} | {float(abs(mean).mean()):.4g} | {float(sd.mean()):.3g} | "
+            f"{float(sd.min()):.3g} .. {float(sd.max()):.3g} |"
+        )
+    return (
+        "| parameter | size | mean abs(mean) | mean sd | sd range |\n|---|---|---|---|---|\n"
+        + "\n".join(rows)
+        + "\n"
+    )
+
+
+def write_posterior_summary(dt: xr.DataTree, path: Path) -> Path:
+    """arviz_stats.summary of the posterior draws (mean, sd, 89% ETI per weight) as CSV."""
+    from arviz_stats import summary
+
+    table = summary(dt, group="posterior", kind="stats", round_to="none")
+    return atomic_write(path, lambda f: f.write(table.to_csv().encode()))
+
+
+def summary_markdown(metrics: dict[str, Any], files: list[str], posterior: str = "") -> str:
     rows = "\n".join(
         f"| {k} | {_fmt(v['mean'])} | ± {_fmt(v['ci95'])} | {_fmt(v['median'])} | {v['n']} | "
         f"{v['n_nonfinite']} |"
@@ -208,6 +233,11 @@ def summary_markdown(metrics: dict[str, Any], files: list[str]) -> str:
             "complete memorization; about 1: they follow it to the truth):\n\n"
             + "\n".join(f"- {k}: {v:.4f}" for k, v in metrics["diagnostics"].items())
             + "\n\n"
+        )
+    if posterior:
+        text += (
+            "## Posterior of the stochastic meta-parameters\n\nFrom the draws in inference.nc "
+            "(per-weight ArviZ summary in posterior_summary.csv):\n\n" + posterior + "\n"
         )
     pac = metrics.get("pac_bayes")
     if pac:
@@ -241,5 +271,10 @@ def write_report(
     ]
     files = [INFERENCE, "metrics.json", "summary.md", "config.toml", "checkpoint/state.npz"]
     files += [str(p.relative_to(run_dir)) for p in plots if p is not None]
-    summary = write_text(run_dir / "summary.md", summary_markdown(metrics, files))
+    posterior = ""
+    if "meta_parameters" in dt.children:  # the posterior holds draws of stochastic meta-parameters
+        plots.append(write_posterior_summary(dt, run_dir / "posterior_summary.csv"))
+        files.append("posterior_summary.csv")
+        posterior = posterior_table(dt)
+    summary = write_text(run_dir / "summary.md", summary_markdown(metrics, files, posterior))
     return [summary, *[p for p in plots if p is not None]]

@@ -99,6 +99,22 @@ def gaussian_weights_guide(
     return out
 
 
+def kernel_shapes(net: Any) -> dict[str, tuple[int, ...]]:
+    """Shapes of the kernels "w" of every layer of a dense network, by layer name."""
+    return {k: v["w"].shape for k, v in jax.eval_shape(net.init, jax.random.PRNGKey(0)).items()}
+
+
+def bayesian_layers(prefix: str, net: Any, beta: float, prior_sd: float = 1.0) -> dict:
+    """Model side of a Bayes-by-backprop network: kernels are latent (N(0, prior_sd^2), KL x beta),
+    biases deterministic `numpyro.param`s (as TFP's DenseReparameterization); returns net's params."""
+    shapes = kernel_shapes(net)
+    kernels = gaussian_weights_prior(prefix, shapes, beta, prior_sd)
+    import jax.numpy as jnp
+
+    biases = param_tree(f"{prefix}_bias", lambda key: {k: jnp.zeros(s[-1]) for k, s in shapes.items()})
+    return {k: {"w": kernels[k], "b": biases[k]} for k in shapes}
+
+
 def gaussian_weights_kl(params: dict[str, jax.Array], prefix: str, prior_sd: float = 1.0) -> jax.Array:
     """KL(N(loc, sd^2) || N(0, prior_sd^2)), sd = posterior_sd(rho), summed over weights under `prefix`."""
     total = 0.0

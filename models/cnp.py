@@ -27,10 +27,11 @@ from bayesmeta.method import Method
 from bayesmeta.nets import MLP, dense, dense_init
 from bayesmeta.registry import Context
 from bayesmeta.sites import (
+    bayesian_layers,
     bottleneck,
     gaussian_weights_guide,
     gaussian_weights_kl,
-    gaussian_weights_prior,
+    kernel_shapes,
     observe,
     param_tree,
 )
@@ -56,7 +57,6 @@ def build_cnp(cfg: ModelConfig, p: CNPParams, x_dim: int, y_dim: int, name: str)
     xpath = MLP(x_dim, (2 if p.variant == "activations" else 1) * p.w_dim, p.w_hidden, cfg.net.activation)
     encoder = MLP(w_out + y_dim, p.r_dim, p.encoder_hidden, cfg.net.activation)
     decoder = MLP(p.z_dim + w_out, y_dim, cfg.net.hidden, cfg.net.activation)
-    shapes = {k: v["w"].shape for k, v in jax.eval_shape(xpath.init, jax.random.PRNGKey(0)).items()}
 
     def init(key: jax.Array) -> dict:
         k1, k2, k3 = jax.random.split(key, 3)
@@ -80,9 +80,7 @@ def build_cnp(cfg: ModelConfig, p: CNPParams, x_dim: int, y_dim: int, name: str)
         theta = param_tree("theta", init)
         x_s, x_q = batch.x_support, batch.x_query
         if p.variant == "weights":
-            weights = gaussian_weights_prior("xpath", shapes, p.beta)
-            biases = param_tree("xpath_bias", lambda key: {k: jnp.zeros(s[-1]) for k, s in shapes.items()})
-            params = {k: {"w": weights[k], "b": biases[k]} for k in shapes}
+            params = bayesian_layers("xpath", xpath, p.beta)
             w_s, w_q = xpath.apply(params, x_s), xpath.apply(params, x_q)
         elif p.variant == "activations":
             xp = param_tree("xpath", xpath.init)
@@ -95,7 +93,7 @@ def build_cnp(cfg: ModelConfig, p: CNPParams, x_dim: int, y_dim: int, name: str)
 
     def guide(batch: TaskBatch, inner_steps: int | None = None) -> None:
         if p.variant == "weights":
-            gaussian_weights_guide("xpath", shapes, p.beta, p.loc_sd, p.rho_init)
+            gaussian_weights_guide("xpath", kernel_shapes(xpath), p.beta, p.loc_sd, p.rho_init)
         elif p.variant == "activations":
             bottleneck("w", *xpath_stats(param_tree("xpath", xpath.init), batch.x_support), p.beta)
 

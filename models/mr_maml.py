@@ -29,10 +29,11 @@ from bayesmeta.method import Method
 from bayesmeta.nets import MLP
 from bayesmeta.registry import Context
 from bayesmeta.sites import (
+    bayesian_layers,
     bottleneck,
     gaussian_weights_guide,
     gaussian_weights_kl,
-    gaussian_weights_prior,
+    kernel_shapes,
     observe,
     param_tree,
 )
@@ -79,30 +80,23 @@ class MRMAMLW:
         head_net = MLP(p.encoder_dim, y_dim, cfg.net.hidden, cfg.net.activation)
         lik = make_likelihood(cfg)
         beta = implied_beta(context.n_tasks, context.n_query, p.delta) if p.beta_from_bound else p.beta
-        shapes = {k: v["w"].shape for k, v in jax.eval_shape(enc.init, jax.random.PRNGKey(0)).items()}
-
-        def encoder(weights: dict, biases: dict, x: jax.Array) -> jax.Array:
-            return enc.apply({k: {"w": weights[k], "b": biases[k]} for k in shapes}, x)
 
         def model(batch: TaskBatch, inner_steps: int | None = None) -> None:
-            weights = gaussian_weights_prior("encoder", shapes, beta, p.prior_sd)
-            biases = param_tree("encoder_bias", lambda key: {k: jnp.zeros(s[-1]) for k, s in shapes.items()})
+            encoder = bayesian_layers("encoder", enc, beta, p.prior_sd)
             head = param_tree("head", head_net.init)
             phi = _adapted_head(
                 cfg,
                 lik,
                 head_net,
                 head,
-                encoder(weights, biases, batch.x_support),
+                enc.apply(encoder, batch.x_support),
                 batch.y_support,
                 inner_steps,
             )
-            observe(
-                lik, jax.vmap(head_net.apply)(phi, encoder(weights, biases, batch.x_query)), batch.y_query
-            )
+            observe(lik, jax.vmap(head_net.apply)(phi, enc.apply(encoder, batch.x_query)), batch.y_query)
 
         def guide(batch: TaskBatch, inner_steps: int | None = None) -> None:
-            gaussian_weights_guide("encoder", shapes, beta, p.loc_sd, p.rho_init)
+            gaussian_weights_guide("encoder", kernel_shapes(enc), beta, p.loc_sd, p.rho_init)
 
         return Method(
             "mr_maml_w",

@@ -219,6 +219,8 @@ def test_each_method_learns_and_writes_its_posterior(method, extra, tmp_path, sm
             prefix = "encoder" if method.startswith("mr_maml") else "xpath"
             assert dt["posterior"].to_dataset()[f"{prefix}.layer_0"].shape[:2] == (1, 7)
             assert f"{prefix}.layer_0.rho" in dt["meta_parameters"].data_vars
+            assert "## Posterior of the stochastic meta-parameters" in (tmp_path / "summary.md").read_text()
+            assert (tmp_path / "posterior_summary.csv").read_text().startswith(",mean,sd")
             b = metrics["pac_bayes"]
             assert float(dt["pac_bayes"]["bound"]) == pytest.approx(b["bound"])
             assert b["bound"] > b["empirical_error"] >= 0 and b["n"] == 600 * 4
