@@ -57,6 +57,14 @@ def run_cell(cell: Cell, base: Path, out_dir: Path, progress: bool = True) -> Ou
     return Outcome(cell, metrics, time.perf_counter() - t0)
 
 
+def _stats(metrics: dict[str, Any], name: str) -> dict[str, Any]:
+    """A metric's summary over tasks, or a run-level diagnostic (one number) in the same shape."""
+    if name in metrics["metrics"]:
+        return metrics["metrics"][name]
+    v = metrics["diagnostics"][name]
+    return {"mean": v, "median": v, "mean_finite": v, "n_nonfinite": 0, "n": 1}
+
+
 def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
     if any(v is None for v in values):
         return None, None
@@ -78,7 +86,7 @@ def aggregate(
     rows = []
     for (method, setting), group in groups.items():
         for metric in metric_names:
-            stats = [o.metrics["metrics"][metric] for o in group]
+            stats = [_stats(o.metrics, metric) for o in group]
             mean, sd = _mean_sd([s["mean"] for s in stats])
             mean_f, sd_f = _mean_sd([s["mean_finite"] for s in stats])
             med, sd_med = _mean_sd([s["median"] for s in stats])
@@ -162,7 +170,7 @@ class Results:
         md += "\n## Runs\n\n| run | " + " | ".join(self._metric_names()) + " | train s |\n"
         md += "|---|" + "---|" * (len(self._metric_names()) + 1) + "\n"
         for o in self.outcomes:
-            vals = " | ".join(_fmt(o.metrics["metrics"][m]["mean"]) for m in self._metric_names())
+            vals = " | ".join(_fmt(_stats(o.metrics, m)["mean"]) for m in self._metric_names())
             md += f"| {o.cell.name} | {vals} | {o.metrics['train_seconds']:.0f} |\n"
         write_text(self.out_dir / "RESULTS.md", md)
         write_json(

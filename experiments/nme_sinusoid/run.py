@@ -106,10 +106,10 @@ def table(seeds: list[int]) -> None:
     ]
     published = {(m, s, METRIC): v for s, row in PUBLISHED.items() for m, v in row.items()}
     run_grid(
-        "NME sinusoid, Table 1 of Yin et al. (2020): test MSE",
+        "NME sinusoid, Table 1 of Yin et al. (2020): test MSE and the memorization meter",
         BASE,
         cells,
-        [METRIC],
+        [METRIC, "support_dependence@1", "support_dependence@100"],
         HERE,
         published=published,
         notes=TABLE_NOTES,
