@@ -1,0 +1,70 @@
+"""Ambiguous regression (Finn, Xu & Levine 2018, METHODS 3): half the tasks are sinusoids, half lines.
+
+With few support points (5, or 1-2 for the mode-rich setting) a support set is often explained by both
+hypotheses, so a good posterior predictive puts samples on both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from bayesmeta.config import opt
+from bayesmeta.tasks.base import TaskBatch
+from bayesmeta.tasks.sinusoid import _range_problem, _uniform
+
+
+@dataclass(frozen=True)
+class SineLine:
+    """kind ~ Bernoulli(p_sine); sine: A sin(x - phase); line: slope x + intercept; y = f(x) + N(0, sd^2)."""
+
+    @dataclass(frozen=True)
+    class Params:
+        p_sine: float = opt(0.5, ge=0, le=1)
+        amplitude: tuple[float, ...] = opt((0.1, 5.0))
+        phase: tuple[float, ...] = opt((0.0, 3.141592653589793))
+        slope: tuple[float, ...] = opt((-3.0, 3.0))
+        intercept: tuple[float, ...] = opt((-3.0, 3.0))
+        x_range: tuple[float, ...] = opt((-5.0, 5.0))
+        noise_sd: float = opt(0.3, ge=0)
+
+    params: Params
+    shots: int
+    queries: int
+    x_dim: int = 1
+    y_dim: int = 1
+
+    def check(self) -> str | None:
+        p = self.params
+        for name in ("amplitude", "phase", "slope", "intercept", "x_range"):
+            problem = _range_problem(name, getattr(p, name))
+            if problem:
+                return problem
+        return None
+
+    def truth(self, info: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+        col = lambda k: info[k][:, None, None]  # noqa: E731
+        sine = col("amplitude") * jnp.sin(x - col("phase"))
+        line = col("slope") * x + col("intercept")
+        return jnp.where(col("sine") > 0, sine, line)
+
+    def grid(self, info: dict[str, jax.Array], n: int) -> jax.Array:
+        x = jnp.linspace(*self.params.x_range, n)[None, :, None]
+        return jnp.broadcast_to(x, (info["sine"].shape[0], n, 1))
+
+    def sample(self, key: jax.Array, n_tasks: int) -> TaskBatch:
+        p = self.params
+        kk, ka, kp, ks, ki, kx, ke = jax.random.split(key, 7)
+        info = {
+            "sine": jax.random.bernoulli(kk, p.p_sine, (n_tasks,)).astype(jnp.int32),
+            "amplitude": _uniform(ka, (n_tasks,), p.amplitude),
+            "phase": _uniform(kp, (n_tasks,), p.phase),
+            "slope": _uniform(ks, (n_tasks,), p.slope),
+            "intercept": _uniform(ki, (n_tasks,), p.intercept),
+        }
+        x = _uniform(kx, (n_tasks, self.shots + self.queries, 1), p.x_range)
+        y = self.truth(info, x) + p.noise_sd * jax.random.normal(ke, x.shape)
+        k = self.shots
+        return TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:], info)

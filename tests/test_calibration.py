@@ -1,0 +1,89 @@
+"""Calibration diagnostics on synthetic predictive distributions whose answers are known."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from bayesmeta import config
+from bayesmeta.diagnostics.calibration import (
+    coverage,
+    expected_calibration_error,
+    interval_width,
+    mixture_nll,
+    mode_coverage,
+    pit,
+    sine_like,
+)
+from bayesmeta.tasks import make_family
+
+
+def _draws(sd_pred, n=20000, s=400, seed=0):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    samples = sd_pred * jax.random.normal(k1, (s, n))
+    y = jax.random.normal(k2, (n,))
+    return samples, y
+
+
+def test_calibrated_predictive_covers_at_nominal_and_has_uniform_pit():
+    samples, y = _draws(1.0)
+    for level, cov in coverage(samples, y).items():
+        assert cov == pytest.approx(level, abs=0.015)
+    u = np.asarray(pit(samples, y))
+    counts, _ = np.histogram(u, bins=10, range=(0, 1))
+    assert stats.chisquare(counts).pvalue > 1e-3
+    for level, width in interval_width(samples).items():
+        assert width == pytest.approx(2 * stats.norm.ppf((1 + level) / 2), rel=0.03)
+
+
+def test_overconfident_predictive_undercovers_by_the_known_amount():
+    """Predictive N(0, 0.5^2) for data N(0, 1): the central level-l interval covers 2 Phi(0.5 z_l) - 1."""
+    samples, y = _draws(0.5)
+    for level, cov in coverage(samples, y).items():
+        expected = 2 * stats.norm.cdf(0.5 * stats.norm.ppf((1 + level) / 2)) - 1
+        assert cov == pytest.approx(expected, abs=0.015)
+        assert cov < level - 0.1
+
+
+def test_mixture_nll_matches_the_exact_density():
+    """One sampled function: the Gaussian NLL; two equally weighted: the two-component mixture's."""
+    y = jnp.array([0.3, -1.0])
+    one = mixture_nll(jnp.zeros((1, 2)), 0.5, y)
+    np.testing.assert_allclose(one, -stats.norm.logpdf(np.asarray(y), 0, 0.5), rtol=1e-5)
+    two = mixture_nll(jnp.array([[0.0, 0.0], [1.0, 1.0]]), 0.5, y)
+    exact = -np.log(0.5 * stats.norm.pdf(np.asarray(y), 0, 0.5) + 0.5 * stats.norm.pdf(np.asarray(y), 1, 0.5))
+    np.testing.assert_allclose(two, exact, rtol=1e-5)
+
+
+def test_sine_and_line_hypotheses_are_told_apart():
+    fam = make_family(config.load(None, ["task.family='sine_line'", "task.params.noise_sd=0.0"]).task)
+    b = fam.sample(jax.random.PRNGKey(0), 400)
+    x = jnp.linspace(-5, 5, 100)
+    f = fam.truth(b.info, jnp.broadcast_to(x[None, :, None], (400, 100, 1)))[..., 0]
+    kinds = sine_like(f, x)
+    # tiny amplitudes look like flat lines; every other task is classified by its true kind
+    clear = (b.info["sine"] == 0) | (b.info["amplitude"] > 0.5)
+    np.testing.assert_array_equal(kinds[clear], b.info["sine"][clear] == 1)
+    # S = 2 samples per task: both kinds present exactly where one sine and one line are paired
+    both = jnp.stack([f[:200], f[200:]])
+    expected = np.mean(np.asarray(kinds[:200] != kinds[200:]))
+    assert mode_coverage(both, x) == pytest.approx(expected)
+    assert mode_coverage(jnp.stack([f[:200], f[:200]]), x) == 0.0
+
+
+def test_ece_is_zero_when_calibrated_and_known_when_overconfident():
+    rng = np.random.default_rng(0)
+    n = 200_000
+    conf = rng.uniform(0.5, 1.0, n)
+    y = (rng.uniform(size=n) > conf).astype(int)  # class 0 is right with probability conf
+    probs = np.stack([conf, 1 - conf], -1)
+    ece, diagram = expected_calibration_error(probs, y)
+    assert ece < 0.01
+    # claim 0.99 confidence, be right 70% of the time: ECE = 0.29
+    y2 = (rng.uniform(size=n) > 0.7).astype(int)
+    ece2, _ = expected_calibration_error(np.tile([0.99, 0.01], (n, 1)), y2)
+    assert ece2 == pytest.approx(0.29, abs=0.01)
+    assert diagram["count"].sum() == n
