@@ -66,3 +66,10 @@ def adapt_tasks(
 ) -> tuple[Params, jax.Array]:
     """`gradient_descent` vmapped over the leading task axis of x and y."""
     return jax.vmap(lambda xi, yi: gradient_descent(loss, theta, xi, yi, **kwargs))(x, y)
+
+
+def adapt_each(
+    loss: TaskLoss, thetas: Params, x: jax.Array, y: jax.Array, **kwargs: Any
+) -> tuple[Params, jax.Array]:
+    """`gradient_descent` from a different initialisation per task (thetas with a leading task axis)."""
+    return jax.vmap(lambda th, xi, yi: gradient_descent(loss, th, xi, yi, **kwargs))(thetas, x, y)

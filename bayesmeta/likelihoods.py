@@ -13,7 +13,7 @@ from bayesmeta.config import ModelConfig
 
 @dataclass(frozen=True)
 class Gaussian:
-    """y ~ N(f, sd^2) per output; with sd = sqrt(1/2) the inner loss is exactly the MSE."""
+    """y ~ N(f, sd^2) per output; with sd = sqrt(1/2) the NLL is the MSE + log(sqrt(pi))."""
 
     sd: float
 
@@ -21,8 +21,9 @@ class Gaussian:
         return dist.Normal(out, self.sd).to_event(1)
 
     def loss(self, out: jax.Array, y: jax.Array) -> jax.Array:
-        """Mean over points of the NLL without its constant: sum_d (y - f)^2 / (2 sd^2)."""
-        return jnp.mean(jnp.sum(jnp.square(y - out), -1)) / (2 * self.sd**2)
+        """The inner-loop loss: mean over points of sum_d (y - f)^2, the MSE as in the papers (the NLL
+        is this / (2 sd^2) + const, so step sizes do not depend on the noise sd)."""
+        return jnp.mean(jnp.sum(jnp.square(y - out), -1))
 
     def mean(self, out: jax.Array) -> jax.Array:
         return out

@@ -1,6 +1,6 @@
 """Method families, one file each. `METHODS` maps a config name to a spec with `Params` and `build`."""
 
-from models import cnp, maml, mr_maml
+from models import cnp, maml, mr_maml, platipus
 
 METHODS = {
     "maml": maml.MAML,
@@ -10,4 +10,5 @@ METHODS = {
     "cnp": cnp.CNP,
     "mr_cnp_w": cnp.MRCNPW,
     "mr_cnp_a": cnp.MRCNPA,
+    "platipus": platipus.PLATIPUS,
 }

@@ -39,12 +39,12 @@ def test_grant_identity_k_steps_equal_map_under_implicit_gaussian_prior(k):
         phi, _ = gradient_descent(
             loss, {"w": jnp.asarray(theta)}, jnp.asarray(x), jnp.asarray(y), steps=k, lr=alpha
         )
-        h = x.T @ x / (n * lik.sd**2)  # Hessian of the mean loss
+        h = 2 * x.T @ x / n  # Hessian of the inner loss, the MSE
         lam, o = np.linalg.eigh(h)
         assert np.all(alpha * lam < 1) and np.all(lam > 0)
         q = o @ np.diag(((1 - alpha * lam) ** (-k) - 1) / lam) @ o.T
         q_inv = np.linalg.inv(q)
-        b = x.T @ y / (n * lik.sd**2)
+        b = 2 * x.T @ y / n
         phi_map = np.linalg.solve(h + q_inv, b + q_inv @ theta)
         np.testing.assert_allclose(np.asarray(phi["w"]), phi_map, rtol=1e-10, atol=1e-12)
         # and the identity is not vacuous: the adapted parameters moved away from theta
