@@ -184,6 +184,55 @@ def _fmt(v: float | None) -> str:
     return "diverged" if v is None else f"{v:.4f}"
 
 
+def plot_calibration(calib: dict[str, Any], path: Path) -> Path:
+    """Empirical against nominal coverage of central predictive intervals, and the PIT histogram."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax.plot([0, 1], [0, 1], color="0.6", ls="--", label="calibrated")
+    for j, (steps, entry) in enumerate(calib.items()):
+        levels = [float(k) for k in entry["coverage"]]
+        ax.plot(levels, list(entry["coverage"].values()), marker="o", color=f"C{j}", label=f"{steps} steps")
+        bx.hist(
+            entry["pit"],
+            bins=20,
+            range=(0, 1),
+            density=True,
+            histtype="step",
+            color=f"C{j}",
+            label=f"{steps} steps",
+        )
+    bx.axhline(1.0, color="0.6", ls="--")
+    ax.set(xlabel="nominal coverage", ylabel="empirical coverage", title="central intervals")
+    bx.set(xlabel="PIT", ylabel="density", title="probability integral transform")
+    ax.legend()
+    return _save_fig(fig, path)
+
+
+def calibration_table(calib: dict[str, Any]) -> str:
+    levels = list(next(iter(calib.values()))["coverage"])
+    head = (
+        "| test steps | NLL | "
+        + " | ".join(f"coverage {float(k):.0%}" for k in levels)
+        + " | width 90% | mode coverage (all / ambiguous tasks) |\n|---"
+        + "|---" * (len(levels) + 3)
+        + "|\n"
+    )
+    rows = []
+    for steps, e in calib.items():
+        mode = "n/a"
+        if "mode_coverage" in e:
+            amb = e["mode_coverage_ambiguous"]
+            amb = "n/a" if amb is None else f"{amb:.3f}"
+            mode = f"{e['mode_coverage']:.3f} / {amb} ({e['ambiguous_tasks']})"
+        rows.append(
+            f"| {steps} | {e['nll']:.4f} | "
+            + " | ".join(f"{e['coverage'][k]:.3f}" for k in levels)
+            + f" | {e['width'].get('0.9', float('nan')):.3f} | {mode} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
 def posterior_table(dt: xr.DataTree) -> str:
     """Per stochastic meta-parameter: size, mean |posterior mean| and the posterior sd's mean and range."""
     post = dt["posterior"].to_dataset()
@@ -239,6 +288,15 @@ def summary_markdown(metrics: dict[str, Any], files: list[str], posterior: str =
             "## Posterior of the stochastic meta-parameters\n\nFrom the draws in inference.nc "
             "(per-weight ArviZ summary in posterior_summary.csv):\n\n" + posterior + "\n"
         )
+    if metrics.get("calibration"):
+        text += (
+            "## Calibration of the posterior predictive\n\n"
+            + calibration_table(metrics["calibration"])
+            + "\nCoverage: fraction of query targets inside the central interval of the predictive "
+            "samples of y (nominal in the header). Mode coverage: fraction of tasks whose sampled "
+            "functions include both a sine-like and a line-like one; ambiguous tasks are those whose "
+            "support set both hypotheses fit within 2 noise sds (their count in brackets).\n\n"
+        )
     pac = metrics.get("pac_bayes")
     if pac:
         text += (
@@ -271,6 +329,8 @@ def write_report(
     ]
     files = [INFERENCE, "metrics.json", "summary.md", "config.toml", "checkpoint/state.npz"]
     files += [str(p.relative_to(run_dir)) for p in plots if p is not None]
+    if metrics.get("calibration"):
+        plots.append(plot_calibration(metrics["calibration"], run_dir / "plots" / "calibration.png"))
     posterior = ""
     if "meta_parameters" in dt.children:  # the posterior holds draws of stochastic meta-parameters
         plots.append(write_posterior_summary(dt, run_dir / "posterior_summary.csv"))

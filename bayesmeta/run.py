@@ -15,6 +15,7 @@ from numpyro.infer import Predictive
 from bayesmeta import config as config_mod
 from bayesmeta.bounds import Bound, clipped_squared_error, pac_bayes_bound
 from bayesmeta.config import Config
+from bayesmeta.diagnostics.calibration import coverage, interval_width, mixture_nll, pit, sine_like
 from bayesmeta.diagnostics.memorization import support_dependence
 from bayesmeta.fit import FitResult, fit, load_checkpoint, make_svi
 from bayesmeta.io import write_text
@@ -150,6 +151,54 @@ def memorization(setup: Setup, params: dict, tasks: Any) -> dict[str, float]:
     }
 
 
+def ambiguous(tasks: Any, noise_sd: float) -> np.ndarray:
+    """Support sets that both hypotheses explain: least-squares line and sinusoid fits to the support
+    points both leave an RMS residual within 2 noise sds (all sets of at most 2 points qualify)."""
+    x, y = np.asarray(tasks.x_support[..., 0]), np.asarray(tasks.y_support[..., 0])
+    ones = np.ones_like(x)
+
+    def rms(basis: np.ndarray) -> np.ndarray:
+        fitted = np.stack([b @ np.linalg.lstsq(b, yi, rcond=None)[0] for b, yi in zip(basis, y, strict=True)])
+        return np.sqrt(np.mean((fitted - y) ** 2, -1))
+
+    line = np.stack([x, ones], -1)
+    sine = np.stack([np.sin(x), np.cos(x), ones], -1)
+    return (rms(line) <= 2 * noise_sd) & (rms(sine) <= 2 * noise_sd)
+
+
+def calibration(setup: Setup, params: dict, ev: Evaluation) -> dict[str, Any]:
+    """Predictive NLL, coverage and width of central intervals, PIT, and (sine/line family) mode
+    coverage, for each test-time step count; needs eval.samples >= 2 and a Gaussian likelihood."""
+    cfg = setup.cfg
+    if cfg.eval.samples < 2 or cfg.model.likelihood != "gaussian":
+        return {}
+    y = jnp.asarray(ev.tasks.y_query)
+    out: dict[str, Any] = {}
+    for s in cfg.eval.inner_steps:
+        f, y_draws = jnp.asarray(ev.draws[s]["f"]), jnp.asarray(ev.draws[s]["y"])
+        entry = {
+            "nll": float(jnp.mean(mixture_nll(f, cfg.model.noise_sd, y))),
+            "coverage": {str(k): v for k, v in coverage(y_draws, y).items()},
+            "width": {str(k): v for k, v in interval_width(y_draws).items()},
+            "pit": np.asarray(pit(y_draws, y)).ravel().tolist(),
+        }
+        info = ev.tasks.info
+        if "sine" in info and setup.cfg.eval.task.family == "sine_line":
+            n = min(cfg.eval.memorization_tasks or 100, ev.tasks.x_support.shape[0])
+            sub = jax.tree.map(lambda a, n=n: jnp.asarray(a[:n]), ev.tasks)
+            x = setup.eval_family.grid(sub.info, 100)
+            fg = predictive(setup.method, s, cfg.eval.samples, ("f",))(
+                params, sub._replace(x_query=x, y_query=None), jax.random.PRNGKey(6)
+            )["f"][..., 0]
+            both = np.asarray(jnp.any(sine_like(fg, x[0, :, 0]), 0) & jnp.any(~sine_like(fg, x[0, :, 0]), 0))
+            amb = ambiguous(sub, setup.eval_family.params.noise_sd)
+            entry["mode_coverage"] = float(both.mean())
+            entry["mode_coverage_ambiguous"] = float(both[amb].mean()) if amb.any() else None
+            entry["ambiguous_tasks"] = int(amb.sum())
+        out[str(s)] = entry
+    return out
+
+
 def bound(setup: Setup, params: dict) -> Bound | None:
     """Theorem 1 of Yin et al. for methods with stochastic meta-parameters; the empirical error is the
     Gibbs risk of the clipped squared error on fresh training-distribution tasks."""
@@ -184,6 +233,7 @@ def finish(setup: Setup, run_dir: Path, result: FitResult, progress: bool = True
     )
     grid = grid_predictions(setup, result.params, ev.tasks)
     diagnostics = memorization(setup, result.params, ev.tasks)
+    calib = calibration(setup, result.params, ev)
     pac = bound(setup, result.params)
     eval_seconds = time.perf_counter() - t0
     loss = np.asarray(result.trace.loss)
@@ -201,6 +251,7 @@ def finish(setup: Setup, run_dir: Path, result: FitResult, progress: bool = True
         "metrics": ev.summary(),
         "diagnostics": diagnostics,
         "pac_bayes": pac.as_dict() if pac else None,
+        "calibration": calib,
     }
     attrs = {
         "method": setup.method.name,
