@@ -1,4 +1,4 @@
-"""`bayesmeta fit | evaluate | report`: the command line. Errors print one line and exit non-zero."""
+"""`bayesmeta fit | evaluate | sample | report`: the command line. Errors print one line, exit non-zero."""
 
 from __future__ import annotations
 
@@ -37,6 +37,19 @@ def _parser() -> argparse.ArgumentParser:
         help="override evaluation settings, e.g. --set eval.tasks=100",
     )
     e.add_argument("--no-progress", action="store_true")
+    s = sub.add_parser("sample", help="draw posterior predictive functions for one support set")
+    s.add_argument("run_dir", type=Path)
+    src = s.add_mutually_exclusive_group()
+    src.add_argument(
+        "--support", type=Path, help="CSV (rows x..., y...) or NPZ (arrays x, y) of support points"
+    )
+    src.add_argument("--task-seed", type=int, default=0, help="else: a task of the run's evaluation family")
+    s.add_argument(
+        "--query", type=Path, help="CSV/NPZ of query inputs (default: a grid over the input range)"
+    )
+    s.add_argument("--samples", type=int, default=20, help="posterior predictive draws (default 20)")
+    s.add_argument("--steps", type=int, help="test-time inner steps (default: the last of eval.inner_steps)")
+    s.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/samples)")
     r = sub.add_parser("report", help="redraw summary.md and plots from a run's files")
     r.add_argument("run_dir", type=Path)
     return p
@@ -98,6 +111,48 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample(args: argparse.Namespace) -> int:
+    import jax
+    import numpy as np
+
+    from bayesmeta import config, run
+    from bayesmeta import sample as sampling
+
+    cfg = config.load(args.run_dir / "config.toml")
+    if args.samples < 1:
+        raise ConfigError(f"--samples: expected an integer >= 1, got {args.samples}")
+    setup, result = run.restore(cfg, args.run_dir)
+    fam = setup.eval_family
+    steps = args.steps if args.steps is not None else cfg.eval.inner_steps[-1]
+    truth = None
+    if args.support is not None:
+        x_s, y_s = sampling.read_support(args.support, fam.x_dim, fam.y_dim)
+        source = str(args.support)
+        if args.query is not None:
+            x = sampling.read_query(args.query, fam.x_dim)
+        elif fam.x_dim == 1:
+            lo, hi = getattr(fam.params, "x_range", (float(x_s.min()) - 1, float(x_s.max()) + 1))
+            x = np.linspace(lo, hi, 200, dtype=np.float32)[:, None]
+        else:
+            raise ConfigError(f"--query: inputs have {fam.x_dim} dimensions; give the query inputs as a file")
+    else:
+        task = fam.sample(jax.random.PRNGKey(args.task_seed), 1)
+        x_s, y_s = np.asarray(task.x_support[0]), np.asarray(task.y_support[0])
+        grid = fam.grid(task.info, 200)
+        x, truth = np.asarray(grid[0]), np.asarray(fam.truth(task.info, grid)[0])
+        source = f"{cfg.eval.task.family} task, seed {args.task_seed}"
+    s = sampling.draw(
+        setup.method, result.params, x_s, y_s, x, args.samples, steps, jax.random.PRNGKey(0), truth
+    )
+    out = args.out or args.run_dir / "samples"
+    title = f"{setup.method.name}: {args.samples} posterior predictive functions ({source})"
+    for path in sampling.save(
+        s, out, {"method": setup.method.name, "support": source, "inner_steps": steps}, title
+    ):
+        print(path)
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from bayesmeta.report import write_report
 
@@ -109,13 +164,15 @@ def _report(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from bayesmeta.fit import CheckpointError, NonFiniteError
+    from bayesmeta.sample import SupportFileError
 
     try:
-        return {"fit": _fit, "evaluate": _evaluate, "report": _report}[args.command](args)
+        commands = {"fit": _fit, "evaluate": _evaluate, "sample": _sample, "report": _report}
+        return commands[args.command](args)
     except ConfigError as e:
         print(f"bayesmeta: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    except (NonFiniteError, CheckpointError, FileNotFoundError) as e:
+    except (NonFiniteError, CheckpointError, FileNotFoundError, SupportFileError) as e:
         print(f"bayesmeta: error: {e}", file=sys.stderr)
         return EXIT_RUN
 

@@ -1,0 +1,97 @@
+"""`bayesmeta sample`: posterior predictive functions from a file or a family task; bad files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from bayesmeta import run
+from bayesmeta.cli import main
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    from bayesmeta import config
+    from tests.conftest import SMALL
+
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = config.load(
+        None,
+        [
+            *SMALL,
+            "task.family='sine_line'",
+            "task.shots=5",
+            "model.method='platipus'",
+            "model.noise_sd=0.3",
+            "train.steps=100",
+            "train.eval_every=100",
+            "eval.samples=3",
+            "eval.tasks=20",
+        ],
+    )
+    run.train(cfg, run_dir, progress=False)
+    return run_dir
+
+
+def test_sample_from_a_family_task(fitted, tmp_path, capsys):
+    assert main(["sample", str(fitted), "--samples", "7", "--task-seed", "3", "--out", str(tmp_path)]) == 0
+    with xr.open_datatree(tmp_path / "samples.nc", engine="h5netcdf") as dt:
+        f = dt["posterior_predictive"]["f"]
+        assert f.shape == (1, 7, 200, 1)
+        assert float(f.std("draw").mean()) > 0  # PLATIPUS draws different functions
+        assert dt["constant_data"]["x_support"].shape == (5, 1) and "truth" in dt["constant_data"]
+    assert (tmp_path / "samples.png").stat().st_size > 0
+
+
+def test_sample_from_csv_and_npz(fitted, tmp_path):
+    (tmp_path / "s.csv").write_text("x,y\n-2.0,1.5\n3.0,-0.5\n")
+    assert (
+        main(["sample", str(fitted), "--support", str(tmp_path / "s.csv"), "--out", str(tmp_path / "a")]) == 0
+    )
+    with xr.open_datatree(tmp_path / "a" / "samples.nc", engine="h5netcdf") as dt:
+        np.testing.assert_allclose(dt["constant_data"]["y_support"].values[:, 0], [1.5, -0.5])
+    np.savez(tmp_path / "s.npz", x=np.array([0.0, 1.0, 2.0]), y=np.array([0.0, 1.0, 2.0]))
+    np.savez(tmp_path / "q.npz", x=np.linspace(-1, 1, 11)[:, None])
+    assert (
+        main(
+            [
+                "sample",
+                str(fitted),
+                "--support",
+                str(tmp_path / "s.npz"),
+                "--query",
+                str(tmp_path / "q.npz"),
+                "--samples",
+                "4",
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 0
+    )
+    with xr.open_datatree(tmp_path / "b" / "samples.nc", engine="h5netcdf") as dt:
+        assert dt["posterior_predictive"]["y"].shape == (1, 4, 11, 1)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("1,2,3\n", "expected shape (K, 2) with K >= 1 (x, y: 2 numbers per row), got (1, 3)"),
+        ("x,y\n", "expected shape (K, 2) with K >= 1"),
+        ("x,y\n1,abc\n", "unreadable"),
+    ],
+)
+def test_malformed_support_file_is_one_line(fitted, tmp_path, capsys, content, message):
+    (tmp_path / "bad.csv").write_text(content)
+    assert main(["sample", str(fitted), "--support", str(tmp_path / "bad.csv")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_missing_support_file_and_npz_without_y(fitted, tmp_path, capsys):
+    assert main(["sample", str(fitted), "--support", str(tmp_path / "nope.csv")]) == 1
+    assert "nope.csv: not found" in capsys.readouterr().err
+    np.savez(tmp_path / "x.npz", x=np.zeros(3))
+    assert main(["sample", str(fitted), "--support", str(tmp_path / "x.npz")]) == 1
+    assert "expected arrays x and y" in capsys.readouterr().err
