@@ -225,6 +225,13 @@ def calibration_table(calib: dict[str, Any]) -> str:
             amb = e["mode_coverage_ambiguous"]
             amb = "n/a" if amb is None else f"{amb:.3f}"
             mode = f"{e['mode_coverage']:.3f} / {amb} ({e['ambiguous_tasks']})"
+        if "exact" in e:
+            x = e["exact"]
+            rows.append(
+                f"| exact posterior predictive | {x['nll']:.4f} | "
+                + " | ".join(f"{x['coverage'][k]:.3f}" for k in levels)
+                + f" | {x['width'].get('0.9', float('nan')):.3f} | n/a |"
+            )
         rows.append(
             f"| {steps} | {e['nll']:.4f} | "
             + " | ".join(f"{e['coverage'][k]:.3f}" for k in levels)

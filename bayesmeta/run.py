@@ -15,7 +15,7 @@ from numpyro.infer import Predictive
 from bayesmeta import config as config_mod
 from bayesmeta.bounds import Bound, clipped_squared_error, pac_bayes_bound
 from bayesmeta.config import Config
-from bayesmeta.diagnostics.calibration import coverage, interval_width, mixture_nll, pit, sine_like
+from bayesmeta.diagnostics.calibration import LEVELS, coverage, interval_width, mixture_nll, pit, sine_like
 from bayesmeta.diagnostics.memorization import support_dependence
 from bayesmeta.fit import FitResult, fit, load_checkpoint, make_svi
 from bayesmeta.io import write_text
@@ -195,8 +195,23 @@ def calibration(setup: Setup, params: dict, ev: Evaluation) -> dict[str, Any]:
             entry["mode_coverage"] = float(both.mean())
             entry["mode_coverage_ambiguous"] = float(both[amb].mean()) if amb.any() else None
             entry["ambiguous_tasks"] = int(amb.sum())
+        if hasattr(setup.eval_family, "exact_predictive"):
+            entry["exact"] = exact_calibration(setup.eval_family, ev.tasks)
         out[str(s)] = entry
     return out
+
+
+def exact_calibration(family: Any, tasks: Any) -> dict[str, Any]:
+    """NLL, coverage and width of the family's exact posterior predictive on the same tasks."""
+    batch = jax.tree.map(jnp.asarray, tasks)
+    mean, sd = family.exact_predictive(batch)
+    y = batch.y_query
+    z = {level: float(jax.scipy.stats.norm.ppf((1 + level) / 2)) for level in LEVELS}
+    return {
+        "nll": float(-jnp.mean(jax.scipy.stats.norm.logpdf(y, mean, sd))),
+        "coverage": {str(k): float(jnp.mean(jnp.abs(y - mean) <= v * sd)) for k, v in z.items()},
+        "width": {str(k): float(jnp.mean(2 * v * sd)) for k, v in z.items()},
+    }
 
 
 def bound(setup: Setup, params: dict) -> Bound | None:

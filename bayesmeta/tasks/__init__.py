@@ -5,9 +5,15 @@ from __future__ import annotations
 from bayesmeta.config import ConfigError, TaskConfig, parse_params
 from bayesmeta.tasks.ambiguous import SineLine
 from bayesmeta.tasks.base import Family, TaskBatch
+from bayesmeta.tasks.basis import BasisRegression
 from bayesmeta.tasks.sinusoid import NMESinusoid, Sinusoid
 
-FAMILIES: dict[str, type] = {"sinusoid": Sinusoid, "nme_sinusoid": NMESinusoid, "sine_line": SineLine}
+FAMILIES: dict[str, type] = {
+    "sinusoid": Sinusoid,
+    "nme_sinusoid": NMESinusoid,
+    "sine_line": SineLine,
+    "basis_regression": BasisRegression,
+}
 
 __all__ = ["FAMILIES", "Family", "TaskBatch", "make_family"]
 
