@@ -58,11 +58,17 @@ def run_cell(cell: Cell, base: Path, out_dir: Path, progress: bool = True) -> Ou
 
 
 def _stats(metrics: dict[str, Any], name: str) -> dict[str, Any]:
-    """A metric's summary over tasks, or a run-level diagnostic (one number) in the same shape."""
+    """A metric's summary over tasks, or a run-level number in the same shape: a diagnostic by name,
+    or any entry of metrics.json by its path, e.g. "calibration/5/coverage/0.9"."""
     if name in metrics["metrics"]:
         return metrics["metrics"][name]
-    v = metrics["diagnostics"][name]
-    return {"mean": v, "median": v, "mean_finite": v, "n_nonfinite": 0, "n": 1}
+    if "/" in name:
+        v: Any = metrics
+        for key in name.split("/"):
+            v = v[key]
+    else:
+        v = metrics["diagnostics"][name]
+    return {"mean": v, "median": v, "mean_finite": v, "n_nonfinite": 0, "n": 1, "missing": v is None}
 
 
 def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -107,6 +113,7 @@ def aggregate(
                     "seeds": [o.cell.seed for o in group],
                     "per_seed": [s["mean"] for s in stats],
                     "published": published.get((method, setting, metric)),
+                    "missing": any(st.get("missing", False) for st in stats),
                 }
             )
     return rows
@@ -130,12 +137,42 @@ class Results:
     outcomes: list[Outcome]
     wall_seconds: float
     notes: str = ""
+    wide: bool = False
     command: str = field(
         default_factory=lambda: " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv])
     )
 
     def table(self) -> str:
-        def cell(m: float | None, sd: float | None) -> str:
+        return self.wide_table() if self.wide else self.long_table()
+
+    def wide_table(self) -> str:
+        """One row per (method, setting), one column per metric: mean (sd) over seeds."""
+        metrics = self._metric_names()
+        head = (
+            "| method | setting | "
+            + " | ".join(metrics)
+            + " | seeds |\n|---|---|"
+            + "---|" * (len(metrics) + 1)
+        )
+        lines = [head]
+        for method, setting in dict.fromkeys((r["method"], r["setting"]) for r in self.rows):
+            rows = {r["metric"]: r for r in self.rows if (r["method"], r["setting"]) == (method, setting)}
+            cells = []
+            for m in metrics:
+                r = rows[m]
+                if r["missing"]:
+                    cells.append("n/a")
+                elif r["mean"] is None:
+                    cells.append(f"diverged ({r['diverged_tasks']} tasks)")
+                else:
+                    cells.append(f"{r['mean']:.3f} ({r['sd']:.3f})")
+            lines.append(f"| {method} | {setting} | " + " | ".join(cells) + f" | {rows[metrics[0]]['n']} |")
+        return "\n".join(lines) + "\n"
+
+    def long_table(self) -> str:
+        def cell(m: float | None, sd: float | None, missing: bool = False) -> str:
+            if missing:
+                return "n/a"
             return "diverged" if m is None else f"{m:.4f} ({sd:.4f})"
 
         head = (
@@ -143,8 +180,8 @@ class Results:
             "| seeds | published | reached |\n|---|---|---|---|---|---|---|---|---|\n"
         )
         body = "".join(
-            f"| {r['method']} | {r['setting']} | {r['metric']} | {cell(r['mean'], r['sd'])} | "
-            f"{cell(r['median'], r['sd_median'])} | {r['diverged_tasks']} of "
+            f"| {r['method']} | {r['setting']} | {r['metric']} | {cell(r['mean'], r['sd'], r['missing'])} | "
+            f"{cell(r['median'], r['sd_median'], r['missing'])} | {r['diverged_tasks']} of "
             f"{r['tasks_per_seed'] * r['n']} | {r['n']} | "
             f"{'n/a' if r['published'] is None else r['published']} | {_reached(r)} |\n"
             for r in self.rows
@@ -209,6 +246,7 @@ def run_grid(
     published: dict | None = None,
     notes: str = "",
     progress: bool = True,
+    wide: bool = False,
 ) -> Results:
     """Run every cell (reusing finished ones) and write RESULTS.md / results.json into out_dir."""
     t0 = time.perf_counter()
@@ -223,6 +261,7 @@ def run_grid(
         outcomes,
         time.perf_counter() - t0,
         notes,
+        wide,
     )
     res.write()
     return res

@@ -31,7 +31,9 @@ def gaussian_prior_logpdf(theta: dict, sd: float) -> jax.Array:
     return -0.5 * sum(jnp.sum(jnp.square(v)) for v in jax.tree.leaves(theta)) / sd**2
 
 
-def build_maml(cfg: ModelConfig, x_dim: int, y_dim: int, *, first_order: bool) -> Method:
+def build_maml(
+    cfg: ModelConfig, x_dim: int, y_dim: int, *, first_order: bool, learn_noise: bool = False
+) -> Method:
     net = make_net(cfg.net, x_dim, y_dim)
     lik = make_likelihood(cfg)
 
