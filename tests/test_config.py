@@ -22,13 +22,10 @@ from bayesmeta.cli import main
             "train.optimizer='rmsprop'",
             "train.optimizer: expected one of 'adam', 'adamw', 'sgd', got 'rmsprop'",
         ),
-        (
-            "model.method='nope'",
-            "model.method: expected one of 'cnp', 'fomaml', 'maml', 'mr_cnp_a', 'mr_cnp_w'",
-        ),
+        ("model.method='nope'", ("model.method: expected one of ", "'maml'", "'platipus'", "got 'nope'")),
         ("model.first_order=1", "model.first_order: expected true or false, got 1"),
         ("model.net.hidden=[40, -2]", "model.net.hidden[1]: expected an integer >= 1, got -2"),
-        ("task.family='cubic'", "task.family: expected one of 'nme_sinusoid', 'sinusoid'"),
+        ("task.family='cubic'", ("task.family: expected one of ", "'sinusoid'", "got 'cubic'")),
         ("task.params.amplitude=[5.0, 1.0]", "task.params.amplitude: expected [low, high] with low <= high"),
         ("task.params.wobble=2", "task.params.wobble: unknown key; allowed keys: amplitude, phase"),
         ("train.eval_every=150", "train.eval_every: expected a multiple of train.log_every (100), got 150"),
@@ -41,7 +38,8 @@ def test_cli_names_the_bad_key(override, expected, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1, err
-    assert expected in err, err
+    for part in (expected,) if isinstance(expected, str) else expected:
+        assert part in err, err
     assert not (tmp_path / "run").exists()  # nothing was written
 
 
