@@ -8,6 +8,7 @@ import xarray as xr
 
 from bayesmeta import run
 from bayesmeta.cli import main
+from bayesmeta.fit import fit
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +27,12 @@ def fitted(tmp_path_factory):
             "model.noise_sd=0.3",
             "train.steps=100",
             "train.eval_every=100",
-            "eval.samples=3",
-            "eval.tasks=20",
         ],
     )
-    run.train(cfg, run_dir, progress=False)
+    # `sample` needs only the resolved config and a checkpoint: train without the final evaluation
+    (run_dir / "config.toml").write_text(config.dumps(cfg))
+    setup = run.Setup.from_config(cfg)
+    fit(setup.method, setup.family, cfg.train, seed=cfg.seed, run_dir=run_dir, progress=False)
     return run_dir
 
 
