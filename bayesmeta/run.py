@@ -173,11 +173,13 @@ def calibration(setup: Setup, params: dict, ev: Evaluation) -> dict[str, Any]:
     if cfg.eval.samples < 2 or cfg.model.likelihood != "gaussian":
         return {}
     y = jnp.asarray(ev.tasks.y_query)
+    # a model that learns its observation sd names it "noise_sd" (models/maml.py, learn_noise)
+    noise_sd = params.get("noise_sd", cfg.model.noise_sd)
     out: dict[str, Any] = {}
     for s in cfg.eval.inner_steps:
         f, y_draws = jnp.asarray(ev.draws[s]["f"]), jnp.asarray(ev.draws[s]["y"])
         entry = {
-            "nll": float(jnp.mean(mixture_nll(f, cfg.model.noise_sd, y))),
+            "nll": float(jnp.mean(mixture_nll(f, noise_sd, y))),
             "coverage": {str(k): v for k, v in coverage(y_draws, y).items()},
             "width": {str(k): v for k, v in interval_width(y_draws).items()},
             "pit": np.asarray(pit(y_draws, y)).ravel().tolist(),

@@ -16,10 +16,11 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 import numpyro
+from numpyro.distributions import constraints
 
 from bayesmeta.adapt import adapt_tasks
-from bayesmeta.config import ModelConfig
-from bayesmeta.likelihoods import make_likelihood
+from bayesmeta.config import ModelConfig, opt
+from bayesmeta.likelihoods import Gaussian, make_likelihood
 from bayesmeta.method import Method, no_guide
 from bayesmeta.nets import make_net
 from bayesmeta.sites import observe, param_tree
@@ -57,7 +58,11 @@ def build_maml(
             adapt=cfg.adapt,
             first_order=first_order,
         )
-        observe(lik, jax.vmap(net.apply)(phi, batch.x_query), batch.y_query)
+        out_lik = lik
+        if learn_noise:  # "MAML with output noise": the observation sd is a learned meta-parameter
+            sd = numpyro.param("noise_sd", jnp.asarray(cfg.noise_sd), constraint=constraints.positive)
+            out_lik = Gaussian(sd)
+        observe(out_lik, jax.vmap(net.apply)(phi, batch.x_query), batch.y_query)
 
     name = "fomaml" if first_order else "maml"
     return Method(name=name, model=model, guide=no_guide)
@@ -69,7 +74,7 @@ class MAML:
 
     @dataclass(frozen=True)
     class Params:
-        pass
+        learn_noise: bool = opt(False, doc="learn the Gaussian observation sd (MAML with output noise)")
 
     first_order: ClassVar[bool | None] = None
 
@@ -78,7 +83,13 @@ class MAML:
         cls, cfg: ModelConfig, params: Params, x_dim: int, y_dim: int, context: object = None
     ) -> Method:
         fo = cfg.first_order if cls.first_order is None else cls.first_order
-        return build_maml(cfg, x_dim, y_dim, first_order=fo)
+        return build_maml(cfg, x_dim, y_dim, first_order=fo, learn_noise=params.learn_noise)
+
+    @staticmethod
+    def check(cfg: ModelConfig, params: Params) -> str | None:
+        if params.learn_noise and cfg.likelihood != "gaussian":
+            return "model.params.learn_noise: needs model.likelihood = 'gaussian'"
+        return None
 
 
 class FOMAML(MAML):

@@ -11,6 +11,7 @@ import pytest
 
 from bayesmeta import run
 from bayesmeta.cli import main
+from bayesmeta.config import ConfigError
 from bayesmeta.fit import CHECKPOINT, CheckpointError, fit, load_checkpoint, make_svi
 from bayesmeta.predict import eval_tasks, evaluate
 
@@ -144,3 +145,22 @@ def test_fit_refuses_to_overwrite_a_run(small_cfg, tmp_path, capsys):
     assert main(["fit", "--run-dir", str(run_dir), "--set", "train.steps=50"]) == 2
     assert "already holds a checkpoint" in capsys.readouterr().err
     assert (run_dir / CHECKPOINT).read_bytes() == before
+
+
+def test_maml_learns_its_output_noise(small_cfg):
+    """MAML with learn_noise: the observation sd is a meta-parameter fitted by SVI; started far too
+    large (3.0) on tasks whose noise sd is 0.3, it falls."""
+    cfg = small_cfg(
+        "task.family='sine_line'",
+        "task.shots=5",
+        "model.params.learn_noise=true",
+        "model.noise_sd=3.0",
+        "model.inner_steps=2",
+        "train.steps=400",
+        "train.lr=0.01",
+    )
+    setup = run.Setup.from_config(cfg)
+    result = fit(setup.method, setup.family, cfg.train, seed=0, progress=False)
+    assert 0.3 < float(result.params["noise_sd"]) < 2.0
+    with pytest.raises(ConfigError, match=r"learn_noise: needs model\.likelihood"):
+        run.Setup.from_config(small_cfg("model.params.learn_noise=true", "model.likelihood='categorical'"))
