@@ -270,7 +270,8 @@ def run_grid(
 def plot_sweep(
     res: Results, x_of: Any, metric: str, path: Path, xlabel: str, ylabel: str, logx: bool = False
 ) -> Path:
-    """Mean and sd over seeds of `metric` against a numeric setting, one line per method."""
+    """`metric` against a numeric setting, one line per method: the mean over tasks (log scale, where a
+    few diverging tasks show) and the median over tasks (robust), each as mean and sd over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -278,20 +279,31 @@ def plot_sweep(
 
     from bayesmeta.report import _save_fig
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for method in dict.fromkeys(r["method"] for r in res.rows):
-        rows = sorted(
-            (
-                r
-                for r in res.rows
-                if r["method"] == method and r["metric"] == metric and r["mean"] is not None
-            ),
-            key=lambda r: x_of(r["setting"]),
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for stat, ax in zip(("mean", "median"), axes, strict=True):
+        for method in dict.fromkeys(r["method"] for r in res.rows):
+            rows = sorted(
+                (
+                    r
+                    for r in res.rows
+                    if r["method"] == method and r["metric"] == metric and r[stat] is not None
+                ),
+                key=lambda r: x_of(r["setting"]),
+            )
+            sd = "sd" if stat == "mean" else "sd_median"
+            ax.errorbar(
+                [x_of(r["setting"]) for r in rows],
+                [r[stat] for r in rows],
+                yerr=[r[sd] for r in rows],
+                marker="o",
+                capsize=3,
+                label=method,
+            )
+        ax.set(
+            xlabel=xlabel,
+            ylabel=f"{ylabel} ({stat} over tasks)",
+            xscale="log" if logx else "linear",
+            yscale="log" if stat == "mean" else "linear",
         )
-        x = [x_of(r["setting"]) for r in rows]
-        ax.errorbar(
-            x, [r["mean"] for r in rows], yerr=[r["sd"] for r in rows], marker="o", capsize=3, label=method
-        )
-    ax.set(xlabel=xlabel, ylabel=ylabel, xscale="log" if logx else "linear")
-    ax.legend()
+        ax.legend()
     return _save_fig(fig, path)
