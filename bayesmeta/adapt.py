@@ -73,3 +73,31 @@ def adapt_each(
 ) -> tuple[Params, jax.Array]:
     """`gradient_descent` from a different initialisation per task (thetas with a leading task axis)."""
     return jax.vmap(lambda th, xi, yi: gradient_descent(loss, th, xi, yi, **kwargs))(thetas, x, y)
+
+
+def inner_loop(
+    cfg: Any,
+    loss: TaskLoss,
+    theta: Params,
+    x: jax.Array,
+    y: jax.Array,
+    inner_steps: int | None = None,
+    *,
+    first_order: bool | None = None,
+    adapt: str | None = None,
+    per_task: bool = False,
+) -> tuple[Params, jax.Array]:
+    """The configured inner loop ([model] inner_steps, inner_lr, adapt, first_order) on every task's
+    support set; `inner_steps` overrides the training count (test time), `per_task` takes one theta
+    per task (leading axis)."""
+    steps = cfg.inner_steps if inner_steps is None else inner_steps
+    return (adapt_each if per_task else adapt_tasks)(
+        loss,
+        theta,
+        x,
+        y,
+        steps=steps,
+        lr=cfg.inner_lr,
+        adapt=cfg.adapt if adapt is None else adapt,
+        first_order=cfg.first_order if first_order is None else first_order,
+    )

@@ -25,7 +25,7 @@ import numpyro
 import numpyro.distributions as dist
 from jax.flatten_util import ravel_pytree
 
-from bayesmeta.adapt import adapt_tasks, split
+from bayesmeta.adapt import inner_loop, split
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Method
@@ -99,17 +99,7 @@ class LLAMA:
 
         def model(batch: TaskBatch, inner_steps: int | None = None) -> None:
             theta = param_tree("theta", net.init)
-            steps = cfg.inner_steps if inner_steps is None else inner_steps
-            phi, _ = adapt_tasks(
-                task_loss,
-                theta,
-                batch.x_support,
-                batch.y_support,
-                steps=steps,
-                lr=cfg.inner_lr,
-                adapt=cfg.adapt,
-                first_order=cfg.first_order,
-            )
+            phi, _ = inner_loop(cfg, task_loss, theta, batch.x_support, batch.y_support, inner_steps)
             n_tasks, n_query = batch.x_query.shape[:2]
             eps = None
             if batch.y_query is None and p.sample_posterior:

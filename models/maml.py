@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpyro
 from numpyro.distributions import constraints
 
-from bayesmeta.adapt import adapt_tasks
+from bayesmeta.adapt import inner_loop
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import Gaussian, make_likelihood
 from bayesmeta.method import Method, no_guide
@@ -47,16 +47,8 @@ def build_maml(
             # The prior enters like one batch of data: an L2 penalty of 1 / (2 s^2 T Q).
             n = batch.x_query.shape[0] * batch.x_query.shape[1]
             numpyro.factor("theta_prior", gaussian_prior_logpdf(theta, cfg.prior_scale) / n)
-        steps = cfg.inner_steps if inner_steps is None else inner_steps
-        phi, _ = adapt_tasks(
-            task_loss,
-            theta,
-            batch.x_support,
-            batch.y_support,
-            steps=steps,
-            lr=cfg.inner_lr,
-            adapt=cfg.adapt,
-            first_order=first_order,
+        phi, _ = inner_loop(
+            cfg, task_loss, theta, batch.x_support, batch.y_support, inner_steps, first_order=first_order
         )
         out_lik = lik
         if learn_noise:  # "MAML with output noise": the observation sd is a learned meta-parameter

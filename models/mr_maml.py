@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpyro
 
-from bayesmeta.adapt import adapt_tasks
+from bayesmeta.adapt import inner_loop
 from bayesmeta.bounds import implied_beta
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
@@ -54,9 +54,7 @@ def _adapted_head(
     def loss(p: dict, z: jax.Array, y: jax.Array) -> jax.Array:
         return lik.loss(head_net.apply(p, z), y)
 
-    steps = cfg.inner_steps if inner_steps is None else inner_steps
-    phi, _ = adapt_tasks(loss, head, z_s, y_s, steps=steps, lr=cfg.inner_lr, first_order=cfg.first_order)
-    return phi
+    return inner_loop(cfg, loss, head, z_s, y_s, inner_steps, adapt="all")[0]
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro.handlers import scale
 
-from bayesmeta.adapt import adapt_each
+from bayesmeta.adapt import inner_loop
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Method
@@ -80,15 +80,15 @@ class PLATIPUS:
             theta = sample_theta(
                 shifted(mu, gamma_p, batch.x_support, batch.y_support), log_sd, batch.n_tasks
             )
-            steps = cfg.inner_steps if inner_steps is None else inner_steps
-            phi, _ = adapt_each(
+            phi, _ = inner_loop(
+                cfg,
                 task_loss,
                 theta,
                 batch.x_support,
                 batch.y_support,
-                steps=steps,
-                lr=cfg.inner_lr,
-                first_order=cfg.first_order,
+                inner_steps,
+                adapt="all",
+                per_task=True,
             )
             observe(lik, jax.vmap(net.apply)(phi, batch.x_query), batch.y_query)
 

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from bayesmeta.config import opt
-from bayesmeta.tasks.base import TaskBatch
-from bayesmeta.tasks.sinusoid import _range_problem, _uniform
+from bayesmeta.tasks.base import TaskBatch, grid_1d, range_problem, regression_batch
+from bayesmeta.tasks.base import uniform as _uniform
 
 
 @dataclass(frozen=True)
@@ -37,12 +37,7 @@ class SineLine:
     y_dim: int = 1
 
     def check(self) -> str | None:
-        p = self.params
-        for name in ("amplitude", "phase", "slope", "intercept", "x_range"):
-            problem = _range_problem(name, getattr(p, name))
-            if problem:
-                return problem
-        return None
+        return range_problem(self.params, "amplitude", "phase", "slope", "intercept", "x_range")
 
     def truth(self, info: dict[str, jax.Array], x: jax.Array) -> jax.Array:
         col = lambda k: info[k][:, None, None]  # noqa: E731
@@ -51,8 +46,7 @@ class SineLine:
         return jnp.where(col("sine") > 0, sine, line)
 
     def grid(self, info: dict[str, jax.Array], n: int) -> jax.Array:
-        x = jnp.linspace(*self.params.x_range, n)[None, :, None]
-        return jnp.broadcast_to(x, (info["sine"].shape[0], n, 1))
+        return grid_1d(self.params.x_range, info["sine"].shape[0], n)
 
     def sample(self, key: jax.Array, n_tasks: int) -> TaskBatch:
         p = self.params
@@ -64,7 +58,4 @@ class SineLine:
             "slope": _uniform(ks, (n_tasks,), p.slope),
             "intercept": _uniform(ki, (n_tasks,), p.intercept),
         }
-        x = _uniform(kx, (n_tasks, self.shots + self.queries, 1), p.x_range)
-        y = self.truth(info, x) + p.noise_sd * jax.random.normal(ke, x.shape)
-        k = self.shots
-        return TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:], info)
+        return regression_batch(kx, ke, self.truth, info, self.shots, self.queries, p.x_range, p.noise_sd)

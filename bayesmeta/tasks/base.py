@@ -36,3 +36,41 @@ class Family(Protocol):
     def grid(self, info: dict[str, jax.Array], n: int) -> jax.Array: ...
 
     def truth(self, info: dict[str, jax.Array], x: jax.Array) -> jax.Array: ...
+
+
+def range_problem(params: Any, *names: str) -> str | None:
+    """The first of the named [low, high] parameters that is not an interval, as a config error."""
+    for name in names:
+        bounds = getattr(params, name)
+        if len(bounds) != 2 or not bounds[0] <= bounds[1]:
+            return f"params.{name}: expected [low, high] with low <= high, got {list(bounds)}"
+    return None
+
+
+def uniform(key: jax.Array, shape: tuple[int, ...], bounds: tuple[float, ...]) -> jax.Array:
+    return jax.random.uniform(key, shape, minval=bounds[0], maxval=bounds[1])
+
+
+def grid_1d(bounds: tuple[float, ...], n_tasks: int, n: int) -> jax.Array:
+    """An even grid of n inputs over `bounds`, for every task: (T, n, 1)."""
+    import jax.numpy as jnp
+
+    return jnp.broadcast_to(jnp.linspace(*bounds, n)[None, :, None], (n_tasks, n, 1))
+
+
+def regression_batch(
+    kx: jax.Array,
+    ke: jax.Array,
+    truth: Any,
+    info: dict[str, jax.Array],
+    shots: int,
+    queries: int,
+    x_range: tuple[float, ...],
+    noise_sd: float,
+) -> TaskBatch:
+    """x ~ U(x_range) (key kx) for shots + queries points per task, y = truth(info, x) + N(0, noise_sd^2)
+    (key ke), split into support and query sets."""
+    n_tasks = next(iter(info.values())).shape[0]
+    x = uniform(kx, (n_tasks, shots + queries, 1), x_range)
+    y = truth(info, x) + noise_sd * jax.random.normal(ke, x.shape)
+    return TaskBatch(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:], info)

@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from bayesmeta.config import opt
-from bayesmeta.tasks.base import TaskBatch
-from bayesmeta.tasks.sinusoid import _range_problem, _uniform
+from bayesmeta.tasks.base import TaskBatch, grid_1d, range_problem, regression_batch
 
 
 def features(x: jax.Array) -> jax.Array:
@@ -44,24 +43,19 @@ class BasisRegression:
         p = self.params
         if len(p.prior_mean) != 4 or len(p.prior_sd) != 4:
             return "params.prior_mean: expected 4 numbers (and prior_sd 4), one per basis function"
-        return _range_problem("x_range", p.x_range)
+        return range_problem(p, "x_range")
 
     def truth(self, info: dict[str, jax.Array], x: jax.Array) -> jax.Array:
         return jnp.einsum("tnk,tk->tn", features(x), info["w"])[..., None]
 
     def grid(self, info: dict[str, jax.Array], n: int) -> jax.Array:
-        x = jnp.linspace(*self.params.x_range, n)[None, :, None]
-        return jnp.broadcast_to(x, (info["w"].shape[0], n, 1))
+        return grid_1d(self.params.x_range, info["w"].shape[0], n)
 
     def sample(self, key: jax.Array, n_tasks: int) -> TaskBatch:
         p = self.params
         kw, kx, ke = jax.random.split(key, 3)
         w = jnp.asarray(p.prior_mean) + jnp.asarray(p.prior_sd) * jax.random.normal(kw, (n_tasks, 4))
-        info = {"w": w}
-        x = _uniform(kx, (n_tasks, self.shots + self.queries, 1), p.x_range)
-        y = self.truth(info, x) + p.noise_sd * jax.random.normal(ke, x.shape)
-        k = self.shots
-        return TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:], info)
+        return regression_batch(kx, ke, self.truth, {"w": w}, self.shots, self.queries, p.x_range, p.noise_sd)
 
     def exact_predictive(self, batch: TaskBatch) -> tuple[jax.Array, jax.Array]:
         """Mean and sd (T, Q, 1) of the exact posterior predictive of y at the query inputs."""

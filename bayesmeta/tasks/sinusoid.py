@@ -8,17 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from bayesmeta.config import opt
-from bayesmeta.tasks.base import TaskBatch
-
-
-def _uniform(key: jax.Array, shape: tuple[int, ...], bounds: tuple[float, float]) -> jax.Array:
-    return jax.random.uniform(key, shape, minval=bounds[0], maxval=bounds[1])
-
-
-def _range_problem(name: str, bounds: tuple[float, ...]) -> str | None:
-    if len(bounds) != 2 or not bounds[0] <= bounds[1]:
-        return f"params.{name}: expected [low, high] with low <= high, got {list(bounds)}"
-    return None
+from bayesmeta.tasks.base import TaskBatch, grid_1d, range_problem, regression_batch
+from bayesmeta.tasks.base import uniform as _uniform
 
 
 @dataclass(frozen=True)
@@ -39,20 +30,14 @@ class Sinusoid:
     y_dim: int = 1
 
     def check(self) -> str | None:
-        p = self.params
-        return (
-            _range_problem("amplitude", p.amplitude)
-            or _range_problem("phase", p.phase)
-            or _range_problem("x_range", p.x_range)
-        )
+        return range_problem(self.params, "amplitude", "phase", "x_range")
 
     def truth(self, info: dict[str, jax.Array], x: jax.Array) -> jax.Array:
         """Noise-free task function at inputs x (T, n, 1)."""
         return info["amplitude"][:, None, None] * jnp.sin(x - info["phase"][:, None, None])
 
     def grid(self, info: dict[str, jax.Array], n: int) -> jax.Array:
-        x = jnp.linspace(*self.params.x_range, n)[None, :, None]
-        return jnp.broadcast_to(x, (info["amplitude"].shape[0], n, 1))
+        return grid_1d(self.params.x_range, info["amplitude"].shape[0], n)
 
     def sample(self, key: jax.Array, n_tasks: int) -> TaskBatch:
         p = self.params
@@ -61,10 +46,7 @@ class Sinusoid:
             "amplitude": _uniform(ka, (n_tasks,), p.amplitude),
             "phase": _uniform(kp, (n_tasks,), p.phase),
         }
-        x = _uniform(kx, (n_tasks, self.shots + self.queries, 1), p.x_range)
-        y = self.truth(info, x) + p.noise_sd * jax.random.normal(ke, x.shape)
-        k = self.shots
-        return TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:], info)
+        return regression_batch(kx, ke, self.truth, info, self.shots, self.queries, p.x_range, p.noise_sd)
 
 
 @dataclass(frozen=True)
@@ -102,11 +84,7 @@ class NMESinusoid:
         p = self.params
         if p.n_train > p.n_amplitudes:
             return f"params.n_train: expected <= n_amplitudes ({p.n_amplitudes}), got {p.n_train}"
-        return (
-            _range_problem("amplitude", p.amplitude)
-            or _range_problem("x_range", p.x_range)
-            or _range_problem("test_grid", p.test_grid)
-        )
+        return range_problem(p, "amplitude", "x_range", "test_grid")
 
     @property
     def amplitudes(self) -> jax.Array:
