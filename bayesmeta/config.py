@@ -95,6 +95,7 @@ class TrainConfig:
     optimizer: str = opt("adam", choices=["adam", "adamw", "sgd"])
     lr: float = opt(1e-3, gt=0)
     grad_clip: float = opt(0.0, ge=0, doc="global-norm gradient clipping; 0 = off")
+    weight_decay: float = opt(1e-4, ge=0, doc="decoupled weight decay of adamw (ignored by adam and sgd)")
     fresh_adam: str = opt(
         "", doc="parameters (a name prefix, or 'all') updated as by a new Adam every step: lr g/(|g|+1e-7)"
     )

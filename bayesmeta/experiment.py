@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from bayesmeta import config, run
-from bayesmeta.fit import CHECKPOINT
+from bayesmeta.fit import CHECKPOINT, NonFiniteError
 from bayesmeta.io import write_json, write_text
 
 
@@ -37,9 +37,19 @@ class Cell:
 @dataclass
 class Outcome:
     cell: Cell
-    metrics: dict[str, Any]
+    metrics: dict[str, Any] | None
     seconds: float
     reused: bool = False
+    error: str = ""
+
+
+def _same_config(path: Path, cfg: config.Config) -> bool:
+    """The run at `path` was made with this config: its stored config, read by the current code (so
+    keys added since take their defaults), equals `cfg`."""
+    try:
+        return path.is_file() and config.load(path) == cfg
+    except config.ConfigError:
+        return False
 
 
 def run_cell(cell: Cell, base: Path, out_dir: Path, progress: bool = True) -> Outcome:
@@ -47,13 +57,16 @@ def run_cell(cell: Cell, base: Path, out_dir: Path, progress: bool = True) -> Ou
     cfg = config.load(base, [*cell.overrides, f"seed={cell.seed}", f"name={cell.name}"])
     run_dir = out_dir / "runs" / cell.name
     done = run_dir / "metrics.json"
-    same = (run_dir / "config.toml").is_file() and (run_dir / "config.toml").read_text() == config.dumps(cfg)
+    same = _same_config(run_dir / "config.toml", cfg)
     if done.is_file() and same:
         m = json.loads(done.read_text())
         return Outcome(cell, m, m["train_seconds"] + m["eval_seconds"], reused=True)
     t0 = time.perf_counter()
     resume = same and (run_dir / CHECKPOINT).is_file()
-    _, metrics = run.train(cfg, run_dir, resume=resume, progress=progress)
+    try:
+        _, metrics = run.train(cfg, run_dir, resume=resume, progress=progress)
+    except NonFiniteError as e:  # recorded as a failed run; the grid goes on
+        return Outcome(cell, None, time.perf_counter() - t0, error=str(e))
     return Outcome(cell, metrics, time.perf_counter() - t0)
 
 
@@ -88,6 +101,8 @@ def aggregate(
     published = published or {}
     groups: dict[tuple[str, str], list[Outcome]] = {}
     for o in outcomes:
+        if o.metrics is None:  # failed runs are listed in RESULTS.md, not averaged
+            continue
         groups.setdefault((o.cell.method, o.cell.setting), []).append(o)
     rows = []
     for (method, setting), group in groups.items():
@@ -207,8 +222,18 @@ class Results:
         md += "\n## Runs\n\n| run | " + " | ".join(self._metric_names()) + " | train s |\n"
         md += "|---|" + "---|" * (len(self._metric_names()) + 1) + "\n"
         for o in self.outcomes:
+            if o.metrics is None:
+                md += f"| {o.cell.name} | failed: {o.error} |" + " |" * len(self._metric_names()) + "\n"
+                continue
             vals = " | ".join(_fmt(_stats(o.metrics, m)["mean"]) for m in self._metric_names())
             md += f"| {o.cell.name} | {vals} | {o.metrics['train_seconds']:.0f} |\n"
+        failed = [o for o in self.outcomes if o.metrics is None]
+        if failed:
+            md += (
+                "\nFailed runs (not in the means above): "
+                + "; ".join(f"{o.cell.name}: {o.error}" for o in failed)
+                + "\n"
+            )
         write_text(self.out_dir / "RESULTS.md", md)
         write_json(
             self.out_dir / "results.json",

@@ -51,7 +51,10 @@ def fresh_adam(lr: float, eps: float = 1e-7) -> optax.GradientTransformation:
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     """optax chain: optional global-norm clipping, then Adam / AdamW / SGD at a constant rate, with the
     parameters named by `fresh_adam` updated by `fresh_adam` instead."""
-    opt = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd}[cfg.optimizer](cfg.lr)
+    if cfg.optimizer == "adamw":
+        opt = optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = {"adam": optax.adam, "sgd": optax.sgd}[cfg.optimizer](cfg.lr)
     if cfg.fresh_adam:
         prefix = cfg.fresh_adam
 

@@ -19,7 +19,8 @@ METHODS = {
     "MAML": ("model.method='maml'",),
     "FOMAML": ("model.method='fomaml'",),
     "LLAMA": ("model.method='llama'", "model.params.prior_precision=100.0"),
-    "PLATIPUS": ("model.method='platipus'", "model.params.kl_weight=0.1"),
+    # clipped: unclipped, one 2-shot run's loss went to NaN at step 8455 (the NaN guard stopped it)
+    "PLATIPUS": ("model.method='platipus'", "model.params.kl_weight=0.1", "train.grad_clip=10.0"),
     "MR-MAML(W)": ("model.method='mr_maml_w'", "model.params.beta=5e-5", "model.params.rho_init=-5.0"),
 }
 S = "5"
