@@ -86,23 +86,70 @@ PUBLISHED = {  # Table 1 of Yin et al. (2020): mean over 5 trials (sds in the no
 METRIC = "mse@100"
 
 TABLE_NOTES = """
+What the table shows (5 seeds). MAML memorizes: its support dependence at the training setting
+(1 inner step) is 0.15 (5-shot) / 0.09 (10-shot), against 0.94 / 0.87 for MR-MAML(W) and 0.80 / 0.83
+for MR-CNP(W); CNP memorizes completely (0.09 at any step count, its predictions barely move with
+the support set). Meta-regularization improves MAML's 5-shot test MSE from 0.77 to 0.25 (A) and
+0.33 (W), and CNP's from 1.26 to 0.13 (MR-CNP(W)). No row reaches its published value: closest are
+MR-CNP(W) (0.127 / 0.107 against 0.11 / 0.09, within one sd), MR-MAML(W) 10-shot (0.074 against
+0.06) and MR-MAML(A) 5-shot (0.25 against 0.17). MR-CNP(A) is far off (0.88 against 0.10); its
+support dependence (0.37) says its bottleneck still lets the one-hot through, and we did not find
+why in this session. Means over tasks are sensitive to a few test tasks whose 100 head steps
+diverge; the median column is robust.
+
+Which choices carry MR-MAML(W)'s gain (ablation on validation tasks, ablation/RESULTS.md): the
+notebook re-creates Adam at every step, so every update is lr * g / (|g| + 1e-7), a sign-like step.
+With an ordinary persistent Adam the gain disappears (validation MSE 1.00 against 0.11; test 1.05
+against 0.33), and it does not come back with a 10x beta, a larger posterior scale (rho -5), both,
+or AdamW weight decay; a 2000x beta (0.1) recovers part of it (0.58, high variance). The KL is
+needed too: fresh Adam without it (beta 1e-9) is as bad as MAML (1.02). Our reading: under
+sign-like updates a parameter moves a full step whatever its gradient's size, and the encoder
+weights from the one-hot units get no data gradient in the 15/16 of steps whose task has another
+amplitude, so the tiny KL gradient alone sets their sign and decays them towards zero by lr per
+step; that removes exactly the memorization pathway. The posterior scales never leave their floor
+(posterior sd about 1.2e-7 in every run's summary.md), so in this configuration MR-MAML(W) acts as
+a sign-update L2 pull on the encoder, not as a stochastic encoder. The configuration chosen on
+validation (fresh Adam with meta-batch 5, validation MSE 0.048) is run on the test tasks as its own
+row; "MAML, fresh Adam (control)" tests whether the optimizer alone helps plain MAML.
+
 Protocol (METHODS 4): one training task per iteration (amplitude index 0..15, x = (u, one-hot),
 noise 0.1, 10 support + 10 query points), Adam 1e-3; 100 test tasks with A ~ U[0.1, 4] and a one-hot
-that names another amplitude, K noisy support points, 200 noisy targets on an even grid over
+that names another training amplitude, K noisy support points, 200 noisy targets on an even grid over
 [-4.5, 4.5]. MAML-type models adapt (MAML: all parameters; MR-MAML: the head) with 100 SGD steps at
 0.01 at test; CNPs have no inner loop (the "@100" only names the evaluation). Stochastic models
 average their predictive mean over 10 draws, except MR-MAML(A), which predicts with the bottleneck
-mean as the reference does. The misleading test one-hot names a training amplitude index (0..15)
-other than the one nearest to A. The MSE is against the noisy targets, so 0.01 is the
-floor. Published sds: 5-shot MAML 0.04, MR-MAML(A) 0.03, MR-MAML(W) 0.04, CNP 0.10, MR-CNP(A) 0.01,
-MR-CNP(W) 0.02; 10-shot 0.01, 0.02, 0.01, 0.05, 0.01, 0.01.
+mean as the reference does. The MSE is against the noisy targets, so 0.01 is the floor. Published
+sds: 5-shot MAML 0.04, MR-MAML(A) 0.03, MR-MAML(W) 0.04, CNP 0.10, MR-CNP(A) 0.01, MR-CNP(W) 0.02;
+10-shot 0.01, 0.02, 0.01, 0.05, 0.01, 0.01. The support dependence is the memorization meter of
+bayesmeta/diagnostics/memorization.py (0: predictions ignore the support set).
 
 Where we differ from the reference notebooks (read from their public code): their pool of 20,000
-tasks is sampled without replacement, so every training task is fresh, as ours are; MR-MAML(W) draws fresh
-weights at every one of its 100 test SGD steps where we adapt once per weight draw and average;
-the CNP notebook scores noise-free targets on 100 points over [-5, 5] and picks the test one-hot
-from indices 5..15, where all our rows share the MAML notebook's protocol above. "fresh Adam" is
-what the notebook's Adam re-created at every step does: each update is lr g / (|g| + 1e-7).
+tasks is sampled without replacement, so every training task is fresh, as ours are; MR-MAML(W)
+draws fresh weights at every one of its 100 test SGD steps where we adapt once per weight draw and
+average; the CNP notebook scores noise-free targets on 100 points over [-5, 5] and picks the test
+one-hot from indices 5..15, where all our rows share the MAML notebook's protocol above; the
+notebooks' betas are converted to our mean-NLL convention (models/mr_maml.py, models/cnp.py).
+"""
+
+
+SWEEP_NOTES = """
+Reference-faithful MR-MAML(W) (fresh Adam, rho -50) at each beta, 5-shot, 100 test tasks, 3 seeds;
+plot: beta_sweep.png (left: mean over tasks, log scale; right: median over tasks). The published
+Figure 6 is U-shaped. Here the median test MSE is flat (0.044 to 0.055) from beta 1e-6 to 1e-1, and
+the mean over tasks rises only at the largest beta (0.83 at 0.1): the right arm of the U, not the
+left. At beta 1e-5 and 1e-2 one seed each has test tasks whose 100 head-adaptation steps diverge
+(MSE ~1e21 to 1e27), which is why those means are off the scale. Small betas do not memorize here
+because even a tiny KL acts as a strong decay under sign-like updates (see the Table 1 notes); the
+ablation's beta 1e-9 row, which does memorize, is the missing left arm.
+"""
+
+ABLATION_NOTES = """
+Each row changes one or two choices of the reference configuration of MR-MAML(W) (fresh Adam,
+beta 5e-5, rho -50, meta-batch 1, 15k iterations); 5-shot MSE on 100 validation tasks drawn with a
+different seed (4321) from the test tasks of Table 1, 2 seeds. The lowest validation MSE (fresh Adam
+with meta-batch 5) was then run on the test tasks as a row of Table 1. AdamW decays every weight,
+the adapted head's initialisation included; with weight decay 1.0 the network collapses to a
+constant (MSE 3.09, identical with and without the KL). See the Table 1 notes for the reading.
 """
 
 
@@ -151,8 +198,7 @@ def sweep(seeds: list[int]) -> None:
         cells,
         [METRIC],
         out,
-        notes="Reference-faithful MR-MAML(W) (fresh Adam) at each beta, "
-        "5-shot, 100 test tasks; plot: beta_sweep.png.",
+        notes=SWEEP_NOTES,
         progress=False,
     )
     plot_sweep(
@@ -207,9 +253,7 @@ def ablation(seeds: list[int]) -> None:
         cells,
         [METRIC],
         out,
-        notes="Each row changes one or two choices of the reference "
-        "configuration of MR-MAML(W); MSE on 100 validation tasks drawn with a different seed from "
-        "the test tasks of Table 1.",
+        notes=ABLATION_NOTES,
         progress=False,
     )
 
