@@ -41,7 +41,8 @@ tasks (all 2-shot support sets count as ambiguous), where MAML's single function
 hypothesis by construction (0%). LLAMA's Laplace samples also reach both modes on 64% of ambiguous
 5-shot tasks but only 34% at 2-shot. The price is accuracy and calibration: no method's 90% interval
 is calibrated; MAML with a learned output noise is the best calibrated (87% / 81% coverage) simply by
-inflating its noise to sd ~1.4 (interval width 5.1), and PLATIPUS's samples are too narrow where
+inflating its learned noise sd to 1.7-1.8 (5-shot; 1.7-2.7 at 2-shot; the true sd is 0.3), which gives
+90% intervals 5.1 wide, and PLATIPUS's samples are too narrow where
 they agree (59% coverage) and occasionally wild (one 5-shot test task of one seed diverged under its
 sampled initialisation, so that row's mean MSE is "diverged" and its mean 90% width is dominated by
 a few exploding samples; the medians in results.json are finite). Unclipped, one 2-shot PLATIPUS run
