@@ -212,8 +212,9 @@ class Results:
             f"- command: `{self.command}`\n"
             f"- seeds: {seeds}; {len(self.outcomes)} runs"
             f"{f' ({reused} reused from earlier invocations)' if reused else ''}\n"
-            f"- wall time: {self.wall_seconds / 60:.1f} min for this invocation; "
-            f"{run_seconds / 60:.1f} min of training and evaluation summed over runs\n"
+            f"- time: {run_seconds / 60:.1f} min of training and evaluation summed over the runs (per run "
+            f"below; runs may have shared the 2 cores with other experiments); this invocation took "
+            f"{self.wall_seconds / 60:.1f} min\n"
             f"- machine: {machine()}\n"
             f"- written by the experiment script on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
         )
