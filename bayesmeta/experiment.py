@@ -34,6 +34,21 @@ class Cell:
         return f"{self.method}-{self.setting}-seed{self.seed}"
 
 
+def product(
+    methods: dict[str, tuple[str, ...]],
+    settings: dict[str, tuple[str, ...]],
+    seeds: list[int],
+    extra: tuple[str, ...] = (),
+) -> list[Cell]:
+    """Every (method, setting, seed) cell; overrides are the method's, then the setting's, then `extra`."""
+    return [
+        Cell(m, s, seed, (*m_over, *s_over, *extra))
+        for m, m_over in methods.items()
+        for s, s_over in settings.items()
+        for seed in seeds
+    ]
+
+
 @dataclass
 class Outcome:
     cell: Cell

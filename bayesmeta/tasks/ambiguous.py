@@ -7,17 +7,18 @@ hypotheses, so a good posterior predictive puts samples on both.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from bayesmeta.config import opt
-from bayesmeta.tasks.base import TaskBatch, grid_1d, range_problem, regression_batch
+from bayesmeta.tasks.base import Regression1D, TaskBatch, regression_batch
 from bayesmeta.tasks.base import uniform as _uniform
 
 
 @dataclass(frozen=True)
-class SineLine:
+class SineLine(Regression1D):
     """kind ~ Bernoulli(p_sine); sine: A sin(x - phase); line: slope x + intercept; y = f(x) + N(0, sd^2)."""
 
     @dataclass(frozen=True)
@@ -30,23 +31,13 @@ class SineLine:
         x_range: tuple[float, ...] = opt((-5.0, 5.0))
         noise_sd: float = opt(0.3, ge=0)
 
-    params: Params
-    shots: int
-    queries: int
-    x_dim: int = 1
-    y_dim: int = 1
-
-    def check(self) -> str | None:
-        return range_problem(self.params, "amplitude", "phase", "slope", "intercept", "x_range")
+    ranges: ClassVar[tuple[str, ...]] = ("amplitude", "phase", "slope", "intercept", "x_range")
 
     def truth(self, info: dict[str, jax.Array], x: jax.Array) -> jax.Array:
         col = lambda k: info[k][:, None, None]  # noqa: E731
         sine = col("amplitude") * jnp.sin(x - col("phase"))
         line = col("slope") * x + col("intercept")
         return jnp.where(col("sine") > 0, sine, line)
-
-    def grid(self, info: dict[str, jax.Array], n: int) -> jax.Array:
-        return grid_1d(self.params.x_range, info["sine"].shape[0], n)
 
     def sample(self, key: jax.Array, n_tasks: int) -> TaskBatch:
         p = self.params

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import jax
 
@@ -74,3 +75,22 @@ def regression_batch(
     x = uniform(kx, (n_tasks, shots + queries, 1), x_range)
     y = truth(info, x) + noise_sd * jax.random.normal(ke, x.shape)
     return TaskBatch(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:], info)
+
+
+@dataclass(frozen=True)
+class Regression1D:
+    """Shared shape of the 1-D regression families: Params with an x_range, a grid over it, and the
+    [low, high] parameters named in `ranges` checked."""
+
+    params: Any
+    shots: int
+    queries: int
+    x_dim: int = 1
+    y_dim: int = 1
+    ranges: ClassVar[tuple[str, ...]] = ("x_range",)
+
+    def check(self) -> str | None:
+        return range_problem(self.params, *self.ranges)
+
+    def grid(self, info: dict[str, jax.Array], n: int) -> jax.Array:
+        return grid_1d(self.params.x_range, next(iter(info.values())).shape[0], n)

@@ -11,12 +11,13 @@ infinitely many tasks could at best match it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from bayesmeta.config import opt
-from bayesmeta.tasks.base import TaskBatch, grid_1d, range_problem, regression_batch
+from bayesmeta.tasks.base import Regression1D, TaskBatch, regression_batch
 
 
 def features(x: jax.Array) -> jax.Array:
@@ -25,7 +26,7 @@ def features(x: jax.Array) -> jax.Array:
 
 
 @dataclass(frozen=True)
-class BasisRegression:
+class BasisRegression(Regression1D):
     @dataclass(frozen=True)
     class Params:
         prior_mean: tuple[float, ...] = opt((0.0, 0.3, 1.0, -0.5))
@@ -33,23 +34,16 @@ class BasisRegression:
         x_range: tuple[float, ...] = opt((-5.0, 5.0))
         noise_sd: float = opt(0.3, gt=0)
 
-    params: Params
-    shots: int
-    queries: int
-    x_dim: int = 1
-    y_dim: int = 1
+    ranges: ClassVar[tuple[str, ...]] = ("x_range",)
 
     def check(self) -> str | None:
         p = self.params
         if len(p.prior_mean) != 4 or len(p.prior_sd) != 4:
             return "params.prior_mean: expected 4 numbers (and prior_sd 4), one per basis function"
-        return range_problem(p, "x_range")
+        return super().check()
 
     def truth(self, info: dict[str, jax.Array], x: jax.Array) -> jax.Array:
         return jnp.einsum("tnk,tk->tn", features(x), info["w"])[..., None]
-
-    def grid(self, info: dict[str, jax.Array], n: int) -> jax.Array:
-        return grid_1d(self.params.x_range, info["w"].shape[0], n)
 
     def sample(self, key: jax.Array, n_tasks: int) -> TaskBatch:
         p = self.params

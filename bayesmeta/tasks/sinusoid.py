@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from bayesmeta.config import opt
-from bayesmeta.tasks.base import TaskBatch, grid_1d, range_problem, regression_batch
+from bayesmeta.tasks.base import Regression1D, TaskBatch, range_problem, regression_batch
 from bayesmeta.tasks.base import uniform as _uniform
 
 
 @dataclass(frozen=True)
-class Sinusoid:
+class Sinusoid(Regression1D):
     """y = A sin(x - phase) + eps, A ~ U(amplitude), phase ~ U(phase), x ~ U(x_range) (METHODS 2)."""
 
     @dataclass(frozen=True)
@@ -23,21 +24,11 @@ class Sinusoid:
         x_range: tuple[float, ...] = opt((-5.0, 5.0))
         noise_sd: float = opt(0.0, ge=0)
 
-    params: Params
-    shots: int
-    queries: int
-    x_dim: int = 1
-    y_dim: int = 1
-
-    def check(self) -> str | None:
-        return range_problem(self.params, "amplitude", "phase", "x_range")
+    ranges: ClassVar[tuple[str, ...]] = ("amplitude", "phase", "x_range")
 
     def truth(self, info: dict[str, jax.Array], x: jax.Array) -> jax.Array:
         """Noise-free task function at inputs x (T, n, 1)."""
         return info["amplitude"][:, None, None] * jnp.sin(x - info["phase"][:, None, None])
-
-    def grid(self, info: dict[str, jax.Array], n: int) -> jax.Array:
-        return grid_1d(self.params.x_range, info["amplitude"].shape[0], n)
 
     def sample(self, key: jax.Array, n_tasks: int) -> TaskBatch:
         p = self.params

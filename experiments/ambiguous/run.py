@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bayesmeta.experiment import Cell, run_grid
+from bayesmeta.experiment import product, run_grid
 
 HERE = Path(__file__).parent
 METHODS = {
@@ -67,17 +67,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=15000)
     args = p.parse_args()
-    cells = [
-        Cell(
-            m.replace(" + ", "+").replace(" ", "_"),
-            setting,
-            seed,
-            (*over, *s_over, f"train.steps={args.steps}"),
-        )
-        for m, over in METHODS.items()
-        for setting, s_over in SETTINGS.items()
-        for seed in args.seeds
-    ]
+    labels = {m.replace(" + ", "+").replace(" ", "_"): over for m, over in METHODS.items()}
+    cells = product(labels, SETTINGS, args.seeds, (f"train.steps={args.steps}",))
     run_grid(
         "Ambiguous sine/line regression: accuracy, calibration and mode coverage",
         HERE / "base.toml",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bayesmeta.experiment import Cell, run_grid
+from bayesmeta.experiment import product, run_grid
 
 HERE = Path(__file__).parent
 METHODS = {
@@ -56,11 +56,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=15000)
     args = p.parse_args()
-    cells = [
-        Cell(m, "5-shot", seed, (*over, f"train.steps={args.steps}"))
-        for m, over in METHODS.items()
-        for seed in args.seeds
-    ]
+    cells = product(METHODS, {"5-shot": ()}, args.seeds, (f"train.steps={args.steps}",))
     run_grid(
         "Gold standard: meta-learners against the exact posterior predictive",
         HERE / "base.toml",

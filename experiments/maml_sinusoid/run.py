@@ -9,7 +9,7 @@ Finished runs are reused and interrupted ones resumed when the script is run aga
 import argparse
 from pathlib import Path
 
-from bayesmeta.experiment import Cell, run_grid
+from bayesmeta.experiment import product, run_grid
 
 HERE = Path(__file__).parent
 NOTES = """
@@ -38,12 +38,8 @@ def main() -> None:
     settings += [
         (f"{shots}-shot-alpha0.001", (f"task.shots={shots}", "model.inner_lr=0.001")) for shots in (5, 10)
     ]
-    cells = [
-        Cell(method, label, seed, (f"model.method={method}", f"train.steps={args.steps}", *over))
-        for method in ("maml", "fomaml")
-        for label, over in settings
-        for seed in args.seeds
-    ]
+    methods = {m: (f"model.method={m}",) for m in ("maml", "fomaml")}
+    cells = product(methods, dict(settings), args.seeds, (f"train.steps={args.steps}",))
     title = f"MAML sinusoid (Finn et al. 2017), {args.steps} iterations, 600 test tasks"
     run_grid(
         title,

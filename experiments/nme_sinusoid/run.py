@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bayesmeta.experiment import Cell, plot_sweep, run_grid
+from bayesmeta.experiment import plot_sweep, product, run_grid
 
 HERE = Path(__file__).parent
 BASE = HERE / "base.toml"
@@ -156,12 +156,7 @@ constant (MSE 3.09, identical with and without the KL). See the Table 1 notes fo
 
 
 def table(seeds: list[int]) -> None:
-    cells = [
-        Cell(label, f"{k}-shot", seed, (*over, f"eval.task.shots={k}"))
-        for label, over in TABLE_METHODS.items()
-        for k in (5, 10)
-        for seed in seeds
-    ]
+    cells = product(TABLE_METHODS, {f"{k}-shot": (f"eval.task.shots={k}",) for k in (5, 10)}, seeds)
     published = {(m, s, METRIC): v for s, row in PUBLISHED.items() for m, v in row.items()}
     run_grid(
         "NME sinusoid, Table 1 of Yin et al. (2020): test MSE and the memorization meter",
@@ -178,22 +173,8 @@ def table(seeds: list[int]) -> None:
 def sweep(seeds: list[int]) -> None:
     betas = [1e-6, 1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 1e-2, 1e-1]
     out = HERE / "beta_sweep"
-    cells = [
-        Cell(
-            "MR-MAML(W)",
-            f"beta={b:g}",
-            seed,
-            (
-                *MR_W,
-                f"model.params.beta={b}",
-                "train.fresh_adam='all'",
-                "eval.task.shots=5",
-                *STOCHASTIC_EVAL,
-            ),
-        )
-        for b in betas
-        for seed in seeds
-    ]
+    method = {"MR-MAML(W)": (*MR_W, "train.fresh_adam='all'", "eval.task.shots=5", *STOCHASTIC_EVAL)}
+    cells = product(method, {f"beta={b:g}": (f"model.params.beta={b}",) for b in betas}, seeds)
     res = run_grid(
         "MR-MAML(W) on the NME sinusoid: 5-shot test MSE against beta (Figure 6)",
         BASE,
@@ -239,16 +220,9 @@ ABLATION = {
 
 def ablation(seeds: list[int]) -> None:
     out = HERE / "ablation"
-    cells = [
-        Cell(
-            label,
-            "5-shot, validation",
-            seed,
-            (*MR_W, *over, "eval.task.shots=5", VALIDATION_SEED, *STOCHASTIC_EVAL),
-        )
-        for label, over in ABLATION.items()
-        for seed in seeds
-    ]
+    methods = {label: (*MR_W, *over) for label, over in ABLATION.items()}
+    setting = {"5-shot, validation": ("eval.task.shots=5", VALIDATION_SEED, *STOCHASTIC_EVAL)}
+    cells = product(methods, setting, seeds)
     run_grid(
         "MR-MAML(W) ablation on validation tasks (5-shot MSE, task seed 4321, never the test tasks)",
         BASE,
