@@ -43,11 +43,14 @@ def gradient_descent(
     lr: float | Params,
     adapt: str = "all",
     first_order: bool = False,
+    remat: str = "none",
 ) -> tuple[Params, jax.Array]:
     """Adapt one task: `steps` steps of GD on loss(params, x, y) from theta; returns (phi, losses).
 
     Second-order by default (the meta-gradient flows through the inner gradients); `first_order` stops
-    the gradient through them, so d phi / d theta = I (first-order MAML).
+    the gradient through them, so d phi / d theta = I (first-order MAML). `remat` names a
+    jax.checkpoint policy for the scan body: the backward pass then keeps only each step's carry and
+    recomputes the rest, so memory grows with the parameters, not the step's internals, per step.
     """
     fast, slow = split(theta, adapt)
 
@@ -57,6 +60,8 @@ def gradient_descent(
             grads = lax.stop_gradient(grads)
         return jax.tree.map(lambda p, g, a: p - a * g, fast, grads, rates), value
 
+    if remat != "none":
+        body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, remat))
     fast, losses = lax.scan(body, fast, step_sizes(lr, fast, steps), length=steps)
     return {**slow, **fast}, losses
 
@@ -100,4 +105,5 @@ def inner_loop(
         lr=cfg.inner_lr,
         adapt=cfg.adapt if adapt is None else adapt,
         first_order=cfg.first_order if first_order is None else first_order,
+        remat=cfg.remat,
     )

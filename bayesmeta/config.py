@@ -78,6 +78,11 @@ class ModelConfig:
     inner_lr: float = opt(0.01, gt=0, doc="inner step size alpha")
     first_order: bool = opt(False, doc="drop second derivatives of the inner loop")
     adapt: str = opt("all", choices=["all", "head"], doc="which parameters the inner loop adapts")
+    remat: str = opt(
+        "none",
+        choices=["none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"],
+        doc="rematerialise each inner step in the backward pass (jax.checkpoint policy): memory for time",
+    )
     likelihood: str = opt("gaussian", choices=["gaussian", "categorical"])
     noise_sd: float = opt(
         math.sqrt(0.5),
