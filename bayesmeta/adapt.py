@@ -6,6 +6,7 @@ theta, which `tests/test_adapt.py` checks to machine precision on linear regress
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -60,10 +61,38 @@ def gradient_descent(
             grads = lax.stop_gradient(grads)
         return jax.tree.map(lambda p, g, a: p - a * g, fast, grads, rates), value
 
-    if remat != "none":
-        body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, remat))
-    fast, losses = lax.scan(body, fast, step_sizes(lr, fast, steps), length=steps)
+    rates = step_sizes(lr, fast, steps)
+    if remat == "sqrt":
+        fast, losses = _segmented_scan(body, fast, rates, steps)
+    else:
+        if remat != "none":
+            body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, remat))
+        fast, losses = lax.scan(body, fast, rates, length=steps)
     return {**slow, **fast}, losses
+
+
+def _segmented_scan(body: Any, carry: Params, rates: Params, steps: int) -> tuple[Params, jax.Array]:
+    """sqrt(n) checkpointing: an outer scan over ~sqrt(steps) segments, each a rematerialised inner
+    scan of rematerialised steps, so the backward pass holds ~2 sqrt(steps) carries, not `steps`.
+    Padding steps (to fill the last segment) leave the carry unchanged."""
+    seg = max(1, math.ceil(math.sqrt(steps)))
+    n_seg = math.ceil(steps / seg) if steps else 0
+    pad = n_seg * seg - steps
+    live = jnp.arange(n_seg * seg) < steps
+    padded = jax.tree.map(lambda a: jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]), rates)
+    xs = jax.tree.map(lambda a: a.reshape(n_seg, seg, *a.shape[1:]), (padded, live.reshape(-1)))
+    step = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+
+    def masked(c: Params, inp: tuple) -> tuple[Params, jax.Array]:
+        r, keep = inp
+        new, value = step(c, r)
+        return jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, c), value
+
+    segment = jax.checkpoint(
+        lambda c, inp: lax.scan(masked, c, inp), policy=jax.checkpoint_policies.nothing_saveable
+    )
+    carry, losses = lax.scan(segment, carry, xs)
+    return carry, losses.reshape(-1)[:steps]
 
 
 def adapt_tasks(

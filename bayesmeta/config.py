@@ -80,8 +80,9 @@ class ModelConfig:
     adapt: str = opt("all", choices=["all", "head"], doc="which parameters the inner loop adapts")
     remat: str = opt(
         "none",
-        choices=["none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"],
-        doc="rematerialise each inner step in the backward pass (jax.checkpoint policy): memory for time",
+        choices=["none", "sqrt", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"],
+        doc="rematerialise inner steps in the backward pass: a jax.checkpoint policy per step, or 'sqrt' "
+        "(segments of ~sqrt(steps) steps, ~2 sqrt(steps) carries kept): memory for time",
     )
     likelihood: str = opt("gaussian", choices=["gaussian", "categorical"])
     noise_sd: float = opt(

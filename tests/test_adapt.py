@@ -237,7 +237,7 @@ def test_gaussian_prior_adds_the_scaled_l2_penalty():
         )
 
 
-@pytest.mark.parametrize("policy", ["nothing_saveable", "dots_saveable"])
+@pytest.mark.parametrize("policy", ["nothing_saveable", "dots_saveable", "sqrt"])
 def test_rematerialised_inner_loop_gives_the_same_meta_gradient(policy):
     """model.remat changes memory, not maths: loss and second-order meta-gradient are unchanged."""
     base = ["model.net.hidden=[8, 8]", "model.inner_steps=6", "model.inner_lr=0.05", "task.shots=5"]
@@ -269,3 +269,29 @@ def _temp_bytes(setup, batch):
     state = svi.init(jax.random.PRNGKey(0), batch)
     compiled = jax.jit(svi.update).lower(state, batch).compile()
     return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("steps", [0, 1, 7, 10])
+def test_sqrt_segments_pad_without_changing_the_trajectory(steps):
+    """The sqrt(n) segmented scan (with padding steps when n is not a multiple of the segment) gives
+    the plain scan's adapted parameters and per-step losses, and the same gradient."""
+    from bayesmeta.nets import MLP
+
+    net = MLP(1, 1, (6,), "tanh")
+    theta = net.init(jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (5, 1))
+    y = jnp.sin(x)
+
+    def loss(p, xx, yy):
+        return Gaussian(0.5**0.5).loss(net.apply(p, xx), yy)
+
+    def final(th, remat):
+        phi, losses = gradient_descent(loss, th, x, y, steps=steps, lr=0.1, remat=remat)
+        return jnp.sum(net.apply(phi, x) ** 2), (phi, losses)
+
+    (_, (p0, l0)), g0 = jax.value_and_grad(final, has_aux=True)(theta, "none")
+    (_, (p1, l1)), g1 = jax.value_and_grad(final, has_aux=True)(theta, "sqrt")
+    assert l1.shape == (steps,)
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves((p0, g0)), jax.tree.leaves((p1, g1)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
