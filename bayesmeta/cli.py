@@ -27,6 +27,11 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     f.add_argument("--force", action="store_true", help="start over in a run folder that has a checkpoint")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first (multi-host; see the README)",
+    )
     e = sub.add_parser("evaluate", help="re-evaluate a run from its checkpoint and rewrite its report")
     e.add_argument("run_dir", type=Path)
     e.add_argument(
@@ -75,6 +80,10 @@ def _fit(args: argparse.Namespace) -> int:
     from bayesmeta import config, run
     from bayesmeta.fit import CHECKPOINT
 
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()  # coordinator, process count and id from the environment
     cfg_path = args.config
     if cfg_path is None and args.resume and args.run_dir is not None:
         cfg_path = args.run_dir / "config.toml"

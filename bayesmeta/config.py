@@ -98,6 +98,9 @@ class ModelConfig:
 class TrainConfig:
     steps: int = opt(2000, ge=1)
     meta_batch: int = opt(25, ge=1, doc="tasks per meta-update")
+    devices: int = opt(
+        1, ge=1, doc="devices the meta-batch is sharded over (mesh axis 'tasks'); parameters are replicated"
+    )
     optimizer: str = opt("adam", choices=["adam", "adamw", "sgd"])
     lr: float = opt(1e-3, gt=0)
     grad_clip: float = opt(0.0, ge=0, doc="global-norm gradient clipping; 0 = off")
@@ -270,6 +273,10 @@ def resolve(data: Mapping[str, Any]) -> Config:
 
 def _check_cross(cfg: Config) -> None:
     t = cfg.train
+    if t.meta_batch % t.devices:
+        raise ConfigError(
+            f"train.meta_batch: expected a multiple of train.devices ({t.devices}), got {t.meta_batch}"
+        )
     for key in ("eval_every", "checkpoint_every"):
         if getattr(t, key) % t.log_every:
             raise ConfigError(

@@ -19,10 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from numpyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
-from bayesmeta.config import TrainConfig
+from bayesmeta.config import ConfigError, TrainConfig
 from bayesmeta.io import atomic_write
 from bayesmeta.method import Method
 from bayesmeta.tasks import Family
@@ -114,13 +115,32 @@ def _tree_finite(tree: Any) -> jax.Array:
     )
 
 
+def task_mesh(devices: int) -> Mesh | None:
+    """A one-axis mesh ("tasks") over the first `devices` devices, or None for one device."""
+    if devices == 1:
+        return None
+    available = jax.devices()
+    if devices > len(available):
+        raise ConfigError(
+            f"train.devices: {devices} requested, {len(available)} available ({available[0].platform}); on a "
+            f"CPU, XLA_FLAGS=--xla_force_host_platform_device_count={devices} provides that many"
+        )
+    return Mesh(np.array(available[:devices]), ("tasks",))
+
+
 def make_chunk(
-    svi: SVI, family: Family, meta_batch: int, data_key: jax.Array
+    svi: SVI, family: Family, meta_batch: int, data_key: jax.Array, mesh: Mesh | None = None
 ) -> Callable[[Any, jax.Array, int], tuple]:
-    """chunk(state, start, n): n SVI steps in one jitted lax.scan -> (state, losses (n,), finite)."""
+    """chunk(state, start, n): n SVI steps in one jitted lax.scan -> (state, losses (n,), finite).
+
+    With a mesh, each step's tasks are sharded along its "tasks" axis (the state is replicated), and
+    XLA's SPMD partitioner turns the mean over tasks into a cross-device reduction.
+    """
 
     def one(state: Any, step: jax.Array) -> tuple[Any, jax.Array]:
         batch = family.sample(jax.random.fold_in(data_key, step), meta_batch)
+        if mesh is not None:
+            batch = jax.lax.with_sharding_constraint(batch, NamedSharding(mesh, PartitionSpec("tasks")))
         return svi.update(state, batch)
 
     def chunk(state: Any, start: jax.Array, n: int) -> tuple[Any, jax.Array, jax.Array]:
@@ -197,7 +217,10 @@ def fit(
             raise CheckpointError("resume needs a run directory")
         state, step, trace = load_checkpoint(run_dir, state)
     total = cfg.steps if until is None else min(until, cfg.steps)
-    chunk = make_chunk(svi, family, cfg.meta_batch, data_key)
+    mesh = task_mesh(cfg.devices)
+    if mesh is not None:
+        state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    chunk = make_chunk(svi, family, cfg.meta_batch, data_key, mesh)
     bar = tqdm(
         total=cfg.steps,
         initial=step,
