@@ -14,7 +14,7 @@ from bayesmeta.cli import main
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("train.lrr=0.1", "train.lrr: unknown key; allowed keys: steps, meta_batch, optimizer, lr"),
+        ("train.lrr=0.1", ("train.lrr: unknown key; allowed keys: steps, meta_batch, ", "optimizer, lr, ")),
         ("train.steps=1.5", "train.steps: expected an integer >= 1, got 1.5"),
         ("train.steps=0", "train.steps: expected an integer >= 1, got 0"),
         ("train.lr=-1", "train.lr: expected a number > 0, got -1"),
