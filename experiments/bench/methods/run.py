@@ -72,7 +72,8 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {n} | {r['compile_s']:.1f} | {r['ms_per_step']:.3f} | {r['tasks_per_s']:,.0f} | {r['temp_mib']:.1f} |"
+        f"| {n} | {r['compile_s']:.1f} | {r['ms_per_step']:.3f} | {r['tasks_per_s']:,.0f} | "
+        f"{r['temp_mib']:.1f} |"
         for n, r in res.items()
     ]
     table = "\n".join(lines)
@@ -82,8 +83,9 @@ def main() -> None:
         HERE / "RESULTS.md",
         (
             "# Benchmark: meta-training throughput of each method (meta-batch 25)\n\n"
-            f"One scanned chunk of {CHUNK} SVI steps with tasks sampled on device, as `bayesmeta fit` runs it; "
-            f"minimum over {args.repeats} repeats.\n\n{table}\n\n- command: `{cmd}`\n- machine: {machine()}\n"
+            f"One scanned chunk of {CHUNK} SVI steps with tasks sampled on device, as `bayesmeta fit` "
+            f"runs it; minimum over {args.repeats} repeats.\n\n{table}\n\n- command: `{cmd}`\n"
+            f"- machine: {machine()}\n"
         ),
     )
     write_json(HERE / "results.json", {"command": cmd, "machine": machine(), "results": res})
