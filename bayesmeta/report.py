@@ -209,6 +209,31 @@ def plot_calibration(calib: dict[str, Any], path: Path) -> Path:
     return _save_fig(fig, path)
 
 
+def plot_reliability(diagram: dict[str, Any], ece: float, path: Path) -> Path:
+    """Reliability diagram of a classifier: accuracy against confidence per bin (from
+    diagnostics.calibration.expected_calibration_error), bar widths the bins, with the ECE."""
+    import matplotlib.pyplot as plt
+
+    edges = np.asarray(diagram["edges"])
+    used = np.asarray(diagram["count"]) > 0
+    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    ax.bar(
+        edges[:-1][used],
+        np.asarray(diagram["accuracy"])[used],
+        width=np.diff(edges)[used],
+        align="edge",
+        edgecolor="k",
+        alpha=0.7,
+        label="accuracy",
+    )
+    ax.plot([0, 1], [0, 1], color="0.5", ls="--", label="calibrated")
+    ax.set(
+        xlabel="confidence", ylabel="accuracy", title=f"reliability (ECE {ece:.3f})", xlim=(0, 1), ylim=(0, 1)
+    )
+    ax.legend()
+    return _save_fig(fig, path)
+
+
 def calibration_table(calib: dict[str, Any]) -> str:
     levels = list(next(iter(calib.values()))["coverage"])
     head = (

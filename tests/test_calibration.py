@@ -87,3 +87,18 @@ def test_ece_is_zero_when_calibrated_and_known_when_overconfident():
     ece2, _ = expected_calibration_error(np.tile([0.99, 0.01], (n, 1)), y2)
     assert ece2 == pytest.approx(0.29, abs=0.01)
     assert diagram["count"].sum() == n
+
+
+def test_reliability_diagram_is_drawn(tmp_path):
+    from bayesmeta.report import plot_reliability
+
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(5), size=2000)
+    y = rng.integers(0, 5, 2000)
+    ece, diagram = expected_calibration_error(probs, y)
+    # labels independent of the probabilities: accuracy ~ 1/5 whatever the confidence
+    acc = diagram["accuracy"][diagram["count"] > 100]
+    assert np.all(np.abs(acc - 0.2) < 0.1)
+    assert ece == pytest.approx(np.mean(probs.max(-1)) - 0.2, abs=0.03)
+    path = plot_reliability(diagram, ece, tmp_path / "reliability.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
