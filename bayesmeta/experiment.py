@@ -318,7 +318,7 @@ def plot_sweep(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from bayesmeta.report import _save_fig
+    from bayesmeta.report import save_fig
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for stat, ax in zip(("mean", "median"), axes, strict=True):
@@ -347,4 +347,4 @@ def plot_sweep(
             yscale="log" if stat == "mean" else "linear",
         )
         ax.legend()
-    return _save_fig(fig, path)
+    return save_fig(fig, path)

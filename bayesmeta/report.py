@@ -111,7 +111,7 @@ def load_datatree(run_dir: Path) -> xr.DataTree:
         return dt.load()
 
 
-def _save_fig(fig: Any, path: Path) -> Path:
+def save_fig(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -144,7 +144,7 @@ def plot_training(dt: xr.DataTree, path: Path) -> Path:
             ax.plot(stats["eval_step"].values, stats[k].values, marker="o", ms=3, label=k[5:])
         ax.set(xlabel="step", title="held-out tasks")
         ax.legend()
-    return _save_fig(fig, path)
+    return save_fig(fig, path)
 
 
 def plot_predictions(dt: xr.DataTree, path: Path) -> Path | None:
@@ -177,7 +177,7 @@ def plot_predictions(dt: xr.DataTree, path: Path) -> Path | None:
         ax.scatter(xs[t], ys[t], color="C3", s=14, zorder=3, label="support")
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"{dt.attrs.get('method', '')}: adapted predictions on test tasks")
-    return _save_fig(fig, path)
+    return save_fig(fig, path)
 
 
 def _fmt(v: float | None) -> str:
@@ -206,7 +206,7 @@ def plot_calibration(calib: dict[str, Any], path: Path) -> Path:
     ax.set(xlabel="nominal coverage", ylabel="empirical coverage", title="central intervals")
     bx.set(xlabel="PIT", ylabel="density", title="probability integral transform")
     ax.legend()
-    return _save_fig(fig, path)
+    return save_fig(fig, path)
 
 
 def plot_reliability(diagram: dict[str, Any], ece: float, path: Path) -> Path:
@@ -231,7 +231,7 @@ def plot_reliability(diagram: dict[str, Any], ece: float, path: Path) -> Path:
         xlabel="confidence", ylabel="accuracy", title=f"reliability (ECE {ece:.3f})", xlim=(0, 1), ylim=(0, 1)
     )
     ax.legend()
-    return _save_fig(fig, path)
+    return save_fig(fig, path)
 
 
 def calibration_table(calib: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ import xarray as xr
 
 from bayesmeta.io import atomic_write
 from bayesmeta.predict import predictive
-from bayesmeta.report import _save_fig
+from bayesmeta.report import save_fig
 from bayesmeta.tasks import TaskBatch
 
 
@@ -134,7 +134,7 @@ def plot(s: Samples, path: Path, title: str) -> Path:
     ax.scatter(s.x_support[:, 0], s.y_support[:, 0], color="C3", zorder=3, label="support")
     ax.set(xlabel="x" if s.x.shape[1] == 1 else "x[0]", ylabel="y", title=title)
     ax.legend(fontsize=8)
-    return _save_fig(fig, path)
+    return save_fig(fig, path)
 
 
 def save(s: Samples, out_dir: Path, attrs: dict, title: str) -> list[Path]:

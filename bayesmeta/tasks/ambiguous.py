@@ -13,8 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from bayesmeta.config import opt
-from bayesmeta.tasks.base import Regression1D, TaskBatch, regression_batch
-from bayesmeta.tasks.base import uniform as _uniform
+from bayesmeta.tasks.base import Regression1D, TaskBatch, regression_batch, uniform
 
 
 @dataclass(frozen=True)
@@ -44,9 +43,9 @@ class SineLine(Regression1D):
         kk, ka, kp, ks, ki, kx, ke = jax.random.split(key, 7)
         info = {
             "sine": jax.random.bernoulli(kk, p.p_sine, (n_tasks,)).astype(jnp.int32),
-            "amplitude": _uniform(ka, (n_tasks,), p.amplitude),
-            "phase": _uniform(kp, (n_tasks,), p.phase),
-            "slope": _uniform(ks, (n_tasks,), p.slope),
-            "intercept": _uniform(ki, (n_tasks,), p.intercept),
+            "amplitude": uniform(ka, (n_tasks,), p.amplitude),
+            "phase": uniform(kp, (n_tasks,), p.phase),
+            "slope": uniform(ks, (n_tasks,), p.slope),
+            "intercept": uniform(ki, (n_tasks,), p.intercept),
         }
         return regression_batch(kx, ke, self.truth, info, self.shots, self.queries, p.x_range, p.noise_sd)

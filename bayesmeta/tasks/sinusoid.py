@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from bayesmeta.config import opt
-from bayesmeta.tasks.base import Regression1D, TaskBatch, range_problem, regression_batch
-from bayesmeta.tasks.base import uniform as _uniform
+from bayesmeta.tasks.base import Regression1D, TaskBatch, range_problem, regression_batch, uniform
 
 
 @dataclass(frozen=True)
@@ -34,8 +33,8 @@ class Sinusoid(Regression1D):
         p = self.params
         ka, kp, kx, ke = jax.random.split(key, 4)
         info = {
-            "amplitude": _uniform(ka, (n_tasks,), p.amplitude),
-            "phase": _uniform(kp, (n_tasks,), p.phase),
+            "amplitude": uniform(ka, (n_tasks,), p.amplitude),
+            "phase": uniform(kp, (n_tasks,), p.phase),
         }
         return regression_batch(kx, ke, self.truth, info, self.shots, self.queries, p.x_range, p.noise_sd)
 
@@ -99,16 +98,16 @@ class NMESinusoid:
         if p.split == "train":
             index = jax.random.randint(ki, (n_tasks,), 0, p.n_train)
             amplitude = self.amplitudes[index]
-            u = _uniform(ku, (n_tasks, self.shots + self.queries, 1), p.x_range)
+            u = uniform(ku, (n_tasks, self.shots + self.queries, 1), p.x_range)
             u_s, u_q = u[:, : self.shots], u[:, self.shots :]
         else:
-            amplitude = _uniform(ka, (n_tasks,), p.amplitude)
+            amplitude = uniform(ka, (n_tasks,), p.amplitude)
             # a training index other than the one nearest to A (the reference draws from 0..15 too)
             nearest = jnp.argmin(jnp.abs(amplitude[:, None] - self.amplitudes[None]), axis=1)
             shift = jax.random.randint(ki, (n_tasks,), 1, p.n_train)
             anywhere = jax.random.randint(ki, (n_tasks,), 0, p.n_train)
             index = jnp.where(nearest < p.n_train, (nearest + shift) % p.n_train, anywhere)
-            u_s = _uniform(ku, (n_tasks, self.shots, 1), p.x_range)
+            u_s = uniform(ku, (n_tasks, self.shots, 1), p.x_range)
             u_q = jnp.broadcast_to(
                 jnp.linspace(*p.test_grid, self.queries)[None, :, None], (n_tasks, self.queries, 1)
             )
