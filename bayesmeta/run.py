@@ -151,21 +151,6 @@ def memorization(setup: Setup, params: dict, tasks: Any) -> dict[str, float]:
     }
 
 
-def ambiguous(tasks: Any, noise_sd: float) -> np.ndarray:
-    """Support sets that both hypotheses explain: least-squares line and sinusoid fits to the support
-    points both leave an RMS residual within 2 noise sds (all sets of at most 2 points qualify)."""
-    x, y = np.asarray(tasks.x_support[..., 0]), np.asarray(tasks.y_support[..., 0])
-    ones = np.ones_like(x)
-
-    def rms(basis: np.ndarray) -> np.ndarray:
-        fitted = np.stack([b @ np.linalg.lstsq(b, yi, rcond=None)[0] for b, yi in zip(basis, y, strict=True)])
-        return np.sqrt(np.mean((fitted - y) ** 2, -1))
-
-    line = np.stack([x, ones], -1)
-    sine = np.stack([np.sin(x), np.cos(x), ones], -1)
-    return (rms(line) <= 2 * noise_sd) & (rms(sine) <= 2 * noise_sd)
-
-
 def calibration(setup: Setup, params: dict, ev: Evaluation) -> dict[str, Any]:
     """Predictive NLL, coverage and width of central intervals, PIT, and (sine/line family) mode
     coverage, for each test-time step count; needs eval.samples >= 2 and a Gaussian likelihood."""
@@ -184,8 +169,7 @@ def calibration(setup: Setup, params: dict, ev: Evaluation) -> dict[str, Any]:
             "width": {str(k): v for k, v in interval_width(y_draws).items()},
             "pit": np.asarray(pit(y_draws, y)).ravel().tolist(),
         }
-        info = ev.tasks.info
-        if "sine" in info and setup.cfg.eval.task.family == "sine_line":
+        if hasattr(setup.eval_family, "ambiguous"):  # a family with two hypotheses (sine/line)
             n = min(cfg.eval.memorization_tasks or 100, ev.tasks.x_support.shape[0])
             sub = jax.tree.map(lambda a, n=n: jnp.asarray(a[:n]), ev.tasks)
             x = setup.eval_family.grid(sub.info, 100)
@@ -193,7 +177,7 @@ def calibration(setup: Setup, params: dict, ev: Evaluation) -> dict[str, Any]:
                 params, sub._replace(x_query=x, y_query=None), jax.random.PRNGKey(6)
             )["f"][..., 0]
             both = np.asarray(jnp.any(sine_like(fg, x[0, :, 0]), 0) & jnp.any(~sine_like(fg, x[0, :, 0]), 0))
-            amb = ambiguous(sub, setup.eval_family.params.noise_sd)
+            amb = setup.eval_family.ambiguous(sub)
             entry["mode_coverage"] = float(both.mean())
             entry["mode_coverage_ambiguous"] = float(both[amb].mean()) if amb.any() else None
             entry["ambiguous_tasks"] = int(amb.sum())

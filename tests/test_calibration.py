@@ -74,6 +74,24 @@ def test_sine_and_line_hypotheses_are_told_apart():
     assert mode_coverage(jnp.stack([f[:200], f[:200]]), x) == 0.0
 
 
+def test_two_points_are_always_ambiguous_and_a_clean_sine_is_not():
+    fam2 = make_family(config.load(None, ["task.family='sine_line'", "task.shots=2"]).task)
+    assert bool(np.all(fam2.ambiguous(fam2.sample(jax.random.PRNGKey(0), 50))))
+    fam = make_family(
+        config.load(
+            None,
+            [
+                "task.family='sine_line'",
+                "task.shots=10",
+                "task.params.noise_sd=0.01",
+                "task.params.p_sine=1.0",
+                "task.params.amplitude=[3.0, 5.0]",
+            ],
+        ).task
+    )
+    assert not bool(np.any(fam.ambiguous(fam.sample(jax.random.PRNGKey(1), 50))))
+
+
 def test_ece_is_zero_when_calibrated_and_known_when_overconfident():
     rng = np.random.default_rng(0)
     n = 200_000

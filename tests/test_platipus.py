@@ -105,3 +105,5 @@ def test_platipus_learns_on_the_mixture(small_cfg, tmp_path):
     assert loss[-100:].mean() < 0.7 * loss[:100].mean()
     # predicting 0 scores about 16 on this family (sines 4.3, lines 28)
     assert metrics["metrics"]["mse@2"]["mean"] < 8.0
+    calib = metrics["calibration"]["2"]
+    assert 0.0 <= calib["mode_coverage"] <= 1.0 and calib["ambiguous_tasks"] > 0

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bayesmeta.config import opt
 from bayesmeta.tasks.base import Regression1D, TaskBatch, regression_batch, uniform
@@ -49,3 +50,20 @@ class SineLine(Regression1D):
             "intercept": uniform(ki, (n_tasks,), p.intercept),
         }
         return regression_batch(kx, ke, self.truth, info, self.shots, self.queries, p.x_range, p.noise_sd)
+
+    def ambiguous(self, batch: TaskBatch) -> np.ndarray:
+        """Support sets that both hypotheses explain: least-squares line and sinusoid fits to the support
+        points both leave an RMS residual within 2 noise sds (every set of at most 2 points qualifies)."""
+        x, y = np.asarray(batch.x_support[..., 0]), np.asarray(batch.y_support[..., 0])
+        ones = np.ones_like(x)
+
+        def rms(basis: np.ndarray) -> np.ndarray:
+            fitted = np.stack(
+                [b @ np.linalg.lstsq(b, yi, rcond=None)[0] for b, yi in zip(basis, y, strict=True)]
+            )
+            return np.sqrt(np.mean((fitted - y) ** 2, -1))
+
+        line = np.stack([x, ones], -1)
+        sine = np.stack([np.sin(x), np.cos(x), ones], -1)
+        tol = 2 * self.params.noise_sd
+        return (rms(line) <= tol) & (rms(sine) <= tol)
