@@ -115,6 +115,12 @@ def _tree_finite(tree: Any) -> jax.Array:
     )
 
 
+def initial_state(svi: SVI, family: Family, cfg: TrainConfig, seed: int) -> tuple[Any, jax.Array]:
+    """(the SVI state before step 0, the key every step's tasks are folded from), both from the seed."""
+    init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
+    return svi.init(init_key, family.sample(jax.random.fold_in(data_key, 0), cfg.meta_batch)), data_key
+
+
 def task_mesh(devices: int) -> Mesh | None:
     """A one-axis mesh ("tasks") over the first `devices` devices, or None for one device."""
     if devices == 1:
@@ -208,9 +214,8 @@ def fit(
     state. `evaluate(params) -> metrics` runs every cfg.eval_every steps.
     """
     run_dir = Path(run_dir) if run_dir is not None else None
-    init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
     svi = make_svi(method, cfg)
-    state = svi.init(init_key, family.sample(jax.random.fold_in(data_key, 0), cfg.meta_batch))
+    state, data_key = initial_state(svi, family, cfg, seed)
     step, trace = 0, Trace()
     if resume:
         if run_dir is None:

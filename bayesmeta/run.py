@@ -17,7 +17,7 @@ from bayesmeta.bounds import Bound, clipped_squared_error, pac_bayes_bound
 from bayesmeta.config import Config
 from bayesmeta.diagnostics.calibration import LEVELS, coverage, interval_width, mixture_nll, pit, sine_like
 from bayesmeta.diagnostics.memorization import support_dependence
-from bayesmeta.fit import FitResult, fit, load_checkpoint, make_svi
+from bayesmeta.fit import FitResult, fit, initial_state, load_checkpoint, make_svi
 from bayesmeta.io import write_text
 from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Method
@@ -94,8 +94,7 @@ def restore(cfg: Config, run_dir: Path) -> tuple[Setup, FitResult]:
     """Rebuild the method and load the run's checkpointed parameters."""
     setup = Setup.from_config(cfg)
     svi = make_svi(setup.method, cfg.train)
-    init_key, data_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
-    template = svi.init(init_key, setup.family.sample(data_key, cfg.train.meta_batch))
+    template, _ = initial_state(svi, setup.family, cfg.train, cfg.seed)
     state, step, trace = load_checkpoint(run_dir, template)
     return setup, FitResult(svi.get_params(state), state, step, trace)
 

@@ -12,7 +12,7 @@ import pytest
 from bayesmeta import run
 from bayesmeta.cli import main
 from bayesmeta.config import ConfigError
-from bayesmeta.fit import CHECKPOINT, CheckpointError, fit, load_checkpoint, make_svi
+from bayesmeta.fit import CHECKPOINT, CheckpointError, fit
 from bayesmeta.predict import eval_tasks, evaluate
 
 
@@ -73,10 +73,8 @@ def test_keyboard_interrupt_checkpoints_and_resume_matches(small_cfg, tmp_path):
             progress=False,
         )
     assert calls and (tmp_path / "a" / CHECKPOINT).is_file()
-    svi = make_svi(setup.method, cfg.train)
-    template = svi.init(jax.random.PRNGKey(0), setup.family.sample(jax.random.PRNGKey(0), 8))
-    _, step, _ = load_checkpoint(tmp_path / "a", template)
-    assert step == 100  # the interrupt came at the first evaluation, before the first checkpoint
+    _, checkpointed = run.restore(cfg, tmp_path / "a")
+    assert checkpointed.step == 100  # the interrupt came at the first evaluation, before the first checkpoint
     resumed = fit(
         setup.method, setup.family, cfg.train, seed=0, run_dir=tmp_path / "a", resume=True, progress=False
     )
@@ -107,12 +105,9 @@ def test_nan_guard_names_the_step_and_keeps_the_last_good_checkpoint(small_cfg, 
     assert code == 1 and len(err.splitlines()) == 1, err
     m = re.search(r"non-finite loss or parameters at step (\d+); last good state \(step 100\) kept", err)
     assert m and 100 < int(m.group(1)) <= 110, err
-    setup = run.Setup.from_config(cfg)
-    svi = make_svi(setup.method, cfg.train)
-    template = svi.init(jax.random.PRNGKey(0), setup.family.sample(jax.random.PRNGKey(0), 8))
-    state, step, _ = load_checkpoint(run_dir, template)
-    params = svi.get_params(state)
-    assert step == 100
+    _, kept = run.restore(cfg, run_dir)
+    params = kept.params
+    assert kept.step == 100
     for k in good.params:
         np.testing.assert_array_equal(params[k], good.params[k])
         assert jnp.all(jnp.isfinite(params[k]))
