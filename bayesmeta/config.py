@@ -59,15 +59,17 @@ def _methods() -> list[str]:
 class TaskConfig:
     family: str = opt("sinusoid", choices=_task_families, doc="task family")
     shots: int = opt(10, ge=1, doc="support points per task (per class for classification)")
-    queries: int = opt(10, ge=1, doc="query points per task")
+    queries: int = opt(10, ge=1, doc="query points per task (per class for classification)")
     params: dict = opt({}, doc="family-specific parameters, validated by the family")
 
 
 @dataclass(frozen=True)
 class NetConfig:
-    kind: str = opt("mlp", choices=["mlp"])
-    hidden: tuple[int, ...] = opt((40, 40), ge=1, doc="hidden layer widths")
-    activation: str = opt("relu", choices=["relu", "tanh", "elu"])
+    kind: str = opt("mlp", choices=["mlp", "conv4"], doc="MLP, or 4 conv blocks for square images")
+    hidden: tuple[int, ...] = opt((40, 40), ge=1, doc="MLP hidden layer widths")
+    activation: str = opt("relu", choices=["relu", "tanh", "elu"], doc="MLP activation")
+    filters: int = opt(64, ge=1, doc="conv4 filters per block")
+    downsample: str = opt("stride", choices=["stride", "maxpool"], doc="conv4: stride-2 convs or max pooling")
 
 
 @dataclass(frozen=True)

@@ -22,16 +22,24 @@ from bayesmeta.io import write_json, write_text
 
 @dataclass(frozen=True)
 class Cell:
-    """One training run: a method label, a setting label, a seed and config overrides."""
+    """One training run: a method label, a setting label, a seed and config overrides. With
+    `evaluation` overrides, the setting is an evaluation of a run shared by every cell with the same
+    method, seed and overrides: trained once in runs/<method>-seed<seed>, evaluated in its evals/<setting>."""
 
     method: str
     setting: str
     seed: int
     overrides: tuple[str, ...] = ()
+    evaluation: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
         return f"{self.method}-{self.setting}-seed{self.seed}"
+
+    @property
+    def run_name(self) -> str:
+        """The training run's name (shared by the evaluation settings of one trained model)."""
+        return f"{self.method}-seed{self.seed}" if self.evaluation else self.name
 
 
 def product(
@@ -68,9 +76,19 @@ def _same_config(path: Path, cfg: config.Config) -> bool:
 
 
 def run_cell(cell: Cell, base: Path, out_dir: Path, progress: bool = True) -> Outcome:
-    """Train and evaluate one cell; reuse a finished run with the same config, resume an interrupted one."""
-    cfg = config.load(base, [*cell.overrides, f"seed={cell.seed}", f"name={cell.name}"])
-    run_dir = out_dir / "runs" / cell.name
+    """Train and evaluate one cell; reuse a finished run with the same config, resume an interrupted one.
+    A cell with `evaluation` overrides trains (or reuses) its run, then evaluates it under them."""
+    return (
+        evaluate_cell(cell, base, out_dir, progress)
+        if cell.evaluation
+        else _train(cell, base, out_dir, progress)
+    )
+
+
+def _train(cell: Cell, base: Path, out_dir: Path, progress: bool) -> Outcome:
+    """The cell's training run in runs/<run_name>, reused or resumed when its config is unchanged."""
+    cfg = config.load(base, [*cell.overrides, f"seed={cell.seed}", f"name={cell.run_name}"])
+    run_dir = out_dir / "runs" / cell.run_name
     done = run_dir / "metrics.json"
     same = _same_config(run_dir / "config.toml", cfg)
     if done.is_file() and same:
@@ -85,9 +103,34 @@ def run_cell(cell: Cell, base: Path, out_dir: Path, progress: bool = True) -> Ou
     return Outcome(cell, metrics, time.perf_counter() - t0)
 
 
+def evaluate_cell(cell: Cell, base: Path, out_dir: Path, progress: bool = True) -> Outcome:
+    """Evaluate the cell's trained run (training it first if needed) under its evaluation overrides,
+    into runs/<run>/evals/<setting>/; reused when that evaluation's config is unchanged."""
+    trained = _train(cell, base, out_dir, progress)
+    if trained.metrics is None:
+        return Outcome(cell, None, trained.seconds, error=trained.error)
+    overrides = [*cell.overrides, *cell.evaluation, f"seed={cell.seed}", f"name={cell.run_name}"]
+    cfg = config.load(base, overrides)
+    run_dir = out_dir / "runs" / cell.run_name
+    eval_dir = run_dir / "evals" / cell.setting
+    if (eval_dir / "metrics.json").is_file() and _same_config(eval_dir / "config.toml", cfg):
+        m = json.loads((eval_dir / "metrics.json").read_text())
+        return Outcome(cell, m, m["eval_seconds"], reused=True)
+    t0 = time.perf_counter()
+    setup, result = run.restore(cfg, run_dir)
+    write_text(eval_dir / "config.toml", config.dumps(cfg))
+    metrics = run.finish(setup, eval_dir, result, progress=progress)
+    return Outcome(cell, metrics, time.perf_counter() - t0)
+
+
 def _stats(metrics: dict[str, Any], name: str) -> dict[str, Any]:
-    """A metric's summary over tasks, or a run-level number in the same shape: a diagnostic by name,
-    or any entry of metrics.json by its path, e.g. "calibration/5/coverage/0.9"."""
+    """A metric's summary over tasks ("accuracy@5"; "accuracy@max" at the largest test-time step
+    count), or a run-level number in the same shape: a diagnostic by name, or any entry of
+    metrics.json by its path, e.g. "calibration/5/coverage/0.9"."""
+    if name.endswith("@max"):  # the metric at the run's largest test-time step count
+        prefix = name[: -len("max")]
+        steps = [int(k[len(prefix) :]) for k in metrics["metrics"] if k.startswith(prefix)]
+        name = f"{prefix}{max(steps)}"
     if name in metrics["metrics"]:
         return metrics["metrics"][name]
     if "/" in name:

@@ -108,11 +108,8 @@ class FitResult:
 
 
 def _tree_finite(tree: Any) -> jax.Array:
-    return jnp.all(
-        jnp.stack(
-            [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-        )
-    )
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def initial_state(svi: SVI, family: Family, cfg: TrainConfig, seed: int) -> tuple[Any, jax.Array]:

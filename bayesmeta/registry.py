@@ -30,10 +30,12 @@ def check_method_params(cfg: ModelConfig) -> object:
 
 class Context(NamedTuple):
     """What a method may know of the training protocol: meta-training tasks n and query points K
-    (the PAC-Bayes bound's n and K, from which MR(W) can derive its beta)."""
+    (the PAC-Bayes bound's n and K, from which MR(W) can derive its beta), and the number of classes
+    of a classification family's meta-training split (for pre-training baselines)."""
 
     n_tasks: int = 1
     n_query: int = 1
+    n_classes: int | None = None
 
 
 def build_method(cfg: ModelConfig, x_dim: int, y_dim: int, context: Context | None = None) -> Method:

@@ -18,6 +18,7 @@ import xarray as xr
 from bayesmeta.io import atomic_write, write_json, write_text
 
 INFERENCE = "inference.nc"
+MAX_STORED_INPUTS = 5_000_000  # evaluation inputs kept in constant_data up to this many values
 
 
 def build_datatree(
@@ -36,26 +37,30 @@ def build_datatree(
     posterior_predictive + observed_data + constant_data (evaluation tasks), predictions +
     predictions_constant_data (dense grids on plotted tasks), sample_stats (training trace: loss per
     step, evaluation metrics per eval step), and one group per entry of `scalars` (e.g. pac_bayes)."""
-    io_dims = ["task", "point", "output"]
     post = {k: np.asarray(v)[None] for k, v in posterior.items()}
     # f carries one predictive mean per test-time step count: (chain, draw, steps, task, point, out)
+    # where out is the output dimension (regression) or the class (classification, y has no out axis)
     f = np.stack([draws[s]["f"] for s in inner_steps], axis=1)[None]
     y = draws[inner_steps[-1]]["y"][None]
+    y_dims = ["task", "point", "output"][: np.ndim(tasks.y_query)]
+    constant = {"y_support": np.asarray(tasks.y_support)}
+    inputs = np.size(tasks.x_support) + np.size(tasks.x_query)
+    if inputs <= MAX_STORED_INPUTS:  # images are regenerated from eval.seed instead of stored
+        constant |= {"x_support": np.asarray(tasks.x_support), "x_query": np.asarray(tasks.x_query)}
+    else:
+        attrs = {**attrs, "inputs_not_stored": f"{inputs} input values; regenerate them from eval.seed"}
     groups: dict[str, dict[str, Any]] = {
         "posterior": post,
         "posterior_predictive": {"y": y, "f": f},
         "observed_data": {"y": np.asarray(tasks.y_query)},
-        "constant_data": {
-            "x_support": np.asarray(tasks.x_support),
-            "y_support": np.asarray(tasks.y_support),
-            "x_query": np.asarray(tasks.x_query),
-        },
+        "constant_data": constant,
     }
+    out_dim = "output" if np.ndim(tasks.y_query) == 3 else "class"
     dims = {
-        "y": io_dims,
-        "f": ["inner_steps", *io_dims],
+        "y": y_dims,
+        "f": ["inner_steps", "task", "point", out_dim],
         "x_support": ["task", "support", "input"],
-        "y_support": ["task", "support", "output"],
+        "y_support": ["task", "support", "output"][: np.ndim(tasks.y_support)],
         "x_query": ["task", "point", "input"],
     }
     coords = {"inner_steps": inner_steps}

@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpyro import handlers
 from numpyro.infer import Predictive
 
 from bayesmeta import config as config_mod
@@ -36,23 +37,49 @@ class Setup:
     eval_family: Family
     method: Method
     likelihood: Any
+    eval_method: Method  # the method built for the evaluation family's outputs (same parameters)
 
     @classmethod
     def from_config(cls, cfg: Config) -> Setup:
         family = make_family(cfg.task, "task")
         eval_family = make_family(cfg.eval.task, "eval.task")
-        if (eval_family.x_dim, eval_family.y_dim) != (family.x_dim, family.y_dim):
+        if eval_family.x_dim != family.x_dim:
             raise config_mod.ConfigError(
-                f"eval.task: its inputs/outputs ({eval_family.x_dim}, {eval_family.y_dim}) differ "
-                f"from task's ({family.x_dim}, {family.y_dim})"
+                f"eval.task: its inputs ({eval_family.x_dim}) differ from task's ({family.x_dim})"
             )
-        context = Context(n_tasks=cfg.train.steps * cfg.train.meta_batch, n_query=cfg.task.queries)
+        context = Context(
+            n_tasks=cfg.train.steps * cfg.train.meta_batch,
+            n_query=getattr(family, "query_points", cfg.task.queries),
+            n_classes=getattr(family, "n_classes", None),
+        )
         method = build_method(cfg.model, family.x_dim, family.y_dim, context)
-        return cls(cfg, family, eval_family, method, make_likelihood(cfg.model))
+        eval_method = method
+        if eval_family.y_dim != family.y_dim:  # e.g. a 20-way protonet tested 5-way
+            eval_method = build_method(cfg.model, family.x_dim, eval_family.y_dim, context)
+            if param_shapes(method, family) != param_shapes(eval_method, eval_family):
+                raise config_mod.ConfigError(
+                    f"eval.task: {cfg.model.method}'s parameters depend on the number of outputs, which "
+                    f"differs between task ({family.y_dim}) and eval.task ({eval_family.y_dim})"
+                )
+        return cls(cfg, family, eval_family, method, make_likelihood(cfg.model), eval_method)
 
     @property
     def eval_key(self) -> jax.Array:
         return jax.random.PRNGKey(self.cfg.eval.seed)
+
+
+def param_shapes(method: Method, family: Family) -> dict[str, Any]:
+    """Shapes of the model's and guide's parameter sites on one task of `family` (traced abstractly)."""
+
+    def sites(key: jax.Array) -> dict[str, jax.Array]:
+        batch = family.sample(key, 1)
+        out = {}
+        for fn in (method.model, method.guide):
+            tr = handlers.trace(handlers.seed(fn, key)).get_trace(batch)
+            out |= {k: v["value"] for k, v in tr.items() if v["type"] == "param"}
+        return out
+
+    return jax.eval_shape(sites, jax.random.PRNGKey(0))
 
 
 def default_run_dir(cfg: Config, root: str | Path = "runs") -> Path:
@@ -72,7 +99,7 @@ def train(
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     write_text(run_dir / "config.toml", config_mod.dumps(cfg))
     monitor = setup.eval_family.sample(jax.random.fold_in(setup.eval_key, 10**6), cfg.train.eval_tasks)
-    metric = quick_metric(setup.method, setup.likelihood, monitor, max(cfg.eval.inner_steps))
+    metric = quick_metric(setup.eval_method, setup.likelihood, monitor, max(cfg.eval.inner_steps))
     result = fit(
         setup.method,
         setup.family,
@@ -110,9 +137,9 @@ def grid_predictions(setup: Setup, params: dict, tasks: Any) -> dict[str, Any] |
     batch = plot._replace(x_query=x, y_query=None)
     f = {
         s: np.asarray(
-            predictive(setup.method, s, setup.cfg.eval.samples, ("f",))(params, batch, jax.random.PRNGKey(1))[
-                "f"
-            ]
+            predictive(setup.eval_method, s, setup.cfg.eval.samples, ("f",))(
+                params, batch, jax.random.PRNGKey(1)
+            )["f"]
         )
         for s in setup.cfg.eval.inner_steps
     }
@@ -121,10 +148,10 @@ def grid_predictions(setup: Setup, params: dict, tasks: Any) -> dict[str, Any] |
 
 def posterior_draws(setup: Setup, params: dict, batch: Any) -> dict[str, np.ndarray]:
     """Draws (S, ...) of the guide's meta-level latents: the stochastic meta-parameters."""
-    prefixes = setup.method.global_latents
+    prefixes = setup.eval_method.global_latents
     if not prefixes:
         return {}
-    draws = Predictive(setup.method.guide, params=params, num_samples=setup.cfg.eval.posterior_draws)(
+    draws = Predictive(setup.eval_method.guide, params=params, num_samples=setup.cfg.eval.posterior_draws)(
         jax.random.PRNGKey(2), batch
     )
     return {k: np.asarray(v) for k, v in draws.items() if k.split(".")[0] in prefixes}
@@ -138,7 +165,7 @@ def memorization(setup: Setup, params: dict, tasks: Any) -> dict[str, float]:
     sub = jax.tree.map(lambda a: jnp.asarray(a[:n]), tasks)
     return {
         f"support_dependence@{s}": support_dependence(
-            setup.method,
+            setup.eval_method,
             params,
             setup.eval_family,
             sub,
@@ -172,7 +199,7 @@ def calibration(setup: Setup, params: dict, ev: Evaluation) -> dict[str, Any]:
             n = min(cfg.eval.memorization_tasks or 100, ev.tasks.x_support.shape[0])
             sub = jax.tree.map(lambda a, n=n: jnp.asarray(a[:n]), ev.tasks)
             x = setup.eval_family.grid(sub.info, 100)
-            fg = predictive(setup.method, s, cfg.eval.samples, ("f",))(
+            fg = predictive(setup.eval_method, s, cfg.eval.samples, ("f",))(
                 params, sub._replace(x_query=x, y_query=None), jax.random.PRNGKey(6)
             )["f"][..., 0]
             both = np.asarray(jnp.any(sine_like(fg, x[0, :, 0]), 0) & jnp.any(~sine_like(fg, x[0, :, 0]), 0))
@@ -201,19 +228,23 @@ def exact_calibration(family: Any, tasks: Any) -> dict[str, Any]:
 
 def bound(setup: Setup, params: dict) -> Bound | None:
     """Theorem 1 of Yin et al. for methods with stochastic meta-parameters; the empirical error is the
-    Gibbs risk of the clipped squared error on fresh training-distribution tasks."""
+    Gibbs risk on fresh training-distribution tasks: the 0-1 error for classifiers, the clipped squared
+    error min((y - f)^2 / clip, 1) for regression."""
     cfg = setup.cfg
-    if setup.method.kl is None or cfg.model.likelihood != "gaussian":
+    if setup.method.kl is None:
         return None
     tasks = setup.family.sample(jax.random.PRNGKey(4), cfg.eval.bound_tasks)
     f = predictive(setup.method, cfg.model.inner_steps, cfg.eval.samples, ("f",))(
         params, tasks, jax.random.PRNGKey(5)
     )["f"]
-    err = float(jnp.mean(clipped_squared_error(f, tasks.y_query[None], cfg.eval.bound_clip)))
+    if cfg.model.likelihood == "categorical":
+        err, clip = float(jnp.mean(jnp.argmax(f, -1) != tasks.y_query[None])), 1.0
+    else:
+        err = float(jnp.mean(clipped_squared_error(f, tasks.y_query[None], cfg.eval.bound_clip)))
+        clip = cfg.eval.bound_clip
     n = cfg.train.steps * cfg.train.meta_batch
-    return pac_bayes_bound(
-        err, float(setup.method.kl(params)), n, cfg.task.queries, cfg.eval.bound_delta, cfg.eval.bound_clip
-    )
+    k = getattr(setup.family, "query_points", cfg.task.queries)
+    return pac_bayes_bound(err, float(setup.method.kl(params)), n, k, cfg.eval.bound_delta, clip)
 
 
 def finish(setup: Setup, run_dir: Path, result: FitResult, progress: bool = True) -> dict:
@@ -222,7 +253,7 @@ def finish(setup: Setup, run_dir: Path, result: FitResult, progress: bool = True
     t0 = time.perf_counter()
     batches = eval_tasks(setup.eval_family, setup.eval_key, cfg.eval.tasks, cfg.eval.batch)
     ev: Evaluation = evaluate(
-        setup.method,
+        setup.eval_method,
         setup.likelihood,
         result.params,
         batches,

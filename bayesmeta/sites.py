@@ -105,14 +105,18 @@ def kernel_shapes(net: Any) -> dict[str, tuple[int, ...]]:
 
 
 def bayesian_layers(prefix: str, net: Any, beta: float, prior_sd: float = 1.0) -> dict:
-    """Model side of a Bayes-by-backprop network: kernels are latent (N(0, prior_sd^2), KL x beta),
-    biases deterministic `numpyro.param`s (as TFP's DenseReparameterization); returns net's params."""
+    """Model side of a Bayes-by-backprop network: kernels "w" are latent (N(0, prior_sd^2), KL x beta),
+    every other leaf (biases; batch-norm scale and offset) a deterministic `numpyro.param` at its
+    initial value (as TFP's DenseReparameterization); returns net's params."""
     shapes = kernel_shapes(net)
     kernels = gaussian_weights_prior(prefix, shapes, beta, prior_sd)
-    import jax.numpy as jnp
 
-    biases = param_tree(f"{prefix}_bias", lambda key: {k: jnp.zeros(s[-1]) for k, s in shapes.items()})
-    return {k: {"w": kernels[k], "b": biases[k]} for k in shapes}
+    def rest(layer: dict) -> Any:
+        """A dense layer's bias alone (site `prefix_bias.layer`), else the dict of non-kernel leaves."""
+        return layer["b"] if set(layer) == {"w", "b"} else {k: v for k, v in layer.items() if k != "w"}
+
+    det = param_tree(f"{prefix}_bias", lambda key: {k: rest(v) for k, v in net.init(key).items()})
+    return {k: {"w": kernels[k], **(det[k] if isinstance(det[k], dict) else {"b": det[k]})} for k in shapes}
 
 
 def gaussian_weights_kl(params: dict[str, jax.Array], prefix: str, prior_sd: float = 1.0) -> jax.Array:

@@ -26,7 +26,7 @@ from bayesmeta.bounds import implied_beta
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Method
-from bayesmeta.nets import MLP
+from bayesmeta.nets import MLP, Conv4
 from bayesmeta.registry import Context
 from bayesmeta.sites import (
     bayesian_layers,
@@ -58,8 +58,33 @@ def _adapted_head(
 
 
 @dataclass(frozen=True)
+class ConvEncoder:
+    """The conv blocks of a Conv4 as an encoder of task batches: x (T, n, d) -> (T, n, filters), batch
+    norm with each task's own set statistics."""
+
+    conv: Conv4
+
+    def init(self, key: jax.Array) -> dict:
+        return {k: v for k, v in self.conv.init(key).items() if k != "head"}
+
+    def apply(self, params: dict, x: jax.Array) -> jax.Array:
+        return jax.vmap(lambda xi: self.conv.features(params, xi))(x)
+
+
+def _networks(cfg: ModelConfig, p: Any, x_dim: int, y_dim: int) -> tuple[Any, MLP]:
+    """(encoder, adapted head): an MLP encoder to encoder_dim and an MLP head with [model.net] hidden
+    layers, or with [model.net] kind = "conv4" the conv blocks and a linear head on their features."""
+    if cfg.net.kind == "conv4":
+        conv = Conv4(x_dim, y_dim, cfg.net.filters, downsample=cfg.net.downsample)
+        return ConvEncoder(conv), MLP(cfg.net.filters, y_dim, ())
+    enc = MLP(x_dim, p.encoder_dim, p.encoder_hidden, cfg.net.activation)
+    return enc, MLP(p.encoder_dim, y_dim, cfg.net.hidden, cfg.net.activation)
+
+
+@dataclass(frozen=True)
 class MRMAMLW:
-    """MR-MAML(W): Gaussian encoder kernels (biases deterministic), deterministic adapted head."""
+    """MR-MAML(W): Gaussian encoder kernels (biases deterministic), deterministic adapted head; the
+    encoder is an MLP (encoder_hidden, encoder_dim) or, with a conv4 net, its conv blocks."""
 
     @dataclass(frozen=True)
     class Params:
@@ -74,8 +99,7 @@ class MRMAMLW:
 
     @staticmethod
     def build(cfg: ModelConfig, p: Params, x_dim: int, y_dim: int, context: Context) -> Method:
-        enc = MLP(x_dim, p.encoder_dim, p.encoder_hidden, cfg.net.activation)
-        head_net = MLP(p.encoder_dim, y_dim, cfg.net.hidden, cfg.net.activation)
+        enc, head_net = _networks(cfg, p, x_dim, y_dim)
         lik = make_likelihood(cfg)
         beta = implied_beta(context.n_tasks, context.n_query, p.delta) if p.beta_from_bound else p.beta
 

@@ -6,6 +6,7 @@ from bayesmeta.config import ConfigError, TaskConfig, parse_params
 from bayesmeta.tasks.ambiguous import SineLine
 from bayesmeta.tasks.base import Family, TaskBatch
 from bayesmeta.tasks.basis import BasisRegression
+from bayesmeta.tasks.omniglot import Omniglot, OmniglotRuns
 from bayesmeta.tasks.sinusoid import NMESinusoid, Sinusoid
 
 FAMILIES: dict[str, type] = {
@@ -13,6 +14,8 @@ FAMILIES: dict[str, type] = {
     "nme_sinusoid": NMESinusoid,
     "sine_line": SineLine,
     "basis_regression": BasisRegression,
+    "omniglot": Omniglot,
+    "omniglot_runs": OmniglotRuns,
 }
 
 __all__ = ["FAMILIES", "Family", "TaskBatch", "make_family"]

@@ -1,0 +1,176 @@
+"""Omniglot from the minimal background sets (METHODS 2, 4 and 8; issue #5).
+
+    .venv/bin/python experiments/omniglot/run.py table [--seeds 0] [--only LABEL ...]
+    .venv/bin/python experiments/omniglot/run.py nme   [--seeds 0] [--only LABEL ...]
+
+`table` meta-trains MAML (5- and 20-way), first-order MAML, prototypical networks and the fine-tuning
+baseline on the 180 characters of 6 alphabets (x 4 rotations = 720 classes), then tests each on the
+held-out alphabets Early_Aramaic and Korean (62 characters x 4 rotations; 5-/20-way, 1-/5-shot, 600
+tasks, 5 queries per class) and on Lake's 20 within-alphabet one-shot runs, beside 1-NN on pixels.
+`nme` trains MAML and MR-MAML(W) on non-mutually-exclusive 20-way tasks (each training class keeps
+one label) and tests them on held-out alphabets with shuffled labels. Each training run is trained
+once and evaluated per setting (runs/<run>/evals/<setting>/); finished work is reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from bayesmeta.experiment import Cell, run_grid
+
+HERE = Path(__file__).parent
+BASE = HERE / "base.toml"
+
+
+def train(ways: int, shots: int, queries: int, meta_batch: int, steps: int, *extra: str) -> tuple[str, ...]:
+    return (
+        f"task.params.ways={ways}",
+        f"task.shots={shots}",
+        f"task.queries={queries}",
+        f"train.meta_batch={meta_batch}",
+        f"train.steps={steps}",
+        *extra,
+    )
+
+
+# Training protocols, reduced from the papers' to fit about 30 minutes each on 2 CPU cores (see notes)
+MAML_5 = ("model.method='maml'", *train(5, 1, 1, 32, 2500), "model.inner_lr=0.4")
+METHODS = {
+    "MAML 5-way": MAML_5,
+    "first-order MAML 5-way": (*MAML_5, "model.method='fomaml'"),
+    "MAML 20-way": ("model.method='maml'", *train(20, 1, 1, 16, 2000), "model.inner_lr=0.4"),
+    "ProtoNet": ("model.method='protonet'", "model.net.downsample='maxpool'", *train(20, 1, 5, 4, 3000)),
+    "fine-tuning": (
+        "model.method='finetune'",
+        "model.adapt='head'",
+        "model.inner_lr=0.5",
+        *train(20, 1, 5, 8, 3000),
+    ),
+    "1-NN pixels": ("model.method='nearest'", *train(5, 1, 1, 1, 1)),
+}
+TEST_STEPS = {"MAML": 5, "first-order": 5, "ProtoNet": 1, "fine-tuning": 50, "1-NN": 1}
+
+
+def held_out(ways: int, shots: int) -> tuple[str, ...]:
+    return (
+        "eval.task.params.split='test'",
+        "eval.task.params.labels='standard'",
+        f"eval.task.params.ways={ways}",
+        f"eval.task.shots={shots}",
+        "eval.task.queries=5",
+    )
+
+
+LAKE = (
+    "eval.task.family='omniglot_runs'",
+    "eval.task.shots=1",
+    "eval.task.queries=1",
+    "eval.tasks=20",
+    "eval.batch=20",
+)
+SETTINGS = {f"{w}-way {k}-shot": held_out(w, k) for w in (5, 20) for k in (1, 5)} | {"Lake's 20 runs": LAKE}
+WAYS = {"MAML 5-way": (5,), "first-order MAML 5-way": (5,), "MAML 20-way": (20,)}
+PUBLISHED = {  # METHODS 2 and 8; full Omniglot (1200 training characters), ours: 180
+    ("MAML 5-way", "5-way 1-shot"): 0.987,
+    ("MAML 5-way", "5-way 5-shot"): 0.999,
+    ("MAML 20-way", "20-way 1-shot"): 0.958,
+    ("MAML 20-way", "20-way 5-shot"): 0.989,
+    ("ProtoNet", "5-way 1-shot"): 0.988,
+    ("ProtoNet", "20-way 1-shot"): 0.960,
+    ("1-NN pixels", "Lake's 20 runs"): 0.217,
+}
+
+
+def compatible(method: str, setting: str) -> bool:
+    ways = 20 if setting.startswith("20") or setting.startswith("Lake") else 5
+    return ways in WAYS.get(method, (5, 20))
+
+
+def steps(method: str) -> tuple[str, ...]:
+    n = next(v for k, v in TEST_STEPS.items() if method.startswith(k))
+    return (f"eval.inner_steps=[{n}]",)
+
+
+def table(seeds: list[int], only: list[str] | None) -> None:
+    cells = [
+        Cell(m, s, seed, over, (*SETTINGS[s], *steps(m)))
+        for m, over in METHODS.items()
+        if not only or m in only
+        for s in SETTINGS
+        if compatible(m, s)
+        for seed in seeds
+    ]
+    run_grid(
+        "Omniglot (minimal background sets): held-out alphabets and Lake's 20 one-shot runs",
+        BASE,
+        cells,
+        ["accuracy@max"],
+        HERE / "table",
+        published={(m, s, "accuracy@max"): v for (m, s), v in PUBLISHED.items()},
+        notes=TABLE_NOTES,
+        progress=False,
+    )
+
+
+NME_METHODS = {
+    "MAML": ("model.method='maml'", "model.inner_lr=0.4"),
+    "MR-MAML(W)": (
+        "model.method='mr_maml_w'",
+        "model.inner_lr=0.4",
+        "model.params.beta=1e-4",
+        "model.params.rho_init=-5.0",
+    ),
+}
+NME_SHOTS = {1: train(20, 1, 1, 16, 2000, "task.params.labels='nme'"), 5: train(20, 5, 1, 8, 1500)}
+NME_PUBLISHED = {("MAML", 1): 0.078, ("MR-MAML(W)", 1): 0.833, ("MAML", 5): 0.507, ("MR-MAML(W)", 5): 0.941}
+
+
+def nme(seeds: list[int], only: list[str] | None) -> None:
+    cells = [
+        Cell(
+            f"{m}, NME {k}-shot",
+            f"20-way {k}-shot",
+            seed,
+            (*over, *NME_SHOTS[k], "task.params.labels='nme'"),
+            (*held_out(20, k), "eval.inner_steps=[5]"),
+        )
+        for m, over in NME_METHODS.items()
+        if not only or m in only
+        for k in NME_SHOTS
+        for seed in seeds
+    ]
+    run_grid(
+        "Non-mutually-exclusive Omniglot 20-way: MAML against MR-MAML(W) (Yin et al. 2020)",
+        BASE,
+        cells,
+        ["accuracy@max"],
+        HERE / "nme",
+        published={
+            (f"{m}, NME {k}-shot", f"20-way {k}-shot", "accuracy@max"): v
+            for (m, k), v in NME_PUBLISHED.items()
+        },
+        notes=NME_NOTES,
+        progress=False,
+    )
+
+
+TABLE_NOTES = """
+TODO
+"""
+NME_NOTES = """
+TODO
+"""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["table", "nme"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--only", nargs="+", help="method labels to run (default: all)")
+    args = p.parse_args()
+    {"table": table, "nme": nme}[args.what](args.seeds, args.only)
+
+
+if __name__ == "__main__":
+    main()

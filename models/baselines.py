@@ -1,0 +1,105 @@
+"""Baselines without meta-learning (METHODS 4 and 8).
+
+Fine-tuning: pre-train the network as one classifier over every meta-training class, then for a new
+task replace the head by a zero N-way head and take `inner_steps` gradient steps on the support set
+(adapting the head, or everything with [model] adapt = "all"). Training observes the episodes' images
+under their global class labels (info["classes"]); prediction (y_query withheld) adapts and predicts.
+
+Nearest neighbour: the query takes the class of the closest support input in Euclidean distance
+(pixels on Omniglot); "f" holds softmax(-min distance per class), whose argmax is the 1-NN decision.
+It has no parameters to fit: evaluate it without training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from bayesmeta.adapt import inner_loop
+from bayesmeta.config import ModelConfig
+from bayesmeta.likelihoods import make_likelihood
+from bayesmeta.method import Method, no_guide
+from bayesmeta.nets import make_net
+from bayesmeta.registry import Context
+from bayesmeta.sites import observe, param_tree
+from bayesmeta.tasks import TaskBatch
+
+
+def global_labels(classes: jax.Array, y: jax.Array) -> jax.Array:
+    """Episode labels (T, n) mapped to the split's class ids through classes (T, N)."""
+    return jnp.take_along_axis(classes, y, axis=1)
+
+
+@dataclass(frozen=True)
+class FineTune:
+    """Pre-train on all meta-training classes, fine-tune a fresh head on each task's support set."""
+
+    @dataclass(frozen=True)
+    class Params:
+        pass
+
+    @staticmethod
+    def check(cfg: ModelConfig, params: Params) -> str | None:
+        if cfg.likelihood != "categorical":
+            return "model.likelihood: the fine-tuning baseline classifies; expected 'categorical'"
+        return None
+
+    @staticmethod
+    def build(cfg: ModelConfig, params: Params, x_dim: int, y_dim: int, context: Context) -> Method:
+        if context.n_classes is None:
+            raise ValueError("finetune: the task family must say how many classes it has (n_classes)")
+        pretrain = make_net(cfg.net, x_dim, context.n_classes)
+        task_net = make_net(cfg.net, x_dim, y_dim)
+        lik = make_likelihood(cfg)
+
+        def model(batch: TaskBatch, inner_steps: int | None = None) -> None:
+            theta = param_tree("theta", pretrain.init)
+            if inner_steps is None:  # pre-training: every episode image under its global label
+                x = jnp.concatenate([batch.x_support, batch.x_query], 1)
+                y = jnp.concatenate([batch.y_support, batch.y_query], 1)
+                out = jax.vmap(lambda xi: pretrain.apply(theta, xi))(x)
+                observe(lik, out, global_labels(batch.info["classes"], y))
+                return
+            head = jax.tree.map(jnp.zeros_like, task_net.init(jax.random.PRNGKey(0))["head"])
+            start = {**theta, "head": head}
+
+            def loss(p: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+                return lik.loss(task_net.apply(p, x), y)
+
+            phi, _ = inner_loop(cfg, loss, start, batch.x_support, batch.y_support, inner_steps)
+            observe(lik, jax.vmap(task_net.apply)(phi, batch.x_query), batch.y_query)
+
+        return Method(name="finetune", model=model, guide=no_guide)
+
+
+@dataclass(frozen=True)
+class NearestNeighbour:
+    """1-nearest-neighbour on the raw inputs; no parameters."""
+
+    @dataclass(frozen=True)
+    class Params:
+        pass
+
+    @staticmethod
+    def check(cfg: ModelConfig, params: Params) -> str | None:
+        if cfg.likelihood != "categorical":
+            return "model.likelihood: nearest neighbour classifies; expected 'categorical'"
+        return None
+
+    @staticmethod
+    def build(cfg: ModelConfig, params: Params, x_dim: int, y_dim: int, context: Context) -> Method:
+        lik = make_likelihood(cfg)
+
+        def logits(x_s: jax.Array, y_s: jax.Array, x_q: jax.Array) -> jax.Array:
+            """-min_{i: y_i = k} ||x* - x_i||^2 for each class k (one task)."""
+            d = jnp.sum(jnp.square(x_q[:, None] - x_s[None]), -1)
+            same = jax.nn.one_hot(y_s, y_dim, dtype=bool)
+            return -jnp.min(jnp.where(same[None], d[:, :, None], jnp.inf), axis=1)
+
+        def model(batch: TaskBatch, inner_steps: int | None = None) -> None:
+            out = jax.vmap(logits)(batch.x_support, batch.y_support, batch.x_query)
+            observe(lik, out, batch.y_query)
+
+        return Method(name="nearest", model=model, guide=no_guide)

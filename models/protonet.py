@@ -1,0 +1,65 @@
+"""Prototypical networks (Snell, Swersky & Zemel 2017; METHODS 8) as a NumPyro model.
+
+    c_k = mean of f_theta(x) over the support images of class k          (prototypes)
+    p(y* = k | x*, D) = softmax_k(-||f_theta(x*) - c_k||^2)              (squared Euclidean)
+
+theta is a point estimate (numpyro.param); the ELBO with the empty guide is the mean query
+log-likelihood, the episode loss of the paper. Predictive returns the class probabilities as "f".
+No inner loop: `inner_steps` is accepted and ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from bayesmeta.config import ModelConfig
+from bayesmeta.likelihoods import make_likelihood
+from bayesmeta.method import Method, no_guide
+from bayesmeta.nets import make_net
+from bayesmeta.registry import Context
+from bayesmeta.sites import observe, param_tree
+from bayesmeta.tasks import TaskBatch
+
+
+def prototype_logits(z_s: jax.Array, y_s: jax.Array, z_q: jax.Array, ways: int) -> jax.Array:
+    """-||z_q - c_k||^2 for class means c_k of the support embeddings (one task: z (n, d), y (n,))."""
+    onehot = jax.nn.one_hot(y_s, ways)
+    protos = (onehot.T @ z_s) / jnp.maximum(onehot.sum(0), 1.0)[:, None]
+    return -jnp.sum(jnp.square(z_q[:, None, :] - protos[None]), -1)
+
+
+@dataclass(frozen=True)
+class ProtoNet:
+    """Prototypical networks on the configured net's features (conv4: set downsample = "maxpool" for
+    the paper's embedding); the head of the net is not used."""
+
+    @dataclass(frozen=True)
+    class Params:
+        pass
+
+    @staticmethod
+    def check(cfg: ModelConfig, params: Params) -> str | None:
+        if cfg.likelihood != "categorical":
+            return "model.likelihood: prototypical networks classify; expected 'categorical'"
+        return None
+
+    @staticmethod
+    def build(cfg: ModelConfig, params: Params, x_dim: int, y_dim: int, context: Context) -> Method:
+        net = make_net(cfg.net, x_dim, y_dim)
+        lik = make_likelihood(cfg)
+
+        def init(key: jax.Array) -> dict:
+            return {k: v for k, v in net.init(key).items() if k != "head"}
+
+        def model(batch: TaskBatch, inner_steps: int | None = None) -> None:
+            theta = param_tree("theta", init)
+
+            def task(x_s: jax.Array, y_s: jax.Array, x_q: jax.Array) -> jax.Array:
+                return prototype_logits(net.features(theta, x_s), y_s, net.features(theta, x_q), y_dim)
+
+            observe(lik, jax.vmap(task)(batch.x_support, batch.y_support, batch.x_query), batch.y_query)
+
+        return Method(name="protonet", model=model, guide=no_guide)
