@@ -178,9 +178,10 @@ def trajectory_correction(theta: Params, phi: Params, gamma: float) -> Params:
     theta_mu = mean_i d_i over the tasks (leading axis of phi), all leaves flattened into one vector
     (the landscape paper's regularizer, METHODS 6, Algorithm 1).
 
-    theta_mu is a constant in grad Omega_i (the pull towards a fixed mean direction, not also moving the
-    mean), i.e. grad Omega_i = -(theta_mu - (d_i . theta_mu) d_i) / ||phi_i - theta||; the meta-gradient
-    still flows through theta_mu. A task with phi_i = theta has d_i = 0 and is not moved."""
+    theta_mu is held constant in grad Omega_i: grad Omega_i = -(theta_mu - (d_i . theta_mu) d_i) / ||phi_i -
+    theta||. Differentiating theta_mu's own d_i / T gives the same (its term is -J_i^T d_i / T = 0, as
+    |d_i| = 1), so the choice is immaterial; the meta-gradient flows through everything, theta_mu
+    included. The step scales as gamma / ||phi_i - theta||. A task with phi_i = theta is not moved."""
     flat_theta, unravel = ravel_pytree(theta)
     flat_phi = jax.vmap(lambda p: ravel_pytree(p)[0])(phi)
     mean_dir = jnp.mean(jax.vmap(lambda p: unit(p - flat_theta))(flat_phi), 0)
