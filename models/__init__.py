@@ -1,6 +1,6 @@
 """Method families, one file each. `METHODS` maps a config name to a spec with `Params` and `build`."""
 
-from models import cnp, llama, maml, mr_maml, platipus
+from models import cnp, l2f, llama, maml, mr_maml, platipus
 
 METHODS = {
     "maml": maml.MAML,
@@ -12,4 +12,5 @@ METHODS = {
     "mr_cnp_a": cnp.MRCNPA,
     "platipus": platipus.PLATIPUS,
     "llama": llama.LLAMA,
+    "l2f": l2f.L2F,
 }
