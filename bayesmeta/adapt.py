@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
+from bayesmeta.sites import param_tree
+
 Params = dict[str, Any]
 TaskLoss = Callable[[Params, jax.Array, jax.Array], jax.Array]
 
@@ -51,8 +53,6 @@ def learned_rates(fast: Params, kind: str, steps: int, init: float, prefix: str 
     "per_layer_step" one rate per parameter tensor and inner step, (steps,) per leaf (MAML++, Antoniou
     et al. 2019); "meta_sgd" one rate per parameter entry, shared by the steps, (1, *shape) (Meta-SGD,
     Li et al. 2017). All start at `init`; the result goes to `step_sizes` as `lr`."""
-    from bayesmeta.sites import param_tree
-
     if kind not in ("per_layer_step", "meta_sgd"):
         raise ValueError(f"learned rates: expected 'per_layer_step' or 'meta_sgd', got {kind!r}")
 

@@ -10,8 +10,10 @@ the initialisation, then MAML's inner loop.
 In the Bayesian reading gamma_i * theta is a task-conditioned prior mean shrunk towards zero. Ablations
 (`attenuation`): "layer" learns one gamma per tensor without task conditioning, "network" one scalar;
 `sigmoid = false` drops the final sigmoid (their Table 6). gamma starts at `gamma_init` for every task
-(g's last layer starts at zero weights and bias logit(gamma_init)): near 1, training starts from MAML's
-initialisation and learns how much to forget, rather than from a network whose weights are halved.
+(g's last layer starts at zero weights and bias logit(gamma_init)): near 1, training starts close to
+MAML's initialisation and learns how much to forget, rather than from a network whose weights are halved
+(sigmoid(0) = 0.5, what a default-initialised g would give); 0.9 rather than 0.99 keeps the sigmoid's
+slope gamma (1 - gamma) at 0.09, not 0.01, so g still learns at the meta learning rate.
 """
 
 from __future__ import annotations
