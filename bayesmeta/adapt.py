@@ -13,6 +13,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.flatten_util import ravel_pytree
+
+from bayesmeta.sites import param_tree
 
 Params = dict[str, Any]
 TaskLoss = Callable[[Params, jax.Array, jax.Array], jax.Array]
@@ -28,10 +31,35 @@ def split(params: Params, adapt: str) -> tuple[Params, Params]:
 
 
 def step_sizes(lr: float | Params, fast: Params, steps: int) -> Params:
-    """Per-step rates as a pytree over `fast` with a leading steps axis (scalar, per layer or Meta-SGD)."""
+    """Per-step rates as a pytree over `fast` with a leading steps axis (scalar, per layer or Meta-SGD).
+
+    A pytree of n rates per leaf serves any number of steps: step t uses rate min(t, n - 1), so steps
+    beyond the n learned ones reuse the last learned rate (n = 1: the same rate at every step)."""
     if isinstance(lr, dict):
-        return lr
+        return jax.tree.map(lambda a: extend_steps(a, steps), lr)
     return jax.tree.map(lambda p: jnp.full((steps,), lr, jnp.result_type(p)), fast)
+
+
+def extend_steps(rates: jax.Array, steps: int) -> jax.Array:
+    """rates (n, ...) -> (steps, ...): row t is rates[min(t, n - 1)] (the last row repeats)."""
+    n = rates.shape[0]
+    if n == steps:
+        return rates
+    return rates[jnp.minimum(jnp.arange(steps), n - 1)]
+
+
+def learned_rates(fast: Params, kind: str, steps: int, init: float, prefix: str = "inner_lr") -> Params:
+    """Inner step sizes as meta-parameters (numpyro.param sites `prefix.layer.leaf`, unconstrained):
+    "per_layer_step" one rate per parameter tensor and inner step, (steps,) per leaf (MAML++, Antoniou
+    et al. 2019); "meta_sgd" one rate per parameter entry, shared by the steps, (1, *shape) (Meta-SGD,
+    Li et al. 2017). All start at `init`; the result goes to `step_sizes` as `lr`."""
+    if kind not in ("per_layer_step", "meta_sgd"):
+        raise ValueError(f"learned rates: expected 'per_layer_step' or 'meta_sgd', got {kind!r}")
+
+    def rates(p: jax.Array) -> jax.Array:
+        return jnp.full((steps,) if kind == "per_layer_step" else (1, *p.shape), init, p.dtype)
+
+    return param_tree(prefix, lambda _: jax.tree.map(rates, fast))
 
 
 def gradient_descent(
@@ -120,10 +148,11 @@ def inner_loop(
     first_order: bool | None = None,
     adapt: str | None = None,
     per_task: bool = False,
+    lr: float | Params | None = None,
 ) -> tuple[Params, jax.Array]:
     """The configured inner loop ([model] inner_steps, inner_lr, adapt, first_order) on every task's
     support set; `inner_steps` overrides the training count (test time), `per_task` takes one theta
-    per task (leading axis)."""
+    per task (leading axis), `lr` replaces inner_lr (e.g. by `learned_rates`)."""
     steps = cfg.inner_steps if inner_steps is None else inner_steps
     return (adapt_each if per_task else adapt_tasks)(
         loss,
@@ -131,8 +160,30 @@ def inner_loop(
         x,
         y,
         steps=steps,
-        lr=cfg.inner_lr,
+        lr=cfg.inner_lr if lr is None else lr,
         adapt=cfg.adapt if adapt is None else adapt,
         first_order=cfg.first_order if first_order is None else first_order,
         remat=cfg.remat,
     )
+
+
+def unit(v: jax.Array) -> jax.Array:
+    """v / ||v||, and 0 (with a zero gradient, no NaN) where v = 0."""
+    sq = jnp.sum(jnp.square(v))
+    return jnp.where(sq > 0, v / jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
+
+
+def trajectory_correction(theta: Params, phi: Params, gamma: float) -> Params:
+    """phi_hat_i = phi_i - gamma grad_phi_i Omega_i, Omega_i = -d_i . theta_mu, d_i = unit(phi_i - theta),
+    theta_mu = mean_i d_i over the tasks (leading axis of phi), all leaves flattened into one vector
+    (the landscape paper's regularizer, METHODS 6, Algorithm 1).
+
+    theta_mu is held constant in grad Omega_i: grad Omega_i = -(theta_mu - (d_i . theta_mu) d_i) / ||phi_i -
+    theta||. Differentiating theta_mu's own d_i / T gives the same (its term is -J_i^T d_i / T = 0, as
+    |d_i| = 1), so the choice is immaterial; the meta-gradient flows through everything, theta_mu
+    included. The step scales as gamma / ||phi_i - theta||. A task with phi_i = theta is not moved."""
+    flat_theta, unravel = ravel_pytree(theta)
+    flat_phi = jax.vmap(lambda p: ravel_pytree(p)[0])(phi)
+    mean_dir = jnp.mean(jax.vmap(lambda p: unit(p - flat_theta))(flat_phi), 0)
+    grad_omega = jax.vmap(jax.grad(lambda p: -unit(p - flat_theta) @ mean_dir))(flat_phi)
+    return jax.vmap(unravel)(flat_phi - gamma * grad_omega)
