@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -65,7 +66,7 @@ def check_archive(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
-    except (zipfile.BadZipFile, OSError) as e:
+    except (zipfile.BadZipFile, OSError, zlib.error) as e:
         raise DataError(f"Omniglot archive {path} is corrupt ({e}); replace it with an intact copy") from e
     if bad is not None:
         raise DataError(f"Omniglot archive {path} is corrupt (member {bad} fails its CRC check)")

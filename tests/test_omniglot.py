@@ -1,0 +1,330 @@
+"""Omniglot: the TFDS builder on the shared archives (without TensorFlow), its error paths, the
+episode sampler, the conv net, prototypical networks and the baselines."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from numpyro.infer import Predictive
+
+from bayesmeta import config, run
+from bayesmeta.config import ConfigError
+from bayesmeta.datasets import omniglot as data
+from bayesmeta.nets import Conv4, batch_norm, conv3x3
+from bayesmeta.registry import Context, build_method
+from bayesmeta.tasks import make_family
+from bayesmeta.tasks.omniglot import rotate
+from models.baselines import global_labels
+from models.protonet import prototype_logits
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "omniglot"
+OMNI = ["task.family='omniglot'", "model.likelihood='categorical'", "task.shots=1", "task.queries=2"]
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory) -> str:
+    """A data directory prepared once for the module, from the shared archives only."""
+    d = tmp_path_factory.mktemp("tfds")
+    for cfg in ("minimal", "runs"):
+        data.prepare(cfg, str(SHARED), str(d))
+    return str(d)
+
+
+def family(tfds_dir: str, *overrides: str):
+    cfg = config.load(None, [*OMNI, f"task.params.data_dir='{tfds_dir}'", *overrides])
+    return make_family(cfg.task)
+
+
+def test_builder_prepares_and_reads_the_shared_archives_without_tensorflow(tmp_path):
+    """In a fresh process on this environment, where TensorFlow is not installed (checked), prepare
+    both configs in an empty data directory and read them back through tfds.data_source."""
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, sys
+        assert importlib.util.find_spec("tensorflow") is None, "TensorFlow is installed: not this test"
+        from bayesmeta.datasets import omniglot as data
+        c = data.characters("minimal", 28, {str(SHARED)!r}, {str(tmp_path)!r})
+        r = data.runs(28, {str(SHARED)!r}, {str(tmp_path)!r})
+        b = data.prepare("minimal", "", {str(tmp_path)!r})
+        sizes = [len(b.as_data_source(s)) for s in ("small1", "small2")]
+        print("CHARS", len(c.images), len(set(c.label.tolist())), len(set(c.alphabet.tolist())), *sizes)
+        print("RUNS", *r.support.shape, int(r.answer[0, 0]))
+        assert not [k for k in sys.modules if k.split(".")[0] == "tensorflow"]
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = {ln.split()[0]: ln.split()[1:] for ln in out.stdout.splitlines() if ln[:4] in ("CHAR", "RUNS")}
+    # 5 + 5 alphabets with Greek and Latin shared: 242 characters x 20 drawers, 8 alphabets
+    assert lines["CHARS"] == ["4840", "242", "8", "2720", "3120"]
+    # run01/test/item01.png is class08 in run01/class_labels.txt (0-based 7)
+    assert lines["RUNS"] == ["20", "20", "28", "28", "7"]
+    assert (tmp_path / "bayesmeta_omniglot" / "minimal" / "1.0.0" / "dataset_info.json").is_file()
+
+
+def test_answer_key_matches_the_archive(tfds_dir):
+    r = data.runs(28, str(SHARED), tfds_dir)
+    with zipfile.ZipFile(SHARED / "all_runs.zip") as z:
+        for run_id in (1, 20):
+            lines = z.read(f"run{run_id:02d}/class_labels.txt").decode().split()
+            key = [int(Path(c).stem[5:]) - 1 for c in lines[1::2]]
+            assert r.answer[run_id - 1].tolist() == key
+    assert r.support.dtype == np.uint8 and r.support.max() == 255
+
+
+def test_missing_archive_names_file_and_directories(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DEFAULT_DIRS", ())
+    monkeypatch.delenv(data.ENV_ARCHIVES, raising=False)
+    empty = tmp_path / "archives"
+    empty.mkdir()
+    with pytest.raises(data.DataError, match=r"all_runs\.zip not found; looked in: .*archives"):
+        data.prepare("runs", str(empty), str(tmp_path / "tfds"))
+    assert not (tmp_path / "tfds" / "bayesmeta_omniglot" / "runs" / "1.0.0").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bad_crc"])
+def test_corrupt_archive_is_reported_and_writes_nothing(tmp_path, monkeypatch, damage):
+    monkeypatch.setattr(data, "DEFAULT_DIRS", ())
+    bad = tmp_path / "archives"
+    bad.mkdir()
+    raw = (SHARED / "all_runs.zip").read_bytes()
+    if damage == "truncated":
+        raw = raw[: len(raw) // 2]
+    else:  # flip bytes inside the first stored image, so its CRC check fails
+        with zipfile.ZipFile(SHARED / "all_runs.zip") as z:
+            info = next(i for i in z.infolist() if i.filename.endswith(".png"))
+        start = info.header_offset + 30 + len(info.filename) + len(info.extra) + 10
+        raw = raw[:start] + bytes(b ^ 0xFF for b in raw[start : start + 8]) + raw[start + 8 :]
+    (bad / "all_runs.zip").write_bytes(raw)
+    with pytest.raises(data.DataError, match="corrupt"):
+        data.prepare("runs", str(bad), str(tmp_path / "tfds"))
+    assert not (tmp_path / "tfds" / "bayesmeta_omniglot" / "runs" / "1.0.0").exists()
+
+
+def test_prepared_dataset_survives_a_corrupt_archive(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DEFAULT_DIRS", ())
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.mkdir()
+    bad.mkdir()
+    shutil.copy(SHARED / "all_runs.zip", good)
+    (bad / "all_runs.zip").write_bytes(b"not a zip file")
+    d = str(tmp_path / "tfds")
+    n = len(data.prepare("runs", str(good), d).as_data_source("runs"))
+    assert len(data.prepare("runs", str(bad), d).as_data_source("runs")) == n == 800
+
+
+def test_rotate_matches_numpy():
+    img = np.arange(2 * 3 * 3, dtype=np.float32).reshape(2, 3, 3)
+    for k in range(4):
+        out = rotate(jnp.asarray(img), jnp.array([k, (k + 1) % 4]))
+        np.testing.assert_array_equal(out[0], np.rot90(img[0], k))
+        np.testing.assert_array_equal(out[1], np.rot90(img[1], (k + 1) % 4))
+
+
+def test_episode_shapes_class_counts_and_no_query_in_support(tfds_dir):
+    fam = family(tfds_dir, "task.params.ways=5", "task.shots=3", "task.queries=4")
+    b = fam.sample(jax.random.PRNGKey(0), 16)
+    assert b.x_support.shape == (16, 15, 784) and b.x_query.shape == (16, 20, 784)
+    assert fam.y_dim == 5 and fam.query_points == 20
+    for t in range(16):
+        assert np.bincount(np.asarray(b.y_support[t]), minlength=5).tolist() == [3] * 5
+        assert np.bincount(np.asarray(b.y_query[t]), minlength=5).tolist() == [4] * 5
+        assert len(set(np.asarray(b.info["classes"][t]).tolist())) == 5  # N distinct classes
+        s, q = np.asarray(b.x_support[t]), np.asarray(b.x_query[t])
+        assert not (q[:, None, :] == s[None, :, :]).all(-1).any()  # no query image in the support set
+    assert 0.0 <= float(b.x_support.min()) and float(b.x_support.max()) <= 1.0
+
+
+def test_episodes_are_deterministic_from_the_key(tfds_dir):
+    fam = family(tfds_dir)
+    a, b = fam.sample(jax.random.PRNGKey(3), 4), fam.sample(jax.random.PRNGKey(3), 4)
+    c = fam.sample(jax.random.PRNGKey(4), 4)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    assert not np.array_equal(a.info["classes"], c.info["classes"])
+
+
+def _labels_by_class(b) -> dict[int, set[int]]:
+    seen: dict[int, set[int]] = {}
+    for t in range(b.info["classes"].shape[0]):
+        for label, cls in enumerate(np.asarray(b.info["classes"][t]).tolist()):
+            seen.setdefault(cls, set()).add(label)
+    return seen
+
+
+def test_label_regimes(tfds_dir):
+    """Standard: a class gets different labels in different tasks. NME: always the same label, and
+    each task holds one class of every label."""
+    std = family(tfds_dir, "task.params.ways=5", "task.params.rotations=false")
+    nme = family(tfds_dir, "task.params.ways=5", "task.params.rotations=false", "task.params.labels='nme'")
+    key = jax.random.PRNGKey(0)
+    assert max(len(v) for v in _labels_by_class(std.sample(key, 400)).values()) > 1
+    seen = _labels_by_class(nme.sample(key, 400))
+    assert all(len(v) == 1 for v in seen.values()) and len(seen) > 50
+    groups = np.asarray(nme._nme_groups)
+    assert groups.shape == (5, nme.n_classes // 5) and len(np.unique(groups)) == groups.size
+
+
+def test_alphabet_split_and_config_errors(tfds_dir):
+    train = family(tfds_dir)
+    test = family(tfds_dir, "task.params.split='test'")
+    chars = data.characters("minimal", 28, "", tfds_dir)
+    test_alphabets = {chars.alphabet[np.asarray(test._pool)[i, 0]] for i in range(test.n_characters)}
+    assert test_alphabets == {"Early_Aramaic", "Korean"}
+    assert train.n_characters + test.n_characters == 242 and test.n_characters == 62
+    assert train.n_classes == 4 * train.n_characters
+    with pytest.raises(ConfigError, match=r"task.params.held_out: unknown alphabets \['Klingon'\]"):
+        family(tfds_dir, "task.params.held_out=['Klingon']")
+    with pytest.raises(ConfigError, match=r"task.shots: shots \+ queries must be <= 20"):
+        family(tfds_dir, "task.shots=15", "task.queries=6")
+    with pytest.raises(ConfigError, match=r"task.params.labels: expected one of"):
+        family(tfds_dir, "task.params.labels='fixed'")
+
+
+def test_conv3x3_equals_xla_convolution():
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 9, 9, 4))
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 4, 5))
+    for stride in (1, 2):
+        ref = jax.lax.conv_general_dilated(
+            x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        np.testing.assert_allclose(conv3x3(x, w, stride), ref, atol=1e-4)
+
+
+def test_batch_norm_uses_the_statistics_of_the_current_set():
+    x = 3.0 + 2.0 * jax.random.normal(jax.random.PRNGKey(0), (6, 5, 5, 4))
+    out = batch_norm(x, jnp.ones(4), jnp.zeros(4))
+    np.testing.assert_allclose(out.mean((0, 1, 2)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(out.var((0, 1, 2)), 1.0, atol=1e-3)
+    net = Conv4(in_dim=28 * 28, out_dim=5, filters=8)
+    params = net.init(jax.random.PRNGKey(0))
+    imgs = jax.random.uniform(jax.random.PRNGKey(1), (10, 784))
+    assert net.apply(params, imgs).shape == (10, 5)
+    assert net.features(params, imgs).shape == (10, 8)
+    # transductive: the same image is normalised with the statistics of the set it comes in
+    assert not np.allclose(net.apply(params, imgs[:5])[0], net.apply(params, imgs)[0])
+
+
+def test_prototype_logits_by_hand():
+    z_s = jnp.array([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0]])
+    y_s = jnp.array([0, 0, 1])
+    z_q = jnp.array([[1.0, 1.0]])
+    # prototypes (1, 0) and (0, 4): squared distances 1 and 10
+    np.testing.assert_allclose(prototype_logits(z_s, y_s, z_q, 2), [[-1.0, -10.0]])
+
+
+def test_global_labels():
+    classes = jnp.array([[7, 3, 9], [1, 2, 0]])
+    y = jnp.array([[0, 2, 2, 1], [1, 1, 0, 2]])
+    np.testing.assert_array_equal(global_labels(classes, y), [[7, 9, 9, 3], [2, 2, 1, 0]])
+
+
+def test_nearest_neighbour_on_lakes_runs(tfds_dir):
+    """The 1-NN method equals a direct numpy 1-NN on the runs (about 21 % at 28x28)."""
+    cfg = config.load(
+        None,
+        [
+            "task.family='omniglot_runs'",
+            "task.shots=1",
+            "task.queries=1",
+            f"task.params.data_dir='{tfds_dir}'",
+            "model.method='nearest'",
+            "model.likelihood='categorical'",
+        ],
+    )
+    fam = make_family(cfg.task)
+    method = build_method(cfg.model, fam.x_dim, fam.y_dim)
+    b = fam.sample(jax.random.PRNGKey(0), 20)
+    f = Predictive(method.model, params={}, num_samples=1, return_sites=["f"])(
+        jax.random.PRNGKey(0), b._replace(y_query=None), inner_steps=0
+    )["f"][0]
+    d = ((np.asarray(b.x_query)[:, :, None] - np.asarray(b.x_support)[:, None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(np.argmax(f, -1), np.argmin(d, -1))
+    acc = float((np.argmin(d, -1) == np.asarray(b.y_query)).mean())
+    assert 0.15 < acc < 0.3
+
+
+SMALL_CONV = [
+    *OMNI,
+    "model.net.kind='conv4'",
+    "model.net.filters=8",
+    "train.meta_batch=4",
+    "train.log_every=50",
+    "train.eval_every=100",
+    "train.checkpoint_every=100",
+    "train.eval_tasks=20",
+    "eval.tasks=40",
+    "eval.batch=20",
+    "eval.plot_tasks=0",
+    "eval.memorization_tasks=0",
+    "eval.task.params.split='test'",
+]
+
+
+def _small(tfds_dir: str, *overrides: str) -> config.Config:
+    return config.load(None, [*SMALL_CONV, f"task.params.data_dir='{tfds_dir}'", *overrides])
+
+
+def test_protonet_learns_and_evaluates_at_another_way(tfds_dir, tmp_path):
+    """A small ProtoNet trained 5-way beats chance clearly on held-out alphabets, and the same
+    parameters evaluate 10-way (its parameters do not depend on the number of classes)."""
+    cfg = _small(
+        tfds_dir,
+        "model.method='protonet'",
+        "model.net.downsample='maxpool'",
+        "train.steps=200",
+        "eval.task.params.ways=10",
+        "eval.inner_steps=[0]",
+    )
+    _, metrics = run.train(cfg, tmp_path / "proto", progress=False)
+    acc = metrics["metrics"]["accuracy@0"]["mean"]
+    assert acc > 0.35, acc  # chance is 0.1
+    f = run.restore(cfg, tmp_path / "proto")[0].eval_method
+    assert f is not None
+
+
+def test_maml_cannot_be_evaluated_at_another_way(tfds_dir):
+    with pytest.raises(ConfigError, match="depend on the number of outputs"):
+        run.Setup.from_config(_small(tfds_dir, "eval.task.params.ways=10"))
+
+
+def test_finetune_pretrains_on_global_labels_and_adapts_a_zero_head(tfds_dir):
+    cfg = _small(tfds_dir, "model.method='finetune'", "model.adapt='head'")
+    setup = run.Setup.from_config(cfg)
+    assert setup.family.n_classes == 720
+    b = setup.family.sample(jax.random.PRNGKey(0), 2)
+    params = run.param_shapes(setup.method, setup.family)
+    assert params["theta.head.w"].shape == (8, 720)
+    from numpyro import handlers
+
+    init = {k: jnp.zeros(v.shape) for k, v in params.items()}
+    tr = handlers.trace(handlers.substitute(setup.method.model, init)).get_trace(b)
+    np.testing.assert_array_equal(tr["y"]["value"][:, :5], global_labels(b.info["classes"], b.y_support))
+    f = Predictive(setup.method.model, params=init, num_samples=1, return_sites=["f"])(
+        jax.random.PRNGKey(0), b._replace(y_query=None), inner_steps=0
+    )["f"]
+    np.testing.assert_allclose(f, 1 / 5)  # the fresh head is zero: uniform class probabilities
+
+
+def test_mr_maml_w_on_conv_encoder(tfds_dir):
+    cfg = _small(tfds_dir, "model.method='mr_maml_w'", "model.params.rho_init=-5.0")
+    setup = run.Setup.from_config(cfg)
+    shapes = run.param_shapes(setup.method, setup.family)
+    assert shapes["encoder.block_0.loc"].shape == (3, 3, 1, 8)  # stochastic conv kernels
+    assert shapes["encoder_bias.block_0.scale"].shape == (8,)  # deterministic batch-norm parameters
+    assert shapes["head.head.w"].shape == (8, 5)
+    assert float(setup.method.kl({k: jnp.full(v.shape, -5.0) for k, v in shapes.items()})) > 0
+
+
+def test_context_counts_classes_and_query_points(tfds_dir):
+    setup = run.Setup.from_config(_small(tfds_dir, "model.method='finetune'"))
+    assert setup.family.query_points == 10
+    assert isinstance(Context(n_classes=setup.family.n_classes).n_classes, int)
