@@ -21,9 +21,9 @@ from numpyro.distributions import constraints
 from bayesmeta.adapt import inner_loop
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import Gaussian, make_likelihood
-from bayesmeta.method import Method, no_guide
+from bayesmeta.method import Method, Probe, no_guide
 from bayesmeta.nets import make_net
-from bayesmeta.sites import observe, param_tree
+from bayesmeta.sites import observe, param_tree, site_names
 from bayesmeta.tasks import TaskBatch
 
 
@@ -56,8 +56,19 @@ def build_maml(
             out_lik = Gaussian(sd)
         observe(out_lik, jax.vmap(net.apply)(phi, batch.x_query), batch.y_query)
 
+    def probe(params: dict) -> Probe:
+        shapes = jax.eval_shape(net.init, jax.random.PRNGKey(0))
+        theta = jax.tree.unflatten(
+            jax.tree.structure(shapes), [params[k] for k in site_names("theta", shapes)]
+        )
+
+        def adapt(th: dict, x: jax.Array, y: jax.Array) -> dict:
+            return inner_loop(cfg, task_loss, th, x, y, first_order=first_order)[0]
+
+        return Probe(theta, adapt, task_loss, task_loss, net.features)
+
     name = "fomaml" if first_order else "maml"
-    return Method(name=name, model=model, guide=no_guide)
+    return Method(name=name, model=model, guide=no_guide, probe=probe)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,92 @@
+"""Landscape and conflict diagnostics on cases with known answers (METHODS 5 and 6)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bayesmeta.diagnostics.conflict import conflict_per_layer, degree_of_conflict
+from bayesmeta.diagnostics.landscape import (
+    flatness,
+    gradient_coherence,
+    hvp,
+    representation_coherence,
+    top_eigenvalue,
+    trajectory_coherence,
+)
+
+KEY = jax.random.PRNGKey(0)
+
+
+def quadratic(a: jax.Array):
+    """0.5 x^T A x over a pytree {"u": x[:2], "v": x[2:]}: its Hessian is A everywhere."""
+
+    def loss(p):
+        x = jnp.concatenate([p["u"], p["v"]])
+        return 0.5 * x @ a @ x
+
+    return loss
+
+
+def test_hvp_is_the_hessian_times_v():
+    a = jnp.array([[2.0, 1.0, 0.0], [1.0, 3.0, 0.5], [0.0, 0.5, 1.0]])
+    p = {"u": jnp.ones(2), "v": jnp.ones(1)}
+    out = hvp(quadratic(a), p, {"u": jnp.array([1.0, 0.0]), "v": jnp.array([2.0])})
+    np.testing.assert_allclose(jnp.concatenate([out["u"], out["v"]]), a @ jnp.array([1.0, 0.0, 2.0]), 1e-6)
+
+
+def test_top_eigenvalue_of_diagonal_and_rotated_quadratics():
+    p = {"u": jnp.zeros(2), "v": jnp.zeros(2)}
+    diag = jnp.diag(jnp.array([0.5, 7.0, -2.0, 3.0]))
+    assert abs(float(top_eigenvalue(quadratic(diag), p, KEY, 50)) - 7.0) < 1e-4
+    q, _ = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(1), (4, 4)))
+    a = q @ jnp.diag(jnp.array([1.0, 2.0, 4.0, 10.0])) @ q.T  # non-diagonal, eigenvalues known
+    assert abs(float(top_eigenvalue(quadratic(a), p, KEY, 50)) - 10.0) < 1e-3
+
+
+def test_flatness_averages_over_tasks():
+    """Per-task loss s_i * ||p||^2 / 2 * x: Hessian s_i I, so flatness = mean s_i."""
+
+    def loss(p, x, y):
+        return 0.5 * x[0] * jnp.sum(p["w"] ** 2) + 0 * y[0]
+
+    scales = jnp.array([[1.0], [3.0], [8.0]])
+    phi = {"w": jnp.ones((3, 5))}
+    assert abs(float(flatness(loss, phi, scales, scales, KEY, 30)) - 4.0) < 1e-4
+
+
+def test_trajectory_coherence_identical_orthogonal_opposite():
+    theta = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([0.5])}
+
+    def phis(*dirs):
+        d = jnp.array(dirs)
+        return {"a": theta["a"] + d[:, :2], "b": theta["b"] + d[:, 2:]}
+
+    assert abs(float(trajectory_coherence(theta, phis([1, 2, 3], [2, 4, 6], [0.1, 0.2, 0.3]))) - 1) < 1e-6
+    assert abs(float(trajectory_coherence(theta, phis([1, 0, 0], [0, 3, 0], [0, 0, 2])))) < 1e-7
+    assert abs(float(trajectory_coherence(theta, phis([1, -1, 2], [-2, 2, -4]))) + 1) < 1e-6
+
+
+def test_gradient_coherence_by_hand():
+    g = {"w": jnp.array([[1.0, 2.0], [3.0, -1.0], [0.0, 2.0]]), "b": jnp.array([[1.0], [0.0], [-1.0]])}
+    # flat g: (1,2,1), (3,-1,0), (0,2,-1); pair products 1, 3, -2 (x2 each, ordered pairs)
+    expected = (1.0 + 3.0 - 2.0) * 2 / 6
+    assert abs(float(gradient_coherence(g)) - expected) < 1e-6
+
+
+def test_representation_coherence_is_a_cosine():
+    h = jnp.array([[1.0, 0.0], [5.0, 0.0], [0.0, 2.0]])  # cosines 1, 0, 0 -> mean over ordered pairs 1/3
+    assert abs(float(representation_coherence(h)) - 1 / 3) < 1e-6
+
+
+def test_conflict_identical_opposing_and_known_angle():
+    same = {"w": jnp.tile(jnp.array([[1.0, -2.0, 0.5]]), (4, 1))}
+    assert abs(float(degree_of_conflict(same))) < 1e-3  # arccos near 1 is float-limited (~sqrt(eps))
+    opposing = {"w": jnp.array([[1.0, 2.0], [-1.0, -2.0]])}
+    assert abs(float(degree_of_conflict(opposing)) - np.pi / 2) < 1e-6
+    eps = 1e-3  # (1, eps) and (-1, eps): v = (0, 1), each at arccos(eps / sqrt(1 + eps^2))
+    near = {"w": jnp.array([[1.0, eps], [-1.0, eps]])}
+    assert abs(float(degree_of_conflict(near)) - np.arccos(eps / np.sqrt(1 + eps**2))) < 1e-5
+    layers = conflict_per_layer({"a": same, "b": opposing})
+    assert set(layers) == {"a", "b"} and abs(float(layers["b"]) - np.pi / 2) < 1e-6
