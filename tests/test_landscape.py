@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+import xarray as xr
 
+from bayesmeta import run
+from bayesmeta.config import ConfigError
 from bayesmeta.diagnostics.conflict import conflict_per_layer, degree_of_conflict
 from bayesmeta.diagnostics.landscape import (
     flatness,
@@ -90,3 +96,48 @@ def test_conflict_identical_opposing_and_known_angle():
     assert abs(float(degree_of_conflict(near)) - np.arccos(eps / np.sqrt(1 + eps**2))) < 1e-5
     layers = conflict_per_layer({"a": same, "b": opposing})
     assert set(layers) == {"a", "b"} and abs(float(layers["b"]) - np.pi / 2) < 1e-6
+
+
+def test_fit_with_diagnostics_writes_them_to_the_run(small_cfg, tmp_path):
+    cfg = small_cfg(
+        "train.steps=100",
+        "train.log_every=25",
+        "train.eval_every=50",
+        "train.checkpoint_every=50",
+        "eval.tasks=20",
+        "eval.plot_tasks=0",
+        "train.diagnostics_every=25",
+        "train.diagnostics_tasks=4",
+        "train.diagnostics_power_iterations=5",
+        "model.net.hidden=[8]",
+        "eval.inner_steps=[1]",
+        "eval.memorization_tasks=0",
+    )
+    result, _ = run.train(cfg, tmp_path / "r", progress=False)
+    assert result.trace.diagnostics_step == [25, 50, 75, 100]
+    names = {"flatness", "trajectory_coherence", "gradient_coherence", "representation_coherence"}
+    names |= {"conflict_layer_0", "conflict_head"}
+    stats = xr.open_datatree(tmp_path / "r" / "inference.nc")["sample_stats"].to_dataset()
+    assert stats["diagnostics_step"].values.tolist() == [25, 50, 75, 100]
+    for k in names | {"test_mse@1"}:
+        assert np.all(np.isfinite(stats[f"diag_{k}"].values)), k
+    saved = json.loads((tmp_path / "r" / "metrics.json").read_text())["landscape"]
+    assert saved["step"] == [25, 50, 75, 100] and saved["test_metric"] == "mse@1"
+    assert set(saved["correlation"]) == names
+    r = saved["correlation"]["gradient_coherence"]
+    expected = np.corrcoef(saved["values"]["gradient_coherence"], saved["values"]["test_mse@1"])[0, 1]
+    assert abs(r - expected) < 1e-9
+    summary = (tmp_path / "r" / "summary.md").read_text()
+    assert "## Landscape diagnostics" in summary and f"| gradient_coherence | {r:.3f} |" in summary
+    assert (tmp_path / "r" / "plots" / "landscape.png").is_file()
+
+
+def test_diagnostics_need_a_probe(small_cfg):
+    cfg = small_cfg("model.method=cnp", "train.diagnostics_every=50")
+    with pytest.raises(ConfigError, match=r"^train\.diagnostics_every: .*'cnp'"):
+        run.Setup.from_config(cfg)
+
+
+def test_diagnostics_every_is_a_multiple_of_log_every(small_cfg):
+    with pytest.raises(ConfigError, match=r"^train\.diagnostics_every: expected a multiple"):
+        small_cfg("train.diagnostics_every=70")
