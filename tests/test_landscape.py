@@ -21,6 +21,7 @@ from bayesmeta.diagnostics.landscape import (
     top_eigenvalue,
     trajectory_coherence,
 )
+from bayesmeta.fit import Trace
 
 KEY = jax.random.PRNGKey(0)
 
@@ -141,3 +142,12 @@ def test_diagnostics_need_a_probe(small_cfg):
 def test_diagnostics_every_is_a_multiple_of_log_every(small_cfg):
     with pytest.raises(ConfigError, match=r"^train\.diagnostics_every: expected a multiple"):
         small_cfg("train.diagnostics_every=70")
+
+
+def test_trace_keeps_diagnostics_through_a_checkpoint():
+    trace = Trace(loss=[1.0, 0.5])
+    trace.add_diagnostics(2, {"flatness": 3.0, "test_mse@1": 0.2})
+    back = Trace.from_arrays(np.asarray(trace.loss), trace.to_json())
+    assert back.diagnostics_step == [2] and back.diagnostics == {"flatness": [3.0], "test_mse@1": [0.2]}
+    old = json.dumps({"eval_step": [], "eval": {}, "seconds": 0.0})  # a checkpoint from before
+    assert Trace.from_arrays(np.zeros(1), old).diagnostics == {}
