@@ -98,6 +98,8 @@ def task_gradients(svi: SVI, params: dict, batch: Any, key: jax.Array) -> tuple[
 def task_update(svi: SVI, state: SVIState, batch: Any) -> tuple[SVIState, jax.Array]:
     """svi.update with per-task gradients: the optimizer (e.g. pcgrad then Adam) combines them; the
     loss is the mean of the per-task losses. The keys are split as in SVI.update."""
+    if jax.tree.leaves(state.mutable_state):
+        raise ConfigError("train.task_gradients: per-task gradients do not support numpyro.mutable state")
     rng_key, rng_key_step = jax.random.split(state.rng_key)
     losses, grads = task_gradients(svi, svi.optim.get_params(state.optim_state), batch, rng_key_step)
     loss = jnp.mean(losses)

@@ -99,7 +99,15 @@ def test_a_batch_level_kl_is_counted_once(small_cfg):
 
 
 def test_pcgrad_fit_learns_and_resumes_bit_identically(small_cfg, tmp_path):
-    cfg = small_cfg("train.task_gradients='pcgrad'", "model.net.hidden=[16]", "train.lr=0.01")
+    cfg = small_cfg(
+        "train.task_gradients='pcgrad'",
+        "model.net.hidden=[16]",
+        "train.lr=0.01",
+        "train.steps=100",
+        "train.log_every=25",
+        "train.eval_every=50",
+        "train.checkpoint_every=50",
+    )
     setup = run.Setup.from_config(cfg)
 
     def go(**kw):
@@ -107,8 +115,8 @@ def test_pcgrad_fit_learns_and_resumes_bit_identically(small_cfg, tmp_path):
 
     full = go()
     loss = np.asarray(full.trace.loss)
-    assert loss[-50:].mean() < 0.8 * loss[:50].mean()
-    go(run_dir=tmp_path, until=100)
+    assert loss[-25:].mean() < 0.9 * loss[:25].mean()
+    go(run_dir=tmp_path, until=50)
     resumed = go(run_dir=tmp_path, resume=True)
     for a, b in zip(jax.tree.leaves(full.state), jax.tree.leaves(resumed.state), strict=True):
         np.testing.assert_array_equal(a, b)
