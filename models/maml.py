@@ -23,7 +23,7 @@ from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import Gaussian, make_likelihood
 from bayesmeta.method import Method, Probe, no_guide
 from bayesmeta.nets import make_net
-from bayesmeta.sites import observe, param_tree, site_names
+from bayesmeta.sites import observe, param_tree, tree_from_params
 from bayesmeta.tasks import TaskBatch
 
 
@@ -57,15 +57,10 @@ def build_maml(
         observe(out_lik, jax.vmap(net.apply)(phi, batch.x_query), batch.y_query)
 
     def probe(params: dict) -> Probe:
-        shapes = jax.eval_shape(net.init, jax.random.PRNGKey(0))
-        theta = jax.tree.unflatten(
-            jax.tree.structure(shapes), [params[k] for k in site_names("theta", shapes)]
-        )
-
         def adapt(th: dict, x: jax.Array, y: jax.Array) -> dict:
             return inner_loop(cfg, task_loss, th, x, y, first_order=first_order)[0]
 
-        return Probe(theta, adapt, task_loss, task_loss, net.features)
+        return Probe(tree_from_params("theta", net.init, params), adapt, task_loss, task_loss, net.features)
 
     name = "fomaml" if first_order else "maml"
     return Method(name=name, model=model, guide=no_guide, probe=probe)

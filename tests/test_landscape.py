@@ -17,11 +17,12 @@ from bayesmeta.diagnostics.landscape import (
     flatness,
     gradient_coherence,
     hvp,
+    landscape_metrics,
     representation_coherence,
     top_eigenvalue,
     trajectory_coherence,
 )
-from bayesmeta.fit import Trace
+from bayesmeta.fit import Trace, initial_state, make_svi
 
 KEY = jax.random.PRNGKey(0)
 
@@ -151,3 +152,24 @@ def test_trace_keeps_diagnostics_through_a_checkpoint():
     assert back.diagnostics_step == [2] and back.diagnostics == {"flatness": [3.0], "test_mse@1": [0.2]}
     old = json.dumps({"eval_step": [], "eval": {}, "seconds": 0.0})  # a checkpoint from before
     assert Trace.from_arrays(np.zeros(1), old).diagnostics == {}
+
+
+@pytest.mark.parametrize("method", ["maml", "fomaml", "mr_maml_w"])
+def test_probe_matches_the_model_and_gives_finite_metrics(small_cfg, method):
+    """MAML's probe: the mean query loss at the probe's adapted phi is the SVI loss minus the Gaussian
+    constant log(sqrt(pi)) (sd sqrt(1/2)); every method's metrics are finite at initialisation."""
+    extra = ["task.family='nme_sinusoid'"] if method == "mr_maml_w" else []
+    cfg = small_cfg(f"model.method={method}", "model.inner_steps=2", "model.net.hidden=[8, 8]", *extra)
+    setup = run.Setup.from_config(cfg)
+    svi = make_svi(setup.method, cfg.train)
+    state, _ = initial_state(svi, setup.family, cfg.train, 0)
+    params = svi.get_params(state)
+    batch = setup.family.sample(jax.random.PRNGKey(5), 6)
+    probe = setup.method.probe(params)
+    if method != "mr_maml_w":
+        phi = probe.adapt(probe.theta, batch.x_support, batch.y_support)
+        mean_query = jnp.mean(jax.vmap(probe.query_loss)(phi, batch.x_query, batch.y_query))
+        elbo = svi.loss.loss(KEY, params, svi.model, svi.guide, batch)
+        np.testing.assert_allclose(mean_query + 0.5 * np.log(np.pi), elbo, rtol=1e-5)
+    out = jax.jit(lambda p: landscape_metrics(setup.method.probe(p), batch, KEY, 5))(params)
+    assert all(bool(jnp.isfinite(v)) for v in out.values()), out
