@@ -11,6 +11,7 @@ import pytest
 import xarray as xr
 
 from bayesmeta import run
+from bayesmeta.cli import main
 from bayesmeta.config import ConfigError
 from bayesmeta.diagnostics.conflict import conflict_per_layer, degree_of_conflict
 from bayesmeta.diagnostics.landscape import (
@@ -134,10 +135,13 @@ def test_fit_with_diagnostics_writes_them_to_the_run(small_cfg, tmp_path):
     assert (tmp_path / "r" / "plots" / "landscape.png").is_file()
 
 
-def test_diagnostics_need_a_probe(small_cfg):
+def test_diagnostics_need_a_probe(small_cfg, tmp_path, capsys):
     cfg = small_cfg("model.method=cnp", "train.diagnostics_every=50")
     with pytest.raises(ConfigError, match=r"^train\.diagnostics_every: .*'cnp'"):
         run.Setup.from_config(cfg)
+    args = ["fit", "--run-dir", str(tmp_path / "r"), "--no-progress", "--set", "model.method=cnp"]
+    assert main([*args, "--set", "train.diagnostics_every=100"]) == 2
+    assert "config error: train.diagnostics_every: method 'cnp' has no probe" in capsys.readouterr().err
 
 
 def test_diagnostics_every_is_a_multiple_of_log_every(small_cfg):
