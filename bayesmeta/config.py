@@ -114,6 +114,16 @@ class TrainConfig:
     eval_every: int = opt(1000, ge=1, doc="held-out evaluation interval (multiple of log_every)")
     eval_tasks: int = opt(100, ge=1, doc="held-out tasks used for evaluation during training")
     checkpoint_every: int = opt(1000, ge=1, doc="checkpoint interval (multiple of log_every)")
+    diagnostics_every: int = opt(
+        0, ge=0, doc="landscape diagnostics interval (multiple of log_every; 0 = off); needs a method's probe"
+    )
+    diagnostics_tasks: int = opt(16, ge=2, doc="held-out tasks for the landscape diagnostics")
+    diagnostics_power_iterations: int = opt(20, ge=1, doc="power iterations for flatness (top Hessian eig)")
+    task_gradients: str = opt(
+        "batch",
+        choices=["batch", "pcgrad"],
+        doc="'batch': gradient of the meta-batch loss; 'pcgrad': per-task gradients, Meta-PCGrad, then mean",
+    )
 
 
 @dataclass(frozen=True)
@@ -279,7 +289,7 @@ def _check_cross(cfg: Config) -> None:
         raise ConfigError(
             f"train.meta_batch: expected a multiple of train.devices ({t.devices}), got {t.meta_batch}"
         )
-    for key in ("eval_every", "checkpoint_every"):
+    for key in ("eval_every", "checkpoint_every", "diagnostics_every"):
         if getattr(t, key) % t.log_every:
             raise ConfigError(
                 f"train.{key}: expected a multiple of train.log_every ({t.log_every}), got {getattr(t, key)}"

@@ -21,11 +21,13 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from numpyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from numpyro.infer.svi import SVIState
 from tqdm.auto import tqdm
 
 from bayesmeta.config import ConfigError, TrainConfig
 from bayesmeta.io import atomic_write
 from bayesmeta.method import Method
+from bayesmeta.pcgrad import pcgrad
 from bayesmeta.tasks import Family
 
 CHECKPOINT = "checkpoint/state.npz"
@@ -66,9 +68,44 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt) if cfg.grad_clip else opt
 
 
-def make_svi(method: Method, cfg: TrainConfig) -> SVI:
+def make_svi(method: Method, cfg: TrainConfig, seed: int = 0) -> SVI:
+    """SVI with the configured optimizer; under train.task_gradients = "pcgrad" the optimizer takes
+    per-task gradients (leading task axis) and starts with Meta-PCGrad (see `task_update`)."""
     elbo = TraceMeanField_ELBO() if method.elbo == "meanfield" else Trace_ELBO()
-    return SVI(method.model, method.guide, make_optimizer(cfg), elbo)
+    opt = make_optimizer(cfg)
+    if cfg.task_gradients == "pcgrad":
+        opt = optax.chain(pcgrad(seed), opt)
+    return SVI(method.model, method.guide, opt, elbo)
+
+
+def task_gradients(svi: SVI, params: dict, batch: Any, key: jax.Array) -> tuple[jax.Array, dict]:
+    """(losses (T,), gradients with a leading task axis) of the ELBO of each one-task sub-batch, at the
+    unconstrained `params`, through numpyro's own constrain_fn and elbo.loss, vmapped over tasks.
+
+    A loss that is a mean over tasks has mean_i grad_i = its batch gradient. A meta-level term that
+    does not depend on the batch size (beta * KL of global latents) sits once in every task's loss,
+    so the mean counts it once, as the batch loss does; a term scaled by 1 / tasks (MAML's
+    model.prior_scale penalty, scaled like one batch of data) is meta_batch times stronger here.
+    """
+
+    def loss(p: dict, task: Any) -> jax.Array:
+        one = jax.tree.map(lambda a: a[None], task)
+        return svi.loss.loss(key, svi.constrain_fn(p), svi.model, svi.guide, one, **svi.static_kwargs)
+
+    return jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0))(params, batch)
+
+
+def task_update(svi: SVI, state: SVIState, batch: Any) -> tuple[SVIState, jax.Array]:
+    """svi.update with per-task gradients: the optimizer (e.g. pcgrad then Adam) combines them; the
+    loss is the mean of the per-task losses. The keys are split as in SVI.update."""
+    if jax.tree.leaves(state.mutable_state):
+        raise ConfigError("train.task_gradients: per-task gradients do not support numpyro.mutable state")
+    rng_key, rng_key_step = jax.random.split(state.rng_key)
+    losses, grads = task_gradients(svi, svi.optim.get_params(state.optim_state), batch, rng_key_step)
+    loss = jnp.mean(losses)
+    return SVIState(
+        svi.optim.update(grads, state.optim_state, value=loss), state.mutable_state, rng_key
+    ), loss
 
 
 @dataclass
@@ -79,14 +116,29 @@ class Trace:
     eval_step: list[int] = field(default_factory=list)
     eval: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
+    diagnostics_step: list[int] = field(default_factory=list)
+    diagnostics: dict[str, list[float]] = field(default_factory=dict)
 
     def add_eval(self, step: int, metrics: dict[str, float]) -> None:
         self.eval_step.append(step)
         for k, v in metrics.items():
             self.eval.setdefault(k, []).append(v)
 
+    def add_diagnostics(self, step: int, values: dict[str, float]) -> None:
+        self.diagnostics_step.append(step)
+        for k, v in values.items():
+            self.diagnostics.setdefault(k, []).append(v)
+
     def to_json(self) -> str:
-        return json.dumps({"eval_step": self.eval_step, "eval": self.eval, "seconds": self.seconds})
+        return json.dumps(
+            {
+                "eval_step": self.eval_step,
+                "eval": self.eval,
+                "seconds": self.seconds,
+                "diagnostics_step": self.diagnostics_step,
+                "diagnostics": self.diagnostics,
+            }
+        )
 
     @classmethod
     def from_arrays(cls, loss: np.ndarray, meta: str) -> Trace:
@@ -96,6 +148,8 @@ class Trace:
             eval_step=d["eval_step"],
             eval=d["eval"],
             seconds=d["seconds"],
+            diagnostics_step=d.get("diagnostics_step", []),
+            diagnostics=d.get("diagnostics", {}),
         )
 
 
@@ -132,19 +186,25 @@ def task_mesh(devices: int) -> Mesh | None:
 
 
 def make_chunk(
-    svi: SVI, family: Family, meta_batch: int, data_key: jax.Array, mesh: Mesh | None = None
+    svi: SVI,
+    family: Family,
+    meta_batch: int,
+    data_key: jax.Array,
+    mesh: Mesh | None = None,
+    per_task: bool = False,
 ) -> Callable[[Any, jax.Array, int], tuple]:
     """chunk(state, start, n): n SVI steps in one jitted lax.scan -> (state, losses (n,), finite).
 
     With a mesh, each step's tasks are sharded along its "tasks" axis (the state is replicated), and
-    XLA's SPMD partitioner turns the mean over tasks into a cross-device reduction.
+    XLA's SPMD partitioner turns the mean over tasks into a cross-device reduction. `per_task` steps
+    by `task_update` (per-task gradients into the optimizer) instead of svi.update.
     """
 
     def one(state: Any, step: jax.Array) -> tuple[Any, jax.Array]:
         batch = family.sample(jax.random.fold_in(data_key, step), meta_batch)
         if mesh is not None:
             batch = jax.lax.with_sharding_constraint(batch, NamedSharding(mesh, PartitionSpec("tasks")))
-        return svi.update(state, batch)
+        return task_update(svi, state, batch) if per_task else svi.update(state, batch)
 
     def chunk(state: Any, start: jax.Array, n: int) -> tuple[Any, jax.Array, jax.Array]:
         state, losses = jax.lax.scan(one, state, start + jnp.arange(n))
@@ -200,6 +260,7 @@ def fit(
     resume: bool = False,
     until: int | None = None,
     evaluate: Callable[[dict], dict[str, float]] | None = None,
+    diagnose: Callable[[dict], dict[str, float]] | None = None,
     progress: bool = True,
     desc: str = "fit",
 ) -> FitResult:
@@ -208,10 +269,11 @@ def fit(
     Checkpoints (to run_dir) every cfg.checkpoint_every steps, at the end and on KeyboardInterrupt;
     `resume` continues from the checkpoint and ends in the same parameters as an uninterrupted run.
     A non-finite loss or parameter raises NonFiniteError naming the step, after saving the last good
-    state. `evaluate(params) -> metrics` runs every cfg.eval_every steps.
+    state. `evaluate(params) -> metrics` runs every cfg.eval_every steps, `diagnose(params) -> values`
+    every cfg.diagnostics_every steps (when > 0), both also at the last step.
     """
     run_dir = Path(run_dir) if run_dir is not None else None
-    svi = make_svi(method, cfg)
+    svi = make_svi(method, cfg, seed)
     state, data_key = initial_state(svi, family, cfg, seed)
     step, trace = 0, Trace()
     if resume:
@@ -222,7 +284,7 @@ def fit(
     mesh = task_mesh(cfg.devices)
     if mesh is not None:
         state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
-    chunk = make_chunk(svi, family, cfg.meta_batch, data_key, mesh)
+    chunk = make_chunk(svi, family, cfg.meta_batch, data_key, mesh, cfg.task_gradients != "batch")
     bar = tqdm(
         total=cfg.steps,
         initial=step,
@@ -259,6 +321,12 @@ def fit(
                 metrics = evaluate(svi.get_params(state))
                 trace.add_eval(step, metrics)
                 postfix.update({k: f"{v:.4g}" for k, v in metrics.items()})
+            if (
+                diagnose is not None
+                and cfg.diagnostics_every
+                and (step % cfg.diagnostics_every == 0 or step == cfg.steps)
+            ):
+                trace.add_diagnostics(step, diagnose(svi.get_params(state)))
             bar.set_postfix(postfix, refresh=False)
             bar.update(n)
             if run_dir is not None and (step % cfg.checkpoint_every == 0 or step == total):

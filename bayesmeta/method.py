@@ -4,7 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
+
+
+class Probe(NamedTuple):
+    """What landscape diagnostics need from a gradient-based method, at given meta-parameters.
+
+    theta: the initialisation the inner loop starts from (a pytree).
+    adapt(theta, x_support, y_support) -> phi: the training inner loop on T tasks (leading task axis),
+      differentiable in theta as the method trains it (first-order methods stop gradients inside).
+    support_loss(params, x, y), query_loss(params, x, y): one task's inner and outer losses.
+    features(params, x) -> (n, d): the representation the head reads, for one task.
+    """
+
+    theta: Any
+    adapt: Callable[[Any, Any, Any], Any]
+    support_loss: Callable[[Any, Any, Any], Any]
+    query_loss: Callable[[Any, Any, Any], Any]
+    features: Callable[[Any, Any], Any]
 
 
 @dataclass(frozen=True)
@@ -21,6 +38,8 @@ class Method:
     global_latents: prefixes of the guide's sample sites that are meta-level (not per task or point);
       their draws form the run's ArviZ posterior group.
     kl: params -> KL(q(theta) || p(theta)) of the stochastic meta-parameters, for the PAC-Bayes bound.
+    probe: params -> Probe, for the landscape diagnostics (train.diagnostics_every); gradient-based
+      methods with point-estimated meta-parameters provide it.
     """
 
     name: str
@@ -30,6 +49,7 @@ class Method:
     predict_with_guide: bool = True
     global_latents: tuple[str, ...] = ()
     kl: Callable[[dict], Any] | None = None
+    probe: Callable[[dict], Probe] | None = None
 
 
 def no_guide(*args: object, **kwargs: object) -> None:

@@ -36,7 +36,8 @@ def build_datatree(
     one draw), meta_parameters (point-estimated parameters, when there is a posterior besides),
     posterior_predictive + observed_data + constant_data (evaluation tasks), predictions +
     predictions_constant_data (dense grids on plotted tasks), sample_stats (training trace: loss per
-    step, evaluation metrics per eval step), and one group per entry of `scalars` (e.g. pac_bayes)."""
+    step, evaluation metrics per eval step, landscape diagnostics `diag_*` per diagnostics_step), and
+    one group per entry of `scalars` (e.g. pac_bayes)."""
     post = {k: np.asarray(v)[None] for k, v in posterior.items()}
     # f carries one predictive mean per test-time step count: (chain, draw, steps, task, point, out)
     # where out is the output dimension (regression) or the class (classification, y has no out axis)
@@ -82,6 +83,10 @@ def build_datatree(
     for k, v in trace.eval.items():
         stats[f"eval_{k}"] = xr.DataArray(
             np.asarray(v), dims="eval_step", coords={"eval_step": trace.eval_step}
+        )
+    for k, v in trace.diagnostics.items():
+        stats[f"diag_{k}"] = xr.DataArray(
+            np.asarray(v), dims="diagnostics_step", coords={"diagnostics_step": trace.diagnostics_step}
         )
     dt["sample_stats"] = xr.DataTree(stats)
     if meta_parameters:
@@ -182,6 +187,46 @@ def plot_predictions(dt: xr.DataTree, path: Path) -> Path | None:
         ax.scatter(xs[t], ys[t], color="C3", s=14, zorder=3, label="support")
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"{dt.attrs.get('method', '')}: adapted predictions on test tasks")
+    return save_fig(fig, path)
+
+
+def landscape_summary(steps: list[int], values: dict[str, list[float]]) -> dict[str, Any]:
+    """The diagnostics series with the Pearson correlation r of each metric with the held-out metric
+    (the series named `test_...`) across the diagnostic steps; r is None when undefined."""
+    test = next(k for k in values if k.startswith("test_"))
+    y = np.asarray(values[test], np.float64)
+    corr: dict[str, float | None] = {}
+    for k, v in values.items():
+        if k.startswith("test_"):
+            continue
+        x = np.asarray(v, np.float64)
+        ok = len(x) > 1 and np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and x.std() > 0 and y.std() > 0
+        corr[k] = float(np.corrcoef(x, y)[0, 1]) if ok else None
+    return {"step": list(steps), "test_metric": test[5:], "correlation": corr, "values": values}
+
+
+def plot_landscape(landscape: dict[str, Any], path: Path) -> Path:
+    """Each landscape metric over training beside the held-out metric (twin axis), titled with r."""
+    import matplotlib.pyplot as plt
+
+    names = list(landscape["correlation"])
+    test = landscape["test_metric"]
+    cols = min(4, len(names))
+    rows = int(np.ceil(len(names) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    step = landscape["step"]
+    for ax, name in zip(axes.flat, names, strict=False):
+        ax.plot(step, landscape["values"][name], marker="o", ms=3, color="C0")
+        ax.set_ylabel(name, color="C0", fontsize=8)
+        twin = ax.twinx()
+        twin.plot(step, landscape["values"]["test_" + test], marker="s", ms=3, color="C3", ls="--")
+        twin.set_ylabel(test, color="C3", fontsize=8)
+        r = landscape["correlation"][name]
+        ax.set(xlabel="step", title=f"{name}: r = {r:.3f}" if r is not None else f"{name}: r undefined")
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    fig.suptitle(f"landscape diagnostics (held-out tasks) against held-out {test}")
+    fig.tight_layout()
     return save_fig(fig, path)
 
 
@@ -334,6 +379,19 @@ def summary_markdown(metrics: dict[str, Any], files: list[str], posterior: str =
             "functions include both a sine-like and a line-like one; ambiguous tasks are those whose "
             "support set both hypotheses fit within 2 noise sds (their count in brackets).\n\n"
         )
+    land = metrics.get("landscape")
+    if land:
+        rows = "\n".join(
+            f"| {k} | {'n/a' if r is None else f'{r:.3f}'} | {land['values'][k][-1]:.4g} |"
+            for k, r in land["correlation"].items()
+        )
+        text += (
+            "## Landscape diagnostics (METHODS 5, 6)\n\n"
+            f"On held-out tasks at {len(land['step'])} steps during training; r is the correlation "
+            f"coefficient of each metric with the held-out {land['test_metric']} across those steps "
+            "(series in inference.nc sample_stats `diag_*`, plot in plots/landscape.png).\n\n"
+            f"| metric | r with {land['test_metric']} | last value |\n|---|---|---|\n{rows}\n\n"
+        )
     pac = metrics.get("pac_bayes")
     if pac:
         text += (
@@ -366,6 +424,9 @@ def write_report(
     ]
     files = [INFERENCE, "metrics.json", "summary.md", "config.toml", "checkpoint/state.npz"]
     files += [str(p.relative_to(run_dir)) for p in plots if p is not None]
+    if metrics.get("landscape"):
+        plots.append(plot_landscape(metrics["landscape"], run_dir / "plots" / "landscape.png"))
+        files.append("plots/landscape.png")
     if metrics.get("calibration"):
         plots.append(plot_calibration(metrics["calibration"], run_dir / "plots" / "calibration.png"))
     posterior = ""

@@ -17,6 +17,7 @@ from bayesmeta import config as config_mod
 from bayesmeta.bounds import Bound, clipped_squared_error, pac_bayes_bound
 from bayesmeta.config import Config
 from bayesmeta.diagnostics.calibration import LEVELS, coverage, interval_width, mixture_nll, pit, sine_like
+from bayesmeta.diagnostics.landscape import landscape_metrics
 from bayesmeta.diagnostics.memorization import support_dependence
 from bayesmeta.fit import FitResult, fit, initial_state, load_checkpoint, make_svi
 from bayesmeta.io import write_text
@@ -24,7 +25,7 @@ from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Method
 from bayesmeta.predict import Evaluation, eval_tasks, evaluate, predictive, quick_metric
 from bayesmeta.registry import Context, build_method
-from bayesmeta.report import INFERENCE, build_datatree, save_datatree, write_report
+from bayesmeta.report import INFERENCE, build_datatree, landscape_summary, save_datatree, write_report
 from bayesmeta.tasks import Family, make_family
 
 GRID_POINTS = 200
@@ -53,6 +54,11 @@ class Setup:
             n_classes=getattr(family, "n_classes", None),
         )
         method = build_method(cfg.model, family.x_dim, family.y_dim, context)
+        if cfg.train.diagnostics_every and method.probe is None:
+            raise config_mod.ConfigError(
+                f"train.diagnostics_every: method {cfg.model.method!r} has no probe hook (Method.probe) for "
+                "the landscape diagnostics; set it to 0"
+            )
         eval_method = method
         if eval_family.y_dim != family.y_dim:  # e.g. a 20-way protonet tested 5-way
             eval_method = build_method(cfg.model, family.x_dim, eval_family.y_dim, context)
@@ -86,6 +92,23 @@ def default_run_dir(cfg: Config, root: str | Path = "runs") -> Path:
     return Path(root) / cfg.name
 
 
+def landscape_monitor(setup: Setup, metric: Any) -> Any:
+    """params -> landscape metrics (diagnostics.landscape) on train.diagnostics_tasks held-out tasks,
+    with the held-out metric of the same step under the prefix `test_` (e.g. test_mse@10)."""
+    cfg = setup.cfg.train
+    tasks = setup.eval_family.sample(jax.random.fold_in(setup.eval_key, 10**6 + 1), cfg.diagnostics_tasks)
+    probe = setup.eval_method.probe
+    run = jax.jit(
+        lambda p: landscape_metrics(probe(p), tasks, jax.random.PRNGKey(7), cfg.diagnostics_power_iterations)
+    )
+
+    def diagnose(params: dict) -> dict[str, float]:
+        out = {k: float(v) for k, v in run(params).items()}
+        return out | {f"test_{k}": v for k, v in metric(params).items()}
+
+    return diagnose
+
+
 def train(
     cfg: Config,
     run_dir: str | Path | None = None,
@@ -109,6 +132,7 @@ def train(
         resume=resume,
         until=until,
         evaluate=metric,
+        diagnose=landscape_monitor(setup, metric) if cfg.train.diagnostics_every else None,
         progress=progress,
         desc=cfg.name,
     )
@@ -284,6 +308,8 @@ def finish(setup: Setup, run_dir: Path, result: FitResult, progress: bool = True
         "pac_bayes": pac.as_dict() if pac else None,
         "calibration": calib,
     }
+    if result.trace.diagnostics_step:
+        metrics["landscape"] = landscape_summary(result.trace.diagnostics_step, result.trace.diagnostics)
     attrs = {
         "method": setup.method.name,
         "family": cfg.task.family,

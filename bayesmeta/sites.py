@@ -38,6 +38,12 @@ def param_tree(prefix: str, init: Callable[[jax.Array], Any]) -> Any:
     return jax.tree.unflatten(treedef, values)
 
 
+def tree_from_params(prefix: str, init: Callable[[jax.Array], Any], params: dict) -> Any:
+    """The pytree `param_tree(prefix, init)` registered, read back from a dict of fitted params."""
+    shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
+    return jax.tree.unflatten(jax.tree.structure(shapes), [params[k] for k in site_names(prefix, shapes)])
+
+
 def observe(likelihood: Any, out: jax.Array, y: jax.Array | None, name: str = "y") -> None:
     """y (T, n, ...) ~ likelihood(out) under plates (tasks, points), scaled to a mean over both.
 

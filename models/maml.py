@@ -28,9 +28,9 @@ from bayesmeta.adapt import inner_loop, learned_rates, split, trajectory_correct
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.curvature import hessian_frobenius_sq
 from bayesmeta.likelihoods import Gaussian, make_likelihood
-from bayesmeta.method import Method, no_guide
+from bayesmeta.method import Method, Probe, no_guide
 from bayesmeta.nets import make_net
-from bayesmeta.sites import observe, param_tree
+from bayesmeta.sites import observe, param_tree, tree_from_params
 from bayesmeta.tasks import TaskBatch
 
 
@@ -110,8 +110,14 @@ def build_maml(
             out_lik = Gaussian(sd)
         observe(out_lik, jax.vmap(net.apply)(phi, batch.x_query), batch.y_query)
 
+    def probe(params: dict) -> Probe:
+        def adapt(th: dict, x: jax.Array, y: jax.Array) -> dict:
+            return inner_loop(cfg, task_loss, th, x, y, first_order=first_order)[0]
+
+        return Probe(tree_from_params("theta", net.init, params), adapt, task_loss, task_loss, net.features)
+
     name = "fomaml" if first_order else "maml"
-    return Method(name=name, model=model, guide=no_guide)
+    return Method(name=name, model=model, guide=no_guide, probe=probe)
 
 
 LEARNED_LR = ["none", "per_layer_step", "meta_sgd"]

@@ -25,7 +25,7 @@ from bayesmeta.adapt import inner_loop
 from bayesmeta.bounds import implied_beta
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
-from bayesmeta.method import Method
+from bayesmeta.method import Method, Probe
 from bayesmeta.nets import MLP, Conv4
 from bayesmeta.registry import Context
 from bayesmeta.sites import (
@@ -36,6 +36,7 @@ from bayesmeta.sites import (
     kernel_shapes,
     observe,
     param_tree,
+    tree_from_params,
 )
 from bayesmeta.tasks import TaskBatch
 
@@ -120,6 +121,25 @@ class MRMAMLW:
         def guide(batch: TaskBatch, inner_steps: int | None = None) -> None:
             gaussian_weights_guide("encoder", kernel_shapes(enc), beta, p.loc_sd, p.rho_init)
 
+        def probe(params: dict) -> Probe:
+            """At the posterior mean of the encoder kernels; theta is the head, the part the inner
+            loop adapts (the encoder is not adapted, so its gradients are not in the diagnostics)."""
+            encoder = {
+                k: {"w": params[f"encoder.{k}.loc"], "b": params[f"encoder_bias.{k}"]}
+                for k in kernel_shapes(enc)
+            }
+
+            def loss(head: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+                return lik.loss(head_net.apply(head, enc.apply(encoder, x)), y)
+
+            def adapt(head: dict, x: jax.Array, y: jax.Array) -> dict:
+                return _adapted_head(cfg, lik, head_net, head, enc.apply(encoder, x), y, None)
+
+            def features(head: dict, x: jax.Array) -> jax.Array:
+                return head_net.features(head, enc.apply(encoder, x))
+
+            return Probe(tree_from_params("head", head_net.init, params), adapt, loss, loss, features)
+
         return Method(
             "mr_maml_w",
             model,
@@ -127,6 +147,7 @@ class MRMAMLW:
             elbo="meanfield",
             global_latents=("encoder",),
             kl=lambda params: gaussian_weights_kl(params, "encoder", p.prior_sd),
+            probe=probe,
         )
 
 

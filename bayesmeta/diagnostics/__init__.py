@@ -1,1 +1,1 @@
-"""Diagnostics computed on fitted runs: memorization (here), calibration and landscape (later issues)."""
+"""Diagnostics computed on fitted runs: memorization, calibration, landscape and conflict metrics."""
