@@ -1,16 +1,23 @@
 """Benchmark: memory and time of second-order MAML against the number of inner steps, with and
 without rematerialisation of the inner step (model.remat).
 
-    .venv/bin/python experiments/bench/remat/run.py [--repeats 5]
+    .venv/bin/python experiments/bench/remat/run.py [--repeats 5]      # MLP, then the conv net
+    .venv/bin/python experiments/bench/remat/run.py --conv-only [--conv-repeats 3]
+    .venv/bin/python experiments/bench/remat/run.py --quick           # seconds; writes to a temp dir
 
-MLP 1-40-40-1 on the sinusoid, meta-batch 25, 10-shot, second-order. Memory is XLA's own account of
-the compiled SVI step (temporary buffers plus arguments and outputs), which is what grows with the
-steps; time is the minimum over repeats of 200 dispatched steps. Writes RESULTS.md / results.json.
+MLP 1-40-40-1 on the sinusoid, meta-batch 25, 10-shot, second-order; and the conv4 net (64 filters,
+stride-2 downsampling) on Omniglot 5-way 1-shot with 1 query per class, meta-batch 4, inner step 0.4
+(experiments/omniglot/base.toml). Memory is XLA's own account of the compiled SVI step (temporary
+buffers plus arguments and outputs), which is what grows with the steps; time is the minimum over
+repeats of dispatched steps (200 for the MLP, --conv-calls for the conv net). --conv-only measures the
+conv net and keeps the MLP results of results.json. Writes RESULTS.md / results.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,12 +30,14 @@ from bayesmeta.io import write_json, write_text
 from bayesmeta.run import Setup
 
 HERE = Path(__file__).parent
+OMNIGLOT = HERE.parents[1] / "omniglot" / "base.toml"
 STEPS = (1, 5, 10, 25, 50)
 POLICIES = ("none", "nothing_saveable", "dots_saveable", "sqrt")
+CONV_POLICIES = ("none", "nothing_saveable", "sqrt")
 
 
-def measure(inner_steps: int, policy: str, repeats: int) -> dict[str, float]:
-    cfg = config.load(
+def mlp_config(inner_steps: int, policy: str) -> config.Config:
+    return config.load(
         None,
         [
             "train.meta_batch=25",
@@ -38,8 +47,25 @@ def measure(inner_steps: int, policy: str, repeats: int) -> dict[str, float]:
             "model.inner_lr=0.001",
         ],
     )
+
+
+def conv_config(inner_steps: int, policy: str, meta_batch: int, filters: int) -> config.Config:
+    return config.load(
+        OMNIGLOT,
+        [
+            "task.queries=1",
+            f"train.meta_batch={meta_batch}",
+            f"model.net.filters={filters}",
+            "model.first_order=false",
+            f"model.inner_steps={inner_steps}",
+            f"model.remat='{policy}'",
+        ],
+    )
+
+
+def measure(cfg: config.Config, calls: int, repeats: int) -> dict[str, float]:
     setup = Setup.from_config(cfg)
-    batch = setup.family.sample(jax.random.PRNGKey(0), 25)
+    batch = setup.family.sample(jax.random.PRNGKey(0), cfg.train.meta_batch)
     svi = make_svi(setup.method, cfg.train)
     state = svi.init(jax.random.PRNGKey(1), batch)
     t0 = time.perf_counter()
@@ -47,14 +73,15 @@ def measure(inner_steps: int, policy: str, repeats: int) -> dict[str, float]:
     compile_s = time.perf_counter() - t0
     mem = step.memory_analysis()
     peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+    jax.block_until_ready(step(state, batch))  # warm-up
     best = float("inf")
     for _ in range(repeats):
         s = state
         t0 = time.perf_counter()
-        for _ in range(200):
+        for _ in range(calls):
             s, loss = step(s, batch)
         jax.block_until_ready(loss)
-        best = min(best, (time.perf_counter() - t0) / 200)
+        best = min(best, (time.perf_counter() - t0) / calls)
     return {
         "memory_mib": peak / 2**20,
         "temp_mib": mem.temp_size_in_bytes / 2**20,
@@ -63,48 +90,113 @@ def measure(inner_steps: int, policy: str, repeats: int) -> dict[str, float]:
     }
 
 
+def table(results: dict, steps: tuple[int, ...], policies: tuple[str, ...]) -> str:
+    head = "| inner steps | " + " | ".join(f"{p}: MiB / ms per step" for p in policies) + " |"
+    lines = [head, "|---|" + "---|" * len(policies)]
+    for s in map(str, steps):
+        cells = (f"{results[p][s]['memory_mib']:.2f} / {results[p][s]['ms_per_step']:.2f}" for p in policies)
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ratios(results: dict, hi: int, lo: int) -> dict[str, float]:
+    return {p: r[str(hi)]["memory_mib"] / r[str(lo)]["memory_mib"] for p, r in results.items()}
+
+
+def summary(r: dict[str, float], hi: int, lo: int) -> str:
+    return f"memory at {hi} steps / at {lo} steps: " + ", ".join(f"{p} {v:.2f}x" for p, v in r.items())
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--repeats", type=int, default=5)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=5, help="MLP: repeats of 200 steps")
+    p.add_argument("--conv-repeats", type=int, default=3)
+    p.add_argument("--conv-calls", type=int, default=5, help="conv: dispatched steps per repeat")
+    p.add_argument("--conv-meta-batch", type=int, default=4)
+    p.add_argument("--conv-only", action="store_true", help="measure the conv net; keep results.json's MLP")
+    p.add_argument("--quick", action="store_true", help="tiny check (steps 1 and 5, 8 filters), temp dir")
     args = p.parse_args()
-    results = {pol: {s: measure(s, pol, args.repeats) for s in STEPS} for pol in POLICIES}
-    head = "| inner steps | " + " | ".join(f"{p}: MiB / ms per step" for p in POLICIES) + " |"
-    lines = [head, "|---|" + "---|" * len(POLICIES)]
-    for s in STEPS:
-        lines.append(
-            f"| {s} | "
-            + " | ".join(
-                f"{results[p][s]['memory_mib']:.2f} / {results[p][s]['ms_per_step']:.2f}" for p in POLICIES
-            )
-            + " |"
+    steps, policies, conv_policies, calls, filters, mb = (
+        STEPS,
+        POLICIES,
+        CONV_POLICIES,
+        200,
+        64,
+        args.conv_meta_batch,
+    )
+    repeats, conv_repeats, conv_calls, out_dir = args.repeats, args.conv_repeats, args.conv_calls, HERE
+    if args.quick:
+        steps, policies, conv_policies, calls, filters, mb = (
+            (1, 5),
+            ("none", "sqrt"),
+            ("none", "sqrt"),
+            5,
+            8,
+            2,
         )
-    ratios = {p: results[p][50]["memory_mib"] / results[p][5]["memory_mib"] for p in POLICIES}
-    summary = "memory at 50 steps / at 5 steps: " + ", ".join(f"{p} {r:.2f}x" for p, r in ratios.items())
-    table = "\n".join(lines)
-    print(table, summary, sep="\n")
-    cmd = f".venv/bin/python experiments/bench/remat/run.py --repeats {args.repeats}"
+        repeats, conv_repeats, conv_calls = 1, 1, 2
+        out_dir = Path(tempfile.mkdtemp(prefix="bench_remat_"))
+    hi, lo = steps[-1], 5 if steps[-1] > 5 else steps[0]  # the issue's ratio: 50 over 5 steps
+    base = ".venv/bin/python experiments/bench/remat/run.py"
+
+    mlp_steps, mlp_policies, mlp_hi, mlp_lo = steps, policies, hi, lo
+    if args.conv_only:  # the MLP results of the last full run, as they are
+        previous = json.loads((HERE / "results.json").read_text())
+        mlp = {k: previous[k] for k in ("command", "machine", "ratio_50_over_5", "results")}
+        mlp_steps, mlp_policies, mlp_hi, mlp_lo = STEPS, POLICIES, 50, 5
+    else:
+        res = {pol: {str(s): measure(mlp_config(s, pol), calls, repeats) for s in steps} for pol in policies}
+        mlp = {
+            "command": f"{base} --quick" if args.quick else f"{base} --repeats {repeats}",
+            "machine": machine(),
+            "ratio_50_over_5": ratios(res, hi, lo),
+            "results": res,
+        }
+        print(table(res, steps, policies), summary(mlp["ratio_50_over_5"], hi, lo), sep="\n")
+
+    res = {
+        pol: {str(s): measure(conv_config(s, pol, mb, filters), conv_calls, conv_repeats) for s in steps}
+        for pol in conv_policies
+    }
+    conv_cmd = f"{base} --quick" if args.quick else f"{base} --conv-only --conv-repeats {conv_repeats}"
+    if not args.quick and not args.conv_only:
+        conv_cmd = f"{mlp['command']} --conv-repeats {conv_repeats}"
+    if not args.quick and (conv_calls, mb) != (5, 4):
+        conv_cmd += f" --conv-calls {conv_calls} --conv-meta-batch {mb}"
+    conv = {
+        "command": conv_cmd,
+        "machine": machine(),
+        "meta_batch": mb,
+        "filters": filters,
+        "ratio_50_over_5": ratios(res, hi, lo),
+        "results": res,
+    }
+    conv_table = table(res, steps, conv_policies)
+    print(conv_table, summary(conv["ratio_50_over_5"], hi, lo), sep="\n")
+
     write_text(
-        HERE / "RESULTS.md",
+        out_dir / "RESULTS.md",
         (
-            "# Benchmark: rematerialised inner loops (second-order MAML, MLP 1-40-40-1)\n\n"
-            "Sinusoid, meta-batch 25, 10-shot, inner step 0.001. Memory: XLA's memory analysis of the "
-            "compiled SVI "
-            f"step (temporaries + arguments + outputs); time: minimum over {args.repeats} repeats of 200 "
-            f"steps.\n\n{table}\n\n{summary} (issue target with rematerialisation: at most 3x). The MLP's "
-            "per-step carry (the adapted parameters of 25 tasks) is what remains per step under "
-            "rematerialisation; the conv net of the Omniglot issue is not measured yet.\n\n"
-            f"- command: `{cmd}`\n- machine: {machine()}\n"
+            "# Benchmark: rematerialised inner loops (second-order MAML)\n\n"
+            f"{'QUICK CHECK, NOT RESULTS.\n\n' if args.quick else ''}"
+            "Memory: XLA's memory analysis of the compiled SVI step (temporaries + arguments + outputs); "
+            "time: minimum over repeats of dispatched steps on one batch. Issue #7's target with "
+            "rematerialisation: memory at 50 inner steps at most 3x that at 5 steps.\n\n"
+            "## MLP 1-40-40-1 on the sinusoid\n\n"
+            "Meta-batch 25, 10-shot, inner step 0.001; 200 steps per repeat.\n\n"
+            f"{table(mlp['results'], mlp_steps, mlp_policies)}\n\n"
+            f"{summary(mlp['ratio_50_over_5'], mlp_hi, mlp_lo)}. The "
+            "MLP's per-step carry (the adapted parameters of 25 tasks) is what remains per step under "
+            f"rematerialisation.\n\n- command: `{mlp['command']}`\n- machine: {mlp['machine']}\n\n"
+            "## Conv4 on Omniglot 5-way 1-shot\n\n"
+            f"{filters} filters, stride-2 downsampling, 1 query per class, meta-batch {mb}, inner step 0.4 "
+            f"(experiments/omniglot/base.toml); {conv_calls} steps per repeat, {conv_repeats} repeats.\n\n"
+            f"{conv_table}\n\n{summary(conv['ratio_50_over_5'], hi, lo)}.\n\n"
+            f"- command: `{conv_cmd}`\n- machine: {conv['machine']}\n"
         ),
     )
-    write_json(
-        HERE / "results.json",
-        {
-            "command": cmd,
-            "machine": machine(),
-            "ratio_50_over_5": ratios,
-            "results": {p: {str(s): v for s, v in r.items()} for p, r in results.items()},
-        },
-    )
+    write_json(out_dir / "results.json", {**mlp, "conv": conv})
+    print("wrote", out_dir / "RESULTS.md")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,64 @@
+"""Small helpers for the benchmark scripts (experiments/bench): compile timing, timing over repeats,
+XLA's own memory and FLOP accounts of a compiled computation, and the machine's float32 matmul rate."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def compile_timed(fn: Callable, *args: Any, static_argnums: tuple[int, ...] = ()) -> tuple[float, Any]:
+    """(seconds to lower and compile, the compiled executable) of jit(fn) at these arguments; a
+    function that is already jitted is lowered as it is."""
+    jitted = fn if hasattr(fn, "lower") else jax.jit(fn, static_argnums=static_argnums)
+    t0 = time.perf_counter()
+    exe = jitted.lower(*args).compile()
+    return time.perf_counter() - t0, exe
+
+
+def seconds(call: Callable[[], Any], repeats: int) -> list[float]:
+    """Wall seconds of each of `repeats` calls, each waited for (after one untimed warm-up call)."""
+    jax.block_until_ready(call())
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def memory_mib(exe: Any) -> dict[str, float]:
+    """XLA's memory analysis of a compiled computation, MiB: temporaries, and the peak bound
+    temporaries + arguments + outputs (what the benchmarks report as memory)."""
+    m = exe.memory_analysis()
+    temp = m.temp_size_in_bytes
+    return {
+        "temp_mib": temp / 2**20,
+        "memory_mib": (temp + m.argument_size_in_bytes + m.output_size_in_bytes) / 2**20,
+    }
+
+
+def flops(exe: Any) -> float:
+    """XLA's count of floating-point operations of a compiled computation (its cost analysis). The body
+    of a loop left in the compiled program (a lax.scan of more than one step) is counted once, whatever
+    its trip count, so count a loop-free computation (e.g. one SVI step with one inner step)."""
+    cost = exe.cost_analysis()
+    if isinstance(cost, list | tuple):  # older JAX: one dict per program
+        cost = cost[0]
+    return float(cost.get("flops", 0.0))
+
+
+def gemm_gflops(sizes: tuple[int, ...] = (256, 512, 1024, 2048), repeats: int = 5) -> dict[int, float]:
+    """Best float32 GFLOP/s of a jitted square matmul (2 n^3 FLOPs) per size, over `repeats` calls."""
+    out = {}
+    for n in sizes:
+        ka, kb = jax.random.split(jax.random.PRNGKey(n))
+        a = jax.random.normal(ka, (n, n), jnp.float32)
+        b = jax.random.normal(kb, (n, n), jnp.float32)
+        f = jax.jit(jnp.dot)
+        out[n] = 2 * n**3 / min(seconds(lambda f=f, a=a, b=b: f(a, b), repeats)) / 1e9
+    return out

@@ -1,0 +1,359 @@
+"""Benchmark: conv MAML and prototypical networks on Omniglot 5-way 1-shot (1 query per class), conv4
+with 64 filters, meta-batch 32.
+
+    .venv/bin/python experiments/bench/omniglot/run.py [--steps 10] [--repeats 5]
+    .venv/bin/python experiments/bench/omniglot/run.py --quick     # seconds; writes to a temp dir
+
+Per configuration (second-order MAML with 1 inner step; ProtoNet with max-pooling downsampling; a
+hand-written pure-JAX second-order MAML step of the same maths as the reference for the engine's
+overhead): compile time, tasks per second with episode sampling inside the timed loop (the engine's
+`make_chunk`: tasks sampled on device every step) and without (one pre-sampled batch, the same update in
+a `lax.scan`), and XLA's memory analysis of one step. The FLOPs of one step (XLA's cost analysis) over
+its time give achieved GFLOP/s, compared with the best float32 GEMM rate measured here. The slowest
+configuration is profiled piece by piece (sampling, net forward, forward + gradient, inner loop, loss,
+full step, and the largest convolution's patch extraction and matmul), each jitted and timed alone.
+Times are minima over round-robin repeats. Writes RESULTS.md / results.json beside this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bayesmeta import config
+from bayesmeta.bench import compile_timed, flops, gemm_gflops, memory_mib, seconds
+from bayesmeta.experiment import machine
+from bayesmeta.fit import initial_state, make_chunk, make_svi
+from bayesmeta.io import write_json, write_text
+from bayesmeta.nets import Conv4, batch_norm, conv3x3, make_net
+from bayesmeta.run import Setup
+from bayesmeta.sites import tree_from_params
+
+HERE = Path(__file__).parent
+BASE = HERE.parents[1] / "omniglot" / "base.toml"  # conv4 MAML 5-way 1-shot, second-order, 1 step
+METHODS = {
+    "MAML": ("model.method='maml'",),
+    "ProtoNet": ("model.method='protonet'", "model.net.downsample='maxpool'"),
+}
+
+
+def load(method: str, meta_batch: int, filters: int) -> config.Config:
+    return config.load(
+        BASE,
+        [
+            "task.queries=1",
+            "model.inner_steps=1",
+            "model.first_order=false",
+            f"train.meta_batch={meta_batch}",
+            f"model.net.filters={filters}",
+            *METHODS[method],
+        ],
+    )
+
+
+def cross_entropy(net: Conv4, params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+    logp = jax.nn.log_softmax(net.apply(params, x))
+    return -jnp.mean(jnp.take_along_axis(logp, y[:, None], -1))
+
+
+def hand_written(cfg: config.Config, net: Conv4):
+    """Second-order conv MAML with one inner step in JAX + optax only (the nets' functions, no NumPyro,
+    no engine): returns (optimizer, meta_loss(theta, batch), step(theta, opt_state, batch))."""
+    alpha, opt = cfg.model.inner_lr, optax.adam(cfg.train.lr)
+
+    def meta_loss(theta, batch):
+        def task(xs, ys, xq, yq):
+            g = jax.grad(lambda p: cross_entropy(net, p, xs, ys))(theta)
+            phi = jax.tree.map(lambda t, d: t - alpha * d, theta, g)
+            return cross_entropy(net, phi, xq, yq)
+
+        return jnp.mean(jax.vmap(task)(batch.x_support, batch.y_support, batch.x_query, batch.y_query))
+
+    def step(theta, opt_state, batch):
+        loss, grads = jax.value_and_grad(meta_loss)(theta, batch)
+        updates, opt_state = opt.update(grads, opt_state, theta)
+        return optax.apply_updates(theta, updates), opt_state, loss
+
+    return opt, meta_loss, step
+
+
+def scanned(step, n: int, family=None, meta_batch: int = 0, data_key=None):
+    """n steps of step(*carry, batch) -> (*carry, loss) in one lax.scan: on a fixed batch (the last
+    argument), or with tasks sampled on device per step as make_chunk does (the last argument = start)."""
+
+    def run(*args):
+        *carry, last = args
+
+        def one(c, s):
+            b = last if family is None else family.sample(jax.random.fold_in(data_key, s), meta_batch)
+            *c, loss = step(*c, b)
+            return tuple(c), loss
+
+        xs = jnp.arange(n) if family is None else last + jnp.arange(n)
+        c, losses = jax.lax.scan(one, tuple(carry), xs)
+        return (*c, losses)
+
+    return run
+
+
+def profile(setup: Setup, svi, state, batch, mb: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Each piece of one training step jitted and timed alone, on the step's batch: ms and XLA FLOPs."""
+    family, cfg = setup.family, setup.cfg
+    net = make_net(cfg.model.net, family.x_dim, family.y_dim)
+    params = svi.get_params(state)
+    theta = {
+        **net.init(jax.random.PRNGKey(0)),
+        **tree_from_params("theta", lambda k: _drop_head(net, k), params),
+    }
+    x = jnp.concatenate([batch.x_support, batch.x_query], 1)
+    y = jnp.concatenate([batch.y_support, batch.y_query], 1)
+
+    def forward(th, x):
+        return jax.vmap(net.features, in_axes=(None, 0))(th, x)
+
+    def fwd_grad(th, x, y):
+        return jax.value_and_grad(
+            lambda t: jnp.mean(jax.vmap(lambda a, b: cross_entropy(net, t, a, b))(x, y))
+        )(th)
+
+    def inner(th, xs, ys):
+        def task(a, b):
+            g = jax.grad(lambda p: cross_entropy(net, p, a, b))(th)
+            return jax.tree.map(lambda t, d: t - cfg.model.inner_lr * d, th, g)
+
+        return jax.vmap(task)(xs, ys)
+
+    # the largest convolution: block 1 (the second) on every image of the batch, at its input's shape
+    stride = 2 if net.downsample == "stride" else 1
+    h0 = jnp.zeros((mb * x.shape[1], net.side, net.side, 1))
+    h1 = jax.eval_shape(lambda h: _block(net, theta["block_0"], h, stride), h0)
+    h1 = jnp.ones(h1.shape, h1.dtype)
+    w1 = theta["block_1"]["w"]
+
+    def patches(h):
+        return jax.lax.conv_general_dilated_patches(
+            h, (3, 3), (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    p1 = jnp.ones(jax.eval_shape(patches, h1).shape)
+    w1m = jnp.transpose(w1, (2, 0, 1, 3)).reshape(-1, w1.shape[-1])
+    pieces = {
+        "episode sampling": (lambda k: family.sample(k, mb), (jax.random.PRNGKey(3),)),
+        "net forward (all images)": (forward, (theta, x)),
+        "net forward + gradient (all images)": (fwd_grad, (theta, x, y)),
+        "SVI loss only (svi.evaluate)": (svi.evaluate, (state, batch)),
+        "full SVI step (svi.update)": (svi.update, (state, batch)),
+        "block 1 conv: patch extraction": (patches, (h1,)),
+        "block 1 conv: patches @ kernel matmul": (lambda p, w: p @ w, (p1, w1m)),
+        "block 1 conv3x3 (both)": (lambda h, w: conv3x3(h, w, stride), (h1, w1)),
+    }
+    if cfg.model.method == "maml":
+        pieces["inner loop (support grad + update)"] = (inner, (theta, batch.x_support, batch.y_support))
+    out = {}
+    for name, (fn, args) in pieces.items():
+        _, exe = compile_timed(fn, *args)
+        t = min(seconds(lambda exe=exe, args=args: exe(*args), repeats))
+        out[name] = {"ms": t * 1e3, "gflop": flops(exe) / 1e9}
+    return out
+
+
+def _drop_head(net: Conv4, key: jax.Array) -> dict:
+    return {k: v for k, v in net.init(key).items() if k != "head"}
+
+
+def _block(net: Conv4, p: dict, h: jax.Array, stride: int) -> jax.Array:
+    h = jax.nn.relu(batch_norm(conv3x3(h, p["w"], stride), p["scale"], p["offset"]))
+    if net.downsample == "maxpool":
+        h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "SAME")
+    return h
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=10, help="SVI steps per timed call (one lax.scan)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--meta-batch", type=int, default=32)
+    p.add_argument("--filters", type=int, default=64)
+    p.add_argument(
+        "--quick", action="store_true", help="tiny check (2 steps, 8 filters, meta-batch 2), temp dir"
+    )
+    args = p.parse_args()
+    n, repeats, mb, filters, sizes = (
+        args.steps,
+        args.repeats,
+        args.meta_batch,
+        args.filters,
+        (256, 512, 1024, 2048),
+    )
+    out_dir = HERE
+    if args.quick:
+        n, repeats, mb, filters, sizes = 2, 2, 2, 8, (64, 128)
+        out_dir = Path(tempfile.mkdtemp(prefix="bench_omniglot_"))
+
+    gemm = gemm_gflops(sizes, repeats)
+    peak = max(gemm.values())
+    print("float32 GEMM GFLOP/s:", {k: round(v, 1) for k, v in gemm.items()})
+
+    # name -> {"sampled"/"fixed": (compiled, arguments)} and per-implementation facts
+    rows: dict[str, dict] = {}
+    setups = {}
+    for method in METHODS:
+        cfg = load(method, mb, filters)
+        setup = Setup.from_config(cfg)
+        svi = make_svi(setup.method, cfg.train)
+        state, data_key = initial_state(svi, setup.family, cfg.train, cfg.seed)
+        batch = setup.family.sample(jax.random.fold_in(data_key, 0), mb)
+        setups[method] = (setup, svi, state, batch)
+        one_c, one = compile_timed(svi.update, state, batch)
+        chunk = make_chunk(svi, setup.family, mb, data_key)
+        start = jnp.asarray(0)
+        sampled_c, sampled = compile_timed(chunk, state, start, n)
+        fixed_c, fixed = compile_timed(scanned(svi.update, n), state, batch)
+        rows[f"{method} (engine)"] = {
+            "method": method,
+            "step": one,
+            "compile_s": {"one step": one_c, "scan, sampled": sampled_c, "scan, fixed batch": fixed_c},
+            "runs": {"sampled": (sampled, (state, start)), "fixed": (fixed, (state, batch))},
+        }
+        if method != "MAML":
+            continue
+        net = make_net(cfg.model.net, setup.family.x_dim, setup.family.y_dim)
+        opt, meta_loss, step = hand_written(cfg, net)
+        theta = tree_from_params("theta", net.init, svi.get_params(state))
+        opt_state = opt.init(theta)
+        engine_loss = float(jax.jit(svi.evaluate)(state, batch))
+        hand_loss = float(jax.jit(meta_loss)(theta, batch))
+        np.testing.assert_allclose(engine_loss, hand_loss, rtol=1e-4)  # the same maths, checked
+        one_c, one = compile_timed(step, theta, opt_state, batch)
+        sampled_c, sampled = compile_timed(
+            scanned(step, n, setup.family, mb, data_key), theta, opt_state, start
+        )
+        fixed_c, fixed = compile_timed(scanned(step, n), theta, opt_state, batch)
+        rows["MAML (hand-written JAX)"] = {
+            "method": method,
+            "step": one,
+            "compile_s": {"one step": one_c, "scan, sampled": sampled_c, "scan, fixed batch": fixed_c},
+            "runs": {
+                "sampled": (sampled, (theta, opt_state, start)),
+                "fixed": (fixed, (theta, opt_state, batch)),
+            },
+        }
+
+    times: dict[tuple[str, str], list[float]] = {(r, k): [] for r in rows for k in ("sampled", "fixed")}
+    for exe, a in (v for r in rows.values() for v in r["runs"].values()):
+        jax.block_until_ready(exe(*a))  # warm-up
+    for _ in range(repeats):  # round-robin, so drifts in machine load hit every configuration
+        for (r, k), ts in times.items():
+            exe, a = rows[r]["runs"][k]
+            ts.append(_timed(exe, a))
+
+    res = {}
+    for r, row in rows.items():
+        step_flops = flops(row["step"])
+        best = {k: min(times[r, k]) / n for k in ("sampled", "fixed")}
+        med = {k: statistics.median(times[r, k]) / n for k in ("sampled", "fixed")}
+        res[r] = {
+            "compile_s": row["compile_s"],
+            "seconds_per_step_min": best,
+            "seconds_per_step_median": med,
+            "tasks_per_second": {k: mb / v for k, v in best.items()},
+            "sampling_cost": best["sampled"] / best["fixed"] - 1,
+            **memory_mib(row["step"]),
+            "gflop_per_step": step_flops / 1e9,
+            "gflops_achieved": step_flops / best["fixed"] / 1e9,
+            "fraction_of_gemm": step_flops / best["fixed"] / 1e9 / peak,
+        }
+    overhead = {
+        k: res["MAML (engine)"]["seconds_per_step_min"][k]
+        / res["MAML (hand-written JAX)"]["seconds_per_step_min"][k]
+        for k in ("sampled", "fixed")
+    }
+    slowest = max((r for r in res if "engine" in r), key=lambda r: res[r]["seconds_per_step_min"]["fixed"])
+    prof = profile(*setups[rows[slowest]["method"]], mb, repeats)
+    full_ms = prof["full SVI step (svi.update)"]["ms"]
+
+    lines = [
+        "| configuration | compile s (step / scan) | ms per step, sampled / fixed | tasks/s, sampled / fixed "
+        "| sampling cost | XLA memory MiB (temp) | GFLOP per step | GFLOP/s | of GEMM peak |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r, v in res.items():
+        c, t, q = v["compile_s"], v["seconds_per_step_min"], v["tasks_per_second"]
+        lines.append(
+            f"| {r} | {c['one step']:.1f} / {c['scan, sampled']:.1f} | {t['sampled'] * 1e3:.1f} / "
+            f"{t['fixed'] * 1e3:.1f} | {q['sampled']:,.0f} / {q['fixed']:,.0f} | {v['sampling_cost']:+.1%} | "
+            f"{v['memory_mib']:.1f} ({v['temp_mib']:.1f}) | {v['gflop_per_step']:.2f} | "
+            f"{v['gflops_achieved']:.1f} | {v['fraction_of_gemm']:.1%} |"
+        )
+    table = "\n".join(lines)
+    plines = ["| piece (jitted alone) | ms | GFLOP | GFLOP/s | ms / full step |", "|---|---|---|---|---|"]
+    for name, v in prof.items():
+        rate = v["gflop"] / (v["ms"] / 1e3) if v["ms"] > 0 else 0.0
+        plines.append(f"| {name} | {v['ms']:.2f} | {v['gflop']:.3f} | {rate:.1f} | {v['ms'] / full_ms:.1%} |")
+    ptable = "\n".join(plines)
+    gemm_s = ", ".join(f"{k}: {v:.1f}" for k, v in gemm.items())
+    summary = (
+        f"engine / hand-written time per MAML step: {overhead['sampled']:.3f} (sampled scan), "
+        f"{overhead['fixed']:.3f} (fixed-batch scan); target <= 1.2. Best float32 GEMM {peak:.1f} GFLOP/s "
+        f"(square sizes {gemm_s})."
+    )
+    print(table, summary, f"profile of {slowest}:", ptable, sep="\n")
+    cmd = f".venv/bin/python experiments/bench/omniglot/run.py --steps {n} --repeats {repeats}"
+    if args.quick:
+        cmd = ".venv/bin/python experiments/bench/omniglot/run.py --quick"
+    elif (mb, filters) != (32, 64):
+        cmd += f" --meta-batch {mb} --filters {filters}"
+    write_text(
+        out_dir / "RESULTS.md",
+        (
+            "# Benchmark: conv MAML and ProtoNet on Omniglot 5-way 1-shot\n\n"
+            f"{'QUICK CHECK, NOT RESULTS. ' if args.quick else ''}Omniglot (minimal background sets, "
+            f"rotations), 5-way 1-shot with 1 query per class, conv4 with {filters} filters, meta-batch "
+            f"{mb}, "
+            "Adam. MAML: second-order, 1 inner step of 0.4, stride-2 downsampling; ProtoNet: 2x2 max "
+            f"pooling. Each timed call is a `lax.scan` of {n} SVI steps, minimum over {repeats} "
+            "round-robin repeats. *Sampled*: the engine's `make_chunk` (tasks sampled on device at every "
+            "step, as `bayesmeta fit` trains); *fixed*: one pre-sampled batch, the same update scanned. "
+            "Memory: XLA's memory analysis of one compiled step (temporaries + arguments + outputs; "
+            "temporaries alone in brackets). GFLOP per step: XLA's cost analysis of one compiled step; "
+            "GFLOP/s = that over the fixed-batch time; *of GEMM peak*: against the best jitted float32 "
+            "square matmul on this machine. XLA also counts the patch extraction of `conv3x3` (a grouped "
+            "convolution with a 0/1 kernel) as FLOPs, about 9 / filters of each convolution's.\n\n"
+            f"{table}\n\n{summary}\n\n## Where the time goes: {slowest}\n\nEach piece jitted and timed "
+            f"alone on the step's batch ({mb} tasks, 10 images each); minimum over {repeats} calls; "
+            "block 1 is the second conv block, the largest matmul of the net.\n\n"
+            f"{ptable}\n\n- command: `{cmd}`\n- machine: {machine()}\n"
+        ),
+    )
+    write_json(
+        out_dir / "results.json",
+        {
+            "command": cmd,
+            "machine": machine(),
+            "quick": args.quick,
+            "gemm_gflops": {str(k): v for k, v in gemm.items()},
+            "gemm_peak_gflops": peak,
+            "engine_over_hand_written": overhead,
+            "configurations": res,
+            "profile": {"configuration": slowest, "pieces": prof},
+        },
+    )
+    print("wrote", out_dir / "RESULTS.md")
+
+
+def _timed(exe, a) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(exe(*a))
+    return time.perf_counter() - t0
+
+
+if __name__ == "__main__":
+    main()
