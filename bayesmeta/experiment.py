@@ -183,6 +183,7 @@ def aggregate(
                     "n": len(group),
                     "diverged_tasks": sum(s["n_nonfinite"] for s in stats),
                     "tasks_per_seed": stats[0]["n"],
+                    "ci95_tasks": _mean_sd([s.get("ci95") for s in stats])[0],
                     "seeds": [o.cell.seed for o in group],
                     "per_seed": [s["mean"] for s in stats],
                     "published": published.get((method, setting, metric)),
@@ -248,12 +249,16 @@ class Results:
                 return "n/a"
             return "diverged" if m is None else f"{m:.4f} ({sd:.4f})"
 
+        def ci(v: float | None) -> str:
+            return "n/a" if v is None else f"± {v:.4f}"
+
         head = (
-            "| method | setting | metric | mean (sd) over seeds | median over tasks (sd) | non-finite tasks "
-            "| seeds | published | reached |\n|---|---|---|---|---|---|---|---|---|\n"
+            "| method | setting | metric | mean (sd) over seeds | 95% CI over tasks | median over tasks (sd) "
+            "| non-finite tasks | seeds | published | reached |\n|---|---|---|---|---|---|---|---|---|---|\n"
         )
         body = "".join(
             f"| {r['method']} | {r['setting']} | {r['metric']} | {cell(r['mean'], r['sd'], r['missing'])} | "
+            f"{ci(r.get('ci95_tasks'))} | "
             f"{cell(r['median'], r['sd_median'], r['missing'])} | {r['diverged_tasks']} of "
             f"{r['tasks_per_seed'] * r['n']} | {r['n']} | "
             f"{'n/a' if r['published'] is None else r['published']} | {_reached(r)} |\n"
@@ -263,7 +268,7 @@ class Results:
 
     def write(self) -> None:
         seeds = sorted({o.cell.seed for o in self.outcomes})
-        run_seconds = sum(o.seconds for o in self.outcomes)
+        run_seconds = compute_seconds(self.outcomes)
         reused = sum(o.reused for o in self.outcomes)
         md = (
             f"# {self.title}\n\n{self.table()}\n"
@@ -310,11 +315,32 @@ class Results:
         return list(dict.fromkeys(r["metric"] for r in self.rows))
 
 
+def compute_seconds(outcomes: list[Outcome]) -> float:
+    """Training time of every distinct training run (once, however many settings evaluate it) plus
+    every evaluation's time, from the runs' metrics.json (so reused runs count what they cost)."""
+    train: dict[str, float] = {}
+    total = 0.0
+    for o in outcomes:
+        if o.metrics is None:
+            total += o.seconds
+            continue
+        train[o.cell.run_name] = o.metrics["train_seconds"]
+        total += o.metrics["eval_seconds"]
+    return total + sum(train.values())
+
+
+HIGHER_IS_BETTER = ("accuracy",)
+
+
 def _reached(row: dict[str, Any]) -> str:
-    """'yes' when the mean over seeds is at or below the published value (lower is better)."""
+    """'yes' when the mean over seeds is at least as good as the published value: at or below it for
+    errors, at or above it for the metrics named in HIGHER_IS_BETTER (accuracy)."""
     if row["published"] is None:
         return "n/a"
-    return "yes" if row["mean"] is not None and row["mean"] <= row["published"] else "no"
+    if row["mean"] is None:
+        return "no"
+    higher = row["metric"].startswith(HIGHER_IS_BETTER)
+    return "yes" if (row["mean"] >= row["published"] if higher else row["mean"] <= row["published"]) else "no"
 
 
 def _fmt(v: float | None) -> str:

@@ -191,8 +191,9 @@ def plot_predictions(dt: xr.DataTree, path: Path) -> Path | None:
 
 
 def landscape_summary(steps: list[int], values: dict[str, list[float]]) -> dict[str, Any]:
-    """The diagnostics series with the Pearson correlation r of each metric with the held-out metric
-    (the series named `test_...`) across the diagnostic steps; r is None when undefined."""
+    """The diagnostics series, their last values ("final"), and the Pearson correlation r of each
+    metric with the held-out metric (the series named `test_...`) across the diagnostic steps; r is
+    None when undefined."""
     test = next(k for k in values if k.startswith("test_"))
     y = np.asarray(values[test], np.float64)
     corr: dict[str, float | None] = {}
@@ -202,7 +203,14 @@ def landscape_summary(steps: list[int], values: dict[str, list[float]]) -> dict[
         x = np.asarray(v, np.float64)
         ok = len(x) > 1 and np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and x.std() > 0 and y.std() > 0
         corr[k] = float(np.corrcoef(x, y)[0, 1]) if ok else None
-    return {"step": list(steps), "test_metric": test[5:], "correlation": corr, "values": values}
+    final = {k: v[-1] for k, v in values.items()}
+    return {
+        "step": list(steps),
+        "test_metric": test[5:],
+        "correlation": corr,
+        "values": values,
+        "final": final,
+    }
 
 
 def plot_landscape(landscape: dict[str, Any], path: Path) -> Path:

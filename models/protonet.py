@@ -51,15 +51,18 @@ class ProtoNet:
         net = make_net(cfg.net, x_dim, y_dim)
         lik = make_likelihood(cfg)
 
+        def embed(theta: dict, x: jax.Array) -> jax.Array:
+            """Embeddings of T sets (T, n, d) with the shared weights (batch norm per set)."""
+            return jax.vmap(lambda xi: net.features(theta, xi))(x)
+
         def init(key: jax.Array) -> dict:
             return {k: v for k, v in net.init(key).items() if k != "head"}
 
         def model(batch: TaskBatch, inner_steps: int | None = None) -> None:
             theta = param_tree("theta", init)
 
-            def task(x_s: jax.Array, y_s: jax.Array, x_q: jax.Array) -> jax.Array:
-                return prototype_logits(net.features(theta, x_s), y_s, net.features(theta, x_q), y_dim)
-
-            observe(lik, jax.vmap(task)(batch.x_support, batch.y_support, batch.x_query), batch.y_query)
+            z_s, z_q = embed(theta, batch.x_support), embed(theta, batch.x_query)
+            logits = jax.vmap(prototype_logits, (0, 0, 0, None))(z_s, batch.y_support, z_q, y_dim)
+            observe(lik, logits, batch.y_query)
 
         return Method(name="protonet", model=model, guide=no_guide)
