@@ -203,13 +203,14 @@ def landscape_summary(steps: list[int], values: dict[str, list[float]]) -> dict[
         x = np.asarray(v, np.float64)
         ok = len(x) > 1 and np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and x.std() > 0 and y.std() > 0
         corr[k] = float(np.corrcoef(x, y)[0, 1]) if ok else None
-    final = {k: v[-1] for k, v in values.items()}
+    # a diverged held-out task makes a metric inf: JSON gets null there, never a non-finite number
+    clean = {k: [float(x) if np.isfinite(x) else None for x in v] for k, v in values.items()}
     return {
         "step": list(steps),
         "test_metric": test[5:],
         "correlation": corr,
-        "values": values,
-        "final": final,
+        "values": clean,
+        "final": {k: v[-1] for k, v in clean.items()},
     }
 
 
@@ -224,10 +225,11 @@ def plot_landscape(landscape: dict[str, Any], path: Path) -> Path:
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
     step = landscape["step"]
     for ax, name in zip(axes.flat, names, strict=False):
-        ax.plot(step, landscape["values"][name], marker="o", ms=3, color="C0")
+        ax.plot(step, np.array(landscape["values"][name], dtype=float), marker="o", ms=3, color="C0")
         ax.set_ylabel(name, color="C0", fontsize=8)
         twin = ax.twinx()
-        twin.plot(step, landscape["values"]["test_" + test], marker="s", ms=3, color="C3", ls="--")
+        test_values = np.array(landscape["values"]["test_" + test], dtype=float)
+        twin.plot(step, test_values, marker="s", ms=3, color="C3", ls="--")
         twin.set_ylabel(test, color="C3", fontsize=8)
         r = landscape["correlation"][name]
         ax.set(xlabel="step", title=f"{name}: r = {r:.3f}" if r is not None else f"{name}: r undefined")

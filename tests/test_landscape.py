@@ -177,3 +177,15 @@ def test_probe_matches_the_model_and_gives_finite_metrics(small_cfg, method):
         np.testing.assert_allclose(mean_query + 0.5 * np.log(np.pi), elbo, rtol=1e-5)
     out = jax.jit(lambda p: landscape_metrics(setup.method.probe(p), batch, KEY, 5))(params)
     assert all(bool(jnp.isfinite(v)) for v in out.values()), out
+
+
+def test_landscape_summary_writes_null_for_non_finite_values():
+    """A diverged held-out task (inf) must not make metrics.json invalid JSON."""
+    import json
+
+    from bayesmeta.report import landscape_summary
+
+    out = landscape_summary([1, 2, 3], {"flatness": [1.0, float("inf"), 2.0], "test_mse@1": [3.0, 2.0, 1.0]})
+    assert out["values"]["flatness"] == [1.0, None, 2.0] and out["final"]["flatness"] == 2.0
+    assert out["correlation"]["flatness"] is None
+    json.dumps(out, allow_nan=False)

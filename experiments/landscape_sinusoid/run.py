@@ -32,14 +32,19 @@ METRICS = ["mse@1", *(f"landscape/final/{d}" for d in DIAGNOSTICS)]
 
 def correlations(outcomes: list) -> str:
     """Markdown: Pearson R across runs between each final diagnostic and the negative test MSE."""
-    done = [o for o in outcomes if o.metrics is not None]
-    neg_mse = np.array([-o.metrics["metrics"]["mse@1"]["mean"] for o in done])
-    lines = ["| diagnostic | R with -mse@1 across k |", "|---|---|"]
+    done = [
+        o for o in outcomes if o.metrics is not None and o.metrics["metrics"]["mse@1"]["mean"] is not None
+    ]
+    lines = ["| diagnostic | R with -mse@1 across k | runs |", "|---|---|---|"]
     for d in DIAGNOSTICS:
-        x = np.array([o.metrics["landscape"]["final"][d] for o in done])
-        r = float(np.corrcoef(x, neg_mse)[0, 1]) if len(done) > 2 and x.std() > 0 else float("nan")
-        lines.append(f"| {d} | {r:.3f} |")
-    return "\n".join(lines) + f"\n\n({len(done)} runs, one per k and seed.)\n"
+        pairs = [(o.metrics["landscape"]["final"][d], -o.metrics["metrics"]["mse@1"]["mean"]) for o in done]
+        x, y = np.array([p for p in pairs if p[0] is not None], dtype=float).reshape(-1, 2).T
+        r = float(np.corrcoef(x, y)[0, 1]) if len(x) > 2 and x.std() > 0 else float("nan")
+        lines.append(f"| {d} | {r:.3f} | {len(x)} |")
+    return (
+        "\n".join(lines)
+        + "\n\n(one run per k and seed; runs whose test MSE or diagnostic diverged are left out)\n"
+    )
 
 
 def main() -> None:
