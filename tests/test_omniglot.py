@@ -328,3 +328,35 @@ def test_context_counts_classes_and_query_points(tfds_dir):
     setup = run.Setup.from_config(_small(tfds_dir, "model.method='finetune'"))
     assert setup.family.query_points == 10
     assert isinstance(Context(n_classes=setup.family.n_classes).n_classes, int)
+
+
+def _rezip(src: Path, dst: Path, top: str, skip: tuple[str, ...] = ()) -> None:
+    """Copy an archive's images under a new top folder (the layout of the full archives)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for name in zin.namelist():
+            parts = name.split("/")
+            if name.endswith(".png") and parts[1] not in skip:
+                zout.writestr("/".join([top, *parts[1:]]), zin.read(name))
+
+
+def test_full_source_tests_on_the_evaluation_archive(tmp_path, monkeypatch):
+    """The full config reads images_background.zip and images_evaluation.zip (stand-ins built from the
+    minimal sets here) and the test split is exactly the evaluation archive's characters."""
+    monkeypatch.setattr(data, "DEFAULT_DIRS", ())
+    arch = tmp_path / "archives"
+    arch.mkdir()
+    _rezip(SHARED / "images_background_small1.zip", arch / "images_background.zip", "images_background")
+    _rezip(
+        SHARED / "images_background_small2.zip",
+        arch / "images_evaluation.zip",
+        "images_evaluation",
+        skip=("Greek", "Latin"),
+    )
+    over = [f"task.params.archives='{arch}'", f"task.params.data_dir='{tmp_path / 'tfds'}'"]
+    cfg = config.load(None, [*OMNI, "task.params.source='full'", *over])
+    train = make_family(cfg.task)
+    test = make_family(
+        config.load(None, [*OMNI, "task.params.source='full'", "task.params.split='test'", *over]).task
+    )
+    assert (train.n_characters, test.n_characters) == (136, 106)  # small1; small2 without Greek, Latin
+    assert test.sample(jax.random.PRNGKey(0), 2).x_support.shape == (2, 5, 784)
