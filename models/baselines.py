@@ -27,27 +27,30 @@ from bayesmeta.sites import observe, param_tree
 from bayesmeta.tasks import TaskBatch
 
 
-def global_labels(classes: jax.Array, y: jax.Array) -> jax.Array:
-    """Episode labels (T, n) mapped to the split's class ids through classes (T, N)."""
-    return jnp.take_along_axis(classes, y, axis=1)
-
-
-@dataclass(frozen=True)
-class FineTune:
-    """Pre-train on all meta-training classes, fine-tune a fresh head on each task's support set."""
+class Classifier:
+    """What the classification-only methods share: no [model.params] and a categorical likelihood."""
 
     @dataclass(frozen=True)
     class Params:
         pass
 
     @staticmethod
-    def check(cfg: ModelConfig, params: Params) -> str | None:
+    def check(cfg: ModelConfig, params: object) -> str | None:
         if cfg.likelihood != "categorical":
-            return "model.likelihood: the fine-tuning baseline classifies; expected 'categorical'"
+            return f"model.likelihood: method {cfg.method!r} classifies; expected 'categorical'"
         return None
 
+
+def global_labels(classes: jax.Array, y: jax.Array) -> jax.Array:
+    """Episode labels (T, n) mapped to the split's class ids through classes (T, N)."""
+    return jnp.take_along_axis(classes, y, axis=1)
+
+
+class FineTune(Classifier):
+    """Pre-train on all meta-training classes, fine-tune a fresh head on each task's support set."""
+
     @staticmethod
-    def build(cfg: ModelConfig, params: Params, x_dim: int, y_dim: int, context: Context) -> Method:
+    def build(cfg: ModelConfig, params: object, x_dim: int, y_dim: int, context: Context) -> Method:
         if context.n_classes is None:
             raise ValueError("finetune: the task family must say how many classes it has (n_classes)")
         pretrain = make_net(cfg.net, x_dim, context.n_classes)
@@ -74,22 +77,11 @@ class FineTune:
         return Method(name="finetune", model=model, guide=no_guide)
 
 
-@dataclass(frozen=True)
-class NearestNeighbour:
+class NearestNeighbour(Classifier):
     """1-nearest-neighbour on the raw inputs; no parameters."""
 
-    @dataclass(frozen=True)
-    class Params:
-        pass
-
     @staticmethod
-    def check(cfg: ModelConfig, params: Params) -> str | None:
-        if cfg.likelihood != "categorical":
-            return "model.likelihood: nearest neighbour classifies; expected 'categorical'"
-        return None
-
-    @staticmethod
-    def build(cfg: ModelConfig, params: Params, x_dim: int, y_dim: int, context: Context) -> Method:
+    def build(cfg: ModelConfig, params: object, x_dim: int, y_dim: int, context: Context) -> Method:
         lik = make_likelihood(cfg)
 
         def logits(x_s: jax.Array, y_s: jax.Array, x_q: jax.Array) -> jax.Array:

@@ -10,8 +10,6 @@ No inner loop: `inner_steps` is accepted and ignored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import jax
 import jax.numpy as jnp
 
@@ -22,6 +20,7 @@ from bayesmeta.nets import make_net
 from bayesmeta.registry import Context
 from bayesmeta.sites import observe, param_tree
 from bayesmeta.tasks import TaskBatch
+from models.baselines import Classifier
 
 
 def prototype_logits(z_s: jax.Array, y_s: jax.Array, z_q: jax.Array, ways: int) -> jax.Array:
@@ -31,23 +30,12 @@ def prototype_logits(z_s: jax.Array, y_s: jax.Array, z_q: jax.Array, ways: int) 
     return -jnp.sum(jnp.square(z_q[:, None, :] - protos[None]), -1)
 
 
-@dataclass(frozen=True)
-class ProtoNet:
+class ProtoNet(Classifier):
     """Prototypical networks on the configured net's features (conv4: set downsample = "maxpool" for
     the paper's embedding); the head of the net is not used."""
 
-    @dataclass(frozen=True)
-    class Params:
-        pass
-
     @staticmethod
-    def check(cfg: ModelConfig, params: Params) -> str | None:
-        if cfg.likelihood != "categorical":
-            return "model.likelihood: prototypical networks classify; expected 'categorical'"
-        return None
-
-    @staticmethod
-    def build(cfg: ModelConfig, params: Params, x_dim: int, y_dim: int, context: Context) -> Method:
+    def build(cfg: ModelConfig, params: object, x_dim: int, y_dim: int, context: Context) -> Method:
         net = make_net(cfg.net, x_dim, y_dim)
         lik = make_likelihood(cfg)
 

@@ -2,47 +2,21 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from numpyro.infer import SVI, Predictive, Trace_ELBO
+from numpyro.infer import Predictive
 
-from bayesmeta import config
 from bayesmeta.config import ConfigError
 from bayesmeta.fit import fit
 from bayesmeta.nets import make_net
 from bayesmeta.registry import build_method
 from bayesmeta.tasks import make_family
+from tests.helpers import elbo, tiny_setup
 
-TINY = [
-    "model.method='l2f'",
-    "model.net.hidden=[3]",
-    "model.net.activation='tanh'",
-    "model.inner_steps=2",
-    "model.inner_lr=0.3",
-    "task.shots=4",
-    "task.queries=3",
-]
+L2F = "model.method='l2f'"
 L = 4  # parameter tensors of the 1-3-1 network: layer_0.w, layer_0.b, head.w, head.b
-
-
-def setup(*overrides: str, tasks: int = 3):
-    cfg = config.load(None, [*TINY, *overrides])
-    fam = make_family(cfg.task)
-    method = build_method(cfg.model, fam.x_dim, fam.y_dim)
-    batch = fam.sample(jax.random.PRNGKey(4), tasks)
-    svi = SVI(method.model, method.guide, optax.sgd(0.0), Trace_ELBO())
-    params = svi.get_params(svi.init(jax.random.PRNGKey(3), batch))
-    return cfg, method, batch, params
-
-
-@functools.cache
-def jitted_elbo(method):
-    return jax.jit(lambda p, b: Trace_ELBO().loss(jax.random.PRNGKey(0), p, method.model, method.guide, b))
 
 
 def predict(method, params, batch, steps=None):
@@ -65,7 +39,9 @@ def perturbed(params, scale=1.0, seed=0):
 
 
 def test_gamma_has_one_entry_per_layer_in_the_unit_interval():
-    _, method, batch, params = setup()
+    _, method, batch, params = tiny_setup(
+        L2F,
+    )
     gamma0 = predict(method, params, batch)["gamma"][0]
     assert gamma0.shape == (3, L)
     np.testing.assert_allclose(gamma0, 0.9, rtol=1e-6)  # gamma_init: every task and layer
@@ -78,7 +54,9 @@ def test_gamma_has_one_entry_per_layer_in_the_unit_interval():
 def test_task_init_is_gamma_times_theta_by_hand():
     """With no inner steps the prediction is f(x*; gamma_i * theta), where gamma_i = sigmoid(W2 relu(W1
     e_i + b1) + b2) and e_i the per-tensor means of grad L(theta, D_i), all computed here by hand."""
-    cfg, method, batch, params = setup()
+    cfg, method, batch, params = tiny_setup(
+        L2F,
+    )
     params = perturbed(params)
     out = predict(method, params, batch, steps=0)
     net = make_net(cfg.model.net, 1, 1)
@@ -101,11 +79,13 @@ def test_task_init_is_gamma_times_theta_by_hand():
 def test_gradients_reach_the_attenuator():
     """At init (zero last-layer weights) the last layer gets a gradient; once it is non-zero, the first
     layer does too."""
-    _, method, batch, params = setup()
-    g0 = jax.grad(lambda p: jitted_elbo(method)(p, batch))(params)
+    _, method, batch, params = tiny_setup(
+        L2F,
+    )
+    g0 = jax.grad(lambda p: elbo(method, p, batch))(params)
     assert float(jnp.max(jnp.abs(g0["l2f.attenuator.head.b"]))) > 1e-6
     assert float(jnp.max(jnp.abs(g0["l2f.attenuator.head.w"]))) > 1e-8
-    g = jax.grad(lambda p: jitted_elbo(method)(p, batch))(perturbed(params))
+    g = jax.grad(lambda p: elbo(method, p, batch))(perturbed(params))
     for k, v in extra(g).items():
         assert float(jnp.max(jnp.abs(v))) > 1e-8, k
 
@@ -114,30 +94,30 @@ def test_gradients_reach_the_attenuator():
     ("attenuation", "n_params"), [("task", 2 * L * L + 2 * L), ("layer", L), ("network", 1)]
 )
 def test_ablations_have_the_documented_number_of_parameters(attenuation, n_params):
-    _, _, _, params = setup(f"model.params.attenuation='{attenuation}'")
+    _, _, _, params = tiny_setup(L2F, f"model.params.attenuation='{attenuation}'")
     assert sum(int(np.size(v)) for v in extra(params).values()) == n_params
 
 
 def test_unsigmoided_gamma_and_the_maml_limit():
     """sigmoid = false: gamma is the raw output (here gamma_init = 1 for every task); a network-wise
     gamma fixed at 1 is MAML exactly (same theta, same loss)."""
-    _, method, batch, params = setup("model.params.sigmoid=false", "model.params.gamma_init=1.0")
+    _, method, batch, params = tiny_setup(L2F, "model.params.sigmoid=false", "model.params.gamma_init=1.0")
     np.testing.assert_array_equal(predict(method, params, batch)["gamma"][0], np.ones((3, L)))
-    _, net1, _, p1 = setup(
-        "model.params.attenuation='network'", "model.params.sigmoid=false", "model.params.gamma_init=1.0"
+    _, net1, _, p1 = tiny_setup(
+        L2F, "model.params.attenuation='network'", "model.params.sigmoid=false", "model.params.gamma_init=1.0"
     )
-    _, maml, _, pm = setup("model.method='maml'")
-    np.testing.assert_allclose(jitted_elbo(net1)(p1, batch), jitted_elbo(maml)(pm, batch), rtol=1e-6)
+    _, maml, _, pm = tiny_setup(L2F, "model.method='maml'")
+    np.testing.assert_allclose(elbo(net1, p1, batch), elbo(maml, pm, batch), rtol=1e-6)
     with pytest.raises(ConfigError, match="gamma_init"):
-        setup("model.params.gamma_init=1.0")
+        tiny_setup(L2F, "model.params.gamma_init=1.0")
 
 
 def test_works_with_learned_rates():
-    _, method, batch, params = setup("model.params.learned_lr='per_layer_step'")
+    _, method, batch, params = tiny_setup(L2F, "model.params.learned_lr='per_layer_step'")
     assert {k for k in extra(params) if k.startswith("inner_lr.")} == {
         f"inner_lr.{lay}.{w}" for lay in ("head", "layer_0") for w in "wb"
     }
-    g = jax.grad(lambda p: jitted_elbo(method)(p, batch))(params)
+    g = jax.grad(lambda p: elbo(method, p, batch))(params)
     assert float(jnp.max(jnp.abs(g["inner_lr.head.w"]))) > 1e-8
 
 

@@ -9,39 +9,10 @@ import optax
 import pytest
 from numpyro.infer import SVI, Predictive, Trace_ELBO
 
-from bayesmeta import config
 from bayesmeta.adapt import adapt_tasks, extend_steps, gradient_descent
 from bayesmeta.config import ConfigError
 from bayesmeta.nets import make_net
-from bayesmeta.registry import build_method
-from bayesmeta.tasks import make_family
-
-TINY = [
-    "model.net.hidden=[3]",
-    "model.net.activation='tanh'",
-    "model.inner_steps=2",
-    "model.inner_lr=0.3",
-    "task.shots=4",
-    "task.queries=3",
-]
-
-
-def setup(*overrides: str, tasks: int = 3):
-    cfg = config.load(None, [*TINY, *overrides])
-    fam = make_family(cfg.task)
-    method = build_method(cfg.model, fam.x_dim, fam.y_dim)
-    batch = fam.sample(jax.random.PRNGKey(4), tasks)
-    svi = SVI(method.model, method.guide, optax.sgd(0.0), Trace_ELBO())
-    params = svi.get_params(svi.init(jax.random.PRNGKey(3), batch))
-    return cfg, method, batch, params
-
-
-def elbo(method, params, batch):
-    return Trace_ELBO().loss(jax.random.PRNGKey(0), params, method.model, method.guide, batch)
-
-
-def to64(tree):
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
+from tests.helpers import elbo, tiny_setup, to64
 
 
 def test_rates_beyond_the_learned_steps_reuse_the_last_step():
@@ -68,8 +39,8 @@ def test_rates_beyond_the_learned_steps_reuse_the_last_step():
 @pytest.mark.parametrize("kind", ["per_layer_step", "meta_sgd"])
 def test_learned_rates_at_their_init_give_fixed_rate_maml_exactly(kind):
     """Default lr_init = model.inner_lr: the same loss bit for bit, at training and at test-time steps."""
-    _, plain, batch, params = setup()
-    _, learned, _, lparams = setup(f"model.params.learned_lr='{kind}'")
+    _, plain, batch, params = tiny_setup()
+    _, learned, _, lparams = tiny_setup(f"model.params.learned_lr='{kind}'")
     rates = {k: v for k, v in lparams.items() if k.startswith("inner_lr.")}
     assert rates and all(np.all(np.asarray(v) == np.float32(0.3)) for v in rates.values())
     assert {k: v for k, v in lparams.items() if k not in rates}.keys() == params.keys()
@@ -84,18 +55,18 @@ def test_learned_rates_at_their_init_give_fixed_rate_maml_exactly(kind):
 
 
 def test_sites_have_the_documented_shapes_and_a_custom_init():
-    _, _, _, p = setup("model.params.learned_lr='per_layer_step'", "model.params.lr_init=0.04")
+    _, _, _, p = tiny_setup("model.params.learned_lr='per_layer_step'", "model.params.lr_init=0.04")
     rates = {k: v for k, v in p.items() if k.startswith("inner_lr.")}
     assert sorted(rates) == [f"inner_lr.{layer}.{leaf}" for layer in ("head", "layer_0") for leaf in "bw"]
     assert all(v.shape == (2,) and np.allclose(v, 0.04) for v in rates.values())  # (inner steps,) per tensor
-    _, _, _, p = setup("model.params.learned_lr='meta_sgd'", "model.adapt='head'")
+    _, _, _, p = tiny_setup("model.params.learned_lr='meta_sgd'", "model.adapt='head'")
     rates = {k: v.shape for k, v in p.items() if k.startswith("inner_lr.")}
     assert rates == {"inner_lr.head.w": (1, 3, 1), "inner_lr.head.b": (1, 1)}  # per entry, adapted part only
 
 
 def test_test_time_steps_use_the_learned_rates_then_repeat_the_last():
     """With distinct learned per-step rates, 4 test-time steps equal GD with rates (r0, r1, r1, r1)."""
-    cfg, method, batch, params = setup("model.params.learned_lr='per_layer_step'")
+    cfg, method, batch, params = tiny_setup("model.params.learned_lr='per_layer_step'")
     rng = np.random.default_rng(0)
     params = {
         k: (rng.uniform(0.05, 0.4, v.shape) if k.startswith("inner_lr.") else v) for k, v in params.items()
@@ -119,7 +90,7 @@ def test_test_time_steps_use_the_learned_rates_then_repeat_the_last():
 
 @pytest.mark.parametrize("kind", ["per_layer_step", "meta_sgd"])
 def test_meta_gradient_with_respect_to_a_rate_matches_finite_differences(kind):
-    _, method, batch, params = setup(f"model.params.learned_lr='{kind}'")
+    _, method, batch, params = tiny_setup(f"model.params.learned_lr='{kind}'")
     with jax.enable_x64(True):
         params, batch = to64(params), to64(batch)
         grads = jax.grad(lambda p: elbo(method, p, batch))(params)
@@ -143,7 +114,7 @@ def test_meta_gradient_with_respect_to_a_rate_matches_finite_differences(kind):
 
 def test_a_short_fit_moves_the_rates_and_lowers_the_loss():
     """Unconstrained rates follow the meta-gradient: after 60 Adam steps they differ from their init."""
-    _, method, batch, _ = setup("model.params.learned_lr='per_layer_step'", tasks=8)
+    _, method, batch, _ = tiny_setup("model.params.learned_lr='per_layer_step'", tasks=8)
     svi = SVI(method.model, method.guide, optax.adam(1e-2), Trace_ELBO())
     state = svi.init(jax.random.PRNGKey(3), batch)
     start = svi.evaluate(state, batch)
@@ -155,6 +126,6 @@ def test_a_short_fit_moves_the_rates_and_lowers_the_loss():
 
 def test_learned_rates_need_training_steps():
     with pytest.raises(ConfigError, match=r"learned_lr.*inner_steps >= 1"):
-        setup("model.params.learned_lr='meta_sgd'", "model.inner_steps=0")
+        tiny_setup("model.params.learned_lr='meta_sgd'", "model.inner_steps=0")
     with pytest.raises(ConfigError, match="learned_lr"):
-        setup("model.params.learned_lr='per_tensor'")
+        tiny_setup("model.params.learned_lr='per_tensor'")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,44 +12,10 @@ from jax.flatten_util import ravel_pytree
 from numpyro.infer import SVI, Predictive, Trace_ELBO
 from numpyro.infer.util import log_density
 
-from bayesmeta import config
 from bayesmeta.adapt import adapt_tasks, split, trajectory_correction, unit
 from bayesmeta.curvature import hessian_frobenius_sq, hvp
 from bayesmeta.nets import MLP, make_net
-from bayesmeta.registry import build_method
-from bayesmeta.tasks import make_family
-
-TINY = [
-    "model.net.hidden=[3]",
-    "model.net.activation='tanh'",
-    "model.inner_steps=2",
-    "model.inner_lr=0.3",
-    "task.shots=4",
-    "task.queries=3",
-]
-
-
-def setup(*overrides: str, tasks: int = 3):
-    cfg = config.load(None, [*TINY, *overrides])
-    fam = make_family(cfg.task)
-    method = build_method(cfg.model, fam.x_dim, fam.y_dim)
-    batch = fam.sample(jax.random.PRNGKey(4), tasks)
-    svi = SVI(method.model, method.guide, optax.sgd(0.0), Trace_ELBO())
-    params = svi.get_params(svi.init(jax.random.PRNGKey(3), batch))
-    return cfg, method, batch, params
-
-
-@functools.cache
-def jitted_elbo(method):
-    return jax.jit(lambda p, b, k: Trace_ELBO().loss(k, p, method.model, method.guide, b))
-
-
-def elbo(method, params, batch, key=None):
-    return jitted_elbo(method)(params, batch, jax.random.PRNGKey(0) if key is None else key)
-
-
-def to64(tree):
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
+from tests.helpers import elbo, tiny_setup, to64
 
 
 def hand_net(cfg, params):
@@ -116,8 +80,8 @@ def test_hutchinson_estimate_matches_the_exact_frobenius_norm(kind):
 
 
 def test_hessian_reg_zero_is_plain_maml_exactly():
-    _, plain, batch, params = setup()
-    _, reg0, _, _ = setup("model.params.hessian_reg=0.0", "model.params.hessian_probes=3")
+    _, plain, batch, params = tiny_setup()
+    _, reg0, _, _ = tiny_setup("model.params.hessian_reg=0.0", "model.params.hessian_probes=3")
     np.testing.assert_array_equal(elbo(plain, params, batch), elbo(reg0, params, batch))
 
 
@@ -138,8 +102,8 @@ def test_hessian_reg_adds_lambda_times_the_same_key_estimate_to_the_elbo():
     adapted phi_i on task i's support set, with the probes of the model's own PRNG stream. Trace_ELBO
     seeds the model with the first half of split(key) (numpyro's convention), which the test replays."""
     lam, probes = 0.05, 2
-    cfg, plain, batch, params = setup()
-    _, reg, _, _ = setup(f"model.params.hessian_reg={lam}", f"model.params.hessian_probes={probes}")
+    cfg, plain, batch, params = tiny_setup()
+    _, reg, _, _ = tiny_setup(f"model.params.hessian_reg={lam}", f"model.params.hessian_probes={probes}")
     key = jax.random.PRNGKey(11)
     with jax.enable_x64(True):
         params, batch = to64(params), to64(batch)
@@ -170,8 +134,8 @@ def test_hessian_reg_adds_lambda_times_the_same_key_estimate_to_the_elbo():
 def test_hessian_reg_trains_under_svi_and_leaves_predictive_unchanged():
     """It is a training objective: jit-compiled SVI steps run and lower the penalised loss; Predictive
     (query labels withheld) never computes it and predicts as MAML with the same parameters."""
-    _, plain, batch, _ = setup(tasks=8)
-    _, reg, _, _ = setup("model.params.hessian_reg=0.01", tasks=8)
+    _, plain, batch, _ = tiny_setup(tasks=8)
+    _, reg, _, _ = tiny_setup("model.params.hessian_reg=0.01", tasks=8)
     svi = SVI(reg.model, reg.guide, optax.adam(1e-2), Trace_ELBO())
     state = svi.init(jax.random.PRNGKey(3), batch)
     state, losses = jax.jit(lambda s: jax.lax.scan(lambda s, _: svi.update(s, batch), s, None, length=40))(
@@ -258,9 +222,9 @@ def test_a_task_that_did_not_move_is_left_alone_and_gradients_stay_finite():
 
 
 def test_trajectory_reg_zero_is_plain_maml_and_positive_uses_the_corrected_parameters():
-    cfg, plain, batch, params = setup()
-    _, zero, _, _ = setup("model.params.trajectory_reg=0.0")
-    _, reg, _, _ = setup("model.params.trajectory_reg=0.5")
+    cfg, plain, batch, params = tiny_setup()
+    _, zero, _, _ = tiny_setup("model.params.trajectory_reg=0.0")
+    _, reg, _, _ = tiny_setup("model.params.trajectory_reg=0.5")
     np.testing.assert_array_equal(elbo(plain, params, batch), elbo(zero, params, batch))
     with jax.enable_x64(True):
         params, batch = to64(params), to64(batch)
@@ -280,6 +244,6 @@ def test_trajectory_reg_zero_is_plain_maml_and_positive_uses_the_corrected_param
         ]
         np.testing.assert_array_equal(pred[0]["f"], pred[1]["f"])
     # head-only adaptation corrects the head only
-    _, head, hbatch, hparams = setup("model.params.trajectory_reg=0.5", "model.adapt='head'")
+    _, head, hbatch, hparams = tiny_setup("model.params.trajectory_reg=0.5", "model.adapt='head'")
     assert np.isfinite(float(elbo(head, hparams, hbatch)))
     assert split({"layer_0": 0, "head": 1}, "head")[0] == {"head": 1}

@@ -1,0 +1,48 @@
+"""Shared by the maths tests of MAML's variants: a tiny regression problem and its ELBO."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from numpyro.infer import SVI, Trace_ELBO
+
+from bayesmeta import config
+from bayesmeta.registry import build_method
+from bayesmeta.tasks import make_family
+
+TINY = [
+    "model.net.hidden=[3]",
+    "model.net.activation='tanh'",
+    "model.inner_steps=2",
+    "model.inner_lr=0.3",
+    "task.shots=4",
+    "task.queries=3",
+]
+
+
+def tiny_setup(*overrides: str, tasks: int = 3):
+    """(config, method, a batch of `tasks` sinusoid tasks, the method's initial parameters) for TINY."""
+    cfg = config.load(None, [*TINY, *overrides])
+    fam = make_family(cfg.task)
+    method = build_method(cfg.model, fam.x_dim, fam.y_dim)
+    batch = fam.sample(jax.random.PRNGKey(4), tasks)
+    svi = SVI(method.model, method.guide, optax.sgd(0.0), Trace_ELBO())
+    params = svi.get_params(svi.init(jax.random.PRNGKey(3), batch))
+    return cfg, method, batch, params
+
+
+@functools.cache
+def jitted_elbo(method):
+    return jax.jit(lambda p, b, k: Trace_ELBO().loss(k, p, method.model, method.guide, b))
+
+
+def elbo(method, params, batch, key=None):
+    """The Trace_ELBO loss of `method` at `params` on `batch` (key 0 unless given)."""
+    return jitted_elbo(method)(params, batch, jax.random.PRNGKey(0) if key is None else key)
+
+
+def to64(tree):
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
