@@ -65,22 +65,26 @@ def conv_init(key: jax.Array, c_in: int, c_out: int) -> dict[str, jax.Array]:
     return {"w": w, "scale": jnp.ones((c_out,), jnp.float32), "offset": jnp.zeros((c_out,), jnp.float32)}
 
 
-def conv3x3(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
-    """'SAME' 3x3 convolution as image patches times a matrix, equal to lax.conv_general_dilated.
-
-    On XLA's CPU backend a convolution inside a while loop (our lax.scan of SVI steps) ran 15-20x
-    slower than the same step dispatched alone, and vmapping one over per-task kernels (MAML's adapted
-    weights) gives a grouped convolution, slower still; patches times a matrix are plain (batched)
-    matmuls in both cases. The patches are 9 strided slices of the zero-padded input (XLA's own patch
-    op also lowers to a grouped convolution)."""
+def patches3x3(x: jax.Array, stride: int) -> jax.Array:
+    """The 'SAME' 3x3 patches of x (n, h, w, c) at `stride`: (n, h', w', 9 c), features ordered
+    (kernel row, kernel column, channel) as an HWIO kernel; 9 strided slices of the zero-padded input."""
     h, wd = x.shape[1:3]
     ho, wo = -(-h // stride), -(-wd // stride)
     ph, pw = max((ho - 1) * stride + 3 - h, 0), max((wo - 1) * stride + 3 - wd, 0)
     xp = jnp.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
     span_h, span_w = (ho - 1) * stride + 1, (wo - 1) * stride + 1
     cols = [xp[:, i : i + span_h : stride, j : j + span_w : stride] for i in range(3) for j in range(3)]
-    # patch features are ordered (kernel row, kernel column, input channel), as w's HWIO layout
-    return jnp.concatenate(cols, -1) @ w.reshape(-1, w.shape[-1])
+    return jnp.concatenate(cols, -1)
+
+
+def conv3x3(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
+    """'SAME' 3x3 convolution as image patches times a matrix, equal to lax.conv_general_dilated.
+
+    On XLA's CPU backend a convolution inside a while loop (our lax.scan of SVI steps) ran 15-20x
+    slower than the same step dispatched alone, and vmapping one over per-task kernels (MAML's adapted
+    weights) gives a grouped convolution, slower still; patches times a matrix are plain (batched)
+    matmuls in both cases (XLA's own patch op also lowers to a grouped convolution)."""
+    return patches3x3(x, stride) @ w.reshape(-1, w.shape[-1])
 
 
 def batch_norm(x: jax.Array, scale: jax.Array, offset: jax.Array, eps: float = 1e-5) -> jax.Array:

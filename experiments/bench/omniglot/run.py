@@ -33,7 +33,7 @@ from bayesmeta.bench import compile_timed, flops, gemm_gflops, memory_mib, secon
 from bayesmeta.experiment import machine
 from bayesmeta.fit import initial_state, make_chunk, make_svi
 from bayesmeta.io import write_json, write_text
-from bayesmeta.nets import Conv4, batch_norm, conv3x3, make_net
+from bayesmeta.nets import Conv4, batch_norm, conv3x3, make_net, patches3x3
 from bayesmeta.run import Setup
 from bayesmeta.sites import tree_from_params
 
@@ -139,12 +139,27 @@ def profile(setup: Setup, svi, state, batch, mb: int, repeats: int) -> dict[str,
     w1 = theta["block_1"]["w"]
 
     def patches(h):
-        return jax.lax.conv_general_dilated_patches(
-            h, (3, 3), (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        return patches3x3(h, stride)
+
+    def xla_conv(h, w):
+        return jax.lax.conv_general_dilated(
+            h, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
 
+    def in_scan(conv):
+        """Five chained calls of `conv` in a lax.scan (as inside the engine's training chunk); each
+        call's kernel depends on the previous output, so XLA cannot hoist it out of the loop."""
+
+        def run(h, w):
+            def body(c, _):
+                return c + 1e-12 * jnp.sum(conv(h, w + c)), None
+
+            return jax.lax.scan(body, jnp.zeros((), h.dtype), None, length=5)[0]
+
+        return run
+
     p1 = jnp.ones(jax.eval_shape(patches, h1).shape)
-    w1m = jnp.transpose(w1, (2, 0, 1, 3)).reshape(-1, w1.shape[-1])
+    w1m = w1.reshape(-1, w1.shape[-1])
     pieces = {
         "episode sampling": (lambda k: family.sample(k, mb), (jax.random.PRNGKey(3),)),
         "net forward (all images)": (forward, (theta, x)),
@@ -154,6 +169,9 @@ def profile(setup: Setup, svi, state, batch, mb: int, repeats: int) -> dict[str,
         "block 1 conv: patch extraction": (patches, (h1,)),
         "block 1 conv: patches @ kernel matmul": (lambda p, w: p @ w, (p1, w1m)),
         "block 1 conv3x3 (both)": (lambda h, w: conv3x3(h, w, stride), (h1, w1)),
+        "block 1 as one XLA convolution (reference)": (xla_conv, (h1, w1)),
+        "block 1 conv3x3, 5 calls in a lax.scan": (in_scan(lambda h, w: conv3x3(h, w, stride)), (h1, w1)),
+        "block 1 XLA convolution, 5 calls in a lax.scan": (in_scan(xla_conv), (h1, w1)),
     }
     if cfg.model.method == "maml":
         pieces["inner loop (support grad + update)"] = (inner, (theta, batch.x_support, batch.y_support))
