@@ -61,6 +61,7 @@ def main() -> None:
         HERE,
         notes=NOTES,
         progress=False,
+        wide=True,
     )
     res.notes = NOTES + "\n### Correlation across support sizes\n\n" + correlations(res.outcomes)
     res.write()

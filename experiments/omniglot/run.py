@@ -64,6 +64,7 @@ def held_out(ways: int, shots: int) -> tuple[str, ...]:
 
 LAKE = (
     "eval.task.family='omniglot_runs'",
+    "eval.task.params={}",  # base.toml's held-out-alphabet params do not apply to the runs
     "eval.task.shots=1",
     "eval.task.queries=1",
     "eval.tasks=20",
