@@ -132,25 +132,35 @@ NME_SHOTS = {1: train(20, 1, 1, 16, 2000), 5: train(20, 5, 1, 4, 1500)}
 NME_PUBLISHED = {("MAML", 1): 0.078, ("MR-MAML(W)", 1): 0.833, ("MAML", 5): 0.507, ("MR-MAML(W)", 5): 0.941}
 
 
-def nme(seeds: list[int], only: list[str] | None) -> None:
+NME_METRICS = ("accuracy@0", *METRICS)
+
+
+def nme_settings(k: int) -> dict[str, tuple[str, ...]]:
+    """Held-out alphabets with shuffled labels (the test), and fresh NME training tasks, where the
+    accuracy without adaptation (accuracy@0) measures how much the model solves them from memory."""
+    steps = "eval.inner_steps=[0, 1, 5]"
+    train_tasks = ("eval.task.params.split='train'", "eval.task.params.labels='nme'", f"eval.task.shots={k}")
+    return {
+        f"20-way {k}-shot": (*held_out(20, k), steps),
+        f"20-way {k}-shot, NME training tasks": (*train_tasks, "eval.task.queries=5", steps),
+    }
+
+
+def nme(seeds: list[int], only: list[str] | None, shots: list[int] | None = None) -> None:
     cells = [
-        Cell(
-            f"{m}, NME {k}-shot",
-            f"20-way {k}-shot",
-            seed,
-            (*over, *NME_SHOTS[k], "task.params.labels='nme'"),
-            (*held_out(20, k), "eval.inner_steps=[1, 5]"),
-        )
+        Cell(f"{m}, NME {k}-shot", setting, seed, (*over, *NME_SHOTS[k], "task.params.labels='nme'"), ev)
         for m, over in NME_METHODS.items()
         if not only or m in only
         for k in NME_SHOTS
+        if not shots or k in shots
+        for setting, ev in nme_settings(k).items()
         for seed in seeds
     ]
     run_grid(
         "Non-mutually-exclusive Omniglot 20-way: MAML against MR-MAML(W) (Yin et al. 2020)",
         BASE,
         cells,
-        list(METRICS),
+        list(NME_METRICS),
         HERE / "nme",
         published={
             (f"{m}, NME {k}-shot", f"20-way {k}-shot", metric): v
@@ -195,7 +205,9 @@ Non-mutually-exclusive (NME) meta-training (Yin et al. 2020, METHODS 4): the 720
 split once, at random, into 20 label groups; a task takes one class from each group and labels it
 with the group's index, so the training tasks can be solved without their support sets, by memorizing
 class -> label. Testing uses the held-out alphabets with labels shuffled per task (600 tasks, 5
-queries per class): a memorizing model can only guess there.
+queries per class): a memorizing model can only guess there. The rows "NME training tasks" evaluate
+fresh tasks of the training distribution: accuracy@0 (no adaptation, the support set unused) near 1
+means the labels are answered from memory; chance is 0.05.
 
 Protocol, reduced for 2 CPU cores: conv4 (64 filters, stride 2), 1 second-order inner step at alpha
 0.4, meta-batch 16 and 2,000 iterations for 1-shot, meta-batch 4 and 1,500 iterations for 5-shot,
@@ -214,8 +226,12 @@ def main() -> None:
     p.add_argument("what", choices=["table", "nme"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--only", nargs="+", help="method labels to run (default: all)")
+    p.add_argument("--shots", type=int, nargs="+", help="nme: the shot settings to run (default: 1 and 5)")
     args = p.parse_args()
-    {"table": table, "nme": nme}[args.what](args.seeds, args.only)
+    if args.what == "nme":
+        nme(args.seeds, args.only, args.shots)
+    else:
+        table(args.seeds, args.only)
 
 
 if __name__ == "__main__":
