@@ -1,7 +1,7 @@
 """The landscape paper's regression finding (METHODS 6): across support sizes k = 2..15, does the
 gradient coherence of MAML's meta-solution track its generalization to out-of-range sinusoids?
 
-    .venv/bin/python experiments/landscape_sinusoid/run.py [--seeds 0] [--shots 2 3 ... 15]
+    .venv/bin/python experiments/landscape_sinusoid/run.py [--seeds 0 1 2] [--shots 2 3 ... 15]
 
 One MAML run per k (base.toml: amplitude [0.1, 2.5] and phase [0, pi/2] in meta-training, [2.5, 5]
 and [pi/2, pi] at meta-test); the landscape diagnostics are computed on 32 held-out tasks every 5,000
@@ -49,7 +49,7 @@ def correlations(outcomes: list) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--shots", type=int, nargs="+", default=list(range(2, 16)))
     args = p.parse_args()
     cells = [Cell("MAML", f"{k}-shot", seed, (f"task.shots={k}",)) for k in args.shots for seed in args.seeds]
