@@ -70,6 +70,12 @@ class NetConfig:
     activation: str = opt("relu", choices=["relu", "tanh", "elu"], doc="MLP activation")
     filters: int = opt(64, ge=1, doc="conv4 filters per block")
     downsample: str = opt("stride", choices=["stride", "maxpool"], doc="conv4: stride-2 convs or max pooling")
+    conv: str = opt(
+        "patches",
+        choices=["patches", "xla"],
+        doc="conv4: patches x matmul (fast on CPU, also inside lax.scan and per-task kernels) or XLA's "
+        "convolution (for accelerators)",
+    )
 
 
 @dataclass(frozen=True)

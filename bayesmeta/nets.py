@@ -87,6 +87,16 @@ def conv3x3(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
     return patches3x3(x, stride) @ w.reshape(-1, w.shape[-1])
 
 
+def xla_conv3x3(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
+    """'SAME' 3x3 convolution by XLA's convolution op (the fast path on accelerators)."""
+    return jax.lax.conv_general_dilated(
+        x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+CONVOLUTIONS = {"patches": conv3x3, "xla": xla_conv3x3}
+
+
 def batch_norm(x: jax.Array, scale: jax.Array, offset: jax.Array, eps: float = 1e-5) -> jax.Array:
     """Normalise each channel with the mean and variance of this set (all images and positions):
     transductive batch norm, as MAML uses it inside the inner loop (no running averages)."""
@@ -107,6 +117,7 @@ class Conv4:
     filters: int = 64
     blocks: int = 4
     downsample: str = "stride"
+    conv: str = "patches"
 
     @property
     def side(self) -> int:
@@ -129,9 +140,10 @@ class Conv4:
         """The (n, filters) representation fed to the head, for one set x (n, s*s)."""
         h = x.reshape(x.shape[0], self.side, self.side, 1)
         stride = 2 if self.downsample == "stride" else 1
+        conv = CONVOLUTIONS[self.conv]
         for i in range(self.blocks):
             p = params[f"block_{i}"]
-            h = jax.nn.relu(batch_norm(conv3x3(h, p["w"], stride), p["scale"], p["offset"]))
+            h = jax.nn.relu(batch_norm(conv(h, p["w"], stride), p["scale"], p["offset"]))
             if self.downsample == "maxpool":
                 h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "SAME")
         return jnp.mean(h, axis=(1, 2))
@@ -142,5 +154,5 @@ class Conv4:
 
 def make_net(cfg: NetConfig, in_dim: int, out_dim: int) -> MLP | Conv4:
     if cfg.kind == "conv4":
-        return Conv4(in_dim=in_dim, out_dim=out_dim, filters=cfg.filters, downsample=cfg.downsample)
+        return Conv4(in_dim, out_dim, cfg.filters, downsample=cfg.downsample, conv=cfg.conv)
     return MLP(in_dim=in_dim, out_dim=out_dim, hidden=cfg.hidden, activation=cfg.activation)

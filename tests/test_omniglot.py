@@ -199,6 +199,15 @@ def test_conv3x3_equals_xla_convolution():
         np.testing.assert_allclose(conv3x3(x, w, stride), ref, atol=1e-4)
 
 
+def test_xla_convolution_option_gives_the_same_network():
+    """model.net.conv = "xla" (for accelerators) computes what the default patches path computes."""
+    x = jax.random.uniform(jax.random.PRNGKey(1), (6, 784))
+    for down in ("stride", "maxpool"):
+        a, b = (Conv4(784, 5, 8, downsample=down, conv=c) for c in ("patches", "xla"))
+        params = a.init(jax.random.PRNGKey(0))
+        np.testing.assert_allclose(a.apply(params, x), b.apply(params, x), atol=1e-4)
+
+
 def test_batch_norm_uses_the_statistics_of_the_current_set():
     x = 3.0 + 2.0 * jax.random.normal(jax.random.PRNGKey(0), (6, 5, 5, 4))
     out = batch_norm(x, jnp.ones(4), jnp.zeros(4))

@@ -18,6 +18,7 @@ Times are minima over round-robin repeats. Writes RESULTS.md / results.json besi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -175,6 +176,23 @@ def profile(setup: Setup, svi, state, batch, mb: int, repeats: int) -> dict[str,
     }
     if cfg.model.method == "maml":
         pieces["inner loop (support grad + update)"] = (inner, (theta, batch.x_support, batch.y_support))
+    # the engine runs SVI steps inside a lax.scan: the same step there, with patches and with XLA's
+    # convolution (model.net.conv = "xla"), per step
+    xla_net = dataclasses.replace(cfg.model.net, conv="xla")
+    xla_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, net=xla_net))
+    xla = Setup.from_config(xla_cfg)
+    xla_svi = make_svi(xla.method, xla_cfg.train)
+    xla_state, _ = initial_state(xla_svi, xla.family, xla_cfg.train, 0)
+
+    def scanned(update):
+        return lambda st, b: jax.lax.scan(lambda c, _: (update(c, b)[0], None), st, None, length=3)[0]
+
+    pieces["full SVI step in a lax.scan of 3 (all 3 steps)"] = (scanned(svi.update), (state, batch))
+    pieces["full SVI step, XLA convolutions, alone"] = (xla_svi.update, (xla_state, batch))
+    pieces["full SVI step, XLA convolutions, in a lax.scan of 3 (all 3 steps)"] = (
+        scanned(xla_svi.update),
+        (xla_state, batch),
+    )
     out = {}
     for name, (fn, args) in pieces.items():
         _, exe = compile_timed(fn, *args)
