@@ -222,6 +222,7 @@ def main() -> None:
         "--quick", action="store_true", help="tiny check (2 steps, 8 filters, meta-batch 2), temp dir"
     )
     args = p.parse_args()
+    started = time.perf_counter()
     n, repeats, mb, filters, sizes = (
         args.steps,
         args.repeats,
@@ -361,12 +362,18 @@ def main() -> None:
             "Memory: XLA's memory analysis of one compiled step (temporaries + arguments + outputs; "
             "temporaries alone in brackets). GFLOP per step: XLA's cost analysis of one compiled step; "
             "GFLOP/s = that over the fixed-batch time; *of GEMM peak*: against the best jitted float32 "
-            "square matmul on this machine. XLA also counts the patch extraction of `conv3x3` (a grouped "
-            "convolution with a 0/1 kernel) as FLOPs, about 9 / filters of each convolution's.\n\n"
+            "square matmul on this machine. `conv3x3` builds its patches from strided slices (no FLOPs); "
+            "XLA's cost analysis counts a loop body once, so the scanned pieces of the profile report one "
+            "step's FLOPs.\n\n"
             f"{table}\n\n{summary}\n\n## Where the time goes: {slowest}\n\nEach piece jitted and timed "
             f"alone on the step's batch ({mb} tasks, 10 images each); minimum over {repeats} calls; "
-            "block 1 is the second conv block, the largest matmul of the net.\n\n"
+            "block 1 is the second conv block, the largest matmul of the net. The last rows run the "
+            "full step inside a `lax.scan`, as the engine trains, with `conv3x3` and with XLA's "
+            'convolution (`model.net.conv = "xla"`): on this CPU backend XLA\'s convolution is fast '
+            "alone and an order of magnitude slower inside the scan, which is why the default is "
+            "patches times a matrix.\n\n"
             f"{ptable}\n\n- command: `{cmd}`\n- machine: {machine()}\n"
+            f"- time: the benchmark took {(time.perf_counter() - started) / 60:.1f} min, compiles included\n"
         ),
     )
     write_json(
