@@ -172,6 +172,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from bayesmeta.datasets.omniglot import DataError
     from bayesmeta.fit import CheckpointError, NonFiniteError
     from bayesmeta.sample import SupportFileError
 
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"bayesmeta: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    except (NonFiniteError, CheckpointError, FileNotFoundError, SupportFileError) as e:
+    except (NonFiniteError, CheckpointError, FileNotFoundError, SupportFileError, DataError) as e:
         print(f"bayesmeta: error: {e}", file=sys.stderr)
         return EXIT_RUN
 

@@ -369,3 +369,18 @@ def test_full_source_tests_on_the_evaluation_archive(tmp_path, monkeypatch):
     )
     assert (train.n_characters, test.n_characters) == (136, 106)  # small1; small2 without Greek, Latin
     assert test.sample(jax.random.PRNGKey(0), 2).x_support.shape == (2, 5, 784)
+
+
+def test_cli_reports_a_missing_archive_in_one_line(tmp_path, monkeypatch, capsys):
+    from bayesmeta import cli
+
+    monkeypatch.setattr(data, "DEFAULT_DIRS", ())
+    monkeypatch.delenv(data.ENV_ARCHIVES, raising=False)
+    empty = tmp_path / "archives"
+    empty.mkdir()
+    sets = [f"task.params.archives='{empty}'", f"task.params.data_dir='{tmp_path / 'tfds'}'", *OMNI]
+    argv = ["fit", "--run-dir", str(tmp_path / "run"), "--no-progress"]
+    code = cli.main([*argv, *(a for kv in sets for a in ("--set", kv))])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1
+    assert "images_background_small1.zip not found; looked in:" in err[0] and str(empty) in err[0]
