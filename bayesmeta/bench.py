@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def compile_timed(fn: Callable, *args: Any, static_argnums: tuple[int, ...] = ()) -> tuple[float, Any]:
@@ -62,3 +63,26 @@ def gemm_gflops(sizes: tuple[int, ...] = (256, 512, 1024, 2048), repeats: int = 
         f = jax.jit(jnp.dot)
         out[n] = 2 * n**3 / min(seconds(lambda f=f, a=a, b=b: f(a, b), repeats)) / 1e9
     return out
+
+
+def hand_written_maml(
+    loss: Callable, alpha: float, opt: optax.GradientTransformation
+) -> tuple[Callable, Callable]:
+    """Second-order MAML with one inner step in JAX + optax only, the reference for the engine's
+    overhead: (meta_loss(theta, batch), step(theta, opt_state, batch) -> (theta, opt_state, loss)),
+    phi_i = theta - alpha grad loss(theta, D_i), meta-loss = mean_i loss(phi_i, D*_i) (Finn et al. 2017)."""
+
+    def meta_loss(theta: Any, batch: Any) -> jax.Array:
+        def task(xs: jax.Array, ys: jax.Array, xq: jax.Array, yq: jax.Array) -> jax.Array:
+            g = jax.grad(loss)(theta, xs, ys)
+            phi = jax.tree.map(lambda t, d: t - alpha * d, theta, g)
+            return loss(phi, xq, yq)
+
+        return jnp.mean(jax.vmap(task)(batch.x_support, batch.y_support, batch.x_query, batch.y_query))
+
+    def step(theta: Any, opt_state: Any, batch: Any) -> tuple[Any, Any, jax.Array]:
+        value, grads = jax.value_and_grad(meta_loss)(theta, batch)
+        updates, opt_state = opt.update(grads, opt_state, theta)
+        return optax.apply_updates(theta, updates), opt_state, value
+
+    return meta_loss, step

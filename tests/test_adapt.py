@@ -16,6 +16,7 @@ from bayesmeta.adapt import adapt_tasks, gradient_descent, split
 from bayesmeta.likelihoods import Gaussian
 from bayesmeta.registry import build_method
 from bayesmeta.tasks import make_family
+from tests.helpers import TINY
 
 
 def _linear_problem(seed=0, n=12, d=4):
@@ -215,15 +216,7 @@ def test_gaussian_prior_adds_the_scaled_l2_penalty():
     _, method, batch, key = _tiny()
     cfg = config.load(
         None,
-        [
-            "model.net.hidden=[3]",
-            "model.net.activation='tanh'",
-            "model.inner_steps=2",
-            "model.inner_lr=0.3",
-            "task.shots=4",
-            "task.queries=3",
-            "model.prior_scale=0.5",
-        ],
+        [*TINY, "model.prior_scale=0.5"],
     )
     fam = make_family(cfg.task)
     with_prior = build_method(cfg.model, fam.x_dim, fam.y_dim)

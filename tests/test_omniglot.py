@@ -20,7 +20,7 @@ from bayesmeta import config, run
 from bayesmeta.config import ConfigError
 from bayesmeta.datasets import omniglot as data
 from bayesmeta.nets import Conv4, batch_norm, conv3x3
-from bayesmeta.registry import Context, build_method
+from bayesmeta.registry import build_method
 from bayesmeta.tasks import make_family
 from bayesmeta.tasks.omniglot import rotate
 from models.baselines import global_labels
@@ -296,8 +296,9 @@ def test_protonet_learns_and_evaluates_at_another_way(tfds_dir, tmp_path):
     _, metrics = run.train(cfg, tmp_path / "proto", progress=False)
     acc = metrics["metrics"]["accuracy@0"]["mean"]
     assert acc > 0.35, acc  # chance is 0.1
-    f = run.restore(cfg, tmp_path / "proto")[0].eval_method
-    assert f is not None
+    setup = run.restore(cfg, tmp_path / "proto")[0]
+    assert (setup.family.y_dim, setup.eval_family.y_dim) == (5, 10)
+    assert setup.eval_method is not setup.method  # built for 10 outputs, same parameters
 
 
 def test_maml_cannot_be_evaluated_at_another_way(tfds_dir):
@@ -335,8 +336,8 @@ def test_mr_maml_w_on_conv_encoder(tfds_dir):
 
 def test_context_counts_classes_and_query_points(tfds_dir):
     setup = run.Setup.from_config(_small(tfds_dir, "model.method='finetune'"))
-    assert setup.family.query_points == 10
-    assert isinstance(Context(n_classes=setup.family.n_classes).n_classes, int)
+    assert setup.family.query_points == 10  # 5 ways x 2 queries: the bound's K
+    assert run.param_shapes(setup.method, setup.family)["theta.head.w"].shape[1] == setup.family.n_classes
 
 
 def _rezip(src: Path, dst: Path, top: str, skip: tuple[str, ...] = ()) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from bayesmeta import config
+from bayesmeta.bench import hand_written_maml
 from bayesmeta.experiment import machine
 from bayesmeta.fit import make_chunk, make_svi
 from bayesmeta.io import write_json, write_text
@@ -49,20 +50,7 @@ def hand_written(cfg: config.Config):
     def mse(p, x, y):
         return jnp.mean((net.apply(p, x) - y) ** 2)
 
-    def meta_loss(theta, batch):
-        def task(xs, ys, xq, yq):
-            g = jax.grad(mse)(theta, xs, ys)
-            phi = jax.tree.map(lambda t, d: t - alpha * d, theta, g)
-            return mse(phi, xq, yq)
-
-        return jnp.mean(jax.vmap(task)(batch.x_support, batch.y_support, batch.x_query, batch.y_query))
-
-    def step(theta, opt_state, batch):
-        loss, grads = jax.value_and_grad(meta_loss)(theta, batch)
-        updates, opt_state = opt.update(grads, opt_state, theta)
-        return optax.apply_updates(theta, updates), opt_state, loss
-
-    return net, opt, step
+    return net, opt, hand_written_maml(mse, alpha, opt)[1]
 
 
 def compiled(fn, *args):

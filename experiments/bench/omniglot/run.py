@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from bayesmeta import config
-from bayesmeta.bench import compile_timed, flops, gemm_gflops, memory_mib, seconds
+from bayesmeta.bench import compile_timed, flops, gemm_gflops, hand_written_maml, memory_mib, seconds
 from bayesmeta.experiment import machine
 from bayesmeta.fit import initial_state, make_chunk, make_svi
 from bayesmeta.io import write_json, write_text
@@ -70,20 +70,10 @@ def hand_written(cfg: config.Config, net: Conv4):
     no engine): returns (optimizer, meta_loss(theta, batch), step(theta, opt_state, batch))."""
     alpha, opt = cfg.model.inner_lr, optax.adam(cfg.train.lr)
 
-    def meta_loss(theta, batch):
-        def task(xs, ys, xq, yq):
-            g = jax.grad(lambda p: cross_entropy(net, p, xs, ys))(theta)
-            phi = jax.tree.map(lambda t, d: t - alpha * d, theta, g)
-            return cross_entropy(net, phi, xq, yq)
+    def loss(p, x, y):
+        return cross_entropy(net, p, x, y)
 
-        return jnp.mean(jax.vmap(task)(batch.x_support, batch.y_support, batch.x_query, batch.y_query))
-
-    def step(theta, opt_state, batch):
-        loss, grads = jax.value_and_grad(meta_loss)(theta, batch)
-        updates, opt_state = opt.update(grads, opt_state, theta)
-        return optax.apply_updates(theta, updates), opt_state, loss
-
-    return opt, meta_loss, step
+    return (opt, *hand_written_maml(loss, alpha, opt))
 
 
 def scanned(step, n: int, family=None, meta_batch: int = 0, data_key=None):
