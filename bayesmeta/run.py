@@ -308,6 +308,9 @@ def finish(setup: Setup, run_dir: Path, result: FitResult, progress: bool = True
         "pac_bayes": pac.as_dict() if pac else None,
         "calibration": calib,
     }
+    if result.trace.eval_step:  # the held-out metric during training: {name: {step: value}}
+        steps = [str(s) for s in result.trace.eval_step]
+        metrics["history"] = {k: dict(zip(steps, v, strict=True)) for k, v in result.trace.eval.items()}
     if result.trace.diagnostics_step:
         metrics["landscape"] = landscape_summary(result.trace.diagnostics_step, result.trace.diagnostics)
     attrs = {

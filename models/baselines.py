@@ -4,6 +4,7 @@ Fine-tuning: pre-train the network as one classifier over every meta-training cl
 task replace the head by a zero N-way head and take `inner_steps` gradient steps on the support set
 (adapting the head, or everything with [model] adapt = "all"). Training observes the episodes' images
 under their global class labels (info["classes"]); prediction (y_query withheld) adapts and predicts.
+Its probe (landscape diagnostics) starts from the pre-trained body and the zero head.
 
 Nearest neighbour: the query takes the class of the closest support input in Euclidean distance
 (pixels on Omniglot); "f" holds softmax(-min distance per class), whose argmax is the 1-NN decision.
@@ -20,10 +21,10 @@ import jax.numpy as jnp
 from bayesmeta.adapt import inner_loop
 from bayesmeta.config import ModelConfig
 from bayesmeta.likelihoods import make_likelihood
-from bayesmeta.method import Method, no_guide
+from bayesmeta.method import Method, Probe, no_guide
 from bayesmeta.nets import make_net
 from bayesmeta.registry import Context
-from bayesmeta.sites import observe, param_tree
+from bayesmeta.sites import observe, param_tree, tree_from_params
 from bayesmeta.tasks import TaskBatch
 
 
@@ -57,6 +58,13 @@ class FineTune(Classifier):
         task_net = make_net(cfg.net, x_dim, y_dim)
         lik = make_likelihood(cfg)
 
+        def zero_head() -> dict:
+            shapes = jax.eval_shape(task_net.init, jax.random.PRNGKey(0))["head"]
+            return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        def loss(p: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+            return lik.loss(task_net.apply(p, x), y)
+
         def model(batch: TaskBatch, inner_steps: int | None = None) -> None:
             theta = param_tree("theta", pretrain.init)
             if inner_steps is None:  # pre-training: every episode image under its global label
@@ -65,16 +73,21 @@ class FineTune(Classifier):
                 out = jax.vmap(lambda xi: pretrain.apply(theta, xi))(x)
                 observe(lik, out, global_labels(batch.info["classes"], y))
                 return
-            head = jax.tree.map(jnp.zeros_like, task_net.init(jax.random.PRNGKey(0))["head"])
-            start = {**theta, "head": head}
-
-            def loss(p: dict, x: jax.Array, y: jax.Array) -> jax.Array:
-                return lik.loss(task_net.apply(p, x), y)
-
+            start = {**theta, "head": zero_head()}
             phi, _ = inner_loop(cfg, loss, start, batch.x_support, batch.y_support, inner_steps)
             observe(lik, jax.vmap(task_net.apply)(phi, batch.x_query), batch.y_query)
 
-        return Method(name="finetune", model=model, guide=no_guide)
+        def probe(params: dict) -> Probe:
+            """The landscape diagnostics' view: theta is the pre-trained body with the zero N-way head,
+            adapted by model.inner_steps steps on the support set, as at test time."""
+            start = {**tree_from_params("theta", pretrain.init, params), "head": zero_head()}
+
+            def adapt(th: dict, x: jax.Array, y: jax.Array) -> dict:
+                return inner_loop(cfg, loss, th, x, y)[0]
+
+            return Probe(start, adapt, loss, loss, task_net.features)
+
+        return Method(name="finetune", model=model, guide=no_guide, probe=probe)
 
 
 class NearestNeighbour(Classifier):

@@ -25,13 +25,14 @@ import jax
 import jax.numpy as jnp
 import numpyro
 from jax import lax
+from numpyro import handlers
 
 from bayesmeta.adapt import inner_loop, split
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
-from bayesmeta.method import Method, no_guide
+from bayesmeta.method import Method, Probe, no_guide
 from bayesmeta.nets import dense, dense_init, make_net
-from bayesmeta.sites import observe, param_tree
+from bayesmeta.sites import observe, param_tree, tree_from_params
 from bayesmeta.tasks import TaskBatch
 from models.maml import LEARNED_LR, LEARNED_LR_DOC, check_rates, inner_rates
 
@@ -110,14 +111,22 @@ class L2F:
 
             return squash(attenuator(g, jax.vmap(embed)(x, y)))
 
-        def model(batch: TaskBatch, inner_steps: int | None = None) -> None:
-            theta = param_tree("theta", net.init)
-            gamma = numpyro.deterministic("gamma", gammas(theta, batch.x_support, batch.y_support))
+        def adapt(theta: dict, x: jax.Array, y: jax.Array, inner_steps: int | None = None) -> dict:
+            """phi_i = GD(gamma_i * theta; D_i) for every task (numpyro.param sites: g, learned rates)."""
+            gamma = numpyro.deterministic("gamma", gammas(theta, x, y))
             init = jax.vmap(lambda g: attenuate(theta, cfg.adapt, g))(gamma)
             lr = inner_rates(cfg, p.learned_lr, p.lr_init, theta)
-            phi, _ = inner_loop(
-                cfg, task_loss, init, batch.x_support, batch.y_support, inner_steps, per_task=True, lr=lr
-            )
+            return inner_loop(cfg, task_loss, init, x, y, inner_steps, per_task=True, lr=lr)[0]
+
+        def model(batch: TaskBatch, inner_steps: int | None = None) -> None:
+            theta = param_tree("theta", net.init)
+            phi = adapt(theta, batch.x_support, batch.y_support, inner_steps)
             observe(lik, jax.vmap(net.apply)(phi, batch.x_query), batch.y_query)
 
-        return Method(name="l2f", model=model, guide=no_guide)
+        def probe(params: dict) -> Probe:
+            """theta is the shared initialisation; adaptation includes the task's attenuation."""
+            fitted = handlers.substitute(adapt, data=params)
+            theta = tree_from_params("theta", net.init, params)
+            return Probe(theta, lambda th, x, y: fitted(th, x, y), task_loss, task_loss, net.features)
+
+        return Method(name="l2f", model=model, guide=no_guide, probe=probe)

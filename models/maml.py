@@ -22,6 +22,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 import numpyro
+from numpyro import handlers
 from numpyro.distributions import constraints
 
 from bayesmeta.adapt import inner_loop, learned_rates, split, trajectory_correction
@@ -111,10 +112,13 @@ def build_maml(
         observe(out_lik, jax.vmap(net.apply)(phi, batch.x_query), batch.y_query)
 
     def probe(params: dict) -> Probe:
-        def adapt(th: dict, x: jax.Array, y: jax.Array) -> dict:
-            return inner_loop(cfg, task_loss, th, x, y, first_order=first_order)[0]
+        theta = tree_from_params("theta", net.init, params)
+        lr = handlers.substitute(inner_rates, data=params)(cfg, p.learned_lr, p.lr_init, theta)
 
-        return Probe(tree_from_params("theta", net.init, params), adapt, task_loss, task_loss, net.features)
+        def adapt(th: dict, x: jax.Array, y: jax.Array) -> dict:
+            return inner_loop(cfg, task_loss, th, x, y, first_order=first_order, lr=lr)[0]
+
+        return Probe(theta, adapt, task_loss, task_loss, net.features)
 
     name = "fomaml" if first_order else "maml"
     return Method(name=name, model=model, guide=no_guide, probe=probe)

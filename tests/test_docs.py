@@ -18,6 +18,16 @@ def test_readme_tables_match_the_committed_results():
     assert "<!-- results: experiments/maml_sinusoid -->" in (ROOT / "README.md").read_text()
 
 
+def test_readme_tables_picks_the_kth_table():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from readme_tables import nth_table
+
+    md = "# t\n\n| a |\n|---|\n| 1 |\n\ntext\n| b |\n| 2 |\n"
+    assert nth_table(md) == "| a |\n|---|\n| 1 |\n"
+    assert nth_table(md, 2) == "| b |\n| 2 |\n"
+    assert nth_table(md, 3) == ""
+
+
 def test_readme_python_example_runs(tmp_path, monkeypatch):
     """The first ```python block of the README, with the training shortened."""
     readme = (ROOT / "README.md").read_text()

@@ -124,7 +124,10 @@ def test_fit_with_diagnostics_writes_them_to_the_run(small_cfg, tmp_path):
     assert stats["diagnostics_step"].values.tolist() == [25, 50, 75, 100]
     for k in names | {"test_mse@1"}:
         assert np.all(np.isfinite(stats[f"diag_{k}"].values)), k
-    saved = json.loads((tmp_path / "r" / "metrics.json").read_text())["landscape"]
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    history = metrics["history"]["mse@1"]  # the held-out metric during training, by step
+    assert list(history) == ["50", "100"] and history["100"] == result.trace.eval["mse@1"][-1]
+    saved = metrics["landscape"]
     assert saved["step"] == [25, 50, 75, 100] and saved["test_metric"] == "mse@1"
     assert set(saved["correlation"]) == names
     r = saved["correlation"]["gradient_coherence"]
@@ -158,16 +161,33 @@ def test_trace_keeps_diagnostics_through_a_checkpoint():
     assert Trace.from_arrays(np.zeros(1), old).diagnostics == {}
 
 
-@pytest.mark.parametrize("method", ["maml", "fomaml", "mr_maml_w"])
-def test_probe_matches_the_model_and_gives_finite_metrics(small_cfg, method):
-    """MAML's probe: the mean query loss at the probe's adapted phi is the SVI loss minus the Gaussian
-    constant log(sqrt(pi)) (sd sqrt(1/2)); every method's metrics are finite at initialisation."""
-    extra = ["task.family='nme_sinusoid'"] if method == "mr_maml_w" else []
+RATES = ("model.params.learned_lr='per_layer_step'", "model.params.lr_init=0.05")
+
+
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("maml", ()),
+        ("fomaml", ()),
+        ("maml", RATES),  # the probe adapts with the learned rates, not model.inner_lr
+        ("l2f", ()),  # and with L2F's task-conditioned attenuation of theta
+        ("l2f", RATES),
+        ("mr_maml_w", ("task.family='nme_sinusoid'",)),
+    ],
+)
+def test_probe_matches_the_model_and_gives_finite_metrics(small_cfg, method, extra):
+    """The probe's adaptation is the model's: the mean query loss at the probe's adapted phi is the SVI
+    loss minus the Gaussian constant log(sqrt(pi)) (sd sqrt(1/2)), at parameters moved off their
+    initial values; every method's metrics are finite there."""
     cfg = small_cfg(f"model.method={method}", "model.inner_steps=2", "model.net.hidden=[8, 8]", *extra)
     setup = run.Setup.from_config(cfg)
     svi = make_svi(setup.method, cfg.train)
     state, _ = initial_state(svi, setup.family, cfg.train, 0)
-    params = svi.get_params(state)
+    keys = jax.random.split(jax.random.PRNGKey(3), len(svi.get_params(state)))
+    params = {  # every parameter perturbed, so learned rates and gamma differ from their initial values
+        k: v + 0.01 * jax.random.normal(kk, jnp.shape(v))
+        for kk, (k, v) in zip(keys, svi.get_params(state).items(), strict=True)
+    }
     batch = setup.family.sample(jax.random.PRNGKey(5), 6)
     probe = setup.method.probe(params)
     if method != "mr_maml_w":

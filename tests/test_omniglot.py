@@ -19,6 +19,7 @@ from numpyro.infer import Predictive
 from bayesmeta import config, run
 from bayesmeta.config import ConfigError
 from bayesmeta.datasets import omniglot as data
+from bayesmeta.diagnostics.landscape import landscape_metrics
 from bayesmeta.nets import Conv4, batch_norm, conv3x3
 from bayesmeta.registry import build_method
 from bayesmeta.tasks import make_family
@@ -52,6 +53,7 @@ def test_builder_prepares_and_reads_the_shared_archives_without_tensorflow(tmp_p
         import importlib.util, sys
         assert importlib.util.find_spec("tensorflow") is None, "TensorFlow is installed: not this test"
         from bayesmeta.datasets import omniglot as data
+from bayesmeta.diagnostics.landscape import landscape_metrics
         c = data.characters("minimal", 28, {str(SHARED)!r}, {str(tmp_path)!r})
         r = data.runs(28, {str(SHARED)!r}, {str(tmp_path)!r})
         b = data.prepare("minimal", "", {str(tmp_path)!r})
@@ -322,6 +324,32 @@ def test_finetune_pretrains_on_global_labels_and_adapts_a_zero_head(tfds_dir):
         jax.random.PRNGKey(0), b._replace(y_query=None), inner_steps=0
     )["f"]
     np.testing.assert_allclose(f, 1 / 5)  # the fresh head is zero: uniform class probabilities
+
+
+def test_finetune_probe_is_the_test_time_adaptation(tfds_dir):
+    """Fine-tuning's probe starts from the pre-trained body with a zero head, and its adapted query loss
+    is the model's predictive NLL after model.inner_steps steps; its landscape metrics are finite."""
+    cfg = _small(tfds_dir, "model.method='finetune'", "model.adapt='head'", "model.inner_steps=2")
+    setup = run.Setup.from_config(cfg)
+    shapes = run.param_shapes(setup.method, setup.family)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(shapes))
+    params = {k: 0.1 * jax.random.normal(kk, v.shape) for kk, (k, v) in zip(keys, shapes.items())}
+    b = setup.family.sample(jax.random.PRNGKey(0), 3)
+    probe = setup.method.probe(params)
+    assert probe.theta["head"]["w"].shape == (8, 5) and not np.any(probe.theta["head"]["w"])
+    phi = probe.adapt(probe.theta, b.x_support, b.y_support)
+    assert np.any(phi["head"]["w"])  # the head moved
+    body = phi["block_0"]["w"]  # per task: the body did not move
+    np.testing.assert_array_equal(body, np.broadcast_to(params["theta.block_0.w"], body.shape))
+    from numpyro import handlers
+
+    tr = handlers.trace(handlers.substitute(setup.method.model, params)).get_trace(b, inner_steps=2)
+    nll = -jnp.mean(tr["y"]["fn"].log_prob(tr["y"]["value"]))
+    np.testing.assert_allclose(
+        jnp.mean(jax.vmap(probe.query_loss)(phi, b.x_query, b.y_query)), nll, rtol=1e-5
+    )
+    out = landscape_metrics(probe, b, jax.random.PRNGKey(2), 3)
+    assert all(bool(jnp.isfinite(v)) for v in out.values()), out
 
 
 def test_mr_maml_w_on_conv_encoder(tfds_dir):
