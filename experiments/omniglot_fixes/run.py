@@ -38,10 +38,11 @@ FIXES = {
     "learned rates (init 0.04)": ("model.params.learned_lr='per_layer_step'", "model.params.lr_init=0.04"),
     "L2F": ("model.method='l2f'",),
     "Hessian reg": ("model.params.hessian_reg=0.001",),
+    "Hessian reg (lambda 1e-4)": ("model.params.hessian_reg=0.0001",),
     "Meta-PCGrad": ("train.task_gradients='pcgrad'",),
     "trajectory reg": ("model.params.trajectory_reg=0.5",),
 }
-ONLY_5_WAY = ("learned rates (init 0.04)",)
+WAYS_OF = {"learned rates (init 0.04)": (5,), "Hessian reg (lambda 1e-4)": (20,)}  # default: both
 METRICS = ["accuracy@1", "accuracy@5", "history/accuracy@5/250", "history/accuracy@5/500"]
 PUBLISHED = {  # METHODS 2 and 6 (full Omniglot, 60,000 iterations; the landscape paper: 5 inner steps)
     ("MAML", "5-way 1-shot"): 0.987,
@@ -61,7 +62,7 @@ def compare_cells(ways: list[int], seeds: list[int], only: list[str] | None) -> 
         for seed in seeds
         for w in ways
         for fix, over in FIXES.items()
-        if (not only or fix in only) and (w == 5 or fix not in ONLY_5_WAY)
+        if (not only or fix in only) and w in WAYS_OF.get(fix, SETTINGS)
     ]
 
 
