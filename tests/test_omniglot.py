@@ -333,7 +333,9 @@ def test_finetune_probe_is_the_test_time_adaptation(tfds_dir):
     setup = run.Setup.from_config(cfg)
     shapes = run.param_shapes(setup.method, setup.family)
     keys = jax.random.split(jax.random.PRNGKey(1), len(shapes))
-    params = {k: 0.1 * jax.random.normal(kk, v.shape) for kk, (k, v) in zip(keys, shapes.items())}
+    params = {
+        k: 0.1 * jax.random.normal(kk, v.shape) for kk, (k, v) in zip(keys, shapes.items(), strict=True)
+    }
     b = setup.family.sample(jax.random.PRNGKey(0), 3)
     probe = setup.method.probe(params)
     assert probe.theta["head"]["w"].shape == (8, 5) and not np.any(probe.theta["head"]["w"])
