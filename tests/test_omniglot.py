@@ -53,7 +53,6 @@ def test_builder_prepares_and_reads_the_shared_archives_without_tensorflow(tmp_p
         import importlib.util, sys
         assert importlib.util.find_spec("tensorflow") is None, "TensorFlow is installed: not this test"
         from bayesmeta.datasets import omniglot as data
-from bayesmeta.diagnostics.landscape import landscape_metrics
         c = data.characters("minimal", 28, {str(SHARED)!r}, {str(tmp_path)!r})
         r = data.runs(28, {str(SHARED)!r}, {str(tmp_path)!r})
         b = data.prepare("minimal", "", {str(tmp_path)!r})
