@@ -125,8 +125,8 @@ class L2F:
 
         def probe(params: dict) -> Probe:
             """theta is the shared initialisation; adaptation includes the task's attenuation."""
-            fitted = handlers.substitute(adapt, data=params)
+            fitted = handlers.substitute(adapt, data=params)  # g and the learned rates as fitted
             theta = tree_from_params("theta", net.init, params)
-            return Probe(theta, lambda th, x, y: fitted(th, x, y), task_loss, task_loss, net.features)
+            return Probe(theta, fitted, task_loss, task_loss, net.features)
 
         return Method(name="l2f", model=model, guide=no_guide, probe=probe)
