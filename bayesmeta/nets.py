@@ -136,16 +136,22 @@ class Conv4:
         params = {f"block_{i}": conv_init(keys[i], chans[i], chans[i + 1]) for i in range(self.blocks)}
         return {**params, "head": dense_init(keys[-1], self.filters, self.out_dim)}
 
+    @property
+    def stride(self) -> int:
+        return 2 if self.downsample == "stride" else 1
+
+    def block(self, p: dict, h: jax.Array) -> jax.Array:
+        """One block on images h (n, h, w, c): 3x3 conv, transductive batch norm, ReLU, downsampling."""
+        h = jax.nn.relu(batch_norm(CONVOLUTIONS[self.conv](h, p["w"], self.stride), p["scale"], p["offset"]))
+        if self.downsample == "maxpool":
+            h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "SAME")
+        return h
+
     def features(self, params: dict, x: jax.Array) -> jax.Array:
         """The (n, filters) representation fed to the head, for one set x (n, s*s)."""
         h = x.reshape(x.shape[0], self.side, self.side, 1)
-        stride = 2 if self.downsample == "stride" else 1
-        conv = CONVOLUTIONS[self.conv]
         for i in range(self.blocks):
-            p = params[f"block_{i}"]
-            h = jax.nn.relu(batch_norm(conv(h, p["w"], stride), p["scale"], p["offset"]))
-            if self.downsample == "maxpool":
-                h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "SAME")
+            h = self.block(params[f"block_{i}"], h)
         return jnp.mean(h, axis=(1, 2))
 
     def apply(self, params: dict, x: jax.Array) -> jax.Array:

@@ -26,7 +26,7 @@ from bayesmeta.bounds import implied_beta
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Method, Probe
-from bayesmeta.nets import MLP, Conv4
+from bayesmeta.nets import MLP, Conv4, make_net
 from bayesmeta.registry import Context
 from bayesmeta.sites import (
     bayesian_layers,
@@ -76,7 +76,7 @@ def _networks(cfg: ModelConfig, p: Any, x_dim: int, y_dim: int) -> tuple[Any, ML
     """(encoder, adapted head): an MLP encoder to encoder_dim and an MLP head with [model.net] hidden
     layers, or with [model.net] kind = "conv4" the conv blocks and a linear head on their features."""
     if cfg.net.kind == "conv4":
-        conv = Conv4(x_dim, y_dim, cfg.net.filters, downsample=cfg.net.downsample, conv=cfg.net.conv)
+        conv = make_net(cfg.net, x_dim, y_dim)
         return ConvEncoder(conv), MLP(cfg.net.filters, y_dim, ())
     enc = MLP(x_dim, p.encoder_dim, p.encoder_hidden, cfg.net.activation)
     return enc, MLP(p.encoder_dim, y_dim, cfg.net.hidden, cfg.net.activation)

@@ -34,7 +34,7 @@ from bayesmeta.bench import compile_timed, flops, gemm_gflops, hand_written_maml
 from bayesmeta.experiment import machine
 from bayesmeta.fit import initial_state, make_chunk, make_svi
 from bayesmeta.io import write_json, write_text
-from bayesmeta.nets import Conv4, batch_norm, conv3x3, make_net, patches3x3
+from bayesmeta.nets import Conv4, conv3x3, make_net, patches3x3, xla_conv3x3
 from bayesmeta.run import Setup
 from bayesmeta.sites import tree_from_params
 
@@ -123,9 +123,9 @@ def profile(setup: Setup, svi, state, batch, mb: int, repeats: int) -> dict[str,
         return jax.vmap(task)(xs, ys)
 
     # the largest convolution: block 1 (the second) on every image of the batch, at its input's shape
-    stride = 2 if net.downsample == "stride" else 1
+    stride = net.stride
     h0 = jnp.zeros((mb * x.shape[1], net.side, net.side, 1))
-    h1 = jax.eval_shape(lambda h: _block(net, theta["block_0"], h, stride), h0)
+    h1 = jax.eval_shape(lambda h: net.block(theta["block_0"], h), h0)
     h1 = jnp.ones(h1.shape, h1.dtype)
     w1 = theta["block_1"]["w"]
 
@@ -133,9 +133,7 @@ def profile(setup: Setup, svi, state, batch, mb: int, repeats: int) -> dict[str,
         return patches3x3(h, stride)
 
     def xla_conv(h, w):
-        return jax.lax.conv_general_dilated(
-            h, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
+        return xla_conv3x3(h, w, stride)
 
     def in_scan(conv):
         """Five chained calls of `conv` in a lax.scan (as inside the engine's training chunk); each
@@ -193,13 +191,6 @@ def profile(setup: Setup, svi, state, batch, mb: int, repeats: int) -> dict[str,
 
 def _drop_head(net: Conv4, key: jax.Array) -> dict:
     return {k: v for k, v in net.init(key).items() if k != "head"}
-
-
-def _block(net: Conv4, p: dict, h: jax.Array, stride: int) -> jax.Array:
-    h = jax.nn.relu(batch_norm(conv3x3(h, p["w"], stride), p["scale"], p["offset"]))
-    if net.downsample == "maxpool":
-        h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "SAME")
-    return h
 
 
 def main() -> None:
