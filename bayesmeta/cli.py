@@ -61,18 +61,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print_summary(run_dir: Path, metrics: dict) -> None:
+    from bayesmeta import report
+
     print(
         f"\n{metrics['method']} on {metrics['family']}: {metrics['steps']} steps in "
         f"{metrics['train_seconds']:.1f} s"
     )
     for k, v in metrics["metrics"].items():
-        if v["mean"] is None:
-            print(
-                f"  {k:>14s} = diverged on {v['n_nonfinite']} of {v['n']} tasks; "
-                f"median {v['median']}, mean over the rest {v['mean_finite']}"
-            )
-        else:
-            print(f"  {k:>14s} = {v['mean']:.4f} ± {v['ci95']:.4f} (95% CI over {v['n']} tasks)")
+        print(f"  {k:>14s} = {report.metric_line(v)}")
     print(f"run folder: {run_dir}/  (summary.md, metrics.json, inference.nc, plots/)")
 
 

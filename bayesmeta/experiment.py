@@ -9,7 +9,7 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import numpy as np
 from bayesmeta import config, run
 from bayesmeta.fit import CHECKPOINT, NonFiniteError
 from bayesmeta.io import write_json, write_text
+from bayesmeta.stats import Published, contrast_verdict, verdict
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def _stats(metrics: dict[str, Any], name: str) -> dict[str, Any]:
             v = v[key]
     else:
         v = metrics["diagnostics"][name]
-    return {"mean": v, "median": v, "mean_finite": v, "n_nonfinite": 0, "n": 1, "missing": v is None}
+    return {"mean": v, "median": v, "n_diverged": 0, "n": 1, "dominated": False, "missing": v is None}
 
 
 def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -149,13 +150,18 @@ def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
 
 
+def _published(value: float | Published | None) -> Published | None:
+    return Published(value) if isinstance(value, (int, float)) else value
+
+
 def aggregate(
     outcomes: list[Outcome],
     metric_names: list[str],
-    published: dict[tuple[str, str, str], float] | None = None,
+    published: dict[tuple[str, str, str], float | Published] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (method, setting, metric): mean and sd over seeds of the per-run mean over tasks,
-    and the same for the mean over finite tasks, with the count of diverged tasks."""
+    """One row per (method, setting, metric): mean and sd over seeds of the per-run mean over the
+    tasks that did not diverge, the same for the median over tasks, the diverged count, and the
+    verdict against the published value (bayesmeta.stats.verdict)."""
     published = published or {}
     groups: dict[tuple[str, str], list[Outcome]] = {}
     for o in outcomes:
@@ -167,8 +173,14 @@ def aggregate(
         for metric in metric_names:
             stats = [_stats(o.metrics, metric) for o in group]
             mean, sd = _mean_sd([s["mean"] for s in stats])
-            mean_f, sd_f = _mean_sd([s["mean_finite"] for s in stats])
             med, sd_med = _mean_sd([s["median"] for s in stats])
+            ci95 = _mean_sd([s.get("ci95") for s in stats])[0]
+            pub = _published(published.get((method, setting, metric)))
+            dominated = any(s.get("dominated", False) for s in stats)
+            per_seed = [s["mean"] for s in stats]
+            word, tol = verdict(metric, per_seed, ci95, pub)
+            if dominated and pub is not None and not pub.baseline:
+                word, tol = "no verdict (a mean one task dominates)", None
             rows.append(
                 {
                     "method": method,
@@ -176,21 +188,84 @@ def aggregate(
                     "metric": metric,
                     "mean": mean,
                     "sd": sd,
-                    "mean_finite": mean_f,
-                    "sd_finite": sd_f,
                     "median": med,
                     "sd_median": sd_med,
                     "n": len(group),
-                    "diverged_tasks": sum(s["n_nonfinite"] for s in stats),
+                    "diverged_tasks": sum(s["n_diverged"] for s in stats),
                     "tasks_per_seed": stats[0]["n"],
-                    "ci95_tasks": _mean_sd([s.get("ci95") for s in stats])[0],
+                    "ci95_tasks": ci95,
+                    "dominated": dominated,
                     "seeds": [o.cell.seed for o in group],
-                    "per_seed": [s["mean"] for s in stats],
-                    "published": published.get((method, setting, metric)),
+                    "per_seed": per_seed,
+                    "published": None if pub is None else pub.value,
+                    "published_sd": None if pub is None else pub.sd,
+                    "failure_baseline": bool(pub and pub.baseline),
+                    "verdict": word,
+                    "tolerance": tol,
                     "missing": any(st.get("missing", False) for st in stats),
                 }
             )
     return rows
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """`method` minus `base` on `metric` in `setting`, paired by seed (the same seed tests on the same
+    tasks), against the paper's contrast where it gives one (e.g. MR-MAML(W) minus MAML)."""
+
+    setting: str
+    base: str
+    method: str
+    metric: str
+    published: float | None = None
+
+
+def contrasts(outcomes: list[Outcome], wanted: list[Contrast]) -> list[dict[str, Any]]:
+    """Each contrast's per-seed differences, mean, 95% t-interval over seeds and verdict
+    (bayesmeta.stats.contrast_verdict); a contrast with no shared seed is left out."""
+    rows = []
+    for c in wanted:
+        by_seed = {
+            o.cell.seed: _stats(o.metrics, c.metric)
+            for o in outcomes
+            if o.metrics is not None and (o.cell.method, o.cell.setting) == (c.method, c.setting)
+        }
+        base = {
+            o.cell.seed: _stats(o.metrics, c.metric)
+            for o in outcomes
+            if o.metrics is not None and (o.cell.method, o.cell.setting) == (c.base, c.setting)
+        }
+        seeds = sorted(k for k in by_seed if k in base)
+        pairs = [(by_seed[k]["mean"], base[k]["mean"]) for k in seeds]
+        if not seeds or any(a is None or b is None for a, b in pairs):
+            continue
+        rows.append(
+            {**asdict(c), "seeds": seeds} | contrast_verdict([a - b for a, b in pairs], c.published, c.metric)
+        )
+    return rows
+
+
+def contrast_table(rows: list[dict[str, Any]], scale: float = 1.0, unit: str = "") -> str:
+    """Markdown of `contrasts` rows (values times `scale`, e.g. 100 for accuracy points)."""
+
+    def f(v: float) -> str:
+        return f"{scale * v:+.{2 if scale != 1 else 4}f}{unit}"
+
+    lines = [
+        "| setting | contrast | metric | per seed | mean | 95% CI over seeds | published | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        half = r["half_width"]
+        ci = "n/a" if half is None else f"[{f(r['mean'] - half)}, {f(r['mean'] + half)}]"
+        pub = "n/a" if r["published"] is None else f(r["published"])
+        size = f"; published {r['size']}" if r["size"] else ""
+        lines.append(
+            f"| {r['setting']} | {r['method']} minus {r['base']} | {r['metric']} | "
+            f"{', '.join(f(v) for v in r['per_seed'])} | {f(r['mean'])} | {ci} | {pub} | "
+            f"{r['verdict']}{size} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def machine() -> str:
@@ -225,46 +300,46 @@ class Results:
         head = (
             "| method | setting | "
             + " | ".join(metrics)
-            + " | seeds |\n|---|---|"
-            + "---|" * (len(metrics) + 1)
+            + " | diverged tasks | seeds |\n|---|---|"
+            + "---|" * (len(metrics) + 2)
         )
         lines = [head]
         for method, setting in dict.fromkeys((r["method"], r["setting"]) for r in self.rows):
             rows = {r["metric"]: r for r in self.rows if (r["method"], r["setting"]) == (method, setting)}
-            cells = []
-            for m in metrics:
-                r = rows[m]
-                if r["missing"]:
-                    cells.append("n/a")
-                elif r["mean"] is None:
-                    cells.append(f"diverged ({r['diverged_tasks']} tasks)")
-                else:
-                    cells.append(f"{r['mean']:.3f} ({r['sd']:.3f})")
-            lines.append(f"| {method} | {setting} | " + " | ".join(cells) + f" | {rows[metrics[0]]['n']} |")
+            cells = [_cell(rows[m], 3) for m in metrics]
+            diverged = max(rows[m]["diverged_tasks"] for m in metrics)
+            total = max(rows[m]["tasks_per_seed"] * rows[m]["n"] for m in metrics)
+            first = rows[metrics[0]]
+            lines.append(
+                f"| {method} | {setting} | "
+                + " | ".join(cells)
+                + f" | {diverged} of {total} | {first['n']} |"
+            )
         return "\n".join(lines) + "\n"
 
     def long_table(self) -> str:
-        def cell(m: float | None, sd: float | None, missing: bool = False) -> str:
-            if missing:
-                return "n/a"
-            return "diverged" if m is None else f"{m:.4f} ({sd:.4f})"
-
         def ci(v: float | None) -> str:
             return "n/a" if v is None else f"± {v:.4f}"
 
+        def pub(r: dict[str, Any]) -> str:
+            if r["published"] is None:
+                return "n/a"
+            sd = "" if r["published_sd"] is None else f" ({r['published_sd']})"
+            return f"{r['published']}{sd}"
+
         head = (
             "| method | setting | metric | mean (sd) over seeds | 95% CI over tasks | median over tasks (sd) "
-            "| non-finite tasks | seeds | published | reached |\n|---|---|---|---|---|---|---|---|---|---|\n"
+            "| diverged tasks | seeds | published | verdict |\n|---|---|---|---|---|---|---|---|---|---|\n"
         )
         body = "".join(
-            f"| {r['method']} | {r['setting']} | {r['metric']} | {cell(r['mean'], r['sd'], r['missing'])} | "
+            f"| {r['method']} | {r['setting']} | {r['metric']} | {_cell(r, 4)} | "
             f"{ci(r.get('ci95_tasks'))} | "
-            f"{cell(r['median'], r['sd_median'], r['missing'])} | {r['diverged_tasks']} of "
-            f"{r['tasks_per_seed'] * r['n']} | {r['n']} | "
-            f"{'n/a' if r['published'] is None else r['published']} | {_reached(r)} |\n"
+            f"{_cell({**r, 'mean': r['median'], 'sd': r['sd_median'], 'dominated': False}, 4)} | "
+            f"{r['diverged_tasks']} of {r['tasks_per_seed'] * r['n']} | {r['n']} | {pub(r)} | "
+            f"{r['verdict']} |\n"
             for r in self.rows
         )
-        return head + body
+        return head + body + VERDICT_LEGEND
 
     def write(self) -> None:
         seeds = sorted({o.cell.seed for o in self.outcomes})
@@ -329,18 +404,24 @@ def compute_seconds(outcomes: list[Outcome]) -> float:
     return total + sum(train.values())
 
 
-HIGHER_IS_BETTER = ("accuracy",)
+VERDICT_LEGEND = (
+    "\nMeans are over the tasks that did not diverge (a task diverged when its adapted support loss "
+    "ended above its value before adaptation, or is not finite); a mean marked † has one task carrying "
+    "more than a quarter of its sum and gets no verdict. Verdict: *matches* when ours is within the "
+    "combined 95% interval (our t-interval over seeds, or over tasks with one seed, and 1.96 x the "
+    "paper's sd where it gives one); otherwise *better* or *worse*. A paper's failure baseline is "
+    "judged through the contrast with the method that fixes it.\n"
+)
 
 
-def _reached(row: dict[str, Any]) -> str:
-    """'yes' when the mean over seeds is at least as good as the published value: at or below it for
-    errors, at or above it for the metrics named in HIGHER_IS_BETTER (accuracy)."""
-    if row["published"] is None:
+def _cell(r: dict[str, Any], digits: int) -> str:
+    """mean (sd) over seeds; n/a, diverged, or a dagger when one task dominates the mean."""
+    if r["missing"]:
         return "n/a"
-    if row["mean"] is None:
-        return "no"
-    higher = row["metric"].startswith(HIGHER_IS_BETTER)
-    return "yes" if (row["mean"] >= row["published"] if higher else row["mean"] <= row["published"]) else "no"
+    if r["mean"] is None:
+        return "diverged"
+    sd = "" if r["sd"] is None else f" ({r['sd']:.{digits}f})"
+    return f"{r['mean']:.{digits}f}{sd}" + (" †" if r.get("dominated") else "")
 
 
 def _fmt(v: float | None) -> str:

@@ -32,6 +32,10 @@ class Gaussian:
         """Per-task MSE of the predictive mean (mean over points and outputs)."""
         return {"mse": jnp.mean(jnp.square(mean - y), axis=(-2, -1))}
 
+    def task_loss(self, mean: jax.Array, y: jax.Array) -> jax.Array:
+        """Per-task loss of the predictive mean on a set: its MSE (the inner loop's loss)."""
+        return self.task_metrics(mean, y)["mse"]
+
 
 @dataclass(frozen=True)
 class Categorical:
@@ -55,6 +59,10 @@ class Categorical:
             "accuracy": jnp.mean(jnp.argmax(mean, -1) == y, -1),
             "nll": -jnp.mean(jnp.log(jnp.clip(p_true, 1e-12)), -1),
         }
+
+    def task_loss(self, mean: jax.Array, y: jax.Array) -> jax.Array:
+        """Per-task loss of the predictive class probabilities on a set: their NLL (cross-entropy)."""
+        return self.task_metrics(mean, y)["nll"]
 
 
 def make_likelihood(cfg: ModelConfig) -> Gaussian | Categorical:

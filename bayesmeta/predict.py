@@ -14,6 +14,7 @@ from numpyro.infer import Predictive
 from tqdm.auto import tqdm
 
 from bayesmeta.method import Method
+from bayesmeta.stats import diverged_tasks, summarize
 from bayesmeta.tasks import Family, TaskBatch
 
 
@@ -36,29 +37,18 @@ def predictive(
     return jax.jit(run)
 
 
-def summarize(values: np.ndarray) -> dict[str, float | int | None]:
-    """Mean over tasks with sd and the normal-approximation 95% CI half-width 1.96 sd / sqrt(n).
+def support_loss(
+    method: Method, likelihood: Any, inner_steps: int, num_samples: int
+) -> Callable[[dict, TaskBatch, jax.Array], jax.Array]:
+    """(params, batch, key) -> per-task loss of the predictive mean on the support set itself after
+    `inner_steps` adaptation steps (the loss the inner loop minimises)."""
+    run = predictive(method, inner_steps, num_samples, ("f",))
 
-    A task whose adapted prediction diverged makes the mean non-finite (reported as None); the
-    median, the mean over finite tasks and their count say how much of the mean that is.
-    """
-    values = np.asarray(values, np.float64)
-    n = values.size
-    finite = values[np.isfinite(values)]
+    def loss(params: dict, batch: TaskBatch, key: jax.Array) -> jax.Array:
+        f = run(params, batch._replace(x_query=batch.x_support), key)["f"]
+        return likelihood.task_loss(jnp.mean(f, axis=0), batch.y_support)
 
-    def num(v: float) -> float | None:
-        return float(v) if np.isfinite(v) else None
-
-    sd = values.std(ddof=1) if n > 1 else 0.0
-    return {
-        "mean": num(values.mean()),
-        "sd": num(sd),
-        "ci95": num(1.96 * sd / np.sqrt(n)),
-        "n": n,
-        "median": num(np.median(values)),
-        "n_nonfinite": int(n - finite.size),
-        "mean_finite": num(finite.mean()) if finite.size else None,
-    }
+    return loss
 
 
 def eval_tasks(family: Family, key: jax.Array, n_tasks: int, chunk: int) -> list[TaskBatch]:
@@ -69,14 +59,23 @@ def eval_tasks(family: Family, key: jax.Array, n_tasks: int, chunk: int) -> list
 
 @dataclass
 class Evaluation:
-    """Per-task metrics (name -> (T,)) and predictive draws per test-time step count."""
+    """Per-task metrics (name -> (T,)), predictive draws, and the support loss after s steps
+    (key 0: before adaptation) per test-time step count."""
 
     per_task: dict[int, dict[str, np.ndarray]]
     draws: dict[int, dict[str, np.ndarray]]
     tasks: TaskBatch
+    support_loss: dict[int, np.ndarray]
 
-    def summary(self) -> dict[str, dict[str, float]]:
-        return {f"{name}@{s}": summarize(v) for s, m in self.per_task.items() for name, v in m.items()}
+    def diverged(self, s: int) -> np.ndarray:
+        return diverged_tasks(self.support_loss[0], self.support_loss[s])
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        return {
+            f"{name}@{s}": summarize(v, self.diverged(s))
+            for s, m in self.per_task.items()
+            for name, v in m.items()
+        }
 
 
 def evaluate(
@@ -89,27 +88,36 @@ def evaluate(
     key: jax.Array,
     progress: bool = False,
 ) -> Evaluation:
-    """Adapt and predict every batch for each test-time step count; metrics of the predictive mean."""
+    """Adapt and predict every batch for each test-time step count; metrics of the predictive mean,
+    and the support loss before and after adaptation (for the divergence rule)."""
     per_task: dict[int, dict[str, list]] = {}
     draws: dict[int, dict[str, list]] = {}
-    total = len(batches) * len(inner_steps)
+    support: dict[int, list] = {}
+    steps = (0, *(s for s in inner_steps if s != 0))
+    total = len(batches) * len(steps)
     with tqdm(total=total, desc="evaluate", disable=not progress or total < 2) as bar:
-        for s in inner_steps:
+        for s in steps:
             run = predictive(method, s, num_samples)
+            loss = support_loss(method, likelihood, s, num_samples)
             for i, batch in enumerate(batches):
-                out = run(params, batch, jax.random.fold_in(key, i))
+                k = jax.random.fold_in(key, i)
+                support.setdefault(s, []).append(np.asarray(loss(params, batch, k)))
+                bar.update()
+                if s not in inner_steps:
+                    continue
+                out = run(params, batch, k)
                 mean = jnp.mean(out["f"], axis=0)
                 for name, v in likelihood.task_metrics(mean, batch.y_query).items():
                     per_task.setdefault(s, {}).setdefault(name, []).append(np.asarray(v))
                 for site, v in out.items():
                     draws.setdefault(s, {}).setdefault(site, []).append(np.asarray(v))
-                bar.update()
     cat = partial(np.concatenate, axis=0)
     tasks = jax.tree.map(lambda *a: np.concatenate(a, 0), *batches)
     return Evaluation(
         per_task={s: {k: cat(v) for k, v in m.items()} for s, m in per_task.items()},
         draws={s: {k: np.concatenate(v, axis=1) for k, v in m.items()} for s, m in draws.items()},
         tasks=tasks,
+        support_loss={s: cat(v) for s, v in support.items()},
     )
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import xarray as xr
 
 from bayesmeta.io import atomic_write, write_json, write_text
+from bayesmeta.stats import DOMINANCE
 
 INFERENCE = "inference.nc"
 MAX_STORED_INPUTS = 5_000_000  # evaluation inputs kept in constant_data up to this many values
@@ -350,12 +351,23 @@ def write_posterior_summary(dt: xr.DataTree, path: Path) -> Path:
     return atomic_write(path, lambda f: f.write(table.to_csv().encode()))
 
 
+def metric_line(v: dict) -> str:
+    """One metric over tasks in words: the mean over the tasks that did not diverge with its 95% CI,
+    the diverged count and the median; a mean that one task dominates is not headlined."""
+    median = "n/a" if v["median"] is None else f"{v['median']:.4f}"
+    if v["mean"] is None:
+        return f"diverged on {v['n_diverged']} of {v['n']} tasks; median {median}"
+    diverged = f"; {v['n_diverged']} of {v['n']} tasks diverged (left out)" if v["n_diverged"] else ""
+    if v["dominated"]:
+        return (
+            f"median {median}; the mean over tasks ({v['mean']:.4g}) is dominated by one task "
+            f"({v['max_share']:.0%} of the sum){diverged}"
+        )
+    return f"{v['mean']:.4f} ± {v['ci95']:.4f} (95% CI over {v['n'] - v['n_diverged']} tasks){diverged}"
+
+
 def summary_markdown(metrics: dict[str, Any], files: list[str], posterior: str = "") -> str:
-    rows = "\n".join(
-        f"| {k} | {_fmt(v['mean'])} | ± {_fmt(v['ci95'])} | {_fmt(v['median'])} | {v['n']} | "
-        f"{v['n_nonfinite']} |"
-        for k, v in metrics["metrics"].items()
-    )
+    rows = "\n".join(f"| {k} | {metric_line(v)} |" for k, v in metrics["metrics"].items())
     text = (
         f"# Run `{metrics['name']}`\n\n"
         f"Method **{metrics['method']}** on task family **{metrics['family']}** "
@@ -363,10 +375,11 @@ def summary_markdown(metrics: dict[str, Any], files: list[str], posterior: str =
         f"{metrics['steps']} meta-training steps in {metrics['train_seconds']:.1f} s; "
         f"evaluation of {metrics['eval_tasks']} tasks in {metrics['eval_seconds']:.1f} s.\n\n"
         "## Held-out tasks (metric@test-time inner steps)\n\n"
-        "| metric | mean | 95% CI | median | tasks | diverged tasks |\n|---|---|---|---|---|---|\n"
-        f"{rows}\n\n"
-        "A diverged task (its inner loop ran to inf/NaN) makes the mean undefined; the median and "
-        "`mean_finite` in metrics.json still describe the rest.\n\n"
+        f"| metric | over tasks |\n|---|---|\n{rows}\n\n"
+        "A task diverged when its adapted support loss ended above its value before adaptation, or "
+        "is not finite; the mean and its 95% CI are over the other tasks, the median over all of them "
+        f"(metrics.json: `mean`, `ci95`, `n_diverged`, `median`, `mean_all`). A mean whose largest "
+        f"task carries more than {DOMINANCE:.0%} of the sum is reported by its median.\n\n"
     )
     if metrics.get("diagnostics"):
         text += (
