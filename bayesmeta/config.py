@@ -142,7 +142,12 @@ class EvalConfig:
     seed: int = opt(1234, ge=0, doc="seed of the evaluation tasks, shared by runs so methods compare")
     posterior_draws: int = opt(100, ge=1, doc="draws of stochastic meta-parameters kept in the posterior")
     memorization_tasks: int = opt(100, ge=0, doc="tasks for the memorization meter; 0 = off")
-    bound_tasks: int = opt(500, ge=2, doc="training tasks on which the bound's empirical error is estimated")
+    bound_tasks: int = opt(
+        20000,
+        ge=2,
+        doc="the bound's empirical error is over the training tasks the fit saw: all of them up to this "
+        "many, else a uniform sample of this many (an estimate, with its standard error)",
+    )
     bound_delta: float = opt(0.05, gt=0, le=1, doc="the PAC-Bayes bound holds with probability 1 - delta")
     bound_clip: float = opt(1.0, gt=0, doc="regression loss for the bound: min((y - f)^2 / clip, 1)")
     task: TaskConfig = opt(TaskConfig(), doc="evaluation task family; missing keys come from [task]")

@@ -94,6 +94,9 @@ def _train(cell: Cell, base: Path, out_dir: Path, progress: bool) -> Outcome:
     same = _same_config(run_dir / "config.toml", cfg)
     if done.is_file() and same:
         m = json.loads(done.read_text())
+        if m.get("version") != run.METRICS_VERSION:  # evaluated by older code: re-evaluate, keep training
+            setup, result = run.restore(cfg, run_dir)
+            m = run.finish(setup, run_dir, result, progress=progress)
         return Outcome(cell, m, m["train_seconds"] + m["eval_seconds"], reused=True)
     t0 = time.perf_counter()
     resume = same and (run_dir / CHECKPOINT).is_file()
@@ -116,7 +119,8 @@ def evaluate_cell(cell: Cell, base: Path, out_dir: Path, progress: bool = True) 
     eval_dir = run_dir / "evals" / cell.setting
     if (eval_dir / "metrics.json").is_file() and _same_config(eval_dir / "config.toml", cfg):
         m = json.loads((eval_dir / "metrics.json").read_text())
-        return Outcome(cell, m, m["eval_seconds"], reused=True)
+        if m.get("version") == run.METRICS_VERSION:
+            return Outcome(cell, m, m["eval_seconds"], reused=True)
     t0 = time.perf_counter()
     setup, result = run.restore(cfg, run_dir)
     write_text(eval_dir / "config.toml", config.dumps(cfg))
@@ -147,7 +151,7 @@ def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
     if any(v is None for v in values):
         return None, None
     a = np.asarray(values, np.float64)
-    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else None
 
 
 def _published(value: float | Published | None) -> Published | None:
@@ -485,7 +489,7 @@ def plot_sweep(
             ax.errorbar(
                 [x_of(r["setting"]) for r in rows],
                 [r[stat] for r in rows],
-                yerr=[r[sd] for r in rows],
+                yerr=[r[sd] or 0.0 for r in rows],
                 marker="o",
                 capsize=3,
                 label=method,

@@ -166,10 +166,22 @@ def _tree_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(the key of the SVI state's initialisation, the key every step's tasks are folded from)."""
+    init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
+    return init_key, data_key
+
+
+def step_tasks(family: Family, data_key: jax.Array, step: Any, meta_batch: int) -> Any:
+    """The meta-batch of training step `step` (0-based): the same tasks in training, after a resume,
+    and when the PAC-Bayes bound regenerates the tasks the fit saw."""
+    return family.sample(jax.random.fold_in(data_key, step), meta_batch)
+
+
 def initial_state(svi: SVI, family: Family, cfg: TrainConfig, seed: int) -> tuple[Any, jax.Array]:
     """(the SVI state before step 0, the key every step's tasks are folded from), both from the seed."""
-    init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
-    return svi.init(init_key, family.sample(jax.random.fold_in(data_key, 0), cfg.meta_batch)), data_key
+    init_key, data_key = run_keys(seed)
+    return svi.init(init_key, step_tasks(family, data_key, 0, cfg.meta_batch)), data_key
 
 
 def task_mesh(devices: int) -> Mesh | None:
@@ -201,7 +213,7 @@ def make_chunk(
     """
 
     def one(state: Any, step: jax.Array) -> tuple[Any, jax.Array]:
-        batch = family.sample(jax.random.fold_in(data_key, step), meta_batch)
+        batch = step_tasks(family, data_key, step, meta_batch)
         if mesh is not None:
             batch = jax.lax.with_sharding_constraint(batch, NamedSharding(mesh, PartitionSpec("tasks")))
         return task_update(svi, state, batch) if per_task else svi.update(state, batch)

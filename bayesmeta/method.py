@@ -38,6 +38,7 @@ class Method:
     global_latents: prefixes of the guide's sample sites that are meta-level (not per task or point);
       their draws form the run's ArviZ posterior group.
     kl: params -> KL(q(theta) || p(theta)) of the stochastic meta-parameters, for the PAC-Bayes bound.
+    kl_weight: the beta that weights that KL in training (reported beside the beta the bound implies).
     probe: params -> Probe, for the landscape diagnostics (train.diagnostics_every); gradient-based
       methods with point-estimated meta-parameters provide it.
     """
@@ -49,6 +50,7 @@ class Method:
     predict_with_guide: bool = True
     global_latents: tuple[str, ...] = ()
     kl: Callable[[dict], Any] | None = None
+    kl_weight: float | None = None
     probe: Callable[[dict], Probe] | None = None
 
 

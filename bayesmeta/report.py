@@ -100,7 +100,10 @@ def build_datatree(
             )
         )
     for group, values in (scalars or {}).items():
-        dt[group] = xr.DataTree(xr.Dataset({k: ((), v) for k, v in values.items()}))
+        numbers = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        ds = xr.Dataset({k: ((), v) for k, v in numbers.items()})
+        ds.attrs.update({k: json.dumps(v) for k, v in values.items() if k not in numbers})
+        dt[group] = xr.DataTree(ds)
     dt.attrs.update({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in attrs.items()})
     return dt
 
@@ -366,6 +369,31 @@ def metric_line(v: dict) -> str:
     return f"{v['mean']:.4f} ± {v['ci95']:.4f} (95% CI over {v['n'] - v['n_diverged']} tasks){diverged}"
 
 
+def pac_text(pac: dict[str, Any]) -> str:
+    """The bound in words: its value (VACUOUS above 1), its terms, which tasks the empirical error is
+    over, and the beta the bound implies beside the one used in training."""
+    if pac["empirical_tasks"] == pac["n"]:
+        tasks = f"all {pac['n']} training tasks the fit saw"
+    else:
+        tasks = (
+            f"a uniform sample of {pac['empirical_tasks']} of the {pac['n']} training tasks the fit saw "
+            f"(standard error {pac['empirical_error_se']:.4f})"
+        )
+    verdict = (
+        f"**vacuous**: {pac['bound']:.4f} exceeds 1, the largest value of the loss, so it certifies nothing"
+        if pac["vacuous"]
+        else f"**{pac['bound']:.4f}**"
+    )
+    used = "n/a" if pac.get("beta") is None else f"{pac['beta']:.3g}"
+    return (
+        f"With probability >= {1 - pac['delta']:g}, the expected clipped error "
+        f"min((y-f)^2/{pac['clip']:g}, 1) (the 0-1 error for classifiers) on new tasks is at most "
+        f"{verdict} = empirical error {pac['empirical_error']:.4f} on {tasks} + complexity "
+        f"{pac['complexity']:.4f} (n = {pac['n']} tasks, K = {pac['k']} query points, KL(q || prior) = "
+        f"{pac['kl']:.2f}). Beta used in training: {used}; beta the bound implies: {pac['implied_beta']:.3g}."
+    )
+
+
 def summary_markdown(metrics: dict[str, Any], files: list[str], posterior: str = "") -> str:
     rows = "\n".join(f"| {k} | {metric_line(v)} |" for k, v in metrics["metrics"].items())
     text = (
@@ -417,14 +445,7 @@ def summary_markdown(metrics: dict[str, Any], files: list[str], posterior: str =
         )
     pac = metrics.get("pac_bayes")
     if pac:
-        text += (
-            "## PAC-Bayes bound (Yin et al. 2020, Theorem 1)\n\n"
-            f"With probability >= {1 - pac['delta']:g}, the expected clipped error "
-            f"min((y-f)^2/{pac['clip']:g}, 1) "
-            f"on new tasks is at most **{pac['bound']:.4f}** = empirical error {pac['empirical_error']:.4f} "
-            f"+ complexity {pac['complexity']:.4f} (n = {pac['n']} tasks, K = {pac['k']} query points, "
-            f"KL(q || prior) = {pac['kl']:.2f}). The beta the bound implies is {pac['implied_beta']:.3g}.\n\n"
-        )
+        text += "## PAC-Bayes bound (Yin et al. 2020, Theorem 1)\n\n" + pac_text(pac) + "\n\n"
     return text + (
         f"Final training loss (mean of the last 100 steps): {metrics['final_loss']:.4f}\n\n"
         "## Files\n\n" + "\n".join(f"- `{f}`" for f in files) + "\n"

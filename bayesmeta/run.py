@@ -19,16 +19,26 @@ from bayesmeta.config import Config
 from bayesmeta.diagnostics.calibration import LEVELS, coverage, interval_width, mixture_nll, pit, sine_like
 from bayesmeta.diagnostics.landscape import landscape_metrics
 from bayesmeta.diagnostics.memorization import support_dependence
-from bayesmeta.fit import FitResult, fit, initial_state, load_checkpoint, make_svi
+from bayesmeta.fit import FitResult, fit, initial_state, load_checkpoint, make_svi, run_keys, step_tasks
 from bayesmeta.io import write_text
 from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Method
 from bayesmeta.predict import Evaluation, eval_tasks, evaluate, predictive, quick_metric
 from bayesmeta.registry import Context, build_method
-from bayesmeta.report import INFERENCE, build_datatree, landscape_summary, save_datatree, write_report
+from bayesmeta.report import (
+    INFERENCE,
+    build_datatree,
+    landscape_summary,
+    pac_text,
+    save_datatree,
+    write_report,
+)
 from bayesmeta.tasks import Family, make_family
 
 GRID_POINTS = 200
+# metrics.json's schema: raised whenever evaluation changes what it measures, so that experiment grids
+# re-evaluate finished runs from their checkpoints instead of reusing numbers of older code
+METRICS_VERSION = 2
 
 
 @dataclass
@@ -182,13 +192,15 @@ def posterior_draws(setup: Setup, params: dict, batch: Any) -> dict[str, np.ndar
 
 
 def memorization(setup: Setup, params: dict, tasks: Any) -> dict[str, float]:
-    """The support-dependence meter at each test-time step count (regression families only)."""
+    """The memorization meter (support dependence D and truth slope) at each test-time step count
+    (regression families only)."""
     n = min(setup.cfg.eval.memorization_tasks, tasks.x_support.shape[0])
     if n < 2 or setup.cfg.model.likelihood != "gaussian" or not hasattr(setup.eval_family, "truth"):
         return {}
     sub = jax.tree.map(lambda a: jnp.asarray(a[:n]), tasks)
-    return {
-        f"support_dependence@{s}": support_dependence(
+    out = {}
+    for s in setup.cfg.eval.inner_steps:
+        meter = support_dependence(
             setup.eval_method,
             params,
             setup.eval_family,
@@ -197,8 +209,8 @@ def memorization(setup: Setup, params: dict, tasks: Any) -> dict[str, float]:
             jax.random.PRNGKey(3),
             samples=setup.cfg.eval.samples,
         )
-        for s in setup.cfg.eval.inner_steps
-    }
+        out |= {f"{k}@{s}": v for k, v in meter.items()}
+    return out
 
 
 def calibration(setup: Setup, params: dict, ev: Evaluation) -> dict[str, Any]:
@@ -250,25 +262,46 @@ def exact_calibration(family: Any, tasks: Any) -> dict[str, Any]:
     }
 
 
+def training_steps(steps: int, meta_batch: int, max_tasks: int, key: jax.Array) -> np.ndarray:
+    """The training steps whose meta-batches the bound's empirical term is computed on: all of them
+    when steps * meta_batch <= max_tasks, else a uniform sample without replacement."""
+    m = min(steps, max(1, max_tasks // meta_batch))
+    if m == steps:
+        return np.arange(steps)
+    return np.sort(np.asarray(jax.random.choice(key, steps, (m,), replace=False)))
+
+
 def bound(setup: Setup, params: dict) -> Bound | None:
-    """Theorem 1 of Yin et al. for methods with stochastic meta-parameters; the empirical error is the
-    Gibbs risk on fresh training-distribution tasks: the 0-1 error for classifiers, the clipped squared
-    error min((y - f)^2 / clip, 1) for regression."""
+    """Theorem 1 of Yin et al. for methods with stochastic meta-parameters. The empirical error is the
+    Gibbs risk on the tasks the fit saw (regenerated from the training step keys; a uniform sample of
+    them when there are more than eval.bound_tasks): the 0-1 error for classifiers, the clipped
+    squared error min((y - f)^2 / clip, 1) for regression."""
     cfg = setup.cfg
     if setup.method.kl is None:
         return None
-    tasks = setup.family.sample(jax.random.PRNGKey(4), cfg.eval.bound_tasks)
-    f = predictive(setup.method, cfg.model.inner_steps, cfg.eval.samples, ("f",))(
-        params, tasks, jax.random.PRNGKey(5)
-    )["f"]
-    if cfg.model.likelihood == "categorical":
-        err, clip = float(jnp.mean(jnp.argmax(f, -1) != tasks.y_query[None])), 1.0
-    else:
-        err = float(jnp.mean(clipped_squared_error(f, tasks.y_query[None], cfg.eval.bound_clip)))
-        clip = cfg.eval.bound_clip
+    _, data_key = run_keys(cfg.seed)
+    steps = training_steps(cfg.train.steps, cfg.train.meta_batch, cfg.eval.bound_tasks, jax.random.PRNGKey(4))
+    run = predictive(setup.method, cfg.model.inner_steps, cfg.eval.samples, ("f",))
+    chunk = max(1, cfg.eval.batch // cfg.train.meta_batch)
+    clip = 1.0 if cfg.model.likelihood == "categorical" else cfg.eval.bound_clip
+    errors = []
+    for i in range(0, len(steps), chunk):
+        tasks = jax.vmap(lambda s: step_tasks(setup.family, data_key, s, cfg.train.meta_batch))(
+            jnp.asarray(steps[i : i + chunk])
+        )
+        tasks = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), tasks)
+        f = run(params, tasks, jax.random.fold_in(jax.random.PRNGKey(5), i))["f"]
+        if cfg.model.likelihood == "categorical":
+            err = jnp.argmax(f, -1) != tasks.y_query[None]
+        else:
+            err = clipped_squared_error(f, tasks.y_query[None], clip)
+        errors.append(np.asarray(jnp.mean(err, axis=tuple(a for a in range(err.ndim) if a != 1))))
     n = cfg.train.steps * cfg.train.meta_batch
     k = getattr(setup.family, "query_points", cfg.task.queries)
-    return pac_bayes_bound(err, float(setup.method.kl(params)), n, k, cfg.eval.bound_delta, clip)
+    kl = float(setup.method.kl(params))
+    return pac_bayes_bound(
+        np.concatenate(errors), kl, n, k, cfg.eval.bound_delta, clip, setup.method.kl_weight
+    )
 
 
 def finish(setup: Setup, run_dir: Path, result: FitResult, progress: bool = True) -> dict:
@@ -293,6 +326,7 @@ def finish(setup: Setup, run_dir: Path, result: FitResult, progress: bool = True
     eval_seconds = time.perf_counter() - t0
     loss = np.asarray(result.trace.loss)
     metrics = {
+        "version": METRICS_VERSION,
         "name": cfg.name,
         "method": setup.method.name,
         "family": cfg.task.family,
@@ -321,6 +355,9 @@ def finish(setup: Setup, run_dir: Path, result: FitResult, progress: bool = True
         "inference": "SVI; point-estimated meta-parameters are in meta_parameters (or, when a "
         "method has no stochastic meta-parameters, the posterior as one draw)",
     }
+    if pac:
+        attrs["pac_bayes"] = pac_text(pac.as_dict())
+
     params = {k: np.asarray(v) for k, v in result.params.items()}
     draws = posterior_draws(setup, result.params, batches[0])
     dt = build_datatree(

@@ -105,6 +105,7 @@ def build_cnp(cfg: ModelConfig, p: CNPParams, x_dim: int, y_dim: int, name: str)
             elbo="meanfield",
             global_latents=("xpath",),
             kl=lambda params: gaussian_weights_kl(params, "xpath"),
+            kl_weight=p.beta,
         )
     return Method(name, model, guide, elbo="meanfield")
 

@@ -147,6 +147,7 @@ class MRMAMLW:
             elbo="meanfield",
             global_latents=("encoder",),
             kl=lambda params: gaussian_weights_kl(params, "encoder", p.prior_sd),
+            kl_weight=beta,
             probe=probe,
         )
 

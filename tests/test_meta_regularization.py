@@ -3,11 +3,13 @@ meter, the fresh-Adam optimizer, and short fits of the six NME-sinusoid methods.
 
 from __future__ import annotations
 
+import json
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
 import numpyro.distributions as dist
 import optax
 import pytest
@@ -86,13 +88,23 @@ def test_pac_bayes_bound_against_a_hand_computation():
     n, k, kl, delta, err = 15000, 10, 123.4, 0.05, 0.2
     rate = math.sqrt(1 / 18) + math.sqrt(1 / 29998)
     expected = err + rate * math.sqrt(kl + math.log(15000 * 11 / 0.05))
-    b = pac_bayes_bound(err, kl, n, k, delta, clip=1.0)
+    errs = np.full(n, err)  # the Gibbs error of each of the n training tasks
+    b = pac_bayes_bound(errs, kl, n, k, delta, clip=1.0, beta=5e-5)
     assert b.bound == pytest.approx(expected, rel=1e-12)
+    assert b.empirical_tasks == n and b.empirical_error_se == 0.0 and b.beta == 5e-5
     assert b.complexity == pytest.approx(complexity(n, k, kl, delta), rel=1e-12)
     assert implied_beta(n, k, delta) == pytest.approx(rate / (2 * math.sqrt(math.log(165000 / 0.05))))
     assert 0.03 < implied_beta(n, k, delta) < 0.032
-    assert pac_bayes_bound(err, 2 * kl, n, k, delta, 1.0).bound > b.bound  # more KL, looser
-    assert pac_bayes_bound(err, kl, 10 * n, k, delta, 1.0).bound < b.bound  # more tasks, tighter
+    assert pac_bayes_bound(errs, 2 * kl, n, k, delta, 1.0).bound > b.bound  # more KL, looser
+    assert pac_bayes_bound(errs, kl, 10 * n, k, delta, 1.0).bound < b.bound  # more tasks, tighter
+    assert b.vacuous  # 3.04 > 1 with K = 10 query points: vacuous; with K = 200 it is not
+    assert not pac_bayes_bound(errs, kl, n, 200, delta, 1.0).vacuous
+    sub = pac_bayes_bound(np.array([0.1, 0.3, 0.2, 0.4]), kl, n, k, delta, 1.0)  # 4 of n: an estimate
+    assert sub.empirical_tasks == 4 and sub.empirical_error_se == pytest.approx(
+        np.std([1, 3, 2, 4], ddof=1) / 20
+    )
+    with pytest.raises(ValueError, match="training tasks"):
+        pac_bayes_bound(np.zeros(3), kl, 2, k, delta, 1.0)
     with pytest.raises(ValueError, match="K >= 2"):
         complexity(n, 1, kl, delta)
 
@@ -151,10 +163,44 @@ def test_memorization_meter_reads_zero_for_a_memorizer_and_one_for_an_oracle():
     family = make_family(cfg.task)
     tasks = family.sample(jax.random.PRNGKey(0), 64)
     oracle, memorizer = _oracle_and_memorizer(family)
-    d_oracle = support_dependence(oracle, {}, family, tasks, 0, jax.random.PRNGKey(1))
-    d_mem = support_dependence(memorizer, {}, family, tasks, 0, jax.random.PRNGKey(1))
-    assert d_mem == pytest.approx(0.0, abs=1e-12)
-    assert d_oracle == pytest.approx(1.0, abs=1e-4)
+    m_oracle = support_dependence(oracle, {}, family, tasks, 0, jax.random.PRNGKey(1))
+    m_mem = support_dependence(memorizer, {}, family, tasks, 0, jax.random.PRNGKey(1))
+    assert m_mem["support_dependence"] == pytest.approx(0.0, abs=1e-12)
+    assert m_mem["truth_slope"] == pytest.approx(0.0, abs=1e-12)
+    assert m_oracle["support_dependence"] == pytest.approx(1.0, abs=1e-4)
+    assert m_oracle["truth_slope"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_the_truth_slope_separates_following_the_truth_from_following_noise():
+    """A model whose predictions swing with the support set but not with its truth has D > 0 and a
+    slope near 0; a stochastic memorizer's sampling noise is not support dependence (one key)."""
+    cfg = config.load(None, ["task.family='nme_sinusoid'", "task.params.noise_sd=0.0", "task.shots=10"])
+    family = make_family(cfg.task)
+    tasks = family.sample(jax.random.PRNGKey(0), 64)
+    amps = family.amplitudes
+
+    def noise_follower(batch, inner_steps=None):
+        wiggle = 3.0 * jnp.sin(100.0 * jnp.sum(batch.x_support[..., :1], (1, 2)))  # unrelated to g
+        observe(dist_lik, wiggle[:, None, None] + 0 * batch.x_query[..., :1], batch.y_query)
+
+    def noisy_memorizer(batch, inner_steps=None):
+        a = amps[jnp.argmax(batch.x_query[:, 0, 1:], -1)]
+        jitter = numpyro.sample("jitter", dist.Normal(0, 1).expand([a.shape[0], 1, 1]).to_event(3))
+        observe(dist_lik, (a[:, None, None] + jitter) * jnp.sin(batch.x_query[..., :1]), batch.y_query)
+
+    follower = support_dependence(
+        Method("f", noise_follower, no_guide), {}, family, tasks, 0, jax.random.PRNGKey(1)
+    )
+    assert follower["support_dependence"] > 0.5 and abs(follower["truth_slope"]) < 0.2
+    noisy = support_dependence(
+        Method("m", noisy_memorizer, no_guide, predict_with_guide=False),
+        {},
+        family,
+        tasks,
+        0,
+        jax.random.PRNGKey(1),
+    )
+    assert noisy["support_dependence"] == pytest.approx(0.0, abs=1e-10)
 
 
 def test_fresh_adam_is_a_new_adams_first_step():
@@ -214,6 +260,7 @@ def test_each_method_learns_and_writes_its_posterior(method, extra, tmp_path, sm
     loss = np.asarray(result.trace.loss)
     assert loss[-100:].mean() < loss[:100].mean() - 0.1 * abs(loss[:100].mean())
     assert metrics["diagnostics"]["support_dependence@5"] >= 0
+    assert np.isfinite(metrics["diagnostics"]["truth_slope@5"])
     with xr.open_datatree(tmp_path / "inference.nc", engine="h5netcdf") as dt:
         if method.endswith("_w"):
             prefix = "encoder" if method.startswith("mr_maml") else "xpath"
@@ -224,5 +271,51 @@ def test_each_method_learns_and_writes_its_posterior(method, extra, tmp_path, sm
             b = metrics["pac_bayes"]
             assert float(dt["pac_bayes"]["bound"]) == pytest.approx(b["bound"])
             assert b["bound"] > b["empirical_error"] >= 0 and b["n"] == 600 * 4
+            assert b["empirical_tasks"] == 48 and b["empirical_error_se"] > 0  # 12 of the 600 steps' tasks
+            assert b["beta"] == config.load(None, [f"model.method='{method}'"]).model.params.get(
+                "beta", b["beta"]
+            )
+            assert json.loads(dt["pac_bayes"].attrs["vacuous"]) == b["vacuous"] == (b["bound"] > 1)
+            summary = (tmp_path / "summary.md").read_text()
+            assert ("**vacuous**" in summary) == b["vacuous"] and "training tasks the fit saw" in summary
         else:
             assert metrics["pac_bayes"] is None and "pac_bayes" not in dt.children
+
+
+def test_the_bound_is_computed_on_the_tasks_the_fit_saw(small_cfg):
+    """The empirical term is the Gibbs error on the training tasks regenerated from the step keys: the
+    same number as a hand computation over fit.step_tasks of every step (all n tasks, no estimate)."""
+    from bayesmeta.bounds import clipped_squared_error
+    from bayesmeta.fit import run_keys, step_tasks
+    from bayesmeta.predict import predictive
+
+    cfg = small_cfg(
+        "task.family='nme_sinusoid'",
+        "model.method='mr_maml_w'",
+        "train.steps=6",
+        "train.meta_batch=3",
+        "train.log_every=3",
+        "train.eval_every=3",
+        "train.checkpoint_every=3",
+        "eval.samples=2",
+        "seed=3",
+    )
+    setup = run.Setup.from_config(cfg)
+    svi_params = run.fit(setup.method, setup.family, cfg.train, seed=3, progress=False).params
+    b = run.bound(setup, svi_params)
+    assert b.empirical_tasks == b.n == 18 and b.empirical_error_se == 0.0
+    _, key = run_keys(3)
+    tasks = [step_tasks(setup.family, key, s, 3) for s in range(6)]  # eval.batch 20: one chunk of 6 steps
+    tasks = jax.tree.map(lambda *a: jnp.concatenate(a), *tasks)
+    f = predictive(setup.method, cfg.model.inner_steps, 2, ("f",))(
+        svi_params, tasks, jax.random.fold_in(jax.random.PRNGKey(5), 0)
+    )["f"]
+    expected = float(jnp.mean(clipped_squared_error(f, tasks.y_query[None], 1.0)))
+    assert b.empirical_error == pytest.approx(expected, rel=1e-5)
+    fresh = setup.family.sample(jax.random.PRNGKey(99), 18)  # other tasks give another error
+    f = predictive(setup.method, cfg.model.inner_steps, 2, ("f",))(
+        svi_params, fresh, jax.random.fold_in(jax.random.PRNGKey(5), 0)
+    )["f"]
+    assert float(jnp.mean(clipped_squared_error(f, fresh.y_query[None], 1.0))) != pytest.approx(
+        expected, rel=1e-5
+    )

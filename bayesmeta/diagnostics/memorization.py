@@ -1,10 +1,16 @@
-"""A memorization meter: how much a model's predictions on a query input depend on the support set.
+"""A memorization meter: how much a model's predictions on a query input depend on the support set,
+and whether that dependence follows the truth.
 
-    D = E_{i, x*} Var_r f(x*_i; D_{pi_r(i)})  /  E_{i, x*} Var_r g_{pi_r(i)}(x*_i)
+    D     = E_{i, x*} Var_r f(x*_i; D_{pi_r(i)})            /  E_{i, x*} Var_r g_{pi_r(i)}(x*_i)
+    slope = E_{i, x*} Cov_r(f(x*_i; D_{pi_r(i)}), g_{pi_r(i)}(x*_i)) / E_{i, x*} Var_r g_{pi_r(i)}(x*_i)
 
 The query inputs of task i are predicted after adapting to the support sets of R other tasks
 pi_r(i); g_j is task j's true function. A model that ignores the support set (complete memorization,
-I(y*; D | x*, theta) = 0, Yin et al. 2020) has D = 0; one that follows it to the truth has D ~ 1.
+I(y*; D | x*, theta) = 0, Yin et al. 2020) has D = 0 and slope 0; one that follows it to the truth has
+D ~ 1 and slope ~ 1. D alone cannot tell following the truth from following the support set's noise
+(or fitting it badly): a model whose predictions swing with the support set in ways unrelated to the
+truth has D > 0 but slope ~ 0. Every shuffle uses the same random key, so a stochastic model's
+sampling noise is not counted as support dependence.
 """
 
 from __future__ import annotations
@@ -26,17 +32,23 @@ def support_dependence(
     key: jax.Array,
     shuffles: int = 4,
     samples: int = 1,
-) -> float:
-    """The meter D on `tasks` (regression families with a `truth`), with `shuffles` support swaps."""
+) -> dict[str, float]:
+    """{"support_dependence": D, "truth_slope": slope} on `tasks` (regression families with a
+    `truth`), over `shuffles` support swaps that share one prediction key."""
     run = predictive(method, inner_steps, samples, ("f",))
+    perm_key, pred_key = jax.random.split(key)
     preds, truths = [], []
-    for r, k in enumerate(jax.random.split(key, shuffles)):
+    for k in jax.random.split(perm_key, shuffles):
         perm = jax.random.permutation(k, tasks.n_tasks)
         swapped = tasks._replace(
             x_support=tasks.x_support[perm], y_support=tasks.y_support[perm], y_query=None
         )
-        preds.append(jnp.mean(run(params, swapped, jax.random.fold_in(key, r))["f"], axis=0))
+        preds.append(jnp.mean(run(params, swapped, pred_key)["f"], axis=0))
         truths.append(family.truth(jax.tree.map(lambda a, perm=perm: a[perm], tasks.info), tasks.x_query))
-    num = jnp.mean(jnp.var(jnp.stack(preds), axis=0))
-    den = jnp.mean(jnp.var(jnp.stack(truths), axis=0))
-    return float(num / den)
+    f, g = jnp.stack(preds), jnp.stack(truths)
+    fc, gc = f - f.mean(0), g - g.mean(0)
+    var_g = jnp.mean(jnp.square(gc))
+    return {
+        "support_dependence": float(jnp.mean(jnp.square(fc)) / var_g),
+        "truth_slope": float(jnp.mean(fc * gc) / var_g),
+    }
