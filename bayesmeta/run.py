@@ -38,7 +38,7 @@ from bayesmeta.tasks import Family, make_family
 GRID_POINTS = 200
 # metrics.json's schema: raised whenever evaluation changes what it measures, so that experiment grids
 # re-evaluate finished runs from their checkpoints instead of reusing numbers of older code
-METRICS_VERSION = 2
+METRICS_VERSION = 3
 
 
 @dataclass

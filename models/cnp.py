@@ -7,6 +7,9 @@
     CNP       w(x) = x
     MR-CNP(W) w(x) = a Bayesian layer stack x -> 100 -> 5 (Gaussian kernels, prior N(0, I)), beta * KL
     MR-CNP(A) w(x) ~ q(w | x) = N(mu(x), sigma(x)^2) of dimension 5, KL to N(0, I) on the support points
+              (the reference notebook), or with bottleneck = "query" on the query inputs x* (Yin et al.
+              eq. 2-3: the information from x* to y-hat* is what is limited); the other set's codes are
+              sampled from the same q and not regularised
 
 Scales: the reference sums its NLL over the 10 target points; here the NLL is a mean over points, so
 its betas are divided by 10 (MR-CNP(W) 0.15 -> 0.015, MR-CNP(A) 5 -> 0.5, whose KL is also summed
@@ -48,6 +51,12 @@ class CNPParams:
     w_hidden: tuple[int, ...] = opt((100,), ge=1, doc="hidden widths of the x-path w(x) (MR variants)")
     w_dim: int = opt(5, ge=1, doc="dimension of w(x) (MR variants)")
     rho_init: float = opt(-3.0, doc="initial posterior scale parameter of MR-CNP(W)")
+    bottleneck: str = opt(
+        "support",
+        choices=["support", "query"],
+        doc="MR-CNP(A): the codes that carry the KL: the support inputs' (reference notebook) or the query "
+        "inputs' (Yin et al. eq. 2)",
+    )
     loc_sd: float = opt(0.1, gt=0)
 
 
@@ -84,9 +93,11 @@ def build_cnp(cfg: ModelConfig, p: CNPParams, x_dim: int, y_dim: int, name: str)
             w_s, w_q = xpath.apply(params, x_s), xpath.apply(params, x_q)
         elif p.variant == "activations":
             xp = param_tree("xpath", xpath.init)
-            w_s = bottleneck("w", jnp.zeros((*x_s.shape[:2], p.w_dim)), None, p.beta)
-            mu_q, sd_q = xpath_stats(xp, x_q)  # target codes: sampled, not regularised (as the reference)
-            w_q = mu_q + sd_q * jax.random.normal(numpyro.prng_key(), mu_q.shape)
+            kept, free = (x_s, x_q) if p.bottleneck == "support" else (x_q, x_s)
+            w_kept = bottleneck("w", jnp.zeros((*kept.shape[:2], p.w_dim)), None, p.beta)
+            mu, sd = xpath_stats(xp, free)  # the other set's codes: sampled, not regularised
+            w_free = mu + sd * jax.random.normal(numpyro.prng_key(), mu.shape)
+            w_s, w_q = (w_kept, w_free) if p.bottleneck == "support" else (w_free, w_kept)
         else:
             w_s, w_q = x_s, x_q
         observe(lik, predict(theta, w_s, batch.y_support, w_q), batch.y_query)
@@ -95,7 +106,8 @@ def build_cnp(cfg: ModelConfig, p: CNPParams, x_dim: int, y_dim: int, name: str)
         if p.variant == "weights":
             gaussian_weights_guide("xpath", kernel_shapes(xpath), p.beta, p.loc_sd, p.rho_init)
         elif p.variant == "activations":
-            bottleneck("w", *xpath_stats(param_tree("xpath", xpath.init), batch.x_support), p.beta)
+            kept = batch.x_support if p.bottleneck == "support" else batch.x_query
+            bottleneck("w", *xpath_stats(param_tree("xpath", xpath.init), kept), p.beta)
 
     if p.variant == "weights":
         return Method(
@@ -129,6 +141,8 @@ def _spec(name: str, **defaults: object) -> type:
     def check(cfg: ModelConfig, p: object) -> str | None:
         if p.variant != defaults["variant"]:
             return f"model.params.variant: {name} fixes it to {defaults['variant']!r}"
+        if p.bottleneck != "support" and p.variant != "activations":
+            return f"model.params.bottleneck: only mr_cnp_a has a bottleneck; {name} takes 'support' only"
         if p.variant != "none" and p.beta <= 0:
             return f"model.params.beta: expected a number > 0 for {name}, got {p.beta}"
         return None

@@ -237,6 +237,7 @@ def test_fresh_adam_config_splits_by_parameter_prefix():
         ("cnp", ["model.noise_sd=0.1"]),
         ("mr_cnp_w", ["model.noise_sd=0.1"]),
         ("mr_cnp_a", ["model.noise_sd=0.1"]),
+        ("mr_cnp_a", ["model.noise_sd=0.1", "model.params.bottleneck='query'"]),
     ],
 )
 def test_each_method_learns_and_writes_its_posterior(method, extra, tmp_path, small_cfg):
@@ -319,3 +320,19 @@ def test_the_bound_is_computed_on_the_tasks_the_fit_saw(small_cfg):
     assert float(jnp.mean(clipped_squared_error(f, fresh.y_query[None], 1.0))) != pytest.approx(
         expected, rel=1e-5
     )
+
+
+@pytest.mark.parametrize(("where", "points"), [("support", 5), ("query", 6)])
+def test_mr_cnp_a_bottleneck_carries_the_kl_on_the_chosen_inputs(where, points):
+    """The reference notebook's MR-CNP(A) regularises the support codes; Yin et al.'s eq. 2 the query
+    inputs': the latent site w (whose KL the ELBO weights by beta) lives on those points."""
+    from numpyro import handlers
+
+    cfg = config.load(None, [*NME, "model.method='mr_cnp_a'", f"model.params.bottleneck='{where}'"])
+    family = make_family(cfg.task)
+    method = run.Setup.from_config(cfg).method
+    batch = family.sample(jax.random.PRNGKey(0), 3)
+    tr = handlers.trace(handlers.seed(method.guide, 0)).get_trace(batch)
+    assert tr["w"]["value"].shape == (3, points, 5)
+    with pytest.raises(config.ConfigError, match=r"model\.params\.bottleneck"):
+        config.load(None, [*NME, "model.method='mr_cnp_w'", "model.params.bottleneck='query'"])
