@@ -191,8 +191,10 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
             )
     for name, entry in metrics["metrics"].items():
         for field, nullable in METRIC_ENTRY.items():
-            v = entry.get(field) if isinstance(entry, dict) else None
-            if not (isinstance(v, (int, float)) and not isinstance(v, bool)) and not (nullable and v is None):
+            present = isinstance(entry, dict) and field in entry
+            v = entry[field] if present else None
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if not present or not (number or (nullable and v is None)):
                 raise RunFileError(
                     f"{path}: metrics.{name}.{field} missing or not a number; {_redo(run_dir)}"
                 )

@@ -13,6 +13,7 @@ import io
 import os
 import re
 import shutil
+import sys
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -255,6 +256,9 @@ def prepare(config: str, archives: str = "", data: str = "") -> object:
     dirs = search_dirs(archives)
     paths = {split: find_archive(split, dirs) for split in SPLITS[config]}
     builder = cls(config=config, data_dir=data_dir(data), file_format="array_record", archives=paths)
+    import tensorflow_datasets as tfds
+
+    tfds.display_progress_bar(sys.stderr.isatty())  # bars on a terminal, not in logs or captured output
     try:
         builder.download_and_prepare()
     except BaseException:
