@@ -4,15 +4,31 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 from pathlib import Path
 
 from bayesmeta.config import ConfigError
 
 EXIT_CONFIG, EXIT_RUN, EXIT_INTERRUPT = 2, 1, 130
+MAX_SAMPLES = 10_000
+"""Most posterior predictive draws `sample` takes (each adapts to the support set once)."""
+MAX_SAMPLE_STEPS = 100_000
+"""Most test-time inner steps `sample` takes."""
+
+
+class UsageError(ValueError):
+    """A bad command line (argparse's message); exit 2 with one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (raised, printed by main), not usage text and SystemExit."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bayesmeta", description=__doc__)
+    p = _Parser(prog="bayesmeta", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fit", help="meta-train a method, evaluate it and write runs/<name>/")
     f.add_argument("config", nargs="?", help="TOML config (default: the built-in sinusoid MAML run)")
@@ -116,21 +132,36 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_range(flag: str, value: int | None, lo: int, hi: int) -> None:
+    if value is not None and not lo <= value <= hi:
+        raise ConfigError(f"{flag}: expected an integer >= {lo} and <= {hi}, got {value}")
+
+
+def _check_sample_args(args: argparse.Namespace) -> None:
+    """`sample`'s numeric options within range and --out a folder (exit 2 before anything is loaded)."""
+    from bayesmeta.config import SEED_MAX
+
+    _check_range("--samples", args.samples, 1, MAX_SAMPLES)
+    _check_range("--steps", args.steps, 0, MAX_SAMPLE_STEPS)
+    _check_range("--task-seed", args.task_seed, 0, SEED_MAX)
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out}: is a file; expected a folder for samples.nc and samples.png")
+
+
 def _sample(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
     from bayesmeta import config, run
     from bayesmeta import sample as sampling
+    from bayesmeta.tasks import make_family
 
+    _check_sample_args(args)
     cfg = config.load(args.run_dir / "config.toml")
-    if args.samples < 1:
-        raise ConfigError(f"--samples: expected an integer >= 1, got {args.samples}")
-    setup, result = run.restore(cfg, args.run_dir)
-    fam = setup.eval_family
     steps = args.steps if args.steps is not None else cfg.eval.inner_steps[-1]
     truth = None
-    if args.support is not None:
+    if args.support is not None:  # the files are read before the checkpoint: a bad file fails fast
+        fam = make_family(cfg.eval.task, "eval.task")
         x_s, y_s = sampling.read_support(args.support, fam.x_dim, fam.y_dim)
         source = str(args.support)
         if args.query is not None:
@@ -140,7 +171,9 @@ def _sample(args: argparse.Namespace) -> int:
             x = np.linspace(lo, hi, 200, dtype=np.float32)[:, None]
         else:
             raise ConfigError(f"--query: inputs have {fam.x_dim} dimensions; give the query inputs as a file")
-    else:
+    setup, result = run.restore(cfg, args.run_dir)
+    if args.support is None:
+        fam = setup.eval_family
         task = fam.sample(jax.random.PRNGKey(args.task_seed), 1)
         x_s, y_s = np.asarray(task.x_support[0]), np.asarray(task.y_support[0])
         grid = fam.grid(task.info, 200)
@@ -167,9 +200,14 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except UsageError as e:
+        print(f"bayesmeta: usage error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     from bayesmeta.datasets.omniglot import DataError
     from bayesmeta.fit import CheckpointError, NonFiniteError
+    from bayesmeta.report import RunFileError
     from bayesmeta.sample import SupportFileError
 
     try:
@@ -178,7 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"bayesmeta: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    except (NonFiniteError, CheckpointError, FileNotFoundError, SupportFileError, DataError) as e:
+    except (
+        NonFiniteError,
+        CheckpointError,
+        FileNotFoundError,
+        SupportFileError,
+        DataError,
+        RunFileError,
+    ) as e:
         print(f"bayesmeta: error: {e}", file=sys.stderr)
         return EXIT_RUN
 

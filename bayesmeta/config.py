@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
@@ -15,6 +16,17 @@ from typing import Any
 import tomli_w
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.toml"
+INT_LIMIT = 10**9
+"""Integers without an explicit bound must lie in [-INT_LIMIT, INT_LIMIT]: step and task counts beyond
+it are typos (a run of 10^9 steps takes days), and larger values overflow the int32/int64 of JAX/NumPy."""
+SEED_MAX = 2**32 - 1
+"""Seeds are uint32 (jax.random.PRNGKey and numpy.random.default_rng take them without overflow)."""
+NAME_PATTERN = r"[A-Za-z0-9_.+=-]+"
+"""A run name is one folder under runs/: no path separators, so it cannot write elsewhere."""
+MAX_CONFIG_BYTES = 1_000_000
+"""A config is a few kB; a larger file is not a config (and is not read into memory)."""
+KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
+"""A TOML bare key: every config key is one."""
 
 
 class ConfigError(ValueError):
@@ -28,10 +40,12 @@ def opt(
     ge: float | None = None,
     gt: float | None = None,
     le: float | None = None,
+    pattern: str | None = None,
     doc: str = "",
 ) -> Any:
-    """A dataclass field with validation metadata (choices may be a callable returning a list)."""
-    meta = {"choices": choices, "ge": ge, "gt": gt, "le": le, "doc": doc}
+    """A dataclass field with validation metadata (choices may be a callable returning a list; a string
+    must fully match `pattern`)."""
+    meta = {"choices": choices, "ge": ge, "gt": gt, "le": le, "pattern": pattern, "doc": doc}
     if isinstance(default, (dict, list)) or dataclasses.is_dataclass(default):
         return field(default_factory=lambda: _copy(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -139,7 +153,9 @@ class EvalConfig:
     batch: int = opt(100, ge=1, doc="tasks per device call")
     samples: int = opt(1, ge=1, doc="posterior predictive draws per task")
     plot_tasks: int = opt(9, ge=0, le=25, doc="test tasks shown in the prediction plot")
-    seed: int = opt(1234, ge=0, doc="seed of the evaluation tasks, shared by runs so methods compare")
+    seed: int = opt(
+        1234, ge=0, le=SEED_MAX, doc="seed of the evaluation tasks, shared by runs so methods compare"
+    )
     posterior_draws: int = opt(100, ge=1, doc="draws of stochastic meta-parameters kept in the posterior")
     memorization_tasks: int = opt(100, ge=0, doc="tasks for the memorization meter; 0 = off")
     bound_tasks: int = opt(
@@ -155,8 +171,8 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class Config:
-    name: str = opt("default", doc="run name: runs/<name>/")
-    seed: int = opt(0, ge=0)
+    name: str = opt("default", pattern=NAME_PATTERN, doc="run name: runs/<name>/, a simple folder name")
+    seed: int = opt(0, ge=0, le=SEED_MAX)
     task: TaskConfig = opt(TaskConfig())
     model: ModelConfig = opt(ModelConfig())
     train: TrainConfig = opt(TrainConfig())
@@ -169,6 +185,11 @@ def _describe(tp: Any, meta: Mapping[str, Any]) -> str:
     if choices is not None:
         choices = choices() if callable(choices) else choices
         return "one of " + ", ".join(repr(c) for c in choices)
+    if meta.get("pattern") is not None:
+        return f"a string matching {meta['pattern']} (not . or ..)"
+    origin = typing.get_origin(tp)
+    if tp is int or (origin is tuple and typing.get_args(tp)[0] is int):
+        meta = _int_bounds(meta)
     bounds = [
         f"{op} {meta[k]}" for k, op in (("gt", ">"), ("ge", ">="), ("le", "<=")) if meta.get(k) is not None
     ]
@@ -179,10 +200,9 @@ def _describe(tp: Any, meta: Mapping[str, Any]) -> str:
         str: "a string",
         dict: "a table",
     }.get(tp)
-    if name is None and typing.get_origin(tp) is tuple:
+    if name is None and origin is tuple:
         inner = typing.get_args(tp)[0]
-        name = f"a list of {_describe(inner, {})}s".replace("an integers", "integers")
-        name = name.replace("a numbers", "numbers")
+        name = {int: "a list of integers", float: "a list of numbers", str: "a list of strings"}.get(inner)
     return (name or str(tp)) + (" " + " and ".join(bounds) if bounds else "")
 
 
@@ -206,19 +226,24 @@ def _coerce(tp: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
         if not isinstance(value, (list, tuple)):
             fail()
         inner = typing.get_args(tp)[0]
-        return tuple(_coerce(inner, v, f"{key}[{i}]", {"ge": meta.get("ge")}) for i, v in enumerate(value))
+        bounds = {k: meta.get(k) for k in ("ge", "gt", "le")}
+        return tuple(_coerce(inner, v, f"{key}[{i}]", bounds) for i, v in enumerate(value))
     if tp is bool:
         if not isinstance(value, bool):
             fail()
     elif tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             fail()
+        meta = _int_bounds(meta)  # fail() describes the same bounds
     elif tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             fail()
         value = float(value)
     elif tp is str:
         if not isinstance(value, str):
+            fail()
+        pattern = meta.get("pattern")
+        if pattern is not None and (not re.fullmatch(pattern, value) or value in (".", "..")):
             fail()
     elif tp is dict:
         if not isinstance(value, Mapping):
@@ -239,6 +264,21 @@ def _coerce(tp: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
     return value
 
 
+def _int_bounds(meta: Mapping[str, Any]) -> Mapping[str, Any]:
+    """An integer's bounds, with +-INT_LIMIT where the field sets none."""
+    out = dict(meta)
+    if out.get("le") is None:
+        out["le"] = INT_LIMIT
+    if out.get("ge") is None and out.get("gt") is None:
+        out["ge"] = -INT_LIMIT
+    return out
+
+
+def _show(key: object) -> str:
+    """A key as written in a message: bare keys as they are, anything else quoted (one line)."""
+    return key if isinstance(key, str) and KEY_PATTERN.fullmatch(key) else repr(key)
+
+
 def _field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
@@ -249,23 +289,28 @@ def build[T](cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for k in data:
         if k not in fields:
-            raise ConfigError(f"{prefix}{k}: unknown key; allowed keys: {', '.join(fields)}")
+            raise ConfigError(f"{prefix}{_show(k)}: unknown key; allowed keys: {', '.join(fields)}")
     kwargs = {k: _coerce(hints[k], v, prefix + k, fields[k].metadata) for k, v in data.items()}
     return cls(**kwargs)
 
 
 def set_dotted(data: dict, dotted: str, raw: str) -> None:
     """Apply one `--set key.sub=value` override; the value is parsed as TOML (else a string)."""
+    keys = dotted.split(".")
+    if not all(KEY_PATTERN.fullmatch(k) for k in keys):
+        raise ConfigError(
+            f"--set {dotted!r}: expected a dotted key of names made of letters, digits, _ and -, "
+            "e.g. train.steps"
+        )
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         value = raw
-    keys = dotted.split(".")
     node = data
-    for k in keys[:-1]:
+    for i, k in enumerate(keys[:-1]):
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"{dotted}: {k} is not a table")
+            raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is not a table")
     node[keys[-1]] = value
 
 
@@ -279,10 +324,11 @@ def _merge(base: Mapping, over: Mapping) -> dict:
 def resolve(data: Mapping[str, Any]) -> Config:
     """Raw TOML mapping -> validated Config; [eval.task] inherits what it omits from [task]."""
     data = dict(data)
+    for key in ("task", "eval"):
+        if not isinstance(data.get(key, {}), Mapping):
+            raise ConfigError(f"{key}: expected a table, got {data[key]!r}")
     task = data.get("task", {})
     ev = dict(data.get("eval", {}))
-    if not isinstance(task, Mapping) or not isinstance(ev, Mapping):
-        raise ConfigError("task/eval: expected tables")
     ev_task = ev.get("task", {})
     if not isinstance(ev_task, Mapping):
         raise ConfigError("eval.task: expected a table")
@@ -317,19 +363,37 @@ def _check_cross(cfg: Config) -> None:
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a TOML file (default: the built-in config), apply `key=value` overrides, validate."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    data = read_toml(Path(path) if path is not None else DEFAULT_CONFIG)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--set {item}: expected key=value")
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.steps=1000")
         k, v = item.split("=", 1)
         set_dotted(data, k.strip(), v.strip())
     return resolve(data)
+
+
+def read_toml(path: Path) -> dict:
+    """A TOML file's table; a missing file, a directory, non-UTF-8 bytes or bad TOML is one line."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory; expected a TOML config file")
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes; a config file is at most {MAX_CONFIG_BYTES}")
+    try:
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({_one_line(str(e))})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML (nested too deeply)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: unreadable ({e.strerror or e})") from None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def to_dict(cfg: Any) -> dict:

@@ -117,12 +117,92 @@ def save_datatree(dt: xr.DataTree, path: Path) -> Path:
     return atomic_write(path, write)
 
 
+class RunFileError(ValueError):
+    """A run folder's inference.nc or metrics.json that is missing, truncated or not what a run writes;
+    the message is one line naming the file and how to re-create it."""
+
+
+METRICS = "metrics.json"
+REQUIRED_METRICS = {
+    "name": (str,),
+    "method": (str,),
+    "family": (str,),
+    "eval_family": (str,),
+    "seed": (int,),
+    "steps": (int,),
+    "train_seconds": (int, float),
+    "eval_seconds": (int, float),
+    "eval_tasks": (int,),
+    "final_loss": (int, float),
+    "metrics": (dict,),
+}
+"""The entries of metrics.json the summary is written from, with their JSON types."""
+METRIC_ENTRY = {"mean": True, "ci95": True, "median": True, "n": False, "n_nonfinite": False}
+"""Per held-out metric: its fields, and whether null (a diverged task) is allowed."""
+
+
+def _redo(run_dir: Path) -> str:
+    return f"re-create it with `bayesmeta evaluate {run_dir}`"
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
+
+
 def load_datatree(run_dir: Path) -> xr.DataTree:
+    """inference.nc as a loaded DataTree; missing, truncated or foreign files are a RunFileError."""
     path = Path(run_dir) / INFERENCE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no inference file; run `bayesmeta evaluate {run_dir}`")
-    with xr.open_datatree(path, engine="h5netcdf") as dt:
-        return dt.load()
+        raise RunFileError(f"{path}: no inference file; run `bayesmeta evaluate {run_dir}`")
+    try:
+        with xr.open_datatree(path, engine="h5netcdf") as dt:
+            dt = dt.load()
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        # h5py/h5netcdf report a truncated or foreign file as one of these
+        raise RunFileError(f"{path}: not a readable netCDF file ({_one_line(e)}); {_redo(run_dir)}") from None
+    stats = dt["sample_stats"].to_dataset() if "sample_stats" in dt.children else None
+    if stats is None or "loss" not in stats.data_vars:
+        raise RunFileError(f"{path}: has no sample_stats group with the training loss; {_redo(run_dir)}")
+    if "predictions" in dt.children and not {"predictions_constant_data", "constant_data"} <= set(
+        dt.children
+    ):
+        raise RunFileError(f"{path}: predictions without their constant data; {_redo(run_dir)}")
+    return dt
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    """metrics.json, checked to hold what the summary is written from (one line naming the entry)."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        raise RunFileError(
+            f"{run_dir}: no {METRICS}, so the run was not evaluated yet: run `bayesmeta evaluate {run_dir}`"
+        )
+    try:
+        metrics = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise RunFileError(f"{path}: not UTF-8 text (byte {e.start}); {_redo(run_dir)}") from None
+    except json.JSONDecodeError as e:
+        raise RunFileError(f"{path}: not valid JSON ({_one_line(e)}); {_redo(run_dir)}") from None
+    except (OSError, RecursionError) as e:
+        raise RunFileError(f"{path}: unreadable ({_one_line(e)}); {_redo(run_dir)}") from None
+    if not isinstance(metrics, dict):
+        raise RunFileError(f"{path}: expected a JSON object, got {type(metrics).__name__}; {_redo(run_dir)}")
+    for key, types in REQUIRED_METRICS.items():
+        v = metrics.get(key)
+        if isinstance(v, bool) or not isinstance(v, types):
+            raise RunFileError(
+                f"{path}: entry {key!r} missing or not a {types[0].__name__}; {_redo(run_dir)}"
+            )
+    for name, entry in metrics["metrics"].items():
+        for field, nullable in METRIC_ENTRY.items():
+            present = isinstance(entry, dict) and field in entry
+            v = entry[field] if present else None
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if not present or not (number or (nullable and v is None)):
+                raise RunFileError(
+                    f"{path}: metrics.{name}.{field} missing or not a number; {_redo(run_dir)}"
+                )
+    return metrics
 
 
 def save_fig(fig: Any, path: Path) -> Path:
@@ -457,11 +537,23 @@ def write_report(
 ) -> list[Path]:
     """(Re)write summary.md and plots from the run's files (or the given tree and metrics)."""
     run_dir = Path(run_dir)
-    dt = load_datatree(run_dir) if dt is None else dt
-    if metrics is None:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-    else:
-        write_json(run_dir / "metrics.json", metrics)
+    if metrics is not None:
+        write_json(run_dir / METRICS, metrics)
+    if dt is None or metrics is None:  # from the run's files: what they hold was not made here
+        dt = load_datatree(run_dir) if dt is None else dt
+        metrics = read_metrics(run_dir) if metrics is None else metrics
+        try:
+            return _write_report(run_dir, dt, metrics)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise RunFileError(
+                f"{run_dir}: {INFERENCE} or {METRICS} does not hold what a run writes "
+                f"({type(e).__name__}: {_one_line(e)}); {_redo(run_dir)}"
+            ) from None
+    return _write_report(run_dir, dt, metrics)
+
+
+def _write_report(run_dir: Path, dt: xr.DataTree, metrics: dict[str, Any]) -> list[Path]:
+    """summary.md and the plots from a loaded tree and metrics."""
     plots = [
         plot_training(dt, run_dir / "plots" / "training.png"),
         plot_predictions(dt, run_dir / "plots" / "predictions.png"),

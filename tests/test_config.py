@@ -15,8 +15,8 @@ from bayesmeta.cli import main
     ("override", "expected"),
     [
         ("train.lrr=0.1", ("train.lrr: unknown key; allowed keys: steps, meta_batch, ", "optimizer, lr, ")),
-        ("train.steps=1.5", "train.steps: expected an integer >= 1, got 1.5"),
-        ("train.steps=0", "train.steps: expected an integer >= 1, got 0"),
+        ("train.steps=1.5", "train.steps: expected an integer >= 1 and <= 1000000000, got 1.5"),
+        ("train.steps=0", "train.steps: expected an integer >= 1 and <= 1000000000, got 0"),
         ("train.lr=-1", "train.lr: expected a number > 0, got -1"),
         (
             "train.optimizer='rmsprop'",
@@ -24,7 +24,10 @@ from bayesmeta.cli import main
         ),
         ("model.method='nope'", ("model.method: expected one of ", "'maml'", "'platipus'", "got 'nope'")),
         ("model.first_order=1", "model.first_order: expected true or false, got 1"),
-        ("model.net.hidden=[40, -2]", "model.net.hidden[1]: expected an integer >= 1, got -2"),
+        (
+            "model.net.hidden=[40, -2]",
+            "model.net.hidden[1]: expected an integer >= 1 and <= 1000000000, got -2",
+        ),
         ("task.family='cubic'", ("task.family: expected one of ", "'sinusoid'", "got 'cubic'")),
         ("task.params.amplitude=[5.0, 1.0]", "task.params.amplitude: expected [low, high] with low <= high"),
         ("task.params.wobble=2", "task.params.wobble: unknown key; allowed keys: amplitude, phase"),
@@ -63,15 +66,15 @@ def test_no_traceback_from_the_installed_command(tmp_path):
     )
     assert out.returncode == 2
     assert out.stderr.strip() == (
-        "bayesmeta: config error: train.meta_batch: expected an integer >= 1, got 0"
+        "bayesmeta: config error: train.meta_batch: expected an integer >= 1 and <= 1000000000, got 0"
     )
 
 
 def test_overrides_parse_as_toml_and_eval_task_inherits():
     cfg = config.load(
-        None, ["task.shots=5", "model.net.hidden=[8, 8, 8]", "name=x y", "eval.task.queries=50"]
+        None, ["task.shots=5", "model.net.hidden=[8, 8, 8]", "name=x-y+1", "eval.task.queries=50"]
     )
-    assert cfg.task.shots == 5 and cfg.model.net.hidden == (8, 8, 8) and cfg.name == "x y"
+    assert cfg.task.shots == 5 and cfg.model.net.hidden == (8, 8, 8) and cfg.name == "x-y+1"
     assert cfg.eval.task.shots == 5 and cfg.eval.task.queries == 50  # inherited + overridden
     # a different evaluation family does not inherit the training family's params
     cfg = config.load(

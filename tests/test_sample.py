@@ -81,7 +81,7 @@ def test_sample_from_csv_and_npz(fitted, tmp_path):
     [
         ("1,2,3\n", "expected shape (K, 2) with K >= 1 (x, y: 2 numbers per row), got (1, 3)"),
         ("x,y\n", "expected shape (K, 2) with K >= 1"),
-        ("x,y\n1,abc\n", "unreadable"),
+        ("x,y\n1,abc\n", "line 2, column 2: 'abc' is not a number"),
     ],
 )
 def test_malformed_support_file_is_one_line(fitted, tmp_path, capsys, content, message):

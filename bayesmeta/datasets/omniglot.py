@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import shutil
+import sys
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -53,6 +56,7 @@ def find_archive(split: str, dirs: list[Path]) -> Path:
         path = d / name
         if path.is_file():
             check_archive(path)
+            check_layout(path, split)
             return path
     looked = ", ".join(str(d) for d in dirs)
     raise DataError(
@@ -72,11 +76,67 @@ def check_archive(path: Path) -> None:
         raise DataError(f"Omniglot archive {path} is corrupt (member {bad} fails its CRC check)")
 
 
-def _ink(png: bytes) -> np.ndarray:
-    """A 105x105 archive image as a boolean ink mask (True = stroke)."""
-    from PIL import Image
+CHARACTER_MEMBER = re.compile(r"[^/]+/[^/]+/[^/]+/\d+_\d+\.png")
+"""<set>/<alphabet>/<character>/<LLLL>_<DD>.png in images_background*.zip and images_evaluation.zip."""
+RUN_MEMBER = re.compile(r"run\d+/(training/class\d+|test/item\d+)\.png")
+"""runNN/training/classCC.png and runNN/test/itemII.png in all_runs.zip."""
 
-    return ~np.asarray(Image.open(io.BytesIO(png)).convert("1"), dtype=bool)
+
+def check_layout(path: Path, split: str) -> None:
+    """Raise DataError unless every image of the archive sits where the official layout puts it (and,
+    for the runs, every test item has an answer in its run's class_labels.txt)."""
+    with zipfile.ZipFile(path) as z:
+        names = [n for n in z.namelist() if n.lower().endswith(".png")]
+        pattern = RUN_MEMBER if split == "runs" else CHARACTER_MEMBER
+        example = "runNN/test/itemNN.png" if split == "runs" else "<set>/<alphabet>/<character>/LLLL_DD.png"
+        if not names:
+            raise DataError(f"Omniglot archive {path} holds no PNG images; expected {example}")
+        bad = next((n for n in names if not pattern.fullmatch(n)), None)
+        if bad is not None:
+            raise DataError(
+                f"Omniglot archive {path}: member {bad!r} is not laid out as {example}; "
+                "use the official archive unchanged"
+            )
+        if split == "runs":
+            _check_answer_keys(z, path, names)
+
+
+def _check_answer_keys(z: zipfile.ZipFile, path: Path, names: list[str]) -> None:
+    """Every run's class_labels.txt exists and names a class for each of its test items."""
+    for run in sorted({n.split("/")[0] for n in names}):
+        try:
+            text = z.read(f"{run}/class_labels.txt").decode()
+            key = {
+                Path(item).stem for item, _ in (line.split() for line in text.splitlines() if line.strip())
+            }
+        except (KeyError, UnicodeDecodeError, ValueError):
+            raise DataError(
+                f"Omniglot archive {path}: {run}/class_labels.txt is missing or not lines of "
+                f"'{run}/test/itemNN.png {run}/training/classNN.png'"
+            ) from None
+        items = {Path(n).stem for n in names if n.startswith(f"{run}/test/")}
+        if not items <= key:
+            raise DataError(
+                f"Omniglot archive {path}: {run}/class_labels.txt has no answer for {sorted(items - key)[0]}"
+            )
+
+
+def _ink(png: bytes, name: str = "", path: Path | None = None) -> np.ndarray:
+    """A 105x105 archive image as a boolean ink mask (True = stroke); a bad image is a DataError."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        ink = ~np.asarray(Image.open(io.BytesIO(png)).convert("1"), dtype=bool)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(
+            f"Omniglot archive {path}: member {name} is not a readable PNG image ({type(e).__name__}); "
+            "use the official archive unchanged"
+        ) from None
+    if ink.shape != (SIDE, SIDE):
+        raise DataError(
+            f"Omniglot archive {path}: member {name} is {ink.shape}, expected {SIDE}x{SIDE} pixels"
+        )
+    return ink
 
 
 def character_records(path: Path) -> Iterator[tuple[str, dict]]:
@@ -87,7 +147,7 @@ def character_records(path: Path) -> Iterator[tuple[str, dict]]:
             _, alphabet, character, file = name.split("/")
             label, drawer = Path(file).stem.split("_")
             record = {
-                "image": _ink(z.read(name)),
+                "image": _ink(z.read(name), name, path),
                 "alphabet": alphabet,
                 "character": character,
                 "label": int(label),
@@ -112,7 +172,12 @@ def run_records(path: Path) -> Iterator[tuple[str, dict]]:
                 stem = Path(file).stem
                 index = int(stem.removeprefix("class").removeprefix("item"))
                 answer = index if role == "training" else key[stem]
-                record = {"image": _ink(z.read(name)), "run": int(run[3:]), "role": role, "index": index}
+                record = {
+                    "image": _ink(z.read(name), name, path),
+                    "run": int(run[3:]),
+                    "role": role,
+                    "index": index,
+                }
                 yield name, {**record, "answer": answer}
 
 
@@ -191,8 +256,24 @@ def prepare(config: str, archives: str = "", data: str = "") -> object:
     dirs = search_dirs(archives)
     paths = {split: find_archive(split, dirs) for split in SPLITS[config]}
     builder = cls(config=config, data_dir=data_dir(data), file_format="array_record", archives=paths)
-    builder.download_and_prepare()
+    import tensorflow_datasets as tfds
+
+    tfds.display_progress_bar(sys.stderr.isatty())  # bars on a terminal, not in logs or captured output
+    try:
+        builder.download_and_prepare()
+    except BaseException:
+        _remove_partial(Path(builder.data_dir))
+        raise
     return builder
+
+
+def _remove_partial(version_dir: Path) -> None:
+    """Delete what a failed preparation left (an unfinished version folder, TFDS's incomplete.* folders),
+    so the next attempt starts clean; a prepared version (with dataset_info.json) is never touched."""
+    if version_dir.is_dir() and not (version_dir / "dataset_info.json").is_file():
+        shutil.rmtree(version_dir, ignore_errors=True)
+    for partial in version_dir.parent.glob(f"incomplete.*_{version_dir.name}"):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 @dataclass(frozen=True)
