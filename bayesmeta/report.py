@@ -137,7 +137,7 @@ REQUIRED_METRICS = {
     "metrics": (dict,),
 }
 """The entries of metrics.json the summary is written from, with their JSON types."""
-METRIC_ENTRY = {"mean": True, "ci95": True, "median": True, "n": False, "n_nonfinite": False}
+METRIC_ENTRY = {"mean": True, "ci95": True, "median": True, "n": False, "n_diverged": False, "max_share": False}
 """Per held-out metric: its fields, and whether null (a diverged task) is allowed."""
 
 
@@ -441,7 +441,7 @@ def metric_line(v: dict) -> str:
     if v["mean"] is None:
         return f"diverged on {v['n_diverged']} of {v['n']} tasks; median {median}"
     diverged = f"; {v['n_diverged']} of {v['n']} tasks diverged (left out)" if v["n_diverged"] else ""
-    if v["dominated"]:
+    if v.get("dominated"):
         return (
             f"median {median}; the mean over tasks ({v['mean']:.4g}) is dominated by one task "
             f"({v['max_share']:.0%} of the sum){diverged}"

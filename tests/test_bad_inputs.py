@@ -31,7 +31,7 @@ def run_folder(tmp_path_factory) -> Path:
         {"loss": ("step", np.linspace(2, 1, 20, dtype=np.float32))}, coords={"step": np.arange(1, 21)}
     )
     xr.DataTree.from_dict({"sample_stats": stats}).to_netcdf(run / "inference.nc", engine="h5netcdf")
-    entry = {"mean": 0.5, "ci95": 0.1, "median": 0.4, "n": 40, "n_nonfinite": 0}
+    entry = {"mean": 0.5, "ci95": 0.1, "median": 0.4, "n": 40, "n_diverged": 0, "max_share": 0.05}
     metrics = {
         "name": "default",
         "method": "maml",
