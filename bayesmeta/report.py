@@ -137,7 +137,14 @@ REQUIRED_METRICS = {
     "metrics": (dict,),
 }
 """The entries of metrics.json the summary is written from, with their JSON types."""
-METRIC_ENTRY = {"mean": True, "ci95": True, "median": True, "n": False, "n_diverged": False, "max_share": False}
+METRIC_ENTRY = {
+    "mean": True,
+    "ci95": True,
+    "median": True,
+    "n": False,
+    "n_diverged": False,
+    "max_share": False,
+}
 """Per held-out metric: its fields, and whether null (a diverged task) is allowed."""
 
 
