@@ -502,3 +502,78 @@ def plot_sweep(
         )
         ax.legend()
     return save_fig(fig, path)
+
+
+def rerender_verdicts(
+    out_dir: Path,
+    published: dict,
+    contrasts_wanted: list[Contrast] | None = None,
+    scale: float = 1.0,
+    unit: str = "",
+) -> None:
+    """Recompute the verdict column of a committed RESULTS.md / results.json from its rows (per-seed
+    means and 95% CIs over tasks), for experiments whose runs predate the verdict rule and are too
+    long to rerun in one session. The table says that its runs counted only non-finite tasks as
+    diverged (the support-loss rule was not measured), and the contrasts are paired by seed."""
+    data = json.loads((out_dir / "results.json").read_text())
+    rows = []
+    for r in data["results"]:
+        pub = _published(published.get((r["method"], r["setting"], r["metric"])))
+        word, tol = verdict(r["metric"], r["per_seed"], r.get("ci95_tasks"), pub)
+        rows.append(
+            {k: v for k, v in r.items() if k not in ("mean_finite", "sd_finite")}
+            | {
+                "published": None if pub is None else pub.value,
+                "published_sd": None if pub is None else pub.sd,
+                "failure_baseline": bool(pub and pub.baseline),
+                "verdict": word,
+                "tolerance": tol,
+                "dominated": False,
+                "sd": r["sd"] if r["n"] > 1 else None,
+                "sd_median": r["sd_median"] if r["n"] > 1 else None,
+            }
+        )
+    res = Results(data["title"], out_dir, rows, [], data["wall_seconds"])
+    table = (
+        res.long_table()
+        .replace(VERDICT_LEGEND, "")
+        .replace("| diverged tasks |", "| non-finite tasks (support-loss rule not measured) |")
+    )
+    md = (out_dir / "RESULTS.md").read_text()
+    lines = md.splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    note = (
+        f"\nVerdicts recomputed from results.json by `{res.command}` on "
+        f"{time.strftime('%Y-%m-%d', time.gmtime())}; these runs predate the divergence rule, so only "
+        "non-finite tasks were counted as diverged (accuracy is bounded, so no task can dominate a mean). "
+        "Verdict: *matches* when ours is within the combined 95% interval (our t-interval over seeds, or "
+        "over tasks with one seed, and 1.96 x the paper's sd where it gives one); otherwise *better* or "
+        "*worse*; a paper's failure baseline is judged through its contrast.\n"
+    )
+    extra = ""
+    if contrasts_wanted:
+        extra = "\n" + _contrast_from_rows(rows, contrasts_wanted, scale, unit)
+    md = "".join(lines[:start]) + table + note + extra + "".join(lines[end:])
+    write_text(out_dir / "RESULTS.md", md)
+    write_json(out_dir / "results.json", data | {"results": rows})
+
+
+def _contrast_from_rows(rows: list[dict[str, Any]], wanted: list[Contrast], scale: float, unit: str) -> str:
+    """contrast_table from results.json rows (per-seed means, paired by seed)."""
+    out = []
+    for c in wanted:
+        a = next(
+            (r for r in rows if (r["method"], r["setting"], r["metric"]) == (c.method, c.setting, c.metric)),
+            None,
+        )
+        b = next(
+            (r for r in rows if (r["method"], r["setting"], r["metric"]) == (c.base, c.setting, c.metric)),
+            None,
+        )
+        if a is None or b is None:
+            continue
+        seeds = [s for s in a["seeds"] if s in b["seeds"]]
+        diffs = [a["per_seed"][a["seeds"].index(s)] - b["per_seed"][b["seeds"].index(s)] for s in seeds]
+        out.append({**asdict(c), "seeds": seeds} | contrast_verdict(diffs, c.published, c.metric))
+    return contrast_table(out, scale, unit)

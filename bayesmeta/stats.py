@@ -119,7 +119,16 @@ def contrast_verdict(diffs: list[float], published: float | None, metric: str) -
     half = t_half_width(d)
     out: dict[str, Any] = {"per_seed": d.tolist(), "mean": mean, "half_width": half, "published": published}
     if half is None:
-        out |= {"verdict": "one seed: no interval", "size": None}
+        side = (
+            ""
+            if published is None
+            else (
+                ": the published direction"
+                if (mean > 0) == (published > 0)
+                else ": opposite to the published direction"
+            )
+        )
+        out |= {"verdict": f"one seed, no interval{side}", "size": None}
         return out
     lo, hi = mean - half, mean + half
     if published is None:

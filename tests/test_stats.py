@@ -73,4 +73,7 @@ def test_contrast_verdicts():
     assert contrast_verdict([-0.1, 0.1, 0.05], -0.30, "mse@100")["verdict"].startswith("not reproduced")
     assert contrast_verdict([0.2, 0.25, 0.3], -0.30, "mse@100")["verdict"] == "reversed"
     assert contrast_verdict([0.02, 0.03, 0.025], None, "accuracy@5")["verdict"] == "better"
-    assert contrast_verdict([0.02], None, "accuracy@5")["verdict"] == "one seed: no interval"
+    assert contrast_verdict([0.02], None, "accuracy@5")["verdict"] == "one seed, no interval"
+    assert contrast_verdict([-0.3], 0.75, "accuracy@1")["verdict"].endswith(
+        "opposite to the published direction"
+    )
