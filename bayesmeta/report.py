@@ -390,8 +390,8 @@ def calibration_table(calib: dict[str, Any]) -> str:
     head = (
         "| test steps | NLL | "
         + " | ".join(f"coverage {float(k):.0%}" for k in levels)
-        + " | width 90% | mode coverage (all / ambiguous tasks) |\n|---"
-        + "|---" * (len(levels) + 3)
+        + " | width 90% | mode coverage (all / ambiguous tasks) | diverged tasks (left out) |\n|---"
+        + "|---" * (len(levels) + 4)
         + "|\n"
     )
     rows = []
@@ -406,12 +406,12 @@ def calibration_table(calib: dict[str, Any]) -> str:
             rows.append(
                 f"| exact posterior predictive | {x['nll']:.4f} | "
                 + " | ".join(f"{x['coverage'][k]:.3f}" for k in levels)
-                + f" | {x['width'].get('0.9', float('nan')):.3f} | n/a |"
+                + f" | {x['width'].get('0.9', float('nan')):.3f} | n/a | {e.get('diverged_tasks', 0)} |"
             )
         rows.append(
             f"| {steps} | {e['nll']:.4f} | "
             + " | ".join(f"{e['coverage'][k]:.3f}" for k in levels)
-            + f" | {e['width'].get('0.9', float('nan')):.3f} | {mode} |"
+            + f" | {e['width'].get('0.9', float('nan')):.3f} | {mode} | {e.get('diverged_tasks', 0)} |"
         )
     return head + "\n".join(rows) + "\n"
 

@@ -215,7 +215,8 @@ def memorization(setup: Setup, params: dict, tasks: Any) -> dict[str, float]:
 
 def calibration(setup: Setup, params: dict, ev: Evaluation) -> dict[str, Any]:
     """Predictive NLL, coverage and width of central intervals, PIT, and (sine/line family) mode
-    coverage, for each test-time step count; needs eval.samples >= 2 and a Gaussian likelihood."""
+    coverage, for each test-time step count, over the tasks that did not diverge (their count is
+    `diverged_tasks`); needs eval.samples >= 2 and a Gaussian likelihood."""
     cfg = setup.cfg
     if cfg.eval.samples < 2 or cfg.model.likelihood != "gaussian":
         return {}
@@ -224,12 +225,16 @@ def calibration(setup: Setup, params: dict, ev: Evaluation) -> dict[str, Any]:
     noise_sd = params.get("noise_sd", cfg.model.noise_sd)
     out: dict[str, Any] = {}
     for s in cfg.eval.inner_steps:
-        f, y_draws = jnp.asarray(ev.draws[s]["f"]), jnp.asarray(ev.draws[s]["y"])
+        keep = ~ev.diverged(s)  # a diverged task's interval would dominate every mean
+        if not keep.any():  # every task diverged: the metrics say so; nothing to calibrate
+            continue
+        f, y_draws = jnp.asarray(ev.draws[s]["f"])[:, keep], jnp.asarray(ev.draws[s]["y"])[:, keep]
         entry = {
-            "nll": float(jnp.mean(mixture_nll(f, noise_sd, y))),
-            "coverage": {str(k): v for k, v in coverage(y_draws, y).items()},
+            "nll": float(jnp.mean(mixture_nll(f, noise_sd, y[keep]))),
+            "coverage": {str(k): v for k, v in coverage(y_draws, y[keep]).items()},
             "width": {str(k): v for k, v in interval_width(y_draws).items()},
-            "pit": np.asarray(pit(y_draws, y)).ravel().tolist(),
+            "pit": np.asarray(pit(y_draws, y[keep])).ravel().tolist(),
+            "diverged_tasks": int((~keep).sum()),
         }
         if hasattr(setup.eval_family, "ambiguous"):  # a family with two hypotheses (sine/line)
             n = min(cfg.eval.memorization_tasks or 100, ev.tasks.x_support.shape[0])
@@ -244,7 +249,9 @@ def calibration(setup: Setup, params: dict, ev: Evaluation) -> dict[str, Any]:
             entry["mode_coverage_ambiguous"] = float(both[amb].mean()) if amb.any() else None
             entry["ambiguous_tasks"] = int(amb.sum())
         if hasattr(setup.eval_family, "exact_predictive"):
-            entry["exact"] = exact_calibration(setup.eval_family, ev.tasks)
+            entry["exact"] = exact_calibration(
+                setup.eval_family, jax.tree.map(lambda a, k=keep: a[k], ev.tasks)
+            )
         out[str(s)] = entry
     return out
 
