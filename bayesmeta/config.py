@@ -21,7 +21,9 @@ INT_LIMIT = 10**9
 it are typos (a run of 10^9 steps takes days), and larger values overflow the int32/int64 of JAX/NumPy."""
 SEED_MAX = 2**32 - 1
 """Seeds are uint32 (jax.random.PRNGKey and numpy.random.default_rng take them without overflow)."""
-NAME_PATTERN = r"[A-Za-z0-9_.+=-]+"
+# a run name is one folder name: letters, digits, spaces and punctuation, but no path separator or
+# control character, and not starting with "." (so neither "." nor ".." nor a hidden folder), <= 200
+NAME_PATTERN = r"[A-Za-z0-9_+=,()\[\]-][A-Za-z0-9 _.+=,()\[\]-]{0,199}"
 """A run name is one folder under runs/: no path separators, so it cannot write elsewhere."""
 MAX_CONFIG_BYTES = 1_000_000
 """A config is a few kB; a larger file is not a config (and is not read into memory)."""
