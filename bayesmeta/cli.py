@@ -9,6 +9,8 @@ from pathlib import Path
 from bayesmeta.config import ConfigError
 
 EXIT_CONFIG, EXIT_RUN, EXIT_INTERRUPT = 2, 1, 130
+# any of these makes a folder a run that a plain `fit` must not overwrite
+RUN_FILES = ("config.toml", "checkpoint/state.npz", "metrics.json", "inference.nc", "summary.md")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,7 +80,6 @@ def _print_summary(run_dir: Path, metrics: dict) -> None:
 
 def _fit(args: argparse.Namespace) -> int:
     from bayesmeta import config, run
-    from bayesmeta.fit import CHECKPOINT
 
     if args.distributed:
         import jax
@@ -89,10 +90,11 @@ def _fit(args: argparse.Namespace) -> int:
         cfg_path = args.run_dir / "config.toml"
     cfg = config.load(cfg_path, args.set)
     run_dir = args.run_dir or run.default_run_dir(cfg)
-    if (run_dir / CHECKPOINT).exists() and not (args.resume or args.force):
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if found and not (args.resume or args.force):
         print(
-            f"bayesmeta: error: {run_dir} already holds a checkpoint; pass --resume to continue it "
-            "or --force to start over",
+            f"bayesmeta: error: {run_dir} already holds a run ({found[0]} exists); pass --resume to "
+            "continue it or --force to start over (which deletes it)",
             file=sys.stderr,
         )
         return EXIT_CONFIG
@@ -112,10 +114,16 @@ def _fit(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from bayesmeta import config, run
+    from bayesmeta.io import RunFolderError, run_lock
 
+    if not (args.run_dir / "config.toml").is_file():
+        raise RunFolderError(
+            f"{args.run_dir} is not a run folder (it has no config.toml); give the folder bayesmeta fit wrote"
+        )
     cfg = config.load(args.run_dir / "config.toml", args.set)
-    setup, result = run.restore(cfg, args.run_dir)
-    metrics = run.finish(setup, args.run_dir, result, progress=not args.no_progress)
+    with run_lock(args.run_dir, "bayesmeta evaluate"):
+        setup, result = run.restore(cfg, args.run_dir)
+        metrics = run.finish(setup, args.run_dir, result, progress=not args.no_progress)
     _print_summary(args.run_dir, metrics)
     return 0
 
@@ -174,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from bayesmeta.datasets.omniglot import DataError
     from bayesmeta.fit import CheckpointError, NonFiniteError
+    from bayesmeta.io import RunFolderError
     from bayesmeta.sample import SupportFileError
 
     try:
@@ -182,7 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"bayesmeta: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    except (NonFiniteError, CheckpointError, FileNotFoundError, SupportFileError, DataError) as e:
+    except (
+        NonFiniteError,
+        CheckpointError,
+        RunFolderError,
+        FileNotFoundError,
+        SupportFileError,
+        DataError,
+    ) as e:
         print(f"bayesmeta: error: {e}", file=sys.stderr)
         return EXIT_RUN
 

@@ -15,7 +15,7 @@ import arviz_base as az
 import numpy as np
 import xarray as xr
 
-from bayesmeta.io import atomic_write, write_json, write_text
+from bayesmeta.io import atomic_write, run_lock, write_json, write_text
 
 INFERENCE = "inference.nc"
 MAX_STORED_INPUTS = 5_000_000  # evaluation inputs kept in constant_data up to this many values
@@ -421,9 +421,16 @@ def summary_markdown(metrics: dict[str, Any], files: list[str], posterior: str =
 def write_report(
     run_dir: Path, dt: xr.DataTree | None = None, metrics: dict[str, Any] | None = None
 ) -> list[Path]:
-    """(Re)write summary.md and plots from the run's files (or the given tree and metrics)."""
+    """(Re)write summary.md and plots from the run's files (or the given tree and metrics); a redraw
+    from the files takes the run folder's lock (run.finish holds it when it passes the tree)."""
     run_dir = Path(run_dir)
-    dt = load_datatree(run_dir) if dt is None else dt
+    if dt is None:
+        with run_lock(run_dir, "bayesmeta report"):
+            return _write_report(run_dir, load_datatree(run_dir), metrics)
+    return _write_report(run_dir, dt, metrics)
+
+
+def _write_report(run_dir: Path, dt: xr.DataTree, metrics: dict[str, Any] | None) -> list[Path]:
     if metrics is None:
         metrics = json.loads((run_dir / "metrics.json").read_text())
     else:
