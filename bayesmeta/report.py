@@ -318,7 +318,7 @@ def calibration_table(calib: dict[str, Any]) -> str:
                 + f" | {x['width'].get('0.9', float('nan')):.3f} | n/a |"
             )
         rows.append(
-            f"| {steps} | {e['nll']:.4f} | "
+            f"| {steps} | {_fmt(e['nll'])} | "
             + " | ".join(f"{e['coverage'][k]:.3f}" for k in levels)
             + f" | {e['width'].get('0.9', float('nan')):.3f} | {mode} |"
         )
@@ -372,7 +372,7 @@ def summary_markdown(metrics: dict[str, Any], files: list[str], posterior: str =
         text += (
             "## Memorization meter\n\nSupport dependence D (0: predictions ignore the support set, "
             "complete memorization; about 1: they follow it to the truth):\n\n"
-            + "\n".join(f"- {k}: {v:.4f}" for k, v in metrics["diagnostics"].items())
+            + "\n".join(f"- {k}: {_fmt(v)}" for k, v in metrics["diagnostics"].items())
             + "\n\n"
         )
     if posterior:

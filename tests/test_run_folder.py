@@ -98,6 +98,8 @@ def test_a_diverged_diagnostic_is_null_in_metrics_json(tmp_path):
     assert any(isinstance(v, float) and not math.isfinite(v) for v in metrics["diagnostics"].values())
     for name in ("inference.nc", "summary.md", "config.toml", "plots/training.png"):
         assert (run_dir / name).is_file()
+    assert main(["report", str(run_dir)]) == 0  # the summary redrawn from the file reads the nulls
+    assert "- support_dependence@3: diverged" in (run_dir / "summary.md").read_text()
 
 
 def test_a_failed_finish_leaves_the_previous_outputs(copy, monkeypatch):
@@ -304,3 +306,18 @@ def test_kill_9_loses_nothing(tmp_path):
         np.testing.assert_array_equal(full.params[k], resumed.params[k])
     np.testing.assert_array_equal(full.trace.loss, resumed.trace.loss)
     assert (run_dir / "metrics.json").is_file() and not list(run_dir.rglob("*.tmp"))
+
+
+def test_an_experiment_evaluation_publishes_its_config_with_its_metrics(tmp_path):
+    """evaluate_cell: the evaluation's config.toml arrives with its metrics (run.finish publishes both),
+    so a reused evaluation always matches its config; the run and the evaluation are left unlocked."""
+    from bayesmeta.config import DEFAULT_CONFIG
+    from bayesmeta.experiment import Cell, run_cell
+
+    cell = Cell("maml", "few", 0, tuple(TINY), ("eval.tasks=10",))
+    first = run_cell(cell, DEFAULT_CONFIG, tmp_path, progress=False)
+    eval_dir = tmp_path / "runs" / cell.run_name / "evals" / "few"
+    assert first.metrics["eval_tasks"] == 10 and not first.reused
+    assert config.load(eval_dir / "config.toml").eval.tasks == 10
+    assert run_cell(cell, DEFAULT_CONFIG, tmp_path, progress=False).reused
+    assert not list(tmp_path.rglob(LOCK_OWNER)) and not list(tmp_path.rglob(".staging-*"))
