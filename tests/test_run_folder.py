@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bayesmeta import config, run
@@ -65,6 +65,7 @@ nested = st.recursive(
 )
 
 
+@settings(deadline=None, max_examples=50)
 @given(nested)
 def test_write_json_writes_non_finite_numbers_as_null(tmp_path_factory, obj):
     path = tmp_path_factory.mktemp("json") / "x.json"
