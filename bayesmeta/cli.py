@@ -10,6 +10,9 @@ from pathlib import Path
 from bayesmeta.config import ConfigError
 
 EXIT_CONFIG, EXIT_RUN, EXIT_INTERRUPT = 2, 1, 130
+# any of these makes a folder a run that a plain `fit` must not overwrite
+RUN_FILES = ("config.toml", "checkpoint/state.npz", "metrics.json", "inference.nc", "summary.md")
+
 MAX_SAMPLES = 10_000
 """Most posterior predictive draws `sample` takes (each adapts to the support set once)."""
 MAX_SAMPLE_STEPS = 100_000
@@ -90,7 +93,6 @@ def _print_summary(run_dir: Path, metrics: dict) -> None:
 
 def _fit(args: argparse.Namespace) -> int:
     from bayesmeta import config, run
-    from bayesmeta.fit import CHECKPOINT
 
     if args.distributed:
         import jax
@@ -101,10 +103,11 @@ def _fit(args: argparse.Namespace) -> int:
         cfg_path = args.run_dir / "config.toml"
     cfg = config.load(cfg_path, args.set)
     run_dir = args.run_dir or run.default_run_dir(cfg)
-    if (run_dir / CHECKPOINT).exists() and not (args.resume or args.force):
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if found and not (args.resume or args.force):
         print(
-            f"bayesmeta: error: {run_dir} already holds a checkpoint; pass --resume to continue it "
-            "or --force to start over",
+            f"bayesmeta: error: {run_dir} already holds a run ({found[0]} exists); pass --resume to "
+            "continue it or --force to start over (which deletes it)",
             file=sys.stderr,
         )
         return EXIT_CONFIG
@@ -124,10 +127,16 @@ def _fit(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from bayesmeta import config, run
+    from bayesmeta.io import RunFolderError, run_lock
 
+    if not (args.run_dir / "config.toml").is_file():
+        raise RunFolderError(
+            f"{args.run_dir} is not a run folder (it has no config.toml); give the folder bayesmeta fit wrote"
+        )
     cfg = config.load(args.run_dir / "config.toml", args.set)
-    setup, result = run.restore(cfg, args.run_dir)
-    metrics = run.finish(setup, args.run_dir, result, progress=not args.no_progress)
+    with run_lock(args.run_dir, "bayesmeta evaluate"):
+        setup, result = run.restore(cfg, args.run_dir)
+        metrics = run.finish(setup, args.run_dir, result, progress=not args.no_progress)
     _print_summary(args.run_dir, metrics)
     return 0
 
@@ -207,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     from bayesmeta.datasets.omniglot import DataError
     from bayesmeta.fit import CheckpointError, NonFiniteError
+    from bayesmeta.io import RunFolderError
     from bayesmeta.report import RunFileError
     from bayesmeta.sample import SupportFileError
 
@@ -219,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     except (
         NonFiniteError,
         CheckpointError,
+        RunFolderError,
         FileNotFoundError,
         SupportFileError,
         DataError,

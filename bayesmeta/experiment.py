@@ -17,7 +17,7 @@ import numpy as np
 
 from bayesmeta import config, run
 from bayesmeta.fit import CHECKPOINT, NonFiniteError
-from bayesmeta.io import write_json, write_text
+from bayesmeta.io import run_lock, write_json, write_text
 from bayesmeta.stats import Published, contrast_verdict, verdict
 
 
@@ -122,9 +122,9 @@ def evaluate_cell(cell: Cell, base: Path, out_dir: Path, progress: bool = True) 
         if m.get("version") == run.METRICS_VERSION:
             return Outcome(cell, m, m["eval_seconds"], reused=True)
     t0 = time.perf_counter()
-    setup, result = run.restore(cfg, run_dir)
-    write_text(eval_dir / "config.toml", config.dumps(cfg))
-    metrics = run.finish(setup, eval_dir, result, progress=progress)
+    with run_lock(run_dir, "bayesmeta experiment"):  # run.finish publishes eval_dir's config.toml too
+        setup, result = run.restore(cfg, run_dir)
+        metrics = run.finish(setup, eval_dir, result, progress=progress)
     return Outcome(cell, metrics, time.perf_counter() - t0)
 
 

@@ -242,11 +242,24 @@ def save_checkpoint(run_dir: Path, state: Any, step: int, trace: Trace) -> Path:
     return atomic_write(run_dir / CHECKPOINT, write)
 
 
-def load_checkpoint(run_dir: Path, template: Any) -> tuple[Any, int, Trace]:
-    """Restore (state, step, trace) into the structure of `template` (a fresh svi.init state)."""
+def missing_checkpoint(run_dir: Path, resume: bool) -> str:
+    """Why there is no checkpoint and what to do, for a resume or for reading a trained run."""
+    if resume:
+        return (
+            f"{run_dir} has no checkpoint to resume from ({CHECKPOINT}); run bayesmeta fit without --resume"
+        )
+    return (
+        f"{run_dir} has no checkpoint ({CHECKPOINT}): it was never trained, or training was interrupted "
+        "before the first checkpoint; run bayesmeta fit first"
+    )
+
+
+def load_checkpoint(run_dir: Path, template: Any, resume: bool = True) -> tuple[Any, int, Trace]:
+    """Restore (state, step, trace) into the structure of `template` (a fresh svi.init state); `resume`
+    (else: evaluate or sample a trained run) words the error of a missing checkpoint."""
     path = run_dir / CHECKPOINT
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint to resume from: {path} does not exist")
+        raise CheckpointError(missing_checkpoint(run_dir, resume))
     try:
         with np.load(path) as z:
             data = {k: z[k] for k in z.files}

@@ -15,7 +15,7 @@ import arviz_base as az
 import numpy as np
 import xarray as xr
 
-from bayesmeta.io import atomic_write, write_json, write_text
+from bayesmeta.io import atomic_write, run_lock, write_json, write_text
 from bayesmeta.stats import DOMINANCE
 
 INFERENCE = "inference.nc"
@@ -409,7 +409,7 @@ def calibration_table(calib: dict[str, Any]) -> str:
                 + f" | {x['width'].get('0.9', float('nan')):.3f} | n/a | {e.get('diverged_tasks', 0)} |"
             )
         rows.append(
-            f"| {steps} | {e['nll']:.4f} | "
+            f"| {steps} | {_fmt(e['nll'])} | "
             + " | ".join(f"{e['coverage'][k]:.3f}" for k in levels)
             + f" | {e['width'].get('0.9', float('nan')):.3f} | {mode} | {e.get('diverged_tasks', 0)} |"
         )
@@ -500,7 +500,7 @@ def summary_markdown(metrics: dict[str, Any], files: list[str], posterior: str =
         text += (
             "## Memorization meter\n\nSupport dependence D (0: predictions ignore the support set, "
             "complete memorization; about 1: they follow it to the truth):\n\n"
-            + "\n".join(f"- {k}: {v:.4f}" for k, v in metrics["diagnostics"].items())
+            + "\n".join(f"- {k}: {_fmt(v)}" for k, v in metrics["diagnostics"].items())
             + "\n\n"
         )
     if posterior:
@@ -542,21 +542,24 @@ def summary_markdown(metrics: dict[str, Any], files: list[str], posterior: str =
 def write_report(
     run_dir: Path, dt: xr.DataTree | None = None, metrics: dict[str, Any] | None = None
 ) -> list[Path]:
-    """(Re)write summary.md and plots from the run's files (or the given tree and metrics)."""
+    """(Re)write summary.md and plots from the run's files (or the given tree and metrics); a redraw
+    from the files takes the run folder's lock (run.finish holds it when it passes the tree)."""
     run_dir = Path(run_dir)
-    if metrics is not None:
+    if dt is not None and metrics is not None:  # from run.finish, which holds the lock, into its staging
         write_json(run_dir / METRICS, metrics)
-    if dt is None or metrics is None:  # from the run's files: what they hold was not made here
+        return _write_report(run_dir, dt, metrics)
+    with run_lock(run_dir, "bayesmeta report"):  # a redraw from the run's files
+        if metrics is not None:
+            write_json(run_dir / METRICS, metrics)
         dt = load_datatree(run_dir) if dt is None else dt
         metrics = read_metrics(run_dir) if metrics is None else metrics
         try:
             return _write_report(run_dir, dt, metrics)
-        except (KeyError, TypeError, ValueError, IndexError) as e:
+        except (KeyError, TypeError, ValueError, IndexError) as e:  # what they hold was not made here
             raise RunFileError(
                 f"{run_dir}: {INFERENCE} or {METRICS} does not hold what a run writes "
                 f"({type(e).__name__}: {_one_line(e)}); {_redo(run_dir)}"
             ) from None
-    return _write_report(run_dir, dt, metrics)
 
 
 def _write_report(run_dir: Path, dt: xr.DataTree, metrics: dict[str, Any]) -> list[Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,18 @@ from bayesmeta.config import Config
 from bayesmeta.diagnostics.calibration import LEVELS, coverage, interval_width, mixture_nll, pit, sine_like
 from bayesmeta.diagnostics.landscape import landscape_metrics
 from bayesmeta.diagnostics.memorization import support_dependence
-from bayesmeta.fit import FitResult, fit, initial_state, load_checkpoint, make_svi, run_keys, step_tasks
-from bayesmeta.io import write_text
+from bayesmeta.fit import (
+    CHECKPOINT,
+    FitResult,
+    fit,
+    initial_state,
+    load_checkpoint,
+    make_svi,
+    run_keys,
+    step_tasks,
+    task_mesh,
+)
+from bayesmeta.io import publish, run_lock, write_text
 from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Method
 from bayesmeta.predict import Evaluation, eval_tasks, evaluate, predictive, quick_metric
@@ -119,6 +130,9 @@ def landscape_monitor(setup: Setup, metric: Any) -> Any:
     return diagnose
 
 
+RESULTS = ("metrics.json", INFERENCE, "summary.md", "posterior_summary.csv", "plots")  # made by finish
+
+
 def train(
     cfg: Config,
     run_dir: str | Path | None = None,
@@ -127,28 +141,53 @@ def train(
     until: int | None = None,
     progress: bool = True,
 ) -> tuple[FitResult, dict | None]:
-    """Fit the configured method; when the run completes, evaluate it and write the run folder."""
+    """Fit the configured method; when the run completes, evaluate it and write the run folder.
+
+    Holds the folder's lock throughout, and changes nothing in it until the config has built a model
+    whose initial state (and, on resume, checkpoint) is valid; a fresh start first removes the
+    previous run's checkpoint and results, so no file describes a run other than this one."""
     setup = Setup.from_config(cfg)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-    write_text(run_dir / "config.toml", config_mod.dumps(cfg))
-    monitor = setup.eval_family.sample(jax.random.fold_in(setup.eval_key, 10**6), cfg.train.eval_tasks)
-    metric = quick_metric(setup.eval_method, setup.likelihood, monitor, max(cfg.eval.inner_steps))
-    result = fit(
-        setup.method,
-        setup.family,
-        cfg.train,
-        seed=cfg.seed,
-        run_dir=run_dir,
-        resume=resume,
-        until=until,
-        evaluate=metric,
-        diagnose=landscape_monitor(setup, metric) if cfg.train.diagnostics_every else None,
-        progress=progress,
-        desc=cfg.name,
+    template, _ = initial_state(
+        make_svi(setup.method, cfg.train, cfg.seed), setup.family, cfg.train, cfg.seed
     )
-    if result.step < cfg.train.steps:
-        return result, None
-    return result, finish(setup, run_dir, result, progress=progress)
+    task_mesh(cfg.train.devices)
+    with run_lock(run_dir, "bayesmeta fit"):
+        if resume:
+            load_checkpoint(run_dir, template)
+        else:
+            clear_run(run_dir)
+        write_text(run_dir / "config.toml", config_mod.dumps(cfg))
+        monitor = setup.eval_family.sample(jax.random.fold_in(setup.eval_key, 10**6), cfg.train.eval_tasks)
+        metric = quick_metric(setup.eval_method, setup.likelihood, monitor, max(cfg.eval.inner_steps))
+        result = fit(
+            setup.method,
+            setup.family,
+            cfg.train,
+            seed=cfg.seed,
+            run_dir=run_dir,
+            resume=resume,
+            until=until,
+            evaluate=metric,
+            diagnose=landscape_monitor(setup, metric) if cfg.train.diagnostics_every else None,
+            progress=progress,
+            desc=cfg.name,
+        )
+        if result.step < cfg.train.steps:
+            return result, None
+        return result, finish(setup, run_dir, result, progress=progress)
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove a previous run's results (metrics.json first: it marks a finished run), then its
+    checkpoint: a fresh start must not leave them beside its own config."""
+    for name in RESULTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)
 
 
 def restore(cfg: Config, run_dir: Path) -> tuple[Setup, FitResult]:
@@ -156,7 +195,7 @@ def restore(cfg: Config, run_dir: Path) -> tuple[Setup, FitResult]:
     setup = Setup.from_config(cfg)
     svi = make_svi(setup.method, cfg.train)
     template, _ = initial_state(svi, setup.family, cfg.train, cfg.seed)
-    state, step, trace = load_checkpoint(run_dir, template)
+    state, step, trace = load_checkpoint(run_dir, template, resume=False)
     return setup, FitResult(svi.get_params(state), state, step, trace)
 
 
@@ -312,7 +351,8 @@ def bound(setup: Setup, params: dict) -> Bound | None:
 
 
 def finish(setup: Setup, run_dir: Path, result: FitResult, progress: bool = True) -> dict:
-    """Evaluate on held-out tasks and write inference.nc, metrics.json, summary.md and plots."""
+    """Evaluate on held-out tasks and write inference.nc, metrics.json, summary.md, plots and the
+    config evaluated under, all or nothing (io.publish): a failure leaves the previous files."""
     cfg = setup.cfg
     t0 = time.perf_counter()
     batches = eval_tasks(setup.eval_family, setup.eval_key, cfg.eval.tasks, cfg.eval.batch)
@@ -378,6 +418,12 @@ def finish(setup: Setup, run_dir: Path, result: FitResult, progress: bool = True
         list(cfg.eval.inner_steps),
         {"pac_bayes": pac.as_dict()} if pac else {},
     )
-    save_datatree(dt, run_dir / INFERENCE)
-    write_report(run_dir, dt, metrics)
+
+    def write(stage: Path) -> None:
+        save_datatree(dt, stage / INFERENCE)
+        write_report(stage, dt, metrics)
+        write_text(stage / "config.toml", config_mod.dumps(cfg))
+
+    with run_lock(run_dir, "bayesmeta evaluate"):
+        publish(run_dir, write, last=("metrics.json", "config.toml"))
     return metrics

@@ -126,7 +126,7 @@ def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(small_cfg, tmp_path, 
         run.restore(cfg, run_dir)
     (run_dir / CHECKPOINT).unlink()
     assert main(["evaluate", str(run_dir)]) == 1
-    assert "no checkpoint to resume from" in capsys.readouterr().err
+    assert "has no checkpoint (checkpoint/state.npz): it was never trained" in capsys.readouterr().err
 
 
 def test_fit_refuses_to_overwrite_a_run(small_cfg, tmp_path, capsys):
@@ -138,7 +138,7 @@ def test_fit_refuses_to_overwrite_a_run(small_cfg, tmp_path, capsys):
     )
     before = (run_dir / CHECKPOINT).read_bytes()
     assert main(["fit", "--run-dir", str(run_dir), "--set", "train.steps=50"]) == 2
-    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert "already holds a run (config.toml exists)" in capsys.readouterr().err
     assert (run_dir / CHECKPOINT).read_bytes() == before
 
 
