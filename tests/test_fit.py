@@ -13,7 +13,7 @@ from bayesmeta import run
 from bayesmeta.cli import main
 from bayesmeta.config import ConfigError
 from bayesmeta.fit import CHECKPOINT, CheckpointError, fit
-from bayesmeta.predict import eval_tasks, evaluate
+from bayesmeta.predict import eval_tasks, evaluate, predictive
 
 
 def test_short_fit_beats_the_best_constant_predictor(small_cfg, tmp_path):
@@ -156,6 +156,11 @@ def test_maml_learns_its_output_noise(small_cfg):
     )
     setup = run.Setup.from_config(cfg)
     result = fit(setup.method, setup.family, cfg.train, seed=0, progress=False)
-    assert 0.3 < float(result.params["noise_sd"]) < 2.0
+    noise = float(result.params["noise_sd"])
+    # the sd's maximum-likelihood value is the RMS residual of the adapted predictions
+    tasks = setup.family.sample(jax.random.PRNGKey(5), 200)
+    f = predictive(setup.method, 2, 1, ("f",))(result.params, tasks, jax.random.PRNGKey(0))["f"][0]
+    rms = float(jnp.sqrt(jnp.mean(jnp.square(f - tasks.y_query))))
+    assert noise < 2.5 and noise == pytest.approx(rms, rel=0.25)
     with pytest.raises(ConfigError, match=r"learn_noise: needs model\.likelihood"):
         run.Setup.from_config(small_cfg("model.params.learn_noise=true", "model.likelihood='categorical'"))
