@@ -15,18 +15,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bayesmeta.experiment import product, run_grid
+from bayesmeta.experiment import Contrast, contrast_table, contrasts, product, run_grid
 
 HERE = Path(__file__).parent
 METRICS = ["mse@1", "mse@2", "mse@5"]
 SHOTS = (5, 10, 20)
 METHODS = {"MAML": ("model.method='maml'",), "L2F": ("model.method='l2f'",)}
-# global-norm clipping of the meta-gradient: the fix for the training-loss spikes at 5 and 10 shots
+# global-norm clipping of the meta-gradient: the fix for the training-loss spikes at 5 shots
 CLIPPED = {
     "MAML, clipped": ("model.method='maml'", "train.grad_clip=10.0"),
     "L2F, clipped": ("model.method='l2f'", "train.grad_clip=10.0"),
 }
-CLIPPED_SHOTS = (5, 10)
+CLIPPED_SHOTS = (5,)
 LEARNED_RATES = {
     "MAML, learned rates": ("model.method='maml'", "model.params.learned_lr='per_layer_step'"),
     "L2F, learned rates": ("model.method='l2f'", "model.params.learned_lr='per_layer_step'"),
@@ -89,7 +89,7 @@ def main() -> None:
         clipped = {f"{k}-shot": settings[f"{k}-shot"] for k in CLIPPED_SHOTS}
         cells += product(CLIPPED, clipped, seeds, extra)
     cells = [c for c in cells if not args.only or c.method in args.only]
-    run_grid(
+    res = run_grid(
         title,
         HERE / "config.toml",
         cells,
@@ -99,6 +99,59 @@ def main() -> None:
         notes=NOTES,
         progress=not args.no_progress,
     )
+    pairs = [("L2F", "MAML"), ("MAML, clipped", "MAML"), ("L2F, clipped", "MAML, clipped")]
+    wanted = [
+        Contrast(f"{k}-shot", base, method, "mse@5", _published_contrast(method, base, k))
+        for k in SHOTS
+        for method, base in pairs
+    ]
+    res.notes = (
+        NOTES
+        + "\n### Paired by seed (mse@5)\n\n"
+        + contrast_table(contrasts(res.outcomes, wanted))
+        + "\n### Training-loss spikes and the held-out MSE during training\n\n"
+        + spike_table(res.outcomes, out_dir)
+        + SPIKE_NOTES
+    )
+    res.write()
+
+
+def _published_contrast(method: str, base: str, shots: int) -> float | None:
+    """The paper's L2F minus MAML at 5 test-time steps (None for our own rows)."""
+    if (method, base) != ("L2F", "MAML"):
+        return None
+    return round(_PUBLISHED[("L2F", shots)][2] - _PUBLISHED[("MAML", shots)][2], 4)
+
+
+def spike_table(outcomes: list, out_dir: Path) -> str:
+    """Per run: the largest training loss (one meta-batch's SVI loss) with its step, and the held-out
+    mse@5 on the monitor tasks at each evaluation during training (metrics.json `history`)."""
+    import numpy as np
+    import xarray as xr
+
+    lines = ["| run | largest training loss (step) | held-out mse@5 during training |", "|---|---|---|"]
+    for o in outcomes:
+        if o.metrics is None:
+            continue
+        path = out_dir / "runs" / o.cell.run_name / "inference.nc"
+        with xr.open_datatree(path, engine="h5netcdf") as dt:
+            loss = dt["sample_stats"]["loss"].values
+        history = o.metrics.get("history", {}).get("mse@5", {})
+        trend = ", ".join(f"{int(k) // 1000}k: {v:.2f}" for k, v in history.items())
+        lines.append(f"| {o.cell.name} | {loss.max():.3g} ({int(np.argmax(loss)) + 1}) | {trend} |")
+    return "\n".join(lines) + "\n"
+
+
+SPIKE_NOTES = """
+Why 5-shot MAML and L2F were unstable (issue #12): in 5-shot training a few meta-batches produce
+SVI losses of 1e3 to 1e7, where the typical loss is 1-2: the 5 inner steps at alpha 0.01 on 5 support
+points of a large-amplitude task sharpen into a blow-up, and the meta-gradient through them is
+enormous. Adam takes that step, and the held-out MSE during training jumps after it and does not
+recover in some seeds (the table above: the largest loss and the held-out trend per run). The spread
+over seeds of the unclipped rows comes from these spikes, not from test-time divergence. Global-norm
+clipping of the meta-gradient at 10 (`train.grad_clip=10`, rows "..., clipped") removes the blow-ups'
+effect on the parameters; the contrasts above say whether it lowers the test MSE.
+"""
 
 
 if __name__ == "__main__":
