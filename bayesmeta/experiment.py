@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -510,6 +511,7 @@ def rerender_verdicts(
     contrasts_wanted: list[Contrast] | None = None,
     scale: float = 1.0,
     unit: str = "",
+    caveat: str = "accuracy is bounded, so no task can dominate a mean",
 ) -> None:
     """Recompute the verdict column of a committed RESULTS.md / results.json from its rows (per-seed
     means and 95% CIs over tasks), for experiments whose runs predate the verdict rule and are too
@@ -539,14 +541,16 @@ def rerender_verdicts(
         .replace(VERDICT_LEGEND, "")
         .replace("| diverged tasks |", "| non-finite tasks (support-loss rule not measured) |")
     )
-    md = (out_dir / "RESULTS.md").read_text()
+    md = re.sub(
+        r"<!-- verdicts -->.*?<!-- /verdicts -->\n", "", (out_dir / "RESULTS.md").read_text(), flags=re.S
+    )
     lines = md.splitlines(keepends=True)
     start = next(i for i, line in enumerate(lines) if line.startswith("|"))
     end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
     note = (
         f"\nVerdicts recomputed from results.json by `{res.command}` on "
         f"{time.strftime('%Y-%m-%d', time.gmtime())}; these runs predate the divergence rule, so only "
-        "non-finite tasks were counted as diverged (accuracy is bounded, so no task can dominate a mean). "
+        f"non-finite tasks were counted as diverged ({caveat}). "
         "Verdict: *matches* when ours is within the combined 95% interval (our t-interval over seeds, or "
         "over tasks with one seed, and 1.96 x the paper's sd where it gives one); otherwise *better* or "
         "*worse*; a paper's failure baseline is judged through its contrast.\n"
@@ -554,7 +558,8 @@ def rerender_verdicts(
     extra = ""
     if contrasts_wanted:
         extra = "\n" + _contrast_from_rows(rows, contrasts_wanted, scale, unit)
-    md = "".join(lines[:start]) + table + note + extra + "".join(lines[end:])
+    block = f"<!-- verdicts -->{note}{extra}<!-- /verdicts -->\n"
+    md = "".join(lines[:start]) + table + block + "".join(lines[end:])
     write_text(out_dir / "RESULTS.md", md)
     write_json(out_dir / "results.json", data | {"results": rows})
 
