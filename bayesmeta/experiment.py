@@ -558,7 +558,7 @@ def rerender_verdicts(
     extra = ""
     if contrasts_wanted:
         extra = "\n" + _contrast_from_rows(rows, contrasts_wanted, scale, unit)
-    block = f"<!-- verdicts -->{note}{extra}<!-- /verdicts -->\n"
+    block = f"\n<!-- verdicts -->{note}{extra}<!-- /verdicts -->\n"
     md = "".join(lines[:start]) + table + block + "".join(lines[end:])
     write_text(out_dir / "RESULTS.md", md)
     write_json(out_dir / "results.json", data | {"results": rows})
