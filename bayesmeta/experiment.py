@@ -542,7 +542,7 @@ def rerender_verdicts(
         .replace("| diverged tasks |", "| non-finite tasks (support-loss rule not measured) |")
     )
     md = re.sub(
-        r"<!-- verdicts -->.*?<!-- /verdicts -->\n", "", (out_dir / "RESULTS.md").read_text(), flags=re.S
+        r"\n?<!-- verdicts -->.*?<!-- /verdicts -->\n", "", (out_dir / "RESULTS.md").read_text(), flags=re.S
     )
     lines = md.splitlines(keepends=True)
     start = next(i for i, line in enumerate(lines) if line.startswith("|"))
