@@ -512,6 +512,7 @@ def rerender_verdicts(
     scale: float = 1.0,
     unit: str = "",
     caveat: str = "accuracy is bounded, so no task can dominate a mean",
+    notes: str | None = None,
 ) -> None:
     """Recompute the verdict column of a committed RESULTS.md / results.json from its rows (per-seed
     means and 95% CIs over tasks), for experiments whose runs predate the verdict rule and are too
@@ -560,6 +561,10 @@ def rerender_verdicts(
         extra = "\n" + _contrast_from_rows(rows, contrasts_wanted, scale, unit)
     block = f"\n<!-- verdicts -->{note}{extra}<!-- /verdicts -->\n"
     md = "".join(lines[:start]) + table + block + "".join(lines[end:])
+    if notes is not None:  # the script's current notes replace the ones written with the runs
+        md = re.sub(
+            r"## Notes\n\n.*?\n## Runs", lambda _: f"## Notes\n\n{notes.strip()}\n\n## Runs", md, flags=re.S
+        )
     write_text(out_dir / "RESULTS.md", md)
     write_json(out_dir / "results.json", data | {"results": rows})
 

@@ -272,8 +272,8 @@ def main() -> None:
     p.add_argument("--shots", type=int, nargs="+", help="nme: the shot settings to run (default: 1 and 5)")
     args = p.parse_args()
     if args.what == "verdicts":
-        rerender_verdicts(HERE / "table", table_published())
-        rerender_verdicts(HERE / "nme", nme_published(), nme_contrasts(), 100, " pt")
+        rerender_verdicts(HERE / "table", table_published(), notes=TABLE_NOTES)
+        rerender_verdicts(HERE / "nme", nme_published(), nme_contrasts(), 100, " pt", notes=NME_NOTES)
     elif args.what == "nme":
         nme(args.seeds, args.only, args.shots)
     else:
