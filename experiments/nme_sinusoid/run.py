@@ -10,9 +10,10 @@
 with an ordinary persistent Adam) and tests them 5- and 10-shot on 100 test tasks; `sweep` is the
 beta sweep of MR-MAML(W) (Figure 6) with its plot; `ablation` varies one choice at a time on
 *validation* tasks (a different task seed from the test tasks); `eq2` compares the two MR-CNP(A)
-bottlenecks beside CNP; `verdicts` recomputes the table's verdicts and contrasts from its committed
-results.json (for a table whose runs predate the verdict rule). Each writes RESULTS.md and
-results.json into its folder; runs are reused when their config is unchanged.
+bottlenecks beside CNP; `verdicts` recomputes the table's (and the ablation's) verdicts and
+contrasts from their committed results.json (for tables whose runs predate the verdict rule).
+Each writes RESULTS.md and results.json into its folder; runs are reused when their config is
+unchanged.
 """
 
 from __future__ import annotations
@@ -351,6 +352,12 @@ def main() -> None:
             {(m, s, METRIC): v for s, row in PUBLISHED.items() for m, v in row.items()},
             table_contrasts(),
             notes=TABLE_NOTES + CONTRAST_NOTES,
+            caveat="a mean that one task dominates is not flagged in these runs: the median column is robust",
+        )
+        rerender_verdicts(
+            HERE / "ablation",
+            {},
+            notes=ABLATION_NOTES,
             caveat="a mean that one task dominates is not flagged in these runs: the median column is robust",
         )
         return
