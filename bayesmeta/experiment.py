@@ -305,7 +305,7 @@ class Results:
         head = (
             "| method | setting | "
             + " | ".join(metrics)
-            + " | diverged tasks | seeds |\n|---|---|"
+            + " | diverged tasks (support loss rose) | seeds |\n|---|---|"
             + "---|" * (len(metrics) + 2)
         )
         lines = [head]
@@ -334,7 +334,8 @@ class Results:
 
         head = (
             "| method | setting | metric | mean (sd) over seeds | 95% CI over tasks | median over tasks (sd) "
-            "| diverged tasks | seeds | published | verdict |\n|---|---|---|---|---|---|---|---|---|---|\n"
+            "| diverged tasks (support loss rose) | seeds | published | verdict |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n"
         )
         body = "".join(
             f"| {r['method']} | {r['setting']} | {r['metric']} | {_cell(r, 4)} | "
@@ -540,7 +541,7 @@ def rerender_verdicts(
     table = (
         res.long_table()
         .replace(VERDICT_LEGEND, "")
-        .replace("| diverged tasks |", "| non-finite tasks (support-loss rule not measured) |")
+        .replace("| diverged tasks (support loss rose) |", "| non-finite tasks (support-loss rule not run) |")
     )
     md = re.sub(
         r"\n?<!-- verdicts -->.*?<!-- /verdicts -->\n", "", (out_dir / "RESULTS.md").read_text(), flags=re.S
