@@ -247,6 +247,15 @@ al.'s eq. 2 (the KL on the query inputs' codes, `model.params.bottleneck='query'
 with Table 1's protocol and seeds (the same rows as in ../RESULTS.md, run on their own here). The
 contrasts say which variant reproduces the paper's MR-CNP(A) minus CNP (0.10 - 0.91 = -0.81 at 5
 shots, 0.09 - 0.92 = -0.83 at 10).
+
+What it shows (3 seeds, `--seeds 0 1 2`): neither variant reproduces the paper. Both lower CNP's
+test MSE by about 0.3 on average, and neither gain is significant over the seeds; the paper's
+MR-CNP(A) (0.10) is far below both (about 1.0). Eq. 2 is the steadier of the two (sd over seeds 0.23
+against 0.48 at 5 shots: no seed is worse than CNP, where the notebook's variant has one) and
+follows the support set somewhat less (support dependence 0.34 against 0.46, truth slope about 0.3
+for both). So eq. 2 does not close the gap; the notebook's variant's bad seed is the larger part of
+its spread. Training here ran with single-threaded XLA, so these CNP and MR-CNP(A) rows differ
+slightly from the same seeds in Table 1 (probably the order of float reductions).
 """
 
 
