@@ -415,8 +415,8 @@ VERDICT_LEGEND = (
     "ended above its value before adaptation, or is not finite); a mean marked † has one task carrying "
     "more than a quarter of its sum and gets no verdict. Verdict: *matches* when ours is within the "
     "combined 95% interval (our t-interval over seeds, or over tasks with one seed, and 1.96 x the "
-    "paper's sd where it gives one); otherwise *better* or *worse*; *inconclusive* when that interval "
-    "is as wide as the published value. A paper's failure baseline is judged through the contrast "
+    "paper's sd where it gives one); otherwise *better* or *worse*; *inconclusive* when ours is within "
+    "it but it is as wide as the published value. A paper's failure baseline is judged through the contrast "
     "with the method that fixes it.\n"
 )
 
@@ -556,7 +556,7 @@ def rerender_verdicts(
         f"non-finite tasks were counted as diverged ({caveat}). "
         "Verdict: *matches* when ours is within the combined 95% interval (our t-interval over seeds, or "
         "over tasks with one seed, and 1.96 x the paper's sd where it gives one); otherwise *better* or "
-        "*worse*; *inconclusive* when that interval is as wide as the published value; a paper's "
+        "*worse*; *inconclusive* when ours is within it but it is as wide as the published value; a paper's "
         "failure baseline is judged through its contrast.\n"
     )
     extra = ""

@@ -89,8 +89,8 @@ def verdict(
 
     Matches when |ours - published| <= sqrt(u_ours^2 + (1.96 sd_paper)^2), u_ours the 95% t-interval
     half-width over seeds (with one seed, the 95% CI over tasks), sd_paper the paper's sd if given;
-    otherwise better or worse in the metric's direction. Inconclusive when that tolerance is as wide as
-    the published value itself. A failure baseline gets no verdict here.
+    otherwise better or worse in the metric's direction. Within it but with a tolerance as wide as the
+    published value itself: inconclusive. A failure baseline gets no verdict here.
     """
     if published is None:
         return "n/a", None
@@ -103,10 +103,10 @@ def verdict(
     if u is None:
         return "no verdict (no interval)", None
     tol = float(np.hypot(u, 1.96 * (published.sd or 0.0)))
-    if tol >= abs(published.value):  # e.g. seeds spread over more than the published value itself
-        return "inconclusive (our interval is wider than the published value)", tol
     diff = ours - published.value
-    if abs(diff) <= tol:
+    if abs(diff) <= tol:  # within the interval: a match only if the interval is narrower than the value
+        if tol >= abs(published.value):
+            return "inconclusive (our interval is wider than the published value)", tol
         return "matches", tol
     return ("better" if (diff > 0) == higher_is_better(metric) else "worse"), tol
 

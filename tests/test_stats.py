@@ -57,7 +57,8 @@ def test_verdict_uses_our_seeds_and_the_papers_sd():
     # accuracy: higher is better
     assert verdict("accuracy@5", [0.90, 0.91, 0.92], None, Published(0.80))[0] == "better"
     # seeds spread over more than the published value: no verdict either way
-    assert verdict("mse@100", [0.4, 1.5, 1.0], None, Published(0.10, 0.01))[0].startswith("inconclusive")
+    assert verdict("mse@100", [0.1, 0.9, 0.3], None, Published(0.10, 0.01))[0].startswith("inconclusive")
+    assert verdict("mse@100", [0.8, 1.0, 0.9], None, Published(0.10, 0.01))[0] == "worse"  # significant
     # one seed: the CI over tasks is our interval
     assert verdict("accuracy@5", [0.79], 0.02, Published(0.80))[0] == "matches"
     assert verdict("accuracy@5", [0.70], 0.02, Published(0.80))[0] == "worse"
