@@ -412,8 +412,8 @@ def compute_seconds(outcomes: list[Outcome]) -> float:
 
 VERDICT_LEGEND = (
     "\nMeans are over the tasks that did not diverge (a task diverged when its adapted support loss "
-    "ended above its value before adaptation, or is not finite); a mean marked † has one task carrying "
-    "more than a quarter of its sum and gets no verdict. Verdict: *matches* when ours is within the "
+    "ended above its value before adaptation, or is not finite); a mean with one task carrying more than "
+    "a quarter of its sum is not shown (†) and gets no verdict. Verdict: *matches* when ours is within the "
     "combined 95% interval (our t-interval over seeds, or over tasks with one seed, and 1.96 x the "
     "paper's sd where it gives one); otherwise *better* or *worse*; *inconclusive* when ours is within "
     "it but it is as wide as the published value. A paper's failure baseline is judged through the contrast "
@@ -427,8 +427,10 @@ def _cell(r: dict[str, Any], digits: int) -> str:
         return "n/a"
     if r["mean"] is None:
         return "diverged"
+    if r.get("dominated"):  # never headlined: the number stays in results.json
+        return "† one task dominates (see the median)"
     sd = "" if r["sd"] is None else f" ({r['sd']:.{digits}f})"
-    return f"{r['mean']:.{digits}f}{sd}" + (" †" if r.get("dominated") else "")
+    return f"{r['mean']:.{digits}f}{sd}"
 
 
 def _fmt(v: float | None) -> str:
@@ -525,6 +527,10 @@ def rerender_verdicts(
     for r in data["results"]:
         pub = _published(published.get((r["method"], r["setting"], r["metric"])))
         word, tol = verdict(r["metric"], r["per_seed"], r.get("ci95_tasks"), pub)
+        # runs of older code measured no dominance: a mean over 100 x its median is taken as dominated
+        dominated = bool(r["mean"] is not None and r["median"] and r["mean"] > 100 * abs(r["median"]))
+        if dominated and pub is not None and not pub.baseline:
+            word, tol = "no verdict (a mean one task dominates)", None
         rows.append(
             {k: v for k, v in r.items() if k not in ("mean_finite", "sd_finite")}
             | {
@@ -533,7 +539,10 @@ def rerender_verdicts(
                 "failure_baseline": bool(pub and pub.baseline),
                 "verdict": word,
                 "tolerance": tol,
-                "dominated": False,
+                # runs of older code measured no dominance: a mean over 100 x its median is taken as one
+                "dominated": bool(
+                    r["mean"] is not None and r["median"] and r["mean"] > 100 * abs(r["median"])
+                ),
                 "sd": r["sd"] if r["n"] > 1 else None,
                 "sd_median": r["sd_median"] if r["n"] > 1 else None,
             }
@@ -553,7 +562,8 @@ def rerender_verdicts(
     note = (
         f"\nVerdicts recomputed from results.json by `{res.command}` on "
         f"{time.strftime('%Y-%m-%d', time.gmtime())}; these runs predate the divergence rule, so only "
-        f"non-finite tasks were counted as diverged ({caveat}). "
+        f"non-finite tasks were counted as diverged ({caveat}); a mean above 100 x its median is taken as "
+        "dominated by one task and not shown (†). "
         "Verdict: *matches* when ours is within the combined 95% interval (our t-interval over seeds, or "
         "over tasks with one seed, and 1.96 x the paper's sd where it gives one); otherwise *better* or "
         "*worse*; *inconclusive* when ours is within it but it is as wide as the published value; a paper's "

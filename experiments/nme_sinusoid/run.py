@@ -10,7 +10,7 @@
 with an ordinary persistent Adam) and tests them 5- and 10-shot on 100 test tasks; `sweep` is the
 beta sweep of MR-MAML(W) (Figure 6) with its plot; `ablation` varies one choice at a time on
 *validation* tasks (a different task seed from the test tasks); `eq2` compares the two MR-CNP(A)
-bottlenecks beside CNP; `verdicts` recomputes the table's (and the ablation's) verdicts and
+bottlenecks beside CNP; `verdicts` recomputes the table's (and the sweep's and ablation's) verdicts and
 contrasts from their committed results.json (for tables whose runs predate the verdict rule).
 Each writes RESULTS.md and results.json into its folder; runs are reused when their config is
 unchanged.
@@ -363,6 +363,13 @@ def main() -> None:
             table_contrasts(),
             notes=TABLE_NOTES + CONTRAST_NOTES,
             caveat="a mean that one task dominates is not flagged in these runs: the median column is robust",
+        )
+        rerender_verdicts(
+            HERE / "beta_sweep",
+            {},
+            notes=SWEEP_NOTES,
+            caveat="the means of 1e21 to 1e27 come from tasks whose 100 head steps blew up to a huge finite "
+            "MSE, which the support-loss rule would count as diverged: read the median column",
         )
         rerender_verdicts(
             HERE / "ablation",
