@@ -80,3 +80,26 @@ def test_contrast_verdicts():
     assert contrast_verdict([-0.3], 0.75, "accuracy@1")["verdict"].endswith(
         "opposite to the published direction"
     )
+
+
+def test_evaluation_counts_tasks_whose_inner_loop_raised_the_support_loss(small_cfg):
+    """The engine's evaluation applies the rule: at a step size that overshoots, the adapted support
+    loss rises on the tasks and they are counted diverged and left out of the mean; a small step
+    diverges nowhere."""
+    import jax
+
+    from bayesmeta import run
+    from bayesmeta.predict import eval_tasks, evaluate
+
+    def summary(lr: float) -> dict:
+        setup = run.Setup.from_config(small_cfg(f"model.inner_lr={lr}"))
+        svi = run.make_svi(setup.method, setup.cfg.train)
+        state, _ = run.initial_state(svi, setup.family, setup.cfg.train, 0)
+        params = svi.get_params(state)
+        batches = eval_tasks(setup.family, jax.random.PRNGKey(1), 40, 20)
+        ev = evaluate(setup.method, setup.likelihood, params, batches, (5,), 1, jax.random.PRNGKey(2))
+        return ev.summary()["mse@5"]
+
+    small, big = summary(1e-3), summary(3.0)
+    assert small["n_diverged"] == 0 and small["mean"] is not None
+    assert big["n_diverged"] == big["n"] == 40 and big["mean"] is None  # every task blew up
