@@ -225,29 +225,40 @@ class Contrast:
     published: float | None = None
 
 
-def contrasts(outcomes: list[Outcome], wanted: list[Contrast]) -> list[dict[str, Any]]:
-    """Each contrast's per-seed differences, mean, 95% t-interval over seeds and verdict
-    (bayesmeta.stats.contrast_verdict); a contrast with no shared seed is left out."""
+def paired(
+    means: dict[tuple[str, str, str, int], float | None], wanted: list[Contrast]
+) -> list[dict[str, Any]]:
+    """Each contrast's per-seed differences of the (method, setting, metric, seed) means, its mean,
+    95% t-interval over seeds and verdict (bayesmeta.stats.contrast_verdict); a contrast with no
+    shared seed, or an undefined mean, is left out."""
     rows = []
     for c in wanted:
-        by_seed = {
-            o.cell.seed: _stats(o.metrics, c.metric)
-            for o in outcomes
-            if o.metrics is not None and (o.cell.method, o.cell.setting) == (c.method, c.setting)
-        }
-        base = {
-            o.cell.seed: _stats(o.metrics, c.metric)
-            for o in outcomes
-            if o.metrics is not None and (o.cell.method, o.cell.setting) == (c.base, c.setting)
-        }
-        seeds = sorted(k for k in by_seed if k in base)
-        pairs = [(by_seed[k]["mean"], base[k]["mean"]) for k in seeds]
+        seeds = sorted(
+            k[3]
+            for k in means
+            if k[:3] == (c.method, c.setting, c.metric) and (c.base, c.setting, c.metric, k[3]) in means
+        )
+        pairs = [
+            (means[(c.method, c.setting, c.metric, k)], means[(c.base, c.setting, c.metric, k)])
+            for k in seeds
+        ]
         if not seeds or any(a is None or b is None for a, b in pairs):
             continue
         rows.append(
             {**asdict(c), "seeds": seeds} | contrast_verdict([a - b for a, b in pairs], c.published, c.metric)
         )
     return rows
+
+
+def contrasts(outcomes: list[Outcome], wanted: list[Contrast]) -> list[dict[str, Any]]:
+    """`paired` on the runs of a grid: each run's mean over tasks of each contrast's metric."""
+    means = {
+        (o.cell.method, o.cell.setting, metric, o.cell.seed): _stats(o.metrics, metric)["mean"]
+        for o in outcomes
+        if o.metrics is not None
+        for metric in {c.metric for c in wanted}
+    }
+    return paired(means, wanted)
 
 
 def contrast_table(rows: list[dict[str, Any]], scale: float = 1.0, unit: str = "") -> str:
@@ -571,7 +582,12 @@ def rerender_verdicts(
     )
     extra = ""
     if contrasts_wanted:
-        extra = "\n" + _contrast_from_rows(rows, contrasts_wanted, scale, unit)
+        means = {
+            (r["method"], r["setting"], r["metric"], seed): v
+            for r in rows
+            for seed, v in zip(r["seeds"], r["per_seed"], strict=True)
+        }
+        extra = "\n" + contrast_table(paired(means, contrasts_wanted), scale, unit)
     block = f"\n<!-- verdicts -->{note}{extra}<!-- /verdicts -->\n"
     md = "".join(lines[:start]) + table + block + "".join(lines[end:])
     if notes is not None:  # the script's current notes replace the ones written with the runs
@@ -580,23 +596,3 @@ def rerender_verdicts(
         )
     write_text(out_dir / "RESULTS.md", md)
     write_json(out_dir / "results.json", data | {"results": rows})
-
-
-def _contrast_from_rows(rows: list[dict[str, Any]], wanted: list[Contrast], scale: float, unit: str) -> str:
-    """contrast_table from results.json rows (per-seed means, paired by seed)."""
-    out = []
-    for c in wanted:
-        a = next(
-            (r for r in rows if (r["method"], r["setting"], r["metric"]) == (c.method, c.setting, c.metric)),
-            None,
-        )
-        b = next(
-            (r for r in rows if (r["method"], r["setting"], r["metric"]) == (c.base, c.setting, c.metric)),
-            None,
-        )
-        if a is None or b is None:
-            continue
-        seeds = [s for s in a["seeds"] if s in b["seeds"]]
-        diffs = [a["per_seed"][a["seeds"].index(s)] - b["per_seed"][b["seeds"].index(s)] for s in seeds]
-        out.append({**asdict(c), "seeds": seeds} | contrast_verdict(diffs, c.published, c.metric))
-    return contrast_table(out, scale, unit)
