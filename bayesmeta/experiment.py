@@ -333,7 +333,7 @@ class Results:
             )
         return "\n".join(lines) + "\n"
 
-    def long_table(self) -> str:
+    def long_table(self, legend: bool = True) -> str:
         def ci(v: float | None) -> str:
             return "n/a" if v is None else f"± {v:.4f}"
 
@@ -356,7 +356,7 @@ class Results:
             f"{r['verdict']} |\n"
             for r in self.rows
         )
-        return head + body + VERDICT_LEGEND
+        return head + body + (VERDICT_LEGEND if legend else "")
 
     def write(self) -> None:
         seeds = sorted({o.cell.seed for o in self.outcomes})
@@ -559,10 +559,8 @@ def rerender_verdicts(
             }
         )
     res = Results(data["title"], out_dir, rows, [], data["wall_seconds"])
-    table = (
-        res.long_table()
-        .replace(VERDICT_LEGEND, "")
-        .replace("| diverged tasks (support loss rose) |", "| non-finite tasks (support-loss rule not run) |")
+    table = res.long_table(legend=False).replace(
+        "| diverged tasks (support loss rose) |", "| non-finite tasks (support-loss rule not run) |"
     )
     md = re.sub(
         r"\n?<!-- verdicts -->.*?<!-- /verdicts -->\n", "", (out_dir / "RESULTS.md").read_text(), flags=re.S
