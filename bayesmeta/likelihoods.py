@@ -36,6 +36,10 @@ class Gaussian:
         """Per-task loss of the predictive mean on a set: its MSE (the inner loop's loss)."""
         return self.task_metrics(mean, y)["mse"]
 
+    def log_prob(self, f: jax.Array, y: jax.Array) -> jax.Array:
+        """Pointwise log p(y | f) = sum_d log N(y_d; f_d, sd^2), shape f.shape[:-1] (one value per point)."""
+        return jnp.sum(dist.Normal(f, self.sd).log_prob(y), -1)
+
 
 @dataclass(frozen=True)
 class Categorical:
@@ -63,6 +67,11 @@ class Categorical:
     def task_loss(self, mean: jax.Array, y: jax.Array) -> jax.Array:
         """Per-task loss of the predictive class probabilities on a set: their NLL (cross-entropy)."""
         return self.task_metrics(mean, y)["nll"]
+
+    def log_prob(self, f: jax.Array, y: jax.Array) -> jax.Array:
+        """Pointwise log p(y | f) = log f_y for class probabilities f (the site "f"), one value per point."""
+        p = jnp.take_along_axis(f, y.astype(jnp.int32)[..., None], -1)[..., 0]
+        return jnp.log(jnp.clip(p, 1e-30))
 
 
 def make_likelihood(cfg: ModelConfig) -> Gaussian | Categorical:
