@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import typing
 from pathlib import Path
@@ -45,7 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--run-dir", type=Path, help="output folder (default: runs/<name>)")
     f.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     f.add_argument("--force", action="store_true", help="start over in a run folder that has a checkpoint")
-    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar: one log line every train.eval_every steps instead (for batch jobs)",
+    )
     f.add_argument(
         "--distributed",
         action="store_true",
@@ -92,7 +97,7 @@ def _print_summary(run_dir: Path, metrics: dict) -> None:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from bayesmeta import config, run
+    from bayesmeta import registry, run
 
     if args.distributed:
         import jax
@@ -101,7 +106,7 @@ def _fit(args: argparse.Namespace) -> int:
     cfg_path = args.config
     if cfg_path is None and args.resume and args.run_dir is not None:
         cfg_path = args.run_dir / "config.toml"
-    cfg = config.load(cfg_path, args.set)
+    cfg = registry.load_config(cfg_path, args.set)
     run_dir = args.run_dir or run.default_run_dir(cfg)
     found = [name for name in RUN_FILES if (run_dir / name).exists()]
     if found and not (args.resume or args.force):
@@ -126,18 +131,9 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from bayesmeta import config, run
-    from bayesmeta.io import RunFolderError, run_lock
+    from bayesmeta.api import evaluate
 
-    if not (args.run_dir / "config.toml").is_file():
-        raise RunFolderError(
-            f"{args.run_dir} is not a run folder (it has no config.toml); give the folder bayesmeta fit wrote"
-        )
-    cfg = config.load(args.run_dir / "config.toml", args.set)
-    with run_lock(args.run_dir, "bayesmeta evaluate"):
-        setup, result = run.restore(cfg, args.run_dir)
-        metrics = run.finish(setup, args.run_dir, result, progress=not args.no_progress)
-    _print_summary(args.run_dir, metrics)
+    _print_summary(args.run_dir, evaluate(args.run_dir, args.set, progress=not args.no_progress))
     return 0
 
 
@@ -161,12 +157,12 @@ def _sample(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from bayesmeta import config, run
+    from bayesmeta import registry, run
     from bayesmeta import sample as sampling
-    from bayesmeta.tasks import make_family
+    from bayesmeta.registry import make_family
 
     _check_sample_args(args)
-    cfg = config.load(args.run_dir / "config.toml")
+    cfg = registry.load_config(args.run_dir / "config.toml")
     steps = args.steps if args.steps is not None else cfg.eval.inner_steps[-1]
     truth = None
     if args.support is not None:  # the files are read before the checkpoint: a bad file fails fast
@@ -214,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"bayesmeta: usage error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    if getattr(args, "no_progress", False):  # batch jobs: timestamped lines instead of a bar
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     from bayesmeta.datasets.omniglot import DataError
     from bayesmeta.fit import CheckpointError, NonFiniteError
     from bayesmeta.io import RunFolderError

@@ -59,21 +59,11 @@ def _copy(value: Any) -> Any:
     return type(value)(value)
 
 
-def _task_families() -> list[str]:
-    from bayesmeta.tasks import FAMILIES
-
-    return sorted(FAMILIES)
-
-
-def _methods() -> list[str]:
-    from bayesmeta.registry import available_methods
-
-    return available_methods()
-
-
 @dataclass(frozen=True)
 class TaskConfig:
-    family: str = opt("sinusoid", choices=_task_families, doc="task family")
+    family: str = opt(
+        "sinusoid", doc="task family: a registered name or an import path 'package.module:Class'"
+    )
     shots: int = opt(10, ge=1, doc="support points per task (per class for classification)")
     queries: int = opt(10, ge=1, doc="query points per task (per class for classification)")
     params: dict = opt({}, doc="family-specific parameters, validated by the family")
@@ -96,7 +86,7 @@ class NetConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    method: str = opt("maml", choices=_methods)
+    method: str = opt("maml", doc="method: a registered name or an import path 'package.module:Spec'")
     net: NetConfig = opt(NetConfig())
     inner_steps: int = opt(1, ge=0, doc="inner gradient steps during meta-training")
     inner_lr: float = opt(0.01, gt=0, doc="inner step size alpha")
@@ -182,7 +172,8 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------- #
-def _describe(tp: Any, meta: Mapping[str, Any]) -> str:
+def describe(tp: Any, meta: Mapping[str, Any]) -> str:
+    """What a field accepts, in words: its type, choices, pattern and bounds."""
     choices = meta.get("choices")
     if choices is not None:
         choices = choices() if callable(choices) else choices
@@ -212,7 +203,7 @@ def _coerce(tp: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
     """Check one value against its annotated type and bounds; return it in canonical form."""
 
     def fail() -> typing.NoReturn:
-        raise ConfigError(f"{key}: expected {_describe(tp, meta)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {describe(tp, meta)}, got {value!r}")
 
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -355,16 +346,12 @@ def _check_cross(cfg: Config) -> None:
             )
     if not cfg.eval.inner_steps:
         raise ConfigError("eval.inner_steps: expected a non-empty list of integers >= 0")
-    from bayesmeta.registry import check_method_params
-    from bayesmeta.tasks import make_family
-
-    make_family(cfg.task, "task")
-    make_family(cfg.eval.task, "eval.task")
-    check_method_params(cfg.model)
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a TOML file (default: the built-in config), apply `key=value` overrides, validate."""
+    """Read a TOML file (default: the built-in config), apply `key=value` overrides, validate against the
+    schema. The family's and the method's own options are validated by bayesmeta.registry.load_config,
+    which callers use (this module knows no family or method)."""
     data = read_toml(Path(path) if path is not None else DEFAULT_CONFIG)
     for item in overrides:
         if "=" not in item:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from bayesmeta import config, run
+from bayesmeta import config, registry, run
 from bayesmeta.fit import CHECKPOINT, NonFiniteError
 from bayesmeta.io import run_lock, write_json, write_text
 from bayesmeta.stats import Published, contrast_verdict, verdict
@@ -72,7 +72,7 @@ def _same_config(path: Path, cfg: config.Config) -> bool:
     """The run at `path` was made with this config: its stored config, read by the current code (so
     keys added since take their defaults), equals `cfg`."""
     try:
-        return path.is_file() and config.load(path) == cfg
+        return path.is_file() and registry.load_config(path) == cfg
     except config.ConfigError:
         return False
 
@@ -89,7 +89,7 @@ def run_cell(cell: Cell, base: Path, out_dir: Path, progress: bool = True) -> Ou
 
 def _train(cell: Cell, base: Path, out_dir: Path, progress: bool) -> Outcome:
     """The cell's training run in runs/<run_name>, reused or resumed when its config is unchanged."""
-    cfg = config.load(base, [*cell.overrides, f"seed={cell.seed}", f"name={cell.run_name}"])
+    cfg = registry.load_config(base, [*cell.overrides, f"seed={cell.seed}", f"name={cell.run_name}"])
     run_dir = out_dir / "runs" / cell.run_name
     done = run_dir / "metrics.json"
     same = _same_config(run_dir / "config.toml", cfg)
@@ -115,7 +115,7 @@ def evaluate_cell(cell: Cell, base: Path, out_dir: Path, progress: bool = True) 
     if trained.metrics is None:
         return Outcome(cell, None, trained.seconds, error=trained.error)
     overrides = [*cell.overrides, *cell.evaluation, f"seed={cell.seed}", f"name={cell.run_name}"]
-    cfg = config.load(base, overrides)
+    cfg = registry.load_config(base, overrides)
     run_dir = out_dir / "runs" / cell.run_name
     eval_dir = run_dir / "evals" / cell.setting
     if (eval_dir / "metrics.json").is_file() and _same_config(eval_dir / "config.toml", cfg):

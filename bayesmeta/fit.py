@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from bayesmeta.method import Method
 from bayesmeta.pcgrad import pcgrad
 from bayesmeta.tasks import Family
 
+log = logging.getLogger("bayesmeta")
 CHECKPOINT = "checkpoint/state.npz"
 
 
@@ -295,7 +297,8 @@ def fit(
     `resume` continues from the checkpoint and ends in the same parameters as an uninterrupted run.
     A non-finite loss or parameter raises NonFiniteError naming the step, after saving the last good
     state. `evaluate(params) -> metrics` runs every cfg.eval_every steps, `diagnose(params) -> values`
-    every cfg.diagnostics_every steps (when > 0), both also at the last step.
+    every cfg.diagnostics_every steps (when > 0), both also at the last step. Without a progress bar,
+    one line goes to the logger "bayesmeta" every cfg.eval_every steps and at the end.
     """
     run_dir = Path(run_dir) if run_dir is not None else None
     svi = make_svi(method, cfg, seed)
@@ -354,6 +357,15 @@ def fit(
                 trace.add_diagnostics(step, diagnose(svi.get_params(state)))
             bar.set_postfix(postfix, refresh=False)
             bar.update(n)
+            if not progress and (step % cfg.eval_every == 0 or step == total):
+                log.info(
+                    "%s: step %d/%d, %s, %.0f s",
+                    desc,
+                    step,
+                    cfg.steps,
+                    ", ".join(f"{k} {v}" for k, v in postfix.items()),
+                    time.perf_counter() - t0,
+                )
             if run_dir is not None and (step % cfg.checkpoint_every == 0 or step == total):
                 trace.seconds = time.perf_counter() - t0
                 save_checkpoint(run_dir, state, step, trace)

@@ -13,9 +13,15 @@ from bayesmeta.config import ModelConfig
 
 @dataclass(frozen=True)
 class Gaussian:
-    """y ~ N(f, sd^2) per output; with sd = sqrt(1/2) the NLL is the MSE + log(sqrt(pi))."""
+    """y ~ N(f, sd^2) per output; with sd = sqrt(1/2) the NLL is the MSE + log(sqrt(pi)). When `learned`
+    names a parameter site, the model learns sd there and `at(params)` reads it."""
 
     sd: float
+    learned: str | None = None
+
+    def at(self, params: dict) -> Gaussian:
+        """This observation model at fitted parameters (the learned sd, if any)."""
+        return Gaussian(params[self.learned]) if self.learned else self
 
     def dist(self, out: jax.Array) -> dist.Distribution:
         return dist.Normal(out, self.sd).to_event(1)
@@ -44,6 +50,9 @@ class Gaussian:
 @dataclass(frozen=True)
 class Categorical:
     """y ~ Categorical(logits = f); the inner loss is the mean cross-entropy."""
+
+    def at(self, params: dict) -> Categorical:
+        return self
 
     def dist(self, out: jax.Array) -> dist.Distribution:
         return dist.Categorical(logits=out)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, NamedTuple, Protocol, runtime_checkable
 
 
 class Probe(NamedTuple):
@@ -41,11 +41,15 @@ class Method:
     kl_weight: the beta that weights that KL in training (reported beside the beta the bound implies).
     probe: params -> Probe, for the landscape diagnostics (train.diagnostics_every); gradient-based
       methods with point-estimated meta-parameters provide it.
+    likelihood: the observation model the model's "y" site uses (bayesmeta.likelihoods: Gaussian or
+      Categorical); `likelihood.at(params)` is it at fitted parameters (a learned noise sd), from which
+      the engine computes metrics, calibration and the pointwise log-likelihood.
     """
 
     name: str
     model: Callable[..., None]
     guide: Callable[..., None]
+    likelihood: Any = field(kw_only=True)
     elbo: Literal["trace", "meanfield"] = "trace"
     predict_with_guide: bool = True
     global_latents: tuple[str, ...] = ()
@@ -56,3 +60,42 @@ class Method:
 
 def no_guide(*args: object, **kwargs: object) -> None:
     """The empty guide: every latent is a point estimate held in numpyro.param (empirical Bayes)."""
+
+
+class Context(NamedTuple):
+    """What a method may know of the training protocol: meta-training tasks n and query points K
+    (the PAC-Bayes bound's n and K, from which MR(W) can derive its beta), and the number of classes
+    of a classification family's meta-training split (for pre-training baselines)."""
+
+    n_tasks: int = 1
+    n_query: int = 1
+    n_classes: int | None = None
+
+
+@runtime_checkable
+class MethodSpec(Protocol):
+    """A method as the registry knows it (one per name): its options and how to build it.
+
+    Params: a frozen dataclass of the method's options ([model.params]), fields declared with
+      bayesmeta.config.opt (default, bounds, doc); the docs and the resolved config list them.
+    check(cfg, params) -> a one-line config problem with the options (e.g. "model.params.x: ...") or None.
+    build(cfg, params, x_dim, y_dim, context) -> Method.
+    """
+
+    Params: ClassVar[type]
+
+    def check(self, cfg: Any, params: Any) -> str | None: ...
+
+    def build(self, cfg: Any, params: Any, x_dim: int, y_dim: int, context: Context) -> Method: ...
+
+
+class Spec:
+    """A base for method specs: no options and nothing to check unless the subclass says otherwise."""
+
+    @dataclass(frozen=True)
+    class Params:
+        pass
+
+    @staticmethod
+    def check(cfg: Any, params: Any) -> str | None:
+        return None

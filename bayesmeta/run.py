@@ -17,7 +17,7 @@ from numpyro.infer import Predictive
 from bayesmeta import config as config_mod
 from bayesmeta.bounds import Bound, clipped_squared_error, pac_bayes_bound
 from bayesmeta.config import Config
-from bayesmeta.diagnostics.calibration import LEVELS, coverage, interval_width, mixture_nll, pit, sine_like
+from bayesmeta.diagnostics.calibration import LEVELS, coverage, interval_width, mixture_nll, pit
 from bayesmeta.diagnostics.landscape import landscape_metrics
 from bayesmeta.diagnostics.memorization import support_dependence
 from bayesmeta.fit import (
@@ -32,10 +32,10 @@ from bayesmeta.fit import (
     task_mesh,
 )
 from bayesmeta.io import publish, run_lock, write_text
-from bayesmeta.likelihoods import make_likelihood
-from bayesmeta.method import Method
+from bayesmeta.likelihoods import Categorical, Gaussian
+from bayesmeta.method import Context, Method
 from bayesmeta.predict import Evaluation, eval_tasks, evaluate, predictive, quick_metric
-from bayesmeta.registry import Context, build_method
+from bayesmeta.registry import build_method, make_family
 from bayesmeta.report import (
     INFERENCE,
     build_datatree,
@@ -44,7 +44,14 @@ from bayesmeta.report import (
     save_datatree,
     write_report,
 )
-from bayesmeta.tasks import Family, make_family
+from bayesmeta.tasks import (
+    Classification,
+    DenseGrid,
+    ExactPredictive,
+    Family,
+    GroundTruth,
+    Hypotheses,
+)
 
 GRID_POINTS = 200
 # metrics.json's schema: raised whenever evaluation changes what it measures, so that experiment grids
@@ -71,8 +78,8 @@ class Setup:
             )
         context = Context(
             n_tasks=cfg.train.steps * cfg.train.meta_batch,
-            n_query=getattr(family, "query_points", cfg.task.queries),
-            n_classes=getattr(family, "n_classes", None),
+            n_query=query_points(family),
+            n_classes=family.n_classes if isinstance(family, Classification) else None,
         )
         method = build_method(cfg.model, family.x_dim, family.y_dim, context)
         if cfg.train.diagnostics_every and method.probe is None:
@@ -88,11 +95,16 @@ class Setup:
                     f"eval.task: {cfg.model.method}'s parameters depend on the number of outputs, which "
                     f"differs between task ({family.y_dim}) and eval.task ({eval_family.y_dim})"
                 )
-        return cls(cfg, family, eval_family, method, make_likelihood(cfg.model), eval_method)
+        return cls(cfg, family, eval_family, method, method.likelihood, eval_method)
 
     @property
     def eval_key(self) -> jax.Array:
         return jax.random.PRNGKey(self.cfg.eval.seed)
+
+
+def query_points(family: Family) -> int:
+    """Query examples per task: the PAC-Bayes bound's K."""
+    return family.query_points if isinstance(family, Classification) else family.queries
 
 
 def param_shapes(method: Method, family: Family) -> dict[str, Any]:
@@ -203,7 +215,7 @@ def grid_predictions(setup: Setup, params: dict, tasks: Any) -> dict[str, Any] |
     """Predictive means on a dense input grid for the first eval.plot_tasks tasks (1-D regression)."""
     n = min(setup.cfg.eval.plot_tasks, tasks.x_support.shape[0])
     fam = setup.eval_family
-    if n == 0 or setup.cfg.model.likelihood != "gaussian" or not hasattr(fam, "grid"):
+    if n == 0 or not isinstance(setup.likelihood, Gaussian) or not isinstance(fam, DenseGrid | GroundTruth):
         return None
     plot = jax.tree.map(lambda a: a[:n], tasks)
     x = fam.grid(plot.info, GRID_POINTS)
@@ -234,7 +246,7 @@ def memorization(setup: Setup, params: dict, tasks: Any) -> dict[str, float]:
     """The memorization meter (support dependence D and truth slope) at each test-time step count
     (regression families only)."""
     n = min(setup.cfg.eval.memorization_tasks, tasks.x_support.shape[0])
-    if n < 2 or setup.cfg.model.likelihood != "gaussian" or not hasattr(setup.eval_family, "truth"):
+    if n < 2 or not isinstance(setup.likelihood, Gaussian) or not isinstance(setup.eval_family, GroundTruth):
         return {}
     sub = jax.tree.map(lambda a: jnp.asarray(a[:n]), tasks)
     out = {}
@@ -257,11 +269,10 @@ def calibration(setup: Setup, params: dict, ev: Evaluation) -> dict[str, Any]:
     coverage, for each test-time step count, over the tasks that did not diverge (their count is
     `diverged_tasks`); needs eval.samples >= 2 and a Gaussian likelihood."""
     cfg = setup.cfg
-    if cfg.eval.samples < 2 or cfg.model.likelihood != "gaussian":
+    if cfg.eval.samples < 2 or not isinstance(setup.likelihood, Gaussian):
         return {}
     y = jnp.asarray(ev.tasks.y_query)
-    # a model that learns its observation sd names it "noise_sd" (models/maml.py, learn_noise)
-    noise_sd = params.get("noise_sd", cfg.model.noise_sd)
+    noise_sd = setup.eval_method.likelihood.at(params).sd
     out: dict[str, Any] = {}
     for s in cfg.eval.inner_steps:
         keep = ~ev.diverged(s)  # a diverged task's interval would dominate every mean
@@ -275,19 +286,23 @@ def calibration(setup: Setup, params: dict, ev: Evaluation) -> dict[str, Any]:
             "pit": np.asarray(pit(y_draws, y[keep])).ravel().tolist(),
             "diverged_tasks": int((~keep).sum()),
         }
-        if hasattr(setup.eval_family, "ambiguous"):  # a family with two hypotheses (sine/line)
+        fam = setup.eval_family
+        if isinstance(fam, Hypotheses) and isinstance(fam, DenseGrid):  # do draws cover every hypothesis?
             n = min(cfg.eval.memorization_tasks or 100, ev.tasks.x_support.shape[0])
             sub = jax.tree.map(lambda a, n=n: jnp.asarray(a[:n]), ev.tasks)
-            x = setup.eval_family.grid(sub.info, 100)
+            x = fam.grid(sub.info, 100)
             fg = predictive(setup.eval_method, s, cfg.eval.samples, ("f",))(
                 params, sub._replace(x_query=x, y_query=None), jax.random.PRNGKey(6)
             )["f"][..., 0]
-            both = np.asarray(jnp.any(sine_like(fg, x[0, :, 0]), 0) & jnp.any(~sine_like(fg, x[0, :, 0]), 0))
-            amb = setup.eval_family.ambiguous(sub)
+            kinds = fam.hypothesis(fg, x[0, :, 0])  # (S, T)
+            both = np.asarray(
+                jnp.all(jnp.stack([jnp.any(kinds == h, 0) for h in range(fam.n_hypotheses)]), 0)
+            )
+            amb = np.asarray(fam.ambiguous(sub))
             entry["mode_coverage"] = float(both.mean())
             entry["mode_coverage_ambiguous"] = float(both[amb].mean()) if amb.any() else None
             entry["ambiguous_tasks"] = int(amb.sum())
-        if hasattr(setup.eval_family, "exact_predictive"):
+        if isinstance(setup.eval_family, ExactPredictive):
             entry["exact"] = exact_calibration(
                 setup.eval_family, jax.tree.map(lambda a, k=keep: a[k], ev.tasks)
             )
@@ -329,7 +344,8 @@ def bound(setup: Setup, params: dict) -> Bound | None:
     steps = training_steps(cfg.train.steps, cfg.train.meta_batch, cfg.eval.bound_tasks, jax.random.PRNGKey(4))
     run = predictive(setup.method, cfg.model.inner_steps, cfg.eval.samples, ("f",))
     chunk = max(1, cfg.eval.batch // cfg.train.meta_batch)
-    clip = 1.0 if cfg.model.likelihood == "categorical" else cfg.eval.bound_clip
+    categorical = isinstance(setup.likelihood, Categorical)
+    clip = 1.0 if categorical else cfg.eval.bound_clip
     errors = []
     for i in range(0, len(steps), chunk):
         tasks = jax.vmap(lambda s: step_tasks(setup.family, data_key, s, cfg.train.meta_batch))(
@@ -337,13 +353,13 @@ def bound(setup: Setup, params: dict) -> Bound | None:
         )
         tasks = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), tasks)
         f = run(params, tasks, jax.random.fold_in(jax.random.PRNGKey(5), i))["f"]
-        if cfg.model.likelihood == "categorical":
+        if categorical:
             err = jnp.argmax(f, -1) != tasks.y_query[None]
         else:
             err = clipped_squared_error(f, tasks.y_query[None], clip)
         errors.append(np.asarray(jnp.mean(err, axis=tuple(a for a in range(err.ndim) if a != 1))))
     n = cfg.train.steps * cfg.train.meta_batch
-    k = getattr(setup.family, "query_points", cfg.task.queries)
+    k = query_points(setup.family)
     kl = float(setup.method.kl(params))
     return pac_bayes_bound(
         np.concatenate(errors), kl, n, k, cfg.eval.bound_delta, clip, setup.method.kl_weight

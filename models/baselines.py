@@ -21,14 +21,13 @@ import jax.numpy as jnp
 from bayesmeta.adapt import inner_loop
 from bayesmeta.config import ModelConfig
 from bayesmeta.likelihoods import make_likelihood
-from bayesmeta.method import Method, Probe, no_guide
+from bayesmeta.method import Context, Method, Probe, Spec, no_guide
 from bayesmeta.nets import make_net
-from bayesmeta.registry import Context
 from bayesmeta.sites import observe, param_tree, tree_from_params
 from bayesmeta.tasks import TaskBatch
 
 
-class Classifier:
+class Classifier(Spec):
     """What the classification-only methods share: no [model.params] and a categorical likelihood."""
 
     @dataclass(frozen=True)
@@ -87,7 +86,7 @@ class FineTune(Classifier):
 
             return Probe(start, adapt, loss, loss, task_net.features)
 
-        return Method(name="finetune", model=model, guide=no_guide, probe=probe)
+        return Method(name="finetune", model=model, guide=no_guide, probe=probe, likelihood=lik)
 
 
 class NearestNeighbour(Classifier):
@@ -107,4 +106,4 @@ class NearestNeighbour(Classifier):
             out = jax.vmap(logits)(batch.x_support, batch.y_support, batch.x_query)
             observe(lik, out, batch.y_query)
 
-        return Method(name="nearest", model=model, guide=no_guide)
+        return Method(name="nearest", model=model, guide=no_guide, likelihood=lik)

@@ -26,9 +26,8 @@ import numpyro
 
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
-from bayesmeta.method import Method
+from bayesmeta.method import Context, Method, Spec
 from bayesmeta.nets import MLP, dense, dense_init
-from bayesmeta.registry import Context
 from bayesmeta.sites import (
     bayesian_layers,
     bottleneck,
@@ -118,8 +117,9 @@ def build_cnp(cfg: ModelConfig, p: CNPParams, x_dim: int, y_dim: int, name: str)
             global_latents=("xpath",),
             kl=lambda params: gaussian_weights_kl(params, "xpath"),
             kl_weight=p.beta,
+            likelihood=lik,
         )
-    return Method(name, model, guide, elbo="meanfield")
+    return Method(name, model, guide, elbo="meanfield", likelihood=lik)
 
 
 def _spec(name: str, **defaults: object) -> type:
@@ -147,7 +147,7 @@ def _spec(name: str, **defaults: object) -> type:
             return f"model.params.beta: expected a number > 0 for {name}, got {p.beta}"
         return None
 
-    return type(name, (), {"Params": params, "build": staticmethod(build), "check": staticmethod(check)})
+    return type(name, (Spec,), {"Params": params, "build": staticmethod(build), "check": staticmethod(check)})
 
 
 CNP = _spec("cnp", variant="none")

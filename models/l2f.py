@@ -30,7 +30,7 @@ from numpyro import handlers
 from bayesmeta.adapt import inner_loop, split
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
-from bayesmeta.method import Method, Probe, no_guide
+from bayesmeta.method import Method, Probe, Spec, no_guide
 from bayesmeta.nets import dense, dense_init, make_net
 from bayesmeta.sites import observe, param_tree, tree_from_params
 from bayesmeta.tasks import TaskBatch
@@ -63,7 +63,7 @@ def attenuate(theta: dict, adapt: str, gamma: jax.Array) -> dict:
 
 
 @dataclass(frozen=True)
-class L2F:
+class L2F(Spec):
     @dataclass(frozen=True)
     class Params:
         attenuation: str = opt(
@@ -129,4 +129,4 @@ class L2F:
             theta = tree_from_params("theta", net.init, params)
             return Probe(theta, fitted, task_loss, task_loss, net.features)
 
-        return Method(name="l2f", model=model, guide=no_guide, probe=probe)
+        return Method(name="l2f", model=model, guide=no_guide, probe=probe, likelihood=lik)

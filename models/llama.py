@@ -28,9 +28,8 @@ from jax.flatten_util import ravel_pytree
 from bayesmeta.adapt import inner_loop, split
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
-from bayesmeta.method import Method
+from bayesmeta.method import Context, Method, Spec
 from bayesmeta.nets import make_net
-from bayesmeta.registry import Context
 from bayesmeta.sites import observe, param_tree
 from bayesmeta.tasks import TaskBatch
 
@@ -62,7 +61,7 @@ def laplace_sample(jac: jax.Array, sd: float, tau: float, curvature: str, eps: j
 
 
 @dataclass(frozen=True)
-class LLAMA:
+class LLAMA(Spec):
     @dataclass(frozen=True)
     class Params:
         curvature: str = opt("ggn", choices=["ggn", "last_layer", "diagonal"])
@@ -115,4 +114,4 @@ class LLAMA:
             )
             observe(lik, jax.vmap(net.apply)(phi, batch.x_query), batch.y_query)
 
-        return Method("llama", model, lambda *a, **k: None)
+        return Method("llama", model, lambda *a, **k: None, likelihood=lik)

@@ -29,7 +29,7 @@ from bayesmeta.adapt import inner_loop, learned_rates, split, trajectory_correct
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.curvature import hessian_frobenius_sq
 from bayesmeta.likelihoods import Gaussian, make_likelihood
-from bayesmeta.method import Method, Probe, no_guide
+from bayesmeta.method import Method, Probe, Spec, no_guide
 from bayesmeta.nets import make_net
 from bayesmeta.sites import observe, param_tree, tree_from_params
 from bayesmeta.tasks import TaskBatch
@@ -121,7 +121,8 @@ def build_maml(
         return Probe(theta, adapt, task_loss, task_loss, net.features)
 
     name = "fomaml" if first_order else "maml"
-    return Method(name=name, model=model, guide=no_guide, probe=probe)
+    noise = Gaussian(cfg.noise_sd, "noise_sd") if p.learn_noise else lik
+    return Method(name=name, model=model, guide=no_guide, probe=probe, likelihood=noise)
 
 
 LEARNED_LR = ["none", "per_layer_step", "meta_sgd"]
@@ -139,7 +140,7 @@ def check_rates(cfg: ModelConfig, learned_lr: str) -> str | None:
 
 
 @dataclass(frozen=True)
-class MAML:
+class MAML(Spec):
     """Second-order MAML, or first-order when [model] first_order = true."""
 
     @dataclass(frozen=True)

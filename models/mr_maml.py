@@ -25,9 +25,8 @@ from bayesmeta.adapt import inner_loop
 from bayesmeta.bounds import implied_beta
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
-from bayesmeta.method import Method, Probe
+from bayesmeta.method import Context, Method, Probe, Spec
 from bayesmeta.nets import MLP, Conv4, make_net
-from bayesmeta.registry import Context
 from bayesmeta.sites import (
     bayesian_layers,
     bottleneck,
@@ -83,7 +82,7 @@ def _networks(cfg: ModelConfig, p: Any, x_dim: int, y_dim: int) -> tuple[Any, ML
 
 
 @dataclass(frozen=True)
-class MRMAMLW:
+class MRMAMLW(Spec):
     """MR-MAML(W): Gaussian encoder kernels (biases deterministic), deterministic adapted head; the
     encoder is an MLP (encoder_hidden, encoder_dim) or, with a conv4 net, its conv blocks."""
 
@@ -149,11 +148,12 @@ class MRMAMLW:
             kl=lambda params: gaussian_weights_kl(params, "encoder", p.prior_sd),
             kl_weight=beta,
             probe=probe,
+            likelihood=lik,
         )
 
 
 @dataclass(frozen=True)
-class MRMAMLA:
+class MRMAMLA(Spec):
     """MR-MAML(A): a stochastic bottleneck between input and head, KL on the query points."""
 
     @dataclass(frozen=True)
@@ -191,4 +191,11 @@ class MRMAMLA:
             encoder = param_tree("encoder", enc.init)
             bottleneck("z", *stats(encoder, batch.x_query), p.beta)
 
-        return Method("mr_maml_a", model, guide, elbo="meanfield", predict_with_guide=not p.predict_mean)
+        return Method(
+            "mr_maml_a",
+            model,
+            guide,
+            elbo="meanfield",
+            predict_with_guide=not p.predict_mean,
+            likelihood=lik,
+        )

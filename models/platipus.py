@@ -24,15 +24,14 @@ from numpyro.handlers import scale
 from bayesmeta.adapt import inner_loop
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
-from bayesmeta.method import Method
+from bayesmeta.method import Context, Method, Spec
 from bayesmeta.nets import make_net
-from bayesmeta.registry import Context
 from bayesmeta.sites import observe, param_tree, site_names
 from bayesmeta.tasks import TaskBatch
 
 
 @dataclass(frozen=True)
-class PLATIPUS:
+class PLATIPUS(Spec):
     @dataclass(frozen=True)
     class Params:
         kl_weight: float = opt(0.1, gt=0, doc="lambda, the weight of KL(q(theta|D*) || p(theta|D))")
@@ -98,4 +97,4 @@ class PLATIPUS:
             gamma_q = numpyro.param("gamma_q", jnp.asarray(p.gamma_init))
             sample_theta(shifted(mu, gamma_q, batch.x_query, batch.y_query), log_sd_q, batch.n_tasks)
 
-        return Method("platipus", model, guide, elbo="meanfield", predict_with_guide=False)
+        return Method("platipus", model, guide, elbo="meanfield", predict_with_guide=False, likelihood=lik)

@@ -15,9 +15,8 @@ import jax.numpy as jnp
 
 from bayesmeta.config import ModelConfig
 from bayesmeta.likelihoods import make_likelihood
-from bayesmeta.method import Method, no_guide
+from bayesmeta.method import Context, Method, no_guide
 from bayesmeta.nets import make_net
-from bayesmeta.registry import Context
 from bayesmeta.sites import observe, param_tree
 from bayesmeta.tasks import TaskBatch
 from models.baselines import Classifier
@@ -53,4 +52,4 @@ class ProtoNet(Classifier):
             logits = jax.vmap(prototype_logits, (0, 0, 0, None))(z_s, batch.y_support, z_q, y_dim)
             observe(lik, logits, batch.y_query)
 
-        return Method(name="protonet", model=model, guide=no_guide)
+        return Method(name="protonet", model=model, guide=no_guide, likelihood=lik)

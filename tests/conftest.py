@@ -8,7 +8,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest
 
-from bayesmeta import config
+from bayesmeta import config, registry
 
 SMALL = [
     "train.steps=200",
@@ -26,9 +26,9 @@ SMALL = [
 
 @pytest.fixture
 def small_cfg():
-    """config.load(None, SMALL + overrides): the built-in default shrunk to a few seconds."""
+    """registry.load_config(None, SMALL + overrides): the built-in default shrunk to a few seconds."""
 
     def make(*overrides: str) -> config.Config:
-        return config.load(None, [*SMALL, *overrides])
+        return registry.load_config(None, [*SMALL, *overrides])
 
     return make

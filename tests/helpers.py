@@ -9,9 +9,8 @@ import jax.numpy as jnp
 import optax
 from numpyro.infer import SVI, Trace_ELBO
 
-from bayesmeta import config
-from bayesmeta.registry import build_method
-from bayesmeta.tasks import make_family
+from bayesmeta import registry
+from bayesmeta.registry import build_method, make_family
 
 TINY = [
     "model.net.hidden=[3]",
@@ -25,7 +24,7 @@ TINY = [
 
 def tiny_setup(*overrides: str, tasks: int = 3):
     """(config, method, a batch of `tasks` sinusoid tasks, the method's initial parameters) for TINY."""
-    cfg = config.load(None, [*TINY, *overrides])
+    cfg = registry.load_config(None, [*TINY, *overrides])
     fam = make_family(cfg.task)
     method = build_method(cfg.model, fam.x_dim, fam.y_dim)
     batch = fam.sample(jax.random.PRNGKey(4), tasks)

@@ -11,11 +11,10 @@ import optax
 import pytest
 from numpyro.infer import Trace_ELBO
 
-from bayesmeta import config
+from bayesmeta import registry
 from bayesmeta.adapt import adapt_tasks, gradient_descent, split
 from bayesmeta.likelihoods import Gaussian
-from bayesmeta.registry import build_method
-from bayesmeta.tasks import make_family
+from bayesmeta.registry import build_method, make_family
 from tests.helpers import TINY
 
 
@@ -56,7 +55,7 @@ def test_grant_identity_k_steps_equal_map_under_implicit_gaussian_prior(k):
 
 
 def _tiny(first_order=False, steps=2, adapt="all"):
-    cfg = config.load(
+    cfg = registry.load_config(
         None,
         [
             "model.net.hidden=[3]",
@@ -97,7 +96,7 @@ def _hand_maml(params):
     """The tiny network of `_tiny` written by hand: (net, likelihood, theta pytree, task loss)."""
     from bayesmeta.nets import make_net
 
-    cfg = config.load(None, ["model.net.hidden=[3]", "model.net.activation='tanh'"])
+    cfg = registry.load_config(None, ["model.net.hidden=[3]", "model.net.activation='tanh'"])
     net = make_net(cfg.model.net, 1, 1)
     lik = Gaussian(cfg.model.noise_sd)
     theta = {
@@ -214,7 +213,7 @@ def test_per_step_rates_as_a_pytree():
 def test_gaussian_prior_adds_the_scaled_l2_penalty():
     """model.prior_scale = s adds -log N(theta; 0, s^2) / (T Q) to the loss: MAP instead of ML-II."""
     _, method, batch, key = _tiny()
-    cfg = config.load(
+    cfg = registry.load_config(
         None,
         [*TINY, "model.prior_scale=0.5"],
     )
@@ -252,7 +251,7 @@ def test_rematerialised_inner_loop_gives_the_same_meta_gradient(policy):
 def run_setup(overrides):
     from bayesmeta import run
 
-    return run.Setup.from_config(config.load(None, overrides))
+    return run.Setup.from_config(registry.load_config(None, overrides))
 
 
 def _temp_bytes(setup, batch):

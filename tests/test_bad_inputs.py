@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from bayesmeta import config
+from bayesmeta import config, registry
 from bayesmeta.cli import main
 from bayesmeta.datasets import omniglot as data
 from tests.conftest import SMALL
@@ -26,7 +26,7 @@ CONFIG, RUN = 2, 1
 def run_folder(tmp_path_factory) -> Path:
     """A run folder as `report` reads it (config.toml, inference.nc, metrics.json); no checkpoint."""
     run = tmp_path_factory.mktemp("run")
-    (run / "config.toml").write_text(config.dumps(config.load(None, SMALL)))
+    (run / "config.toml").write_text(config.dumps(registry.load_config(None, SMALL)))
     stats = xr.Dataset(
         {"loss": ("step", np.linspace(2, 1, 20, dtype=np.float32))}, coords={"step": np.arange(1, 21)}
     )

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from bayesmeta import config
+from bayesmeta import registry
 from bayesmeta.diagnostics.calibration import (
     coverage,
     expected_calibration_error,
@@ -18,7 +18,7 @@ from bayesmeta.diagnostics.calibration import (
     pit,
     sine_like,
 )
-from bayesmeta.tasks import make_family
+from bayesmeta.registry import make_family
 
 
 def _draws(sd_pred, n=20000, s=400, seed=0):
@@ -59,7 +59,9 @@ def test_mixture_nll_matches_the_exact_density():
 
 
 def test_sine_and_line_hypotheses_are_told_apart():
-    fam = make_family(config.load(None, ["task.family='sine_line'", "task.params.noise_sd=0.0"]).task)
+    fam = make_family(
+        registry.load_config(None, ["task.family='sine_line'", "task.params.noise_sd=0.0"]).task
+    )
     b = fam.sample(jax.random.PRNGKey(0), 400)
     x = jnp.linspace(-5, 5, 100)
     f = fam.truth(b.info, jnp.broadcast_to(x[None, :, None], (400, 100, 1)))[..., 0]
@@ -75,10 +77,10 @@ def test_sine_and_line_hypotheses_are_told_apart():
 
 
 def test_two_points_are_always_ambiguous_and_a_clean_sine_is_not():
-    fam2 = make_family(config.load(None, ["task.family='sine_line'", "task.shots=2"]).task)
+    fam2 = make_family(registry.load_config(None, ["task.family='sine_line'", "task.shots=2"]).task)
     assert bool(np.all(fam2.ambiguous(fam2.sample(jax.random.PRNGKey(0), 50))))
     fam = make_family(
-        config.load(
+        registry.load_config(
             None,
             [
                 "task.family='sine_line'",

@@ -41,3 +41,28 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     assert (tmp_path / "runs" / "example" / "inference.nc").is_file()
+    # the second block: the fitted run predicts on a support set and re-evaluates
+    code = re.findall(r"```python\n(.*?)```", readme, re.S)[1].replace("eval.tasks=100", "eval.tasks=20")
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["dt"]["posterior_predictive"]["f"].shape == (1, 20, 100, 1)
+    assert scope["metrics"]["eval_tasks"] == 20
+
+
+def test_options_reference_is_generated_from_the_code():
+    out = subprocess.run(
+        [sys.executable, "scripts/options_doc.py", "--check"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+
+
+def test_options_reference_lists_every_option_of_every_builtin():
+    from bayesmeta.options import options_markdown
+    from bayesmeta.registry import families, methods
+
+    text = options_markdown()
+    for registry, prefix in ((families, "task.params."), (methods, "model.params.")):
+        for name in registry.builtins():
+            assert f"### `{name}`" in text
+            for field in registry.get(name).Params.__dataclass_fields__:
+                assert f"`{prefix}{field}`" in text, (name, field)

@@ -11,14 +11,16 @@ import numpyro.distributions as dist
 import pytest
 from numpyro.infer import MCMC, NUTS
 
-from bayesmeta import config
-from bayesmeta.tasks import make_family
+from bayesmeta import registry
+from bayesmeta.registry import make_family
 from bayesmeta.tasks.basis import features
 
 
 def _family(shots=3):
     return make_family(
-        config.load(None, ["task.family='basis_regression'", f"task.shots={shots}", "task.queries=8"]).task
+        registry.load_config(
+            None, ["task.family='basis_regression'", f"task.shots={shots}", "task.queries=8"]
+        ).task
     )
 
 

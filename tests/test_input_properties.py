@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bayesmeta import config
+from bayesmeta import config, registry
 from bayesmeta.sample import MAX_ABS_VALUE, SupportFileError, read_query, read_support
 
 PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -57,7 +57,7 @@ overrides = st.one_of(st.builds(lambda k, v: f"{k}={v}", keys, values), st.text(
 @given(overrides)
 def test_any_override_is_a_config_or_a_one_line_config_error(item):
     try:
-        cfg = config.load(None, [item])
+        cfg = registry.load_config(None, [item])
     except config.ConfigError as e:
         assert "\n" not in str(e) and str(e), repr(str(e))
     else:

@@ -11,8 +11,7 @@ from numpyro.infer import Predictive
 from bayesmeta.config import ConfigError
 from bayesmeta.fit import fit
 from bayesmeta.nets import make_net
-from bayesmeta.registry import build_method
-from bayesmeta.tasks import make_family
+from bayesmeta.registry import build_method, make_family
 from tests.helpers import elbo, tiny_setup
 
 L2F = "model.method='l2f'"

@@ -11,7 +11,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 from numpyro.infer import SVI, Trace_ELBO
 
-from bayesmeta import config, run
+from bayesmeta import registry, run
 from bayesmeta.nets import MLP
 from models.llama import jacobian, laplace_logdet, laplace_sample
 
@@ -96,8 +96,8 @@ def test_llama_objective_adds_the_laplace_term(curvature):
         "model.inner_steps=2",
         f"model.params.curvature='{curvature}'",
     ]
-    on = run.Setup.from_config(config.load(None, [*base, "model.params.eta=1.0"]))
-    off = run.Setup.from_config(config.load(None, [*base, "model.params.eta=0.0"]))
+    on = run.Setup.from_config(registry.load_config(None, [*base, "model.params.eta=1.0"]))
+    off = run.Setup.from_config(registry.load_config(None, [*base, "model.params.eta=0.0"]))
     batch = on.family.sample(jax.random.PRNGKey(0), 3)
     svi = SVI(on.method.model, on.method.guide, optax.sgd(0.0), Trace_ELBO())
     params = svi.get_params(svi.init(jax.random.PRNGKey(1), batch))
@@ -133,7 +133,7 @@ def test_llama_predictions_sample_the_laplace_posterior(small_cfg, tmp_path):
     f = predictive(setup.method, 2, 5, ("f",))(result.params, batch, jax.random.PRNGKey(1))["f"]
     assert float(jnp.std(f, 0).mean()) > 1e-3
     mode = run.Setup.from_config(
-        config.load(tmp_path / "config.toml", ["model.params.sample_posterior=false"])
+        registry.load_config(tmp_path / "config.toml", ["model.params.sample_posterior=false"])
     )
     f0 = predictive(mode.method, 2, 3, ("f",))(result.params, batch, jax.random.PRNGKey(1))["f"]
     np.testing.assert_allclose(f0[0], f0[1])  # the mode is deterministic

@@ -16,14 +16,14 @@ import pytest
 import xarray as xr
 from numpyro.infer import SVI, TraceMeanField_ELBO
 
-from bayesmeta import config, run
+from bayesmeta import config, registry, run
 from bayesmeta.bounds import complexity, implied_beta, pac_bayes_bound
 from bayesmeta.diagnostics.memorization import support_dependence
 from bayesmeta.fit import fresh_adam
+from bayesmeta.likelihoods import Gaussian
 from bayesmeta.method import Method, no_guide
-from bayesmeta.registry import build_method
+from bayesmeta.registry import build_method, make_family
 from bayesmeta.sites import observe, posterior_sd
-from bayesmeta.tasks import make_family
 
 BETA0 = 1e-9  # numpyro.handlers.scale needs a positive scale, so the baseline is a negligible beta
 NME = ["task.family='nme_sinusoid'", "task.shots=5", "task.queries=6", "model.net.hidden=[8]"]
@@ -40,7 +40,7 @@ def _loss_fn(method, batch):
 
 
 def _method(name, *overrides):
-    cfg = config.load(None, [*NME, f"model.method='{name}'", *overrides])
+    cfg = registry.load_config(None, [*NME, f"model.method='{name}'", *overrides])
     fam = make_family(cfg.task)
     return build_method(cfg.model, fam.x_dim, fam.y_dim), fam.sample(jax.random.PRNGKey(1), 3)
 
@@ -110,7 +110,7 @@ def test_pac_bayes_bound_against_a_hand_computation():
 
 
 def test_beta_from_bound_uses_the_training_protocol():
-    cfg = config.load(
+    cfg = registry.load_config(
         None,
         [
             *NME,
@@ -144,7 +144,10 @@ def _oracle_and_memorizer(family):
         a = amps[jnp.argmax(batch.x_query[:, 0, 1:], -1)]
         observe(dist_lik, a[:, None, None] * jnp.sin(batch.x_query[..., :1]), batch.y_query)
 
-    return Method("oracle", oracle, no_guide), Method("memorizer", memorizer, no_guide)
+    lik = Gaussian(0.1)
+    return Method("oracle", oracle, no_guide, likelihood=lik), Method(
+        "memorizer", memorizer, no_guide, likelihood=lik
+    )
 
 
 class _Lik:
@@ -159,7 +162,9 @@ dist_lik = _Lik()
 
 
 def test_memorization_meter_reads_zero_for_a_memorizer_and_one_for_an_oracle():
-    cfg = config.load(None, ["task.family='nme_sinusoid'", "task.params.noise_sd=0.0", "task.shots=10"])
+    cfg = registry.load_config(
+        None, ["task.family='nme_sinusoid'", "task.params.noise_sd=0.0", "task.shots=10"]
+    )
     family = make_family(cfg.task)
     tasks = family.sample(jax.random.PRNGKey(0), 64)
     oracle, memorizer = _oracle_and_memorizer(family)
@@ -174,7 +179,9 @@ def test_memorization_meter_reads_zero_for_a_memorizer_and_one_for_an_oracle():
 def test_the_truth_slope_separates_following_the_truth_from_following_noise():
     """A model whose predictions swing with the support set but not with its truth has D > 0 and a
     slope near 0; a stochastic memorizer's sampling noise is not support dependence (one key)."""
-    cfg = config.load(None, ["task.family='nme_sinusoid'", "task.params.noise_sd=0.0", "task.shots=10"])
+    cfg = registry.load_config(
+        None, ["task.family='nme_sinusoid'", "task.params.noise_sd=0.0", "task.shots=10"]
+    )
     family = make_family(cfg.task)
     tasks = family.sample(jax.random.PRNGKey(0), 64)
     amps = family.amplitudes
@@ -189,11 +196,16 @@ def test_the_truth_slope_separates_following_the_truth_from_following_noise():
         observe(dist_lik, (a[:, None, None] + jitter) * jnp.sin(batch.x_query[..., :1]), batch.y_query)
 
     follower = support_dependence(
-        Method("f", noise_follower, no_guide), {}, family, tasks, 0, jax.random.PRNGKey(1)
+        Method("f", noise_follower, no_guide, likelihood=Gaussian(0.1)),
+        {},
+        family,
+        tasks,
+        0,
+        jax.random.PRNGKey(1),
     )
     assert follower["support_dependence"] > 0.5 and abs(follower["truth_slope"]) < 0.2
     noisy = support_dependence(
-        Method("m", noisy_memorizer, no_guide, predict_with_guide=False),
+        Method("m", noisy_memorizer, no_guide, predict_with_guide=False, likelihood=Gaussian(0.1)),
         {},
         family,
         tasks,
@@ -218,7 +230,7 @@ def test_fresh_adam_is_a_new_adams_first_step():
 def test_fresh_adam_config_splits_by_parameter_prefix():
     from bayesmeta.fit import make_optimizer
 
-    cfg = config.load(None, ["train.fresh_adam='enc'", "train.lr=0.1"])
+    cfg = registry.load_config(None, ["train.fresh_adam='enc'", "train.lr=0.1"])
     opt = make_optimizer(cfg.train)
     params = {"enc.w": jnp.zeros(2), "head.w": jnp.zeros(2)}
     state = opt.init(params)
@@ -273,7 +285,7 @@ def test_each_method_learns_and_writes_its_posterior(method, extra, tmp_path, sm
             assert float(dt["pac_bayes"]["bound"]) == pytest.approx(b["bound"])
             assert b["bound"] > b["empirical_error"] >= 0 and b["n"] == 600 * 4
             assert b["empirical_tasks"] == 48 and b["empirical_error_se"] > 0  # 12 of the 600 steps' tasks
-            assert b["beta"] == config.load(None, [f"model.method='{method}'"]).model.params.get(
+            assert b["beta"] == registry.load_config(None, [f"model.method='{method}'"]).model.params.get(
                 "beta", b["beta"]
             )
             assert json.loads(dt["pac_bayes"].attrs["vacuous"]) == b["vacuous"] == (b["bound"] > 1)
@@ -328,11 +340,11 @@ def test_mr_cnp_a_bottleneck_carries_the_kl_on_the_chosen_inputs(where, points):
     inputs': the latent site w (whose KL the ELBO weights by beta) lives on those points."""
     from numpyro import handlers
 
-    cfg = config.load(None, [*NME, "model.method='mr_cnp_a'", f"model.params.bottleneck='{where}'"])
+    cfg = registry.load_config(None, [*NME, "model.method='mr_cnp_a'", f"model.params.bottleneck='{where}'"])
     family = make_family(cfg.task)
     method = run.Setup.from_config(cfg).method
     batch = family.sample(jax.random.PRNGKey(0), 3)
     tr = handlers.trace(handlers.seed(method.guide, 0)).get_trace(batch)
     assert tr["w"]["value"].shape == (3, points, 5)
     with pytest.raises(config.ConfigError, match=r"model\.params\.bottleneck"):
-        config.load(None, [*NME, "model.method='mr_cnp_w'", "model.params.bottleneck='query'"])
+        registry.load_config(None, [*NME, "model.method='mr_cnp_w'", "model.params.bottleneck='query'"])

@@ -16,13 +16,12 @@ import numpy as np
 import pytest
 from numpyro.infer import Predictive
 
-from bayesmeta import config, run
+from bayesmeta import config, registry, run
 from bayesmeta.config import ConfigError
 from bayesmeta.datasets import omniglot as data
 from bayesmeta.diagnostics.landscape import landscape_metrics
 from bayesmeta.nets import Conv4, batch_norm, conv3x3
-from bayesmeta.registry import build_method
-from bayesmeta.tasks import make_family
+from bayesmeta.registry import build_method, make_family
 from bayesmeta.tasks.omniglot import rotate
 from models.baselines import global_labels
 from models.protonet import prototype_logits
@@ -41,7 +40,7 @@ def tfds_dir(tmp_path_factory) -> str:
 
 
 def family(tfds_dir: str, *overrides: str):
-    cfg = config.load(None, [*OMNI, f"task.params.data_dir='{tfds_dir}'", *overrides])
+    cfg = registry.load_config(None, [*OMNI, f"task.params.data_dir='{tfds_dir}'", *overrides])
     return make_family(cfg.task)
 
 
@@ -239,7 +238,7 @@ def test_global_labels():
 
 def test_nearest_neighbour_on_lakes_runs(tfds_dir):
     """The 1-NN method equals a direct numpy 1-NN on the runs (about 21 % at 28x28)."""
-    cfg = config.load(
+    cfg = registry.load_config(
         None,
         [
             "task.family='omniglot_runs'",
@@ -280,7 +279,7 @@ SMALL_CONV = [
 
 
 def _small(tfds_dir: str, *overrides: str) -> config.Config:
-    return config.load(None, [*SMALL_CONV, f"task.params.data_dir='{tfds_dir}'", *overrides])
+    return registry.load_config(None, [*SMALL_CONV, f"task.params.data_dir='{tfds_dir}'", *overrides])
 
 
 def test_protonet_learns_and_evaluates_at_another_way(tfds_dir, tmp_path):
@@ -392,10 +391,12 @@ def test_full_source_tests_on_the_evaluation_archive(tmp_path, monkeypatch):
         skip=("Greek", "Latin"),
     )
     over = [f"task.params.archives='{arch}'", f"task.params.data_dir='{tmp_path / 'tfds'}'"]
-    cfg = config.load(None, [*OMNI, "task.params.source='full'", *over])
+    cfg = registry.load_config(None, [*OMNI, "task.params.source='full'", *over])
     train = make_family(cfg.task)
     test = make_family(
-        config.load(None, [*OMNI, "task.params.source='full'", "task.params.split='test'", *over]).task
+        registry.load_config(
+            None, [*OMNI, "task.params.source='full'", "task.params.split='test'", *over]
+        ).task
     )
     assert (train.n_characters, test.n_characters) == (136, 106)  # small1; small2 without Greek, Latin
     assert test.sample(jax.random.PRNGKey(0), 2).x_support.shape == (2, 5, 784)

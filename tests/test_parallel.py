@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent("""
     assert len(jax.devices()) == 4
     losses = {}
     for d in (1, 4):
-        cfg = config.load(None, ["train.steps=100", "train.meta_batch=8", "train.log_every=50",
+        cfg = registry.load_config(None, ["train.steps=100", "train.meta_batch=8", "train.log_every=50",
                                  "train.eval_every=50", "train.checkpoint_every=50",
                                  "model.net.hidden=[16, 16]", f"train.devices={d}"])
         setup = run.Setup.from_config(cfg)

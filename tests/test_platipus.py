@@ -10,7 +10,7 @@ import optax
 import pytest
 from numpyro.infer import SVI, TraceMeanField_ELBO
 
-from bayesmeta import config, run
+from bayesmeta import registry, run
 from bayesmeta.predict import predictive
 
 BASE = [
@@ -25,7 +25,7 @@ BASE = [
 
 
 def _setup(*extra):
-    return run.Setup.from_config(config.load(None, [*BASE, *extra]))
+    return run.Setup.from_config(registry.load_config(None, [*BASE, *extra]))
 
 
 def _loss(setup, batch):

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bayesmeta import config, run
+from bayesmeta import registry, run
 from bayesmeta.cli import RUN_FILES, main
 from bayesmeta.fit import CHECKPOINT, fit
 from bayesmeta.io import LOCK_OWNER, locked_message, publish, run_lock, write_json
@@ -46,7 +46,7 @@ def env() -> dict[str, str]:
 def trained(tmp_path_factory) -> Path:
     """A finished tiny run (50 steps), to be copied by tests that change it."""
     run_dir = tmp_path_factory.mktemp("trained") / "run"
-    run.train(config.load(None, TINY), run_dir, progress=False)
+    run.train(registry.load_config(None, TINY), run_dir, progress=False)
     return run_dir
 
 
@@ -87,7 +87,7 @@ def test_a_diverged_diagnostic_is_null_in_metrics_json(tmp_path):
     """A large inner learning rate makes the inner loop diverge on some tasks: the run still finishes,
     with null for the non-finite values."""
     run_dir = tmp_path / "run"
-    cfg = config.load(
+    cfg = registry.load_config(
         None, [*TINY, "model.inner_lr=5.0", "eval.inner_steps=[3]", "eval.memorization_tasks=4"]
     )
     _, metrics = run.train(cfg, run_dir, progress=False)
@@ -105,7 +105,7 @@ def test_a_diverged_diagnostic_is_null_in_metrics_json(tmp_path):
 
 def test_a_failed_finish_leaves_the_previous_outputs(copy, monkeypatch):
     before = snapshot(copy)
-    cfg = config.load(copy / "config.toml", ["eval.tasks=10"])
+    cfg = registry.load_config(copy / "config.toml", ["eval.tasks=10"])
     setup, result = run.restore(cfg, copy)
 
     def broken(*args, **kwargs):
@@ -209,7 +209,7 @@ def test_a_failed_resume_leaves_the_config_unchanged(copy, capsys):
     assert code == 1 and len(err.splitlines()) == 1, err
     assert "does not match the configured model" in err
     assert snapshot(copy) == before
-    _, result = run.restore(config.load(copy / "config.toml"), copy)  # still usable
+    _, result = run.restore(registry.load_config(copy / "config.toml"), copy)  # still usable
     assert result.step == 50
 
 
@@ -233,11 +233,11 @@ def test_fit_refuses_a_folder_with_any_result_file(tmp_path, capsys, name):
 
 def test_a_fresh_start_removes_the_previous_results(copy):
     """--force starts over: no metrics or checkpoint of the old run stay beside the new config."""
-    cfg = config.load(None, [*TINY, "train.steps=100", "name='again'"])
+    cfg = registry.load_config(None, [*TINY, "train.steps=100", "name='again'"])
     result, metrics = run.train(cfg, copy, until=50, progress=False)
     assert metrics is None and result.step == 50
     assert not (copy / "metrics.json").exists() and not (copy / "inference.nc").exists()
-    assert config.load(copy / "config.toml").name == "again"
+    assert registry.load_config(copy / "config.toml").name == "again"
 
 
 def test_missing_files_are_one_line_errors(copy, tmp_path, capsys):
@@ -294,7 +294,7 @@ def test_kill_9_loses_nothing(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert json.loads((run_dir / LOCK_OWNER).read_text())["pid"] == proc.pid  # left by the dead process
-    cfg = config.load(run_dir / "config.toml")
+    cfg = registry.load_config(run_dir / "config.toml")
     _, killed = run.restore(cfg, run_dir)
     assert 0 < killed.step < cfg.train.steps and not (run_dir / "metrics.json").exists()
 
@@ -319,6 +319,6 @@ def test_an_experiment_evaluation_publishes_its_config_with_its_metrics(tmp_path
     first = run_cell(cell, DEFAULT_CONFIG, tmp_path, progress=False)
     eval_dir = tmp_path / "runs" / cell.run_name / "evals" / "few"
     assert first.metrics["eval_tasks"] == 10 and not first.reused
-    assert config.load(eval_dir / "config.toml").eval.tasks == 10
+    assert registry.load_config(eval_dir / "config.toml").eval.tasks == 10
     assert run_cell(cell, DEFAULT_CONFIG, tmp_path, progress=False).reused
     assert not list(tmp_path.rglob(LOCK_OWNER)) and not list(tmp_path.rglob(".staging-*"))

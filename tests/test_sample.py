@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from bayesmeta import run
+from bayesmeta import registry, run
 from bayesmeta.cli import main
 from bayesmeta.fit import fit
 
@@ -17,7 +17,7 @@ def fitted(tmp_path_factory):
     from tests.conftest import SMALL
 
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = config.load(
+    cfg = registry.load_config(
         None,
         [
             *SMALL,

@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bayesmeta import config
-from bayesmeta.tasks import make_family
+from bayesmeta import registry
+from bayesmeta.registry import make_family
 
 
 def _family(*overrides, section="task"):
-    cfg = config.load(None, list(overrides))
+    cfg = registry.load_config(None, list(overrides))
     return make_family(cfg.eval.task if section == "eval" else cfg.task)
 
 

@@ -1,10 +1,21 @@
-"""Task families: jittable samplers of task batches with a leading task axis."""
+"""Task families: jittable samplers of task batches with a leading task axis.
+
+`FAMILIES` holds the built-in ones; bayesmeta.registry adds registered names, installed plugins and
+import paths, and builds a family from its config (`registry.make_family`).
+"""
 
 from __future__ import annotations
 
-from bayesmeta.config import ConfigError, TaskConfig, parse_params
 from bayesmeta.tasks.ambiguous import SineLine
-from bayesmeta.tasks.base import Family, TaskBatch
+from bayesmeta.tasks.base import (
+    Classification,
+    DenseGrid,
+    ExactPredictive,
+    Family,
+    GroundTruth,
+    Hypotheses,
+    TaskBatch,
+)
 from bayesmeta.tasks.basis import BasisRegression
 from bayesmeta.tasks.omniglot import Omniglot, OmniglotRuns
 from bayesmeta.tasks.sinusoid import NMESinusoid, Sinusoid
@@ -18,15 +29,13 @@ FAMILIES: dict[str, type] = {
     "omniglot_runs": OmniglotRuns,
 }
 
-__all__ = ["FAMILIES", "Family", "TaskBatch", "make_family"]
-
-
-def make_family(cfg: TaskConfig, prefix: str = "task") -> Family:
-    """Build the family named in a TaskConfig; its `params` table is validated by the family."""
-    cls = FAMILIES[cfg.family]
-    params = parse_params(cls.Params, cfg.params, prefix)
-    family = cls(params=params, shots=cfg.shots, queries=cfg.queries)
-    problem = family.check()
-    if problem:
-        raise ConfigError(f"{prefix}.{problem}")
-    return family
+__all__ = [
+    "FAMILIES",
+    "Classification",
+    "DenseGrid",
+    "ExactPredictive",
+    "Family",
+    "GroundTruth",
+    "Hypotheses",
+    "TaskBatch",
+]

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bayesmeta.config import opt
+from bayesmeta.diagnostics.calibration import sine_like
 from bayesmeta.tasks.base import Regression1D, TaskBatch, regression_batch, uniform
 
 
@@ -32,6 +33,11 @@ class SineLine(Regression1D):
         noise_sd: float = opt(0.3, ge=0)
 
     ranges: ClassVar[tuple[str, ...]] = ("amplitude", "phase", "slope", "intercept", "x_range")
+    n_hypotheses: ClassVar[int] = 2  # hypothesis 1: a sinusoid, 0: a line
+
+    def hypothesis(self, f: jax.Array, x: jax.Array) -> jax.Array:
+        """1 where a sinusoid a sin x + b cos x + c fits f (..., G) on the grid x (G,) better than a line."""
+        return sine_like(f, x).astype(jnp.int32)
 
     def truth(self, info: dict[str, jax.Array], x: jax.Array) -> jax.Array:
         col = lambda k: info[k][:, None, None]  # noqa: E731

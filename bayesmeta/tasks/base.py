@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 import jax
 
@@ -26,17 +26,84 @@ class TaskBatch(NamedTuple):
         return jax.tree.map(lambda a: a[idx], self)
 
 
+@runtime_checkable
 class Family(Protocol):
-    """What the engine needs from a task family; `grid` and `truth` serve 1-D regression plots."""
+    """What the engine needs from every task family.
 
+    A family is a class with a nested frozen dataclass `Params` (its [task.params] options, fields
+    declared with bayesmeta.config.opt; an empty dataclass if it has none), built by the registry as
+    `cls(params=cls.Params(...), shots=cfg.shots, queries=cfg.queries)`. Then:
+
+    x_dim, y_dim: the input size, and the output size (regression) or number of classes per task.
+    check() -> a config problem relative to [task] (e.g. "params.x_range: ...", "shots: ...") or None.
+    sample(key, n_tasks) -> TaskBatch: jittable, deterministic in key, static shapes.
+
+    What a family can do beyond this it declares by the capability protocols below (GroundTruth,
+    DenseGrid, ExactPredictive, Hypotheses, Classification); the engine's diagnostics use them.
+    """
+
+    Params: ClassVar[type]
+    params: Any
+    shots: int
+    queries: int
     x_dim: int
     y_dim: int
 
+    def check(self) -> str | None: ...
+
     def sample(self, key: jax.Array, n_tasks: int) -> TaskBatch: ...
 
-    def grid(self, info: dict[str, jax.Array], n: int) -> jax.Array: ...
 
-    def truth(self, info: dict[str, jax.Array], x: jax.Array) -> jax.Array: ...
+@runtime_checkable
+class GroundTruth(Protocol):
+    """The noise-free task function is known (memorization meter, prediction plots)."""
+
+    def truth(self, info: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+        """f(x) for each task's latents `info`, at inputs x (T, n, x_dim) -> (T, n, y_dim)."""
+        ...
+
+
+@runtime_checkable
+class DenseGrid(Protocol):
+    """Inputs can be laid on a dense grid over their range (1-D prediction plots, `sample`)."""
+
+    def grid(self, info: dict[str, jax.Array], n: int) -> jax.Array:
+        """n evenly spaced inputs per task: (T, n, x_dim)."""
+        ...
+
+
+@runtime_checkable
+class ExactPredictive(Protocol):
+    """The posterior predictive given a support set is known in closed form (the gold standard)."""
+
+    def exact_predictive(self, batch: TaskBatch) -> tuple[jax.Array, jax.Array]:
+        """Mean and sd of p(y* | x*, support) at the query inputs, each (T, n, y_dim)."""
+        ...
+
+
+@runtime_checkable
+class Hypotheses(Protocol):
+    """Tasks come from a few distinct function classes, and a support set can fit more than one
+    (ambiguity): mode coverage asks whether sampled functions cover every hypothesis."""
+
+    n_hypotheses: int
+
+    def hypothesis(self, f: jax.Array, x: jax.Array) -> jax.Array:
+        """Which hypothesis (0..n_hypotheses-1) each function f (..., G) on a grid x (G,) follows."""
+        ...
+
+    def ambiguous(self, batch: TaskBatch) -> Any:
+        """(T,) bool: the support sets that more than one hypothesis explains."""
+        ...
+
+
+@runtime_checkable
+class Classification(Protocol):
+    """N-way episodes: y holds class ids; `query_points` counts query examples per task (the bound's
+    K) and `n_classes` the classes of the split (for pre-training baselines)."""
+
+    query_points: int
+    n_classes: int
 
 
 def range_problem(params: Any, *names: str) -> str | None:

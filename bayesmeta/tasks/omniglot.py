@@ -176,6 +176,11 @@ class OmniglotRuns:
     def query_points(self) -> int:
         return self.y_dim
 
+    @property
+    def n_classes(self) -> int:
+        """Each run has its own 20 classes."""
+        return self.y_dim * self._runs.support.shape[0]
+
     @cached_property
     def _runs(self) -> data.Runs:
         p = self.params

@@ -1,0 +1,165 @@
+"""A fitted run, from Python: predict on a new support set, re-evaluate, sample.
+
+    run = bayesmeta.open_run("runs/example")
+    dt = run.predict(x_support, y_support, x_query, samples=50)
+    dt["posterior_predictive"]["y"]  # (chain, draw, point, output): posterior predictive draws
+    metrics = run.evaluate(["eval.tasks=100"])  # rewrites the run's report, like `bayesmeta evaluate`
+
+The command line (`bayesmeta evaluate`, `bayesmeta sample`) is a thin shell over these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import xarray as xr
+
+from bayesmeta.config import Config
+from bayesmeta.fit import FitResult
+from bayesmeta.io import RunFolderError, run_lock
+from bayesmeta.likelihoods import Categorical
+from bayesmeta.predict import predictive
+from bayesmeta.registry import load_config
+from bayesmeta.run import Setup, finish, restore
+from bayesmeta.tasks import TaskBatch
+
+
+@dataclass
+class Run:
+    """A run folder with its config, its method and the fitted parameters of its checkpoint."""
+
+    path: Path
+    setup: Setup
+    result: FitResult
+
+    @classmethod
+    def open(cls, path: str | Path, overrides: Sequence[str] = ()) -> Run:
+        """Load the run's config.toml (with `key=value` overrides, e.g. of [eval]) and checkpoint."""
+        path = Path(path)
+        _check_run_folder(path)
+        cfg = load_config(path / "config.toml", list(overrides))
+        with run_lock(path, "bayesmeta (Python API)"):
+            setup, result = restore(cfg, path)
+        return cls(path, setup, result)
+
+    @property
+    def cfg(self) -> Config:
+        return self.setup.cfg
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.result.params
+
+    def predict(
+        self,
+        x_support: Any,
+        y_support: Any,
+        x_query: Any,
+        *,
+        samples: int = 20,
+        inner_steps: int | None = None,
+        seed: int = 0,
+    ) -> xr.DataTree:
+        """Posterior predictive draws at x_query after adapting to one support set, as a DataTree:
+        `posterior_predictive` holds y (draws of the observation) and f (the predictive mean of each
+        draw: class probabilities for a classifier), as numpyro.infer.Predictive returns them, with
+        dims (chain, draw, point[, output]); `constant_data` holds the inputs. inner_steps defaults
+        to the last of eval.inner_steps."""
+        fam, method = self.setup.eval_family, self.setup.eval_method
+        classifier = isinstance(method.likelihood, Categorical)
+        x_s = _array(x_support, "x_support", (None, fam.x_dim), np.float32)
+        x_q = _array(x_query, "x_query", (None, fam.x_dim), np.float32)
+        y_shape = (x_s.shape[0],) if classifier else (x_s.shape[0], fam.y_dim)
+        y_s = _array(y_support, "y_support", y_shape, np.int32 if classifier else np.float32)
+        if classifier and not ((y_s >= 0) & (y_s < fam.y_dim)).all():
+            raise ValueError(f"y_support: class labels must lie in 0..{fam.y_dim - 1}")
+        if samples < 1:
+            raise ValueError(f"samples: expected an integer >= 1, got {samples}")
+        steps = self.cfg.eval.inner_steps[-1] if inner_steps is None else inner_steps
+        batch = TaskBatch(x_s[None], y_s[None], x_q[None], None, {})
+        out = predictive(method, steps, samples)(self.params, batch, jax.random.PRNGKey(seed))
+        return predictions_tree(
+            {k: np.asarray(v[:, 0]) for k, v in out.items()},
+            x_s,
+            y_s,
+            x_q,
+            classifier,
+            {"method": method.name, "inner_steps": steps, "samples": samples, "seed": seed},
+        )
+
+    def evaluate(self, overrides: Sequence[str] = (), progress: bool = False) -> dict[str, Any]:
+        """Re-evaluate on held-out tasks (overrides of [eval], e.g. "eval.tasks=100") and rewrite the
+        run's metrics.json, inference.nc, summary.md and plots together; returns the metrics."""
+        return evaluate(self.path, overrides, progress)
+
+
+def open_run(path: str | Path, overrides: Sequence[str] = ()) -> Run:
+    """Run.open: a fitted run folder, ready to predict, evaluate and sample."""
+    return Run.open(path, overrides)
+
+
+def evaluate(path: str | Path, overrides: Sequence[str] = (), progress: bool = False) -> dict[str, Any]:
+    """Restore a run from its checkpoint and evaluate it, holding the folder's lock throughout."""
+    path = Path(path)
+    _check_run_folder(path)
+    cfg = load_config(path / "config.toml", list(overrides))
+    with run_lock(path, "bayesmeta evaluate"):
+        setup, result = restore(cfg, path)
+        return finish(setup, path, result, progress=progress)
+
+
+def _check_run_folder(path: Path) -> None:
+    if not (path / "config.toml").is_file():
+        raise RunFolderError(
+            f"{path} is not a run folder (it has no config.toml); give the folder bayesmeta fit wrote"
+        )
+
+
+def _array(value: Any, name: str, shape: tuple[int | None, ...], dtype: Any) -> np.ndarray:
+    """`value` as a finite array of `shape` (None: any length), or a ValueError naming the argument."""
+    a = np.asarray(value, dtype=dtype)
+    if a.ndim == len(shape) - 1 and shape[-1] == 1:  # a vector of scalar inputs or targets
+        a = a[..., None]
+    if a.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, a.shape, strict=True)):
+        want = "(" + ", ".join("n" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{name}: expected an array of shape {want}, got {a.shape}")
+    if a.shape[0] == 0:
+        raise ValueError(f"{name}: expected at least one point")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name}: holds NaN or infinite values")
+    return a
+
+
+def predictions_tree(
+    draws: dict[str, np.ndarray],
+    x_s: np.ndarray,
+    y_s: np.ndarray,
+    x_q: np.ndarray,
+    classifier: bool,
+    attrs: dict,
+) -> xr.DataTree:
+    """Predictive draws (S, n, ...) per site -> a DataTree in ArviZ's layout (one chain): per point a
+    label (classifier's y), class probabilities (its f) or regression outputs."""
+
+    def dims(a: np.ndarray, point: str) -> tuple[str, ...]:
+        return (point,) if a.ndim == 1 else (point, "class" if classifier else "output")
+
+    pp = xr.Dataset(
+        {k: (("chain", "draw", *dims(v[0], "point")), v[None]) for k, v in draws.items()},
+        coords={"point": np.arange(x_q.shape[0])},
+    )
+    const = xr.Dataset(
+        {
+            "x_query": (("point", "input"), x_q),
+            "x_support": (("support", "input"), x_s),
+            "y_support": (dims(y_s, "support"), y_s),
+        }
+    )
+    dt = xr.DataTree.from_dict({"posterior_predictive": pp, "constant_data": const})
+    dt.attrs.update(attrs)
+    return dt
