@@ -110,19 +110,35 @@ def kernel_shapes(net: Any) -> dict[str, tuple[int, ...]]:
     return {k: v["w"].shape for k, v in jax.eval_shape(net.init, jax.random.PRNGKey(0)).items()}
 
 
+def _deterministic_init(net: Any) -> Callable[[jax.Array], dict]:
+    """init of a network's non-kernel leaves: a dense layer's bias alone (site `prefix_bias.layer`),
+    else the dict of its other leaves (batch-norm scale and offset)."""
+
+    def rest(layer: dict) -> Any:
+        return layer["b"] if set(layer) == {"w", "b"} else {k: v for k, v in layer.items() if k != "w"}
+
+    return lambda key: {k: rest(v) for k, v in net.init(key).items()}
+
+
+def _assemble(kernels: dict, det: dict) -> dict:
+    """A network's params from its kernels and its deterministic leaves, by layer name."""
+    return {
+        k: {"w": w, **(det[k] if isinstance(det[k], dict) else {"b": det[k]})} for k, w in kernels.items()
+    }
+
+
 def bayesian_layers(prefix: str, net: Any, beta: float, prior_sd: float = 1.0) -> dict:
     """Model side of a Bayes-by-backprop network: kernels "w" are latent (N(0, prior_sd^2), KL x beta),
     every other leaf (biases; batch-norm scale and offset) a deterministic `numpyro.param` at its
     initial value (as TFP's DenseReparameterization); returns net's params."""
-    shapes = kernel_shapes(net)
-    kernels = gaussian_weights_prior(prefix, shapes, beta, prior_sd)
+    kernels = gaussian_weights_prior(prefix, kernel_shapes(net), beta, prior_sd)
+    return _assemble(kernels, param_tree(f"{prefix}_bias", _deterministic_init(net)))
 
-    def rest(layer: dict) -> Any:
-        """A dense layer's bias alone (site `prefix_bias.layer`), else the dict of non-kernel leaves."""
-        return layer["b"] if set(layer) == {"w", "b"} else {k: v for k, v in layer.items() if k != "w"}
 
-    det = param_tree(f"{prefix}_bias", lambda key: {k: rest(v) for k, v in net.init(key).items()})
-    return {k: {"w": kernels[k], **(det[k] if isinstance(det[k], dict) else {"b": det[k]})} for k in shapes}
+def posterior_mean_layers(prefix: str, net: Any, params: dict) -> dict:
+    """The `bayesian_layers` network at the posterior means of its kernels, read from fitted params."""
+    kernels = {k: params[f"{prefix}.{k}.loc"] for k in kernel_shapes(net)}
+    return _assemble(kernels, tree_from_params(f"{prefix}_bias", _deterministic_init(net), params))
 
 
 def gaussian_weights_kl(params: dict[str, jax.Array], prefix: str, prior_sd: float = 1.0) -> jax.Array:

@@ -35,6 +35,7 @@ from bayesmeta.sites import (
     kernel_shapes,
     observe,
     param_tree,
+    posterior_mean_layers,
     tree_from_params,
 )
 from bayesmeta.tasks import TaskBatch
@@ -68,7 +69,11 @@ class ConvEncoder:
         return {k: v for k, v in self.conv.init(key).items() if k != "head"}
 
     def apply(self, params: dict, x: jax.Array) -> jax.Array:
-        return jax.vmap(lambda xi: self.conv.features(params, xi))(x)
+        return jax.vmap(lambda xi: self.apply_set(params, xi))(x)
+
+    def apply_set(self, params: dict, x: jax.Array) -> jax.Array:
+        """One task's set x (n, d) -> (n, filters), batch norm with the set's statistics."""
+        return self.conv.features(params, x)
 
 
 def _networks(cfg: ModelConfig, p: Any, x_dim: int, y_dim: int) -> tuple[Any, MLP]:
@@ -123,19 +128,17 @@ class MRMAMLW(Spec):
         def probe(params: dict) -> Probe:
             """At the posterior mean of the encoder kernels; theta is the head, the part the inner
             loop adapts (the encoder is not adapted, so its gradients are not in the diagnostics)."""
-            encoder = {
-                k: {"w": params[f"encoder.{k}.loc"], "b": params[f"encoder_bias.{k}"]}
-                for k in kernel_shapes(enc)
-            }
+            encoder = posterior_mean_layers("encoder", enc, params)
+            encode_set = enc.apply_set if isinstance(enc, ConvEncoder) else enc.apply  # one task's x
 
             def loss(head: dict, x: jax.Array, y: jax.Array) -> jax.Array:
-                return lik.loss(head_net.apply(head, enc.apply(encoder, x)), y)
+                return lik.loss(head_net.apply(head, encode_set(encoder, x)), y)
 
             def adapt(head: dict, x: jax.Array, y: jax.Array) -> dict:
                 return _adapted_head(cfg, lik, head_net, head, enc.apply(encoder, x), y, None)
 
             def features(head: dict, x: jax.Array) -> jax.Array:
-                return head_net.features(head, enc.apply(encoder, x))
+                return head_net.features(head, encode_set(encoder, x))
 
             return Probe(tree_from_params("head", head_net.init, params), adapt, loss, loss, features)
 

@@ -362,6 +362,28 @@ def test_mr_maml_w_on_conv_encoder(tfds_dir):
     assert float(setup.method.kl({k: jnp.full(v.shape, -5.0) for k, v in shapes.items()})) > 0
 
 
+def test_mr_maml_w_probe_on_conv_encoder_is_the_model_at_the_posterior_mean(tfds_dir):
+    """The landscape probe of MR-MAML(W) with conv blocks (batch-norm leaves beside the stochastic
+    kernels): its adapted query loss is the model's NLL with every kernel at its posterior mean."""
+    from numpyro import handlers
+
+    cfg = _small(tfds_dir, "model.method='mr_maml_w'", "model.inner_steps=2")
+    setup = run.Setup.from_config(cfg)
+    shapes = run.param_shapes(setup.method, setup.family)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(shapes))
+    params = {
+        k: 0.1 * jax.random.normal(kk, v.shape) for kk, (k, v) in zip(keys, shapes.items(), strict=True)
+    }
+    b = setup.family.sample(jax.random.PRNGKey(0), 3)
+    probe = setup.method.probe(params)
+    phi = probe.adapt(probe.theta, b.x_support, b.y_support)
+    at_mean = {**params, **{k[: -len(".loc")]: v for k, v in params.items() if k.endswith(".loc")}}
+    tr = handlers.trace(handlers.substitute(setup.method.model, at_mean)).get_trace(b, inner_steps=2)
+    nll = -jnp.mean(tr["y"]["fn"].log_prob(tr["y"]["value"]))
+    query = jnp.mean(jax.vmap(probe.query_loss)(phi, b.x_query, b.y_query))
+    np.testing.assert_allclose(query, nll, rtol=1e-5)
+
+
 def test_context_counts_classes_and_query_points(tfds_dir):
     setup = run.Setup.from_config(_small(tfds_dir, "model.method='finetune'"))
     assert setup.family.query_points == 10  # 5 ways x 2 queries: the bound's K

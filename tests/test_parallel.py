@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = textwrap.dedent("""
     import numpy as np
     import jax
-    from bayesmeta import config, run
+    from bayesmeta import registry, run
     from bayesmeta.fit import fit
     assert len(jax.devices()) == 4
     losses = {}

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bayesmeta import config
+from bayesmeta import config, registry
 from bayesmeta.bench import hand_written_maml
 from bayesmeta.experiment import machine
 from bayesmeta.fit import make_chunk, make_svi
@@ -77,7 +77,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--chunk", type=int, default=500, help="steps fused in one lax.scan")
     args = p.parse_args()
-    cfg = config.load(None, OVERRIDES)
+    cfg = registry.load_config(None, OVERRIDES)
     setup = Setup.from_config(cfg)
     mb = cfg.train.meta_batch
     batch = setup.family.sample(jax.random.PRNGKey(0), mb)

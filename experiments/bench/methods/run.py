@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jax
 
-from bayesmeta import config
+from bayesmeta import registry
 from bayesmeta.experiment import machine
 from bayesmeta.fit import make_chunk, make_svi
 from bayesmeta.io import write_json, write_text
@@ -40,7 +40,7 @@ CASES = {
 
 
 def measure(overrides: tuple[str, ...], repeats: int) -> dict[str, float]:
-    cfg = config.load(None, ["train.meta_batch=25", *overrides])
+    cfg = registry.load_config(None, ["train.meta_batch=25", *overrides])
     setup = Setup.from_config(cfg)
     svi = make_svi(setup.method, cfg.train)
     state = svi.init(jax.random.PRNGKey(0), setup.family.sample(jax.random.PRNGKey(1), 25))

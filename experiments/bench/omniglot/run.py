@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bayesmeta import config
+from bayesmeta import config, registry
 from bayesmeta.bench import compile_timed, flops, gemm_gflops, hand_written_maml, memory_mib, seconds
 from bayesmeta.experiment import machine
 from bayesmeta.fit import initial_state, make_chunk, make_svi
@@ -47,7 +47,7 @@ METHODS = {
 
 
 def load(method: str, meta_batch: int, filters: int) -> config.Config:
-    return config.load(
+    return registry.load_config(
         BASE,
         [
             "task.queries=1",

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import jax
 
-from bayesmeta import config
+from bayesmeta import config, registry
 from bayesmeta.experiment import machine
 from bayesmeta.fit import make_svi
 from bayesmeta.io import write_json, write_text
@@ -37,7 +37,7 @@ CONV_POLICIES = ("none", "nothing_saveable", "sqrt")
 
 
 def mlp_config(inner_steps: int, policy: str) -> config.Config:
-    return config.load(
+    return registry.load_config(
         None,
         [
             "train.meta_batch=25",
@@ -50,7 +50,7 @@ def mlp_config(inner_steps: int, policy: str) -> config.Config:
 
 
 def conv_config(inner_steps: int, policy: str, meta_batch: int, filters: int) -> config.Config:
-    return config.load(
+    return registry.load_config(
         OMNIGLOT,
         [
             "task.queries=1",
