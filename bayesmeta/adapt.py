@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -137,34 +138,54 @@ def adapt_each(
     return jax.vmap(lambda th, xi, yi: gradient_descent(loss, th, xi, yi, **kwargs))(thetas, x, y)
 
 
-def inner_loop(
-    cfg: Any,
-    loss: TaskLoss,
-    theta: Params,
-    x: jax.Array,
-    y: jax.Array,
-    inner_steps: int | None = None,
-    *,
-    first_order: bool | None = None,
-    adapt: str | None = None,
-    per_task: bool = False,
-    lr: float | Params | None = None,
-) -> tuple[Params, jax.Array]:
-    """The configured inner loop ([model] inner_steps, inner_lr, adapt, first_order) on every task's
-    support set; `inner_steps` overrides the training count (test time), `per_task` takes one theta
-    per task (leading axis), `lr` replaces inner_lr (e.g. by `learned_rates`)."""
-    steps = cfg.inner_steps if inner_steps is None else inner_steps
-    return (adapt_each if per_task else adapt_tasks)(
-        loss,
-        theta,
-        x,
-        y,
-        steps=steps,
-        lr=cfg.inner_lr if lr is None else lr,
-        adapt=cfg.adapt if adapt is None else adapt,
-        first_order=cfg.first_order if first_order is None else first_order,
-        remat=cfg.remat,
-    )
+@dataclass(frozen=True)
+class InnerLoop:
+    """The inner loop's settings, explicit: training steps, step size, which parameters adapt
+    ("all" or "head"), first order (no second derivatives), and the remat policy."""
+
+    steps: int
+    lr: float
+    adapt: str = "all"
+    first_order: bool = False
+    remat: str = "none"
+
+    @classmethod
+    def from_config(cls, cfg: Any, **overrides: Any) -> InnerLoop:
+        """From [model] (inner_steps, inner_lr, adapt, first_order, remat), with keyword overrides."""
+        kw = {
+            "steps": cfg.inner_steps,
+            "lr": cfg.inner_lr,
+            "adapt": cfg.adapt,
+            "first_order": cfg.first_order,
+            "remat": cfg.remat,
+        }
+        return cls(**(kw | overrides))
+
+    def __call__(
+        self,
+        loss: TaskLoss,
+        theta: Params,
+        x: jax.Array,
+        y: jax.Array,
+        inner_steps: int | None = None,
+        *,
+        per_task: bool = False,
+        lr: float | Params | None = None,
+    ) -> tuple[Params, jax.Array]:
+        """Adapt on every task's support set (x, y): `inner_steps` overrides the training count (test
+        time), `per_task` takes one theta per task (leading axis), `lr` replaces the step size (e.g. by
+        learned rates)."""
+        return (adapt_each if per_task else adapt_tasks)(
+            loss,
+            theta,
+            x,
+            y,
+            steps=self.steps if inner_steps is None else inner_steps,
+            lr=self.lr if lr is None else lr,
+            adapt=self.adapt,
+            first_order=self.first_order,
+            remat=self.remat,
+        )
 
 
 def unit(v: jax.Array) -> jax.Array:

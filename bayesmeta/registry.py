@@ -148,7 +148,7 @@ def _builtin_families() -> Mapping[str, Any]:
 
 
 def _builtin_methods() -> Mapping[str, Any]:
-    import models
+    from bayesmeta import models
 
     return models.METHODS
 

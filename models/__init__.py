@@ -1,6 +1,6 @@
 """Method families, one file each. `METHODS` maps a config name to a spec with `Params` and `build`."""
 
-from models import baselines, cnp, l2f, llama, maml, mr_maml, platipus, protonet
+from bayesmeta.models import baselines, cnp, l2f, llama, maml, mr_maml, platipus, protonet
 
 METHODS = {
     "maml": maml.MAML,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from bayesmeta.adapt import inner_loop
+from bayesmeta.adapt import InnerLoop
 from bayesmeta.config import ModelConfig
 from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Context, Method, Probe, Spec, no_guide
@@ -56,6 +56,7 @@ class FineTune(Classifier):
         pretrain = make_net(cfg.net, x_dim, context.n_classes)
         task_net = make_net(cfg.net, x_dim, y_dim)
         lik = make_likelihood(cfg)
+        inner = InnerLoop.from_config(cfg)
 
         def zero_head() -> dict:
             shapes = jax.eval_shape(task_net.init, jax.random.PRNGKey(0))["head"]
@@ -73,7 +74,7 @@ class FineTune(Classifier):
                 observe(lik, out, global_labels(batch.info["classes"], y))
                 return
             start = {**theta, "head": zero_head()}
-            phi, _ = inner_loop(cfg, loss, start, batch.x_support, batch.y_support, inner_steps)
+            phi, _ = inner(loss, start, batch.x_support, batch.y_support, inner_steps)
             observe(lik, jax.vmap(task_net.apply)(phi, batch.x_query), batch.y_query)
 
         def probe(params: dict) -> Probe:
@@ -82,7 +83,7 @@ class FineTune(Classifier):
             start = {**tree_from_params("theta", pretrain.init, params), "head": zero_head()}
 
             def adapt(th: dict, x: jax.Array, y: jax.Array) -> dict:
-                return inner_loop(cfg, loss, th, x, y)[0]
+                return inner(loss, th, x, y)[0]
 
             return Probe(start, adapt, loss, loss, task_net.features)
 

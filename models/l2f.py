@@ -27,14 +27,14 @@ import numpyro
 from jax import lax
 from numpyro import handlers
 
-from bayesmeta.adapt import inner_loop, split
+from bayesmeta.adapt import InnerLoop, split
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Method, Probe, Spec, no_guide
+from bayesmeta.models.maml import LEARNED_LR, LEARNED_LR_DOC, check_rates, inner_rates
 from bayesmeta.nets import dense, dense_init, make_net
 from bayesmeta.sites import observe, param_tree, tree_from_params
 from bayesmeta.tasks import TaskBatch
-from models.maml import LEARNED_LR, LEARNED_LR_DOC, check_rates, inner_rates
 
 
 def layer_means(grads: dict) -> jax.Array:
@@ -86,6 +86,7 @@ class L2F(Spec):
     def build(cfg: ModelConfig, p: Params, x_dim: int, y_dim: int, context: object = None) -> Method:
         net = make_net(cfg.net, x_dim, y_dim)
         lik = make_likelihood(cfg)
+        inner = InnerLoop.from_config(cfg)
         n_layers = len(jax.tree.leaves(split(jax.eval_shape(net.init, jax.random.PRNGKey(0)), cfg.adapt)[0]))
         squash = jax.nn.sigmoid if p.sigmoid else (lambda a: a)
         pre_init = math.log(p.gamma_init / (1 - p.gamma_init)) if p.sigmoid else p.gamma_init
@@ -116,7 +117,7 @@ class L2F(Spec):
             gamma = numpyro.deterministic("gamma", gammas(theta, x, y))
             init = jax.vmap(lambda g: attenuate(theta, cfg.adapt, g))(gamma)
             lr = inner_rates(cfg, p.learned_lr, p.lr_init, theta)
-            return inner_loop(cfg, task_loss, init, x, y, inner_steps, per_task=True, lr=lr)[0]
+            return inner(task_loss, init, x, y, inner_steps, per_task=True, lr=lr)[0]
 
         def model(batch: TaskBatch, inner_steps: int | None = None) -> None:
             theta = param_tree("theta", net.init)

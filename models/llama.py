@@ -25,7 +25,7 @@ import numpyro
 import numpyro.distributions as dist
 from jax.flatten_util import ravel_pytree
 
-from bayesmeta.adapt import inner_loop, split
+from bayesmeta.adapt import InnerLoop, split
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Context, Method, Spec
@@ -75,6 +75,7 @@ class LLAMA(Spec):
     def build(cfg: ModelConfig, p: Params, x_dim: int, y_dim: int, context: Context) -> Method:
         net = make_net(cfg.net, x_dim, y_dim)
         lik = make_likelihood(cfg)
+        inner = InnerLoop.from_config(cfg)
         sd, tau = cfg.noise_sd, p.prior_precision
         part = "head" if p.curvature == "last_layer" else "all"
 
@@ -98,7 +99,7 @@ class LLAMA(Spec):
 
         def model(batch: TaskBatch, inner_steps: int | None = None) -> None:
             theta = param_tree("theta", net.init)
-            phi, _ = inner_loop(cfg, task_loss, theta, batch.x_support, batch.y_support, inner_steps)
+            phi, _ = inner(task_loss, theta, batch.x_support, batch.y_support, inner_steps)
             n_tasks, n_query = batch.x_query.shape[:2]
             eps = None
             if batch.y_query is None and p.sample_posterior:

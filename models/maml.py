@@ -25,7 +25,7 @@ import numpyro
 from numpyro import handlers
 from numpyro.distributions import constraints
 
-from bayesmeta.adapt import inner_loop, learned_rates, split, trajectory_correction
+from bayesmeta.adapt import InnerLoop, learned_rates, split, trajectory_correction
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.curvature import hessian_frobenius_sq
 from bayesmeta.likelihoods import Gaussian, make_likelihood
@@ -75,6 +75,7 @@ def build_maml(
     net = make_net(cfg.net, x_dim, y_dim)
     lik = make_likelihood(cfg)
     p = params
+    inner = InnerLoop.from_config(cfg, first_order=first_order)
 
     def task_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
         return lik.loss(net.apply(params, x), y)
@@ -86,16 +87,7 @@ def build_maml(
             n = batch.x_query.shape[0] * batch.x_query.shape[1]
             numpyro.factor("theta_prior", gaussian_prior_logpdf(theta, cfg.prior_scale) / n)
         lr = inner_rates(cfg, p.learned_lr, p.lr_init, theta)
-        phi, _ = inner_loop(
-            cfg,
-            task_loss,
-            theta,
-            batch.x_support,
-            batch.y_support,
-            inner_steps,
-            first_order=first_order,
-            lr=lr,
-        )
+        phi, _ = inner(task_loss, theta, batch.x_support, batch.y_support, inner_steps, lr=lr)
         training = batch.y_query is not None  # the regularizers are training objectives, not predictions
         if training and p.hessian_reg > 0:
             # lambda * mean over tasks, on the scale of the likelihood's mean over query points and tasks
@@ -116,7 +108,7 @@ def build_maml(
         lr = handlers.substitute(inner_rates, data=params)(cfg, p.learned_lr, p.lr_init, theta)
 
         def adapt(th: dict, x: jax.Array, y: jax.Array) -> dict:
-            return inner_loop(cfg, task_loss, th, x, y, first_order=first_order, lr=lr)[0]
+            return inner(task_loss, th, x, y, lr=lr)[0]
 
         return Probe(theta, adapt, task_loss, task_loss, net.features)
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpyro
 
-from bayesmeta.adapt import inner_loop
+from bayesmeta.adapt import InnerLoop
 from bayesmeta.bounds import implied_beta
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
@@ -55,7 +55,7 @@ def _adapted_head(
     def loss(p: dict, z: jax.Array, y: jax.Array) -> jax.Array:
         return lik.loss(head_net.apply(p, z), y)
 
-    return inner_loop(cfg, loss, head, z_s, y_s, inner_steps, adapt="all")[0]
+    return InnerLoop.from_config(cfg, adapt="all")(loss, head, z_s, y_s, inner_steps)[0]
 
 
 @dataclass(frozen=True)

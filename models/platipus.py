@@ -21,7 +21,7 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro.handlers import scale
 
-from bayesmeta.adapt import inner_loop
+from bayesmeta.adapt import InnerLoop
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Context, Method, Spec
@@ -42,6 +42,7 @@ class PLATIPUS(Spec):
     def build(cfg: ModelConfig, p: Params, x_dim: int, y_dim: int, context: Context) -> Method:
         net = make_net(cfg.net, x_dim, y_dim)
         lik = make_likelihood(cfg)
+        inner = InnerLoop.from_config(cfg, adapt="all")
 
         def task_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
             return lik.loss(net.apply(params, x), y)
@@ -79,16 +80,7 @@ class PLATIPUS(Spec):
             theta = sample_theta(
                 shifted(mu, gamma_p, batch.x_support, batch.y_support), log_sd, batch.n_tasks
             )
-            phi, _ = inner_loop(
-                cfg,
-                task_loss,
-                theta,
-                batch.x_support,
-                batch.y_support,
-                inner_steps,
-                adapt="all",
-                per_task=True,
-            )
+            phi, _ = inner(task_loss, theta, batch.x_support, batch.y_support, inner_steps, per_task=True)
             observe(lik, jax.vmap(net.apply)(phi, batch.x_query), batch.y_query)
 
         def guide(batch: TaskBatch, inner_steps: int | None = None) -> None:

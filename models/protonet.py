@@ -16,10 +16,10 @@ import jax.numpy as jnp
 from bayesmeta.config import ModelConfig
 from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Context, Method, no_guide
+from bayesmeta.models.baselines import Classifier
 from bayesmeta.nets import make_net
 from bayesmeta.sites import observe, param_tree
 from bayesmeta.tasks import TaskBatch
-from models.baselines import Classifier
 
 
 def prototype_logits(z_s: jax.Array, y_s: jax.Array, z_q: jax.Array, ways: int) -> jax.Array:

@@ -199,3 +199,13 @@ def test_the_python_api_predicts_evaluates_and_refuses_bad_arrays(tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["eval_tasks"] == 20
     with pytest.raises(bayesmeta.io.RunFolderError, match="not a run folder"):
         bayesmeta.open_run(tmp_path)
+
+
+def test_the_installed_package_has_no_bare_models_import_name(tmp_path):
+    """models/ installs as bayesmeta.models; outside the checkout no top-level `models` exists."""
+    import subprocess
+    import sys
+
+    code = "import importlib.util as u; print(u.find_spec('models'), u.find_spec('bayesmeta.models').name)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.stdout.split() == ["None", "bayesmeta.models"], out.stderr

@@ -12,8 +12,8 @@ from jax.flatten_util import ravel_pytree
 from numpyro.infer import SVI, Trace_ELBO
 
 from bayesmeta import registry, run
+from bayesmeta.models.llama import jacobian, laplace_logdet, laplace_sample
 from bayesmeta.nets import MLP
-from models.llama import jacobian, laplace_logdet, laplace_sample
 
 SD, TAU = 0.3, 2.0
 

@@ -20,11 +20,11 @@ from bayesmeta import config, registry, run
 from bayesmeta.config import ConfigError
 from bayesmeta.datasets import omniglot as data
 from bayesmeta.diagnostics.landscape import landscape_metrics
+from bayesmeta.models.baselines import global_labels
+from bayesmeta.models.protonet import prototype_logits
 from bayesmeta.nets import Conv4, batch_norm, conv3x3
 from bayesmeta.registry import build_method, make_family
 from bayesmeta.tasks.omniglot import rotate
-from models.baselines import global_labels
-from models.protonet import prototype_logits
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "omniglot"
 OMNI = ["task.family='omniglot'", "model.likelihood='categorical'", "task.shots=1", "task.queries=2"]
