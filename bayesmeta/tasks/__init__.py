@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from bayesmeta.config import ConfigError, TaskConfig, parse_params
 from bayesmeta.tasks.ambiguous import SineLine
+from bayesmeta.tasks.arrays import Arrays
 from bayesmeta.tasks.base import Family, TaskBatch
 from bayesmeta.tasks.basis import BasisRegression
 from bayesmeta.tasks.omniglot import Omniglot, OmniglotRuns
@@ -16,6 +17,7 @@ FAMILIES: dict[str, type] = {
     "basis_regression": BasisRegression,
     "omniglot": Omniglot,
     "omniglot_runs": OmniglotRuns,
+    "arrays": Arrays,
 }
 
 __all__ = ["FAMILIES", "Family", "TaskBatch", "make_family"]
