@@ -9,6 +9,7 @@ from bayesmeta.tasks.base import Family, TaskBatch
 from bayesmeta.tasks.basis import BasisRegression
 from bayesmeta.tasks.omniglot import Omniglot, OmniglotRuns
 from bayesmeta.tasks.sinusoid import NMESinusoid, Sinusoid
+from bayesmeta.tasks.tfds_images import TFDSImages
 
 FAMILIES: dict[str, type] = {
     "sinusoid": Sinusoid,
@@ -18,6 +19,7 @@ FAMILIES: dict[str, type] = {
     "omniglot": Omniglot,
     "omniglot_runs": OmniglotRuns,
     "arrays": Arrays,
+    "tfds_images": TFDSImages,
 }
 
 __all__ = ["FAMILIES", "Family", "TaskBatch", "make_family"]
