@@ -7,6 +7,7 @@ import paths, and builds a family from its config (`registry.make_family`).
 from __future__ import annotations
 
 from bayesmeta.tasks.ambiguous import SineLine
+from bayesmeta.tasks.arrays import Arrays
 from bayesmeta.tasks.base import (
     Classification,
     DenseGrid,
@@ -19,6 +20,7 @@ from bayesmeta.tasks.base import (
 from bayesmeta.tasks.basis import BasisRegression
 from bayesmeta.tasks.omniglot import Omniglot, OmniglotRuns
 from bayesmeta.tasks.sinusoid import NMESinusoid, Sinusoid
+from bayesmeta.tasks.tfds_images import TFDSImages
 
 FAMILIES: dict[str, type] = {
     "sinusoid": Sinusoid,
@@ -27,6 +29,8 @@ FAMILIES: dict[str, type] = {
     "basis_regression": BasisRegression,
     "omniglot": Omniglot,
     "omniglot_runs": OmniglotRuns,
+    "arrays": Arrays,
+    "tfds_images": TFDSImages,
 }
 
 __all__ = [

@@ -20,6 +20,7 @@ import numpy as np
 from bayesmeta.config import opt
 from bayesmeta.datasets import omniglot as data
 from bayesmeta.tasks.base import TaskBatch
+from bayesmeta.tasks.episodes import device, episode, pick_classes
 
 DRAWERS = 20  # every Omniglot character is drawn by 20 people
 NME_SEED = 0  # the fixed class-to-label assignment of the nme regime
@@ -29,12 +30,6 @@ def rotate(images: jax.Array, k: jax.Array) -> jax.Array:
     """images (..., s, s) rotated by k (...) quarter turns counter-clockwise, k traced."""
     turns = jnp.stack([jnp.rot90(images, i, axes=(-2, -1)) for i in range(4)])
     return jnp.take_along_axis(turns, k[None, ..., None, None], 0)[0]
-
-
-def device(a: np.ndarray) -> jax.Array:
-    """A concrete device array, also when first needed inside a jit trace (cached data, not a tracer)."""
-    with jax.ensure_compile_time_eval():
-        return jnp.asarray(a)
 
 
 @dataclass(frozen=True)
@@ -132,23 +127,14 @@ class Omniglot:
             pick = jax.random.randint(kc, (n_tasks, n), 0, self._nme_groups.shape[1])
             classes = self._nme_groups[jnp.arange(n)[None], pick]
         else:
-            keys = jax.random.split(kc, n_tasks)
-            classes = jax.vmap(lambda k: jax.random.choice(k, self.n_classes, (n,), replace=False))(keys)
+            classes = pick_classes(kc, n_tasks, self.n_classes, n)
         turns = 4 if p.rotations else 1
         per_class = self.shots + self.queries
         order = jnp.argsort(jax.random.uniform(kd, (n_tasks, n, DRAWERS)), -1)[..., :per_class]
         index = self._pool[(classes // turns)[..., None], order]  # (T, N, K+Q)
         images = rotate(self._images[index], jnp.broadcast_to((classes % turns)[..., None], index.shape))
         x = images.reshape(n_tasks, n, per_class, -1).astype(jnp.float32) / 255.0
-        y = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :, None], (n_tasks, n, per_class))
-
-        def flat(a: jax.Array) -> jax.Array:
-            return a.reshape(n_tasks, -1, *a.shape[3:])
-
-        k = self.shots
-        return TaskBatch(
-            flat(x[:, :, :k]), flat(y[:, :, :k]), flat(x[:, :, k:]), flat(y[:, :, k:]), {"classes": classes}
-        )
+        return episode(x, self.shots, classes)
 
 
 @dataclass(frozen=True)
