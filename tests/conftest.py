@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
-os.environ.setdefault("MPLBACKEND", "Agg")
-
+import jax
 import pytest
 
 from bayesmeta import config, registry
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+# XLA's persistent compilation cache, fresh for each test session (nothing is kept between sessions):
+# tests build many identical programs in different closures (the same small config fitted, copied,
+# evaluated, resumed), which jit's in-memory cache cannot share and this cache can. It cuts the
+# suite's CPU time by about 40% (tests/test_run_folder.py: 86 s -> 51 s of user time). Set for this
+# process and, through the environment, for the CLI subprocesses some tests start.
+XLA_CACHE = {
+    "JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="bayesmeta-test-xla-cache-"),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+}
+os.environ.update(XLA_CACHE)
+jax.config.update("jax_compilation_cache_dir", XLA_CACHE["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 SMALL = [
     "train.steps=200",
@@ -32,3 +50,7 @@ def small_cfg():
         return registry.load_config(None, [*SMALL, *overrides])
 
     return make
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(XLA_CACHE["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
