@@ -28,9 +28,10 @@ class Probe(NamedTuple):
 class Method:
     """A meta-learner as a (model, guide) pair over a TaskBatch.
 
-    model(batch, inner_steps=None): the joint over the batch; observes batch.y_query and samples it
-      when y_query is None; records the predictive mean as the deterministic site "f".
-      `inner_steps=None` means the training number of steps; evaluation passes the test-time number.
+    model(batch, inner_steps=None, training=True): the joint over the batch; observes batch.y_query
+      and samples it when y_query is None; records the predictive mean as the deterministic site "f".
+      `inner_steps=None` means the training number of steps; prediction passes the test-time number
+      and training=False (training-only terms, such as regularizers, are left out).
     guide(batch, inner_steps=None): the variational family (empty for empirical Bayes / MAP).
     elbo: "trace" (Monte Carlo Trace_ELBO) or "meanfield" (TraceMeanField_ELBO, analytic KL).
     predict_with_guide: draw global latents from the guide at prediction time (False when the guide

@@ -26,7 +26,7 @@ def predictive(
 
     def run(params: dict, batch: TaskBatch, key: jax.Array) -> dict:
         pred = Predictive(
-            partial(method.model, inner_steps=inner_steps),
+            partial(method.model, inner_steps=inner_steps, training=False),
             params=params,
             guide=method.guide if method.predict_with_guide else None,
             num_samples=num_samples,

@@ -65,7 +65,7 @@ class FineTune(Classifier):
         def loss(p: dict, x: jax.Array, y: jax.Array) -> jax.Array:
             return lik.loss(task_net.apply(p, x), y)
 
-        def model(batch: TaskBatch, inner_steps: int | None = None) -> None:
+        def model(batch: TaskBatch, inner_steps: int | None = None, training: bool = True) -> None:
             theta = param_tree("theta", pretrain.init)
             if inner_steps is None:  # pre-training: every episode image under its global label
                 x = jnp.concatenate([batch.x_support, batch.x_query], 1)
@@ -103,7 +103,7 @@ class NearestNeighbour(Classifier):
             same = jax.nn.one_hot(y_s, y_dim, dtype=bool)
             return -jnp.min(jnp.where(same[None], d[:, :, None], jnp.inf), axis=1)
 
-        def model(batch: TaskBatch, inner_steps: int | None = None) -> None:
+        def model(batch: TaskBatch, inner_steps: int | None = None, training: bool = True) -> None:
             out = jax.vmap(logits)(batch.x_support, batch.y_support, batch.x_query)
             observe(lik, out, batch.y_query)
 

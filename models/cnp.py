@@ -84,7 +84,7 @@ def build_cnp(cfg: ModelConfig, p: CNPParams, x_dim: int, y_dim: int, name: str)
         out = xpath.apply(params, x)
         return out[..., : p.w_dim], jax.nn.softplus(out[..., p.w_dim :])
 
-    def model(batch: TaskBatch, inner_steps: int | None = None) -> None:
+    def model(batch: TaskBatch, inner_steps: int | None = None, training: bool = True) -> None:
         theta = param_tree("theta", init)
         x_s, x_q = batch.x_support, batch.x_query
         if p.variant == "weights":

@@ -119,7 +119,7 @@ class L2F(Spec):
             lr = inner_rates(cfg, p.learned_lr, p.lr_init, theta)
             return inner(task_loss, init, x, y, inner_steps, per_task=True, lr=lr)[0]
 
-        def model(batch: TaskBatch, inner_steps: int | None = None) -> None:
+        def model(batch: TaskBatch, inner_steps: int | None = None, training: bool = True) -> None:
             theta = param_tree("theta", net.init)
             phi = adapt(theta, batch.x_support, batch.y_support, inner_steps)
             observe(lik, jax.vmap(net.apply)(phi, batch.x_query), batch.y_query)

@@ -97,12 +97,12 @@ class LLAMA(Spec):
                 {**rest, **unravel(flat + laplace_sample(jac, sd, tau, p.curvature, key_eps))},
             )
 
-        def model(batch: TaskBatch, inner_steps: int | None = None) -> None:
+        def model(batch: TaskBatch, inner_steps: int | None = None, training: bool = True) -> None:
             theta = param_tree("theta", net.init)
             phi, _ = inner(task_loss, theta, batch.x_support, batch.y_support, inner_steps)
             n_tasks, n_query = batch.x_query.shape[:2]
             eps = None
-            if batch.y_query is None and p.sample_posterior:
+            if not training and p.sample_posterior:
                 size = ravel_pytree(split(theta, part)[0])[0].size
                 with numpyro.plate("laplace_tasks", n_tasks):
                     eps = numpyro.sample("laplace_eps", dist.Normal(0.0, 1.0).expand([size]).to_event(1))

@@ -80,7 +80,7 @@ def build_maml(
     def task_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
         return lik.loss(net.apply(params, x), y)
 
-    def model(batch: TaskBatch, inner_steps: int | None = None) -> None:
+    def model(batch: TaskBatch, inner_steps: int | None = None, training: bool = True) -> None:
         theta = param_tree("theta", net.init)
         if cfg.prior_scale > 0:
             # The prior enters like one batch of data: an L2 penalty of 1 / (2 s^2 T Q).
@@ -88,7 +88,6 @@ def build_maml(
             numpyro.factor("theta_prior", gaussian_prior_logpdf(theta, cfg.prior_scale) / n)
         lr = inner_rates(cfg, p.learned_lr, p.lr_init, theta)
         phi, _ = inner(task_loss, theta, batch.x_support, batch.y_support, inner_steps, lr=lr)
-        training = batch.y_query is not None  # the regularizers are training objectives, not predictions
         if training and p.hessian_reg > 0:
             # lambda * mean over tasks, on the scale of the likelihood's mean over query points and tasks
             fro2 = support_curvature(cfg, task_loss, phi, batch.x_support, batch.y_support, p.hessian_probes)

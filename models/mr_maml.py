@@ -108,7 +108,7 @@ class MRMAMLW(Spec):
         lik = make_likelihood(cfg)
         beta = implied_beta(context.n_tasks, context.n_query, p.delta) if p.beta_from_bound else p.beta
 
-        def model(batch: TaskBatch, inner_steps: int | None = None) -> None:
+        def model(batch: TaskBatch, inner_steps: int | None = None, training: bool = True) -> None:
             encoder = bayesian_layers("encoder", enc, beta, p.prior_sd)
             head = param_tree("head", head_net.init)
             phi = _adapted_head(
@@ -177,11 +177,11 @@ class MRMAMLA(Spec):
             out = enc.apply(params, x)
             return out[..., : p.encoder_dim], jax.nn.softplus(out[..., p.encoder_dim :])
 
-        def model(batch: TaskBatch, inner_steps: int | None = None) -> None:
+        def model(batch: TaskBatch, inner_steps: int | None = None, training: bool = True) -> None:
             encoder = param_tree("encoder", enc.init)
             head = param_tree("head", head_net.init)
             mu_s, sd_s = stats(encoder, batch.x_support)
-            if batch.y_query is None and p.predict_mean:
+            if not training and p.predict_mean:
                 z_s, z_q = mu_s, stats(encoder, batch.x_query)[0]
             else:
                 # support codes are sampled by reparameterization, without a KL term (as the reference)

@@ -73,7 +73,7 @@ class PLATIPUS(Spec):
             g = jax.vmap(jax.grad(task_loss), in_axes=(None, 0, 0))(mu, x, y)
             return jax.tree.map(lambda m, gi: m - gamma * gi, mu, g)
 
-        def model(batch: TaskBatch, inner_steps: int | None = None) -> None:
+        def model(batch: TaskBatch, inner_steps: int | None = None, training: bool = True) -> None:
             mu = param_tree("mu", net.init)
             log_sd = param_tree("log_sd_theta", log_sd_init)
             gamma_p = numpyro.param("gamma_p", jnp.asarray(p.gamma_init))

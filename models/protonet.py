@@ -45,7 +45,7 @@ class ProtoNet(Classifier):
         def init(key: jax.Array) -> dict:
             return {k: v for k, v in net.init(key).items() if k != "head"}
 
-        def model(batch: TaskBatch, inner_steps: int | None = None) -> None:
+        def model(batch: TaskBatch, inner_steps: int | None = None, training: bool = True) -> None:
             theta = param_tree("theta", init)
 
             z_s, z_q = embed(theta, batch.x_support), embed(theta, batch.x_query)

@@ -89,7 +89,7 @@ class PolyRidge(Spec):
             f = features(x, p.degree)
             return m + jnp.linalg.solve(f.T @ f + p.ridge * jnp.eye(k), f.T @ (y[:, 0] - f @ m))
 
-        def model(batch: TaskBatch, inner_steps: int | None = None) -> None:
+        def model(batch: TaskBatch, inner_steps: int | None = None, training: bool = True) -> None:
             m = numpyro.param("prior_mean", jnp.zeros(k))
             w = jax.vmap(adapt, (None, 0, 0))(m, batch.x_support, batch.y_support)
             out = jax.vmap(lambda wi, x: features(x, p.degree) @ wi)(w, batch.x_query)[..., None]

@@ -135,12 +135,12 @@ def _oracle_and_memorizer(family):
     squares on sin(u) (D ~ 1), one reads it off the one-hot and ignores the support (D = 0)."""
     amps = family.amplitudes
 
-    def oracle(batch, inner_steps=None):
+    def oracle(batch, inner_steps=None, training=True):
         s = jnp.sin(batch.x_support[..., :1])
         a = jnp.sum(s * batch.y_support, (1, 2)) / jnp.sum(s * s, (1, 2))
         observe(dist_lik, a[:, None, None] * jnp.sin(batch.x_query[..., :1]), batch.y_query)
 
-    def memorizer(batch, inner_steps=None):
+    def memorizer(batch, inner_steps=None, training=True):
         a = amps[jnp.argmax(batch.x_query[:, 0, 1:], -1)]
         observe(dist_lik, a[:, None, None] * jnp.sin(batch.x_query[..., :1]), batch.y_query)
 
@@ -186,11 +186,11 @@ def test_the_truth_slope_separates_following_the_truth_from_following_noise():
     tasks = family.sample(jax.random.PRNGKey(0), 64)
     amps = family.amplitudes
 
-    def noise_follower(batch, inner_steps=None):
+    def noise_follower(batch, inner_steps=None, training=True):
         wiggle = 3.0 * jnp.sin(100.0 * jnp.sum(batch.x_support[..., :1], (1, 2)))  # unrelated to g
         observe(dist_lik, wiggle[:, None, None] + 0 * batch.x_query[..., :1], batch.y_query)
 
-    def noisy_memorizer(batch, inner_steps=None):
+    def noisy_memorizer(batch, inner_steps=None, training=True):
         a = amps[jnp.argmax(batch.x_query[:, 0, 1:], -1)]
         jitter = numpyro.sample("jitter", dist.Normal(0, 1).expand([a.shape[0], 1, 1]).to_event(3))
         observe(dist_lik, (a[:, None, None] + jitter) * jnp.sin(batch.x_query[..., :1]), batch.y_query)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -145,7 +147,9 @@ def test_hessian_reg_trains_under_svi_and_leaves_predictive_unchanged():
     params = svi.get_params(state)
 
     def f(method):
-        pred = Predictive(lambda b: method.model(b, inner_steps=3), params=params, num_samples=2)
+        pred = Predictive(
+            lambda b: method.model(b, inner_steps=3, training=False), params=params, num_samples=2
+        )
         return pred(jax.random.PRNGKey(0), batch._replace(y_query=None))
 
     a, b = f(plain), f(reg)
@@ -237,7 +241,7 @@ def test_trajectory_reg_zero_is_plain_maml_and_positive_uses_the_corrected_param
         assert abs(float(elbo(reg, params, batch)) - float(elbo(plain, params, batch))) > 1e-3
         # prediction is per task (no coupling of test tasks through theta_mu): MAML's prediction
         pred = [
-            Predictive(m.model, params=params, num_samples=1)(
+            Predictive(partial(m.model, training=False), params=params, num_samples=1)(
                 jax.random.PRNGKey(0), batch._replace(y_query=None)
             )
             for m in (plain, reg)
