@@ -56,7 +56,8 @@ from bayesmeta.tasks import (
 GRID_POINTS = 200
 # metrics.json's schema: raised whenever evaluation changes what it measures, so that experiment grids
 # re-evaluate finished runs from their checkpoints instead of reusing numbers of older code
-METRICS_VERSION = 3
+# (4: calibration's pit is the randomized PIT, continuous on [0, 1])
+METRICS_VERSION = 4
 
 
 @dataclass
@@ -279,11 +280,12 @@ def calibration(setup: Setup, params: dict, ev: Evaluation) -> dict[str, Any]:
         if not keep.any():  # every task diverged: the metrics say so; nothing to calibrate
             continue
         f, y_draws = jnp.asarray(ev.draws[s]["f"])[:, keep], jnp.asarray(ev.draws[s]["y"])[:, keep]
+        tie_key = jax.random.fold_in(jax.random.PRNGKey(8), s)  # the randomized PIT's uniform draws
         entry = {
             "nll": float(jnp.mean(mixture_nll(f, noise_sd, y[keep]))),
             "coverage": {str(k): v for k, v in coverage(y_draws, y[keep]).items()},
             "width": {str(k): v for k, v in interval_width(y_draws).items()},
-            "pit": np.asarray(pit(y_draws, y[keep])).ravel().tolist(),
+            "pit": np.asarray(pit(y_draws, y[keep], tie_key)).ravel().tolist(),
             "diverged_tasks": int((~keep).sum()),
         }
         fam = setup.eval_family
