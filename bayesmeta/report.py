@@ -284,6 +284,53 @@ def build_datatree(
     return dt
 
 
+def support_set_tree(
+    draws: dict[str, np.ndarray],
+    x_support: np.ndarray,
+    y_support: np.ndarray,
+    x_query: np.ndarray,
+    classifier: bool,
+    attrs: dict[str, Any],
+    truth: np.ndarray | None = None,
+) -> xr.DataTree:
+    """Predictive draws (S, n, ...) per site at x_query after adapting to one support set, in ArviZ's
+    layout (one chain): posterior_predictive y (a label per point for a classifier, else outputs) and f
+    (class probabilities or the predictive mean), x as coordinate for 1-D inputs; constant_data the
+    inputs, the support targets and, when known, the true function at x_query."""
+    out = "class" if classifier else "output"
+    dims = {
+        "y": ["point", *([] if classifier else ["output"])],
+        "f": ["point", out],
+        "x_query": ["point", "input"],
+        "x_support": ["support", "input"],
+        "y_support": ["support", *([] if classifier else ["output"])],
+        "truth": ["point", "output"],
+    }
+    pp = az.dict_to_dataset(
+        {k: v[None] for k, v in draws.items()}, dims=dims, sample_dims=SAMPLE_DIMS, inference_library=numpyro
+    ).assign_coords(input_coords(x_query, ("point",)))
+    const = {"x_query": x_query, "x_support": x_support, "y_support": y_support}
+    if truth is not None:
+        const["truth"] = truth
+    about = {
+        "y": "posterior predictive draw of y at the query inputs given the support set",
+        "f": "class probabilities under each draw" if classifier else "predictive mean of y under each draw",
+        "x_query": "query inputs",
+        "x_support": "support-set inputs",
+        "y_support": "support-set targets the prediction adapts to",
+        "truth": "the task's true (noise-free) function at the query inputs",
+    }
+    attrs_of = {k: {"description": v} for k, v in about.items()}
+    dt = xr.DataTree.from_dict(
+        {
+            "posterior_predictive": described(pp, attrs_of),
+            "constant_data": described(az.dict_to_dataset(const, dims=dims, sample_dims=[]), attrs_of),
+        }
+    )
+    dt.attrs.update(attrs)
+    return dt
+
+
 def save_datatree(dt: xr.DataTree, path: Path) -> Path:
     """Atomic netCDF write (h5netcdf) of the whole tree."""
 
