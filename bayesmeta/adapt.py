@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from bayesmeta.sites import param_tree
+from bayesmeta.sites import RATES, param_tree
 
 Params = dict[str, Any]
 TaskLoss = Callable[[Params, jax.Array, jax.Array], jax.Array]
@@ -49,7 +49,7 @@ def extend_steps(rates: jax.Array, steps: int) -> jax.Array:
     return rates[jnp.minimum(jnp.arange(steps), n - 1)]
 
 
-def learned_rates(fast: Params, kind: str, steps: int, init: float, prefix: str = "inner_lr") -> Params:
+def learned_rates(fast: Params, kind: str, steps: int, init: float, prefix: str = RATES) -> Params:
     """Inner step sizes as meta-parameters (numpyro.param sites `prefix.layer.leaf`, unconstrained):
     "per_layer_step" one rate per parameter tensor and inner step, (steps,) per leaf (MAML++, Antoniou
     et al. 2019); "meta_sgd" one rate per parameter entry, shared by the steps, (1, *shape) (Meta-SGD,

@@ -25,6 +25,7 @@ from bayesmeta.io import RunFolderError, run_lock
 from bayesmeta.likelihoods import Categorical
 from bayesmeta.predict import predictive
 from bayesmeta.registry import load_config
+from bayesmeta.report import support_set_tree
 from bayesmeta.run import Setup, finish, restore
 from bayesmeta.tasks import TaskBatch
 
@@ -83,7 +84,7 @@ class Run:
         steps = self.cfg.eval.inner_steps[-1] if inner_steps is None else inner_steps
         batch = TaskBatch(x_s[None], y_s[None], x_q[None], None, {})
         out = predictive(method, steps, samples)(self.params, batch, jax.random.PRNGKey(seed))
-        return predictions_tree(
+        return support_set_tree(
             {k: np.asarray(v[:, 0]) for k, v in out.items()},
             x_s,
             y_s,
@@ -133,33 +134,3 @@ def _array(value: Any, name: str, shape: tuple[int | None, ...], dtype: Any) -> 
     if not np.isfinite(a).all():
         raise ValueError(f"{name}: holds NaN or infinite values")
     return a
-
-
-def predictions_tree(
-    draws: dict[str, np.ndarray],
-    x_s: np.ndarray,
-    y_s: np.ndarray,
-    x_q: np.ndarray,
-    classifier: bool,
-    attrs: dict,
-) -> xr.DataTree:
-    """Predictive draws (S, n, ...) per site -> a DataTree in ArviZ's layout (one chain): per point a
-    label (classifier's y), class probabilities (its f) or regression outputs."""
-
-    def dims(a: np.ndarray, point: str) -> tuple[str, ...]:
-        return (point,) if a.ndim == 1 else (point, "class" if classifier else "output")
-
-    pp = xr.Dataset(
-        {k: (("chain", "draw", *dims(v[0], "point")), v[None]) for k, v in draws.items()},
-        coords={"point": np.arange(x_q.shape[0])},
-    )
-    const = xr.Dataset(
-        {
-            "x_query": (("point", "input"), x_q),
-            "x_support": (("support", "input"), x_s),
-            "y_support": (dims(y_s, "support"), y_s),
-        }
-    )
-    dt = xr.DataTree.from_dict({"posterior_predictive": pp, "constant_data": const})
-    dt.attrs.update(attrs)
-    return dt

@@ -78,7 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--samples", type=int, default=20, help="posterior predictive draws (default 20)")
     s.add_argument("--steps", type=int, help="test-time inner steps (default: the last of eval.inner_steps)")
-    s.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/samples)")
+    s.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (default: RUN_DIR/samples); each call adds sample_<n>.nc and sample_<n>.png",
+    )
     r = sub.add_parser("report", help="redraw summary.md and plots from a run's files")
     r.add_argument("run_dir", type=Path)
     return p
@@ -150,7 +154,7 @@ def _check_sample_args(args: argparse.Namespace) -> None:
     _check_range("--steps", args.steps, 0, MAX_SAMPLE_STEPS)
     _check_range("--task-seed", args.task_seed, 0, SEED_MAX)
     if args.out is not None and args.out.exists() and not args.out.is_dir():
-        raise ConfigError(f"--out {args.out}: is a file; expected a folder for samples.nc and samples.png")
+        raise ConfigError(f"--out {args.out}: is a file; expected a folder for sample_<n>.nc and .png")
 
 
 def _sample(args: argparse.Namespace) -> int:

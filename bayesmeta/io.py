@@ -31,21 +31,60 @@ class RunLockedError(RunFolderError):
     """Another process is writing into the run folder; the message names it."""
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Call write(file) on a temporary file and rename it to `path`: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _write_temp(folder: Path, name: str, write: Callable[[BinaryIO], None]) -> Path:
+    """write(file) on a new temporary file in `folder`, flushed to disk (removed if write fails)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp)
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Call write(file) on a temporary file and rename it to `path`: readers never see a partial file."""
+    path = Path(path)
+    tmp = _write_temp(path.parent, path.name, write)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def _claim(path: Path) -> bool:
+    """Create `path` empty unless it exists (atomically, also against other processes)."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def write_new(
+    path: Callable[[int], Path],
+    write: Callable[[BinaryIO], None],
+    taken: Callable[[Path], bool] = lambda p: False,
+) -> Path:
+    """Like atomic_write, to path(n) for the first n = 1, 2, ... that neither exists nor is `taken`:
+    never replaces a file, also when another process picks names in the same folder at the same time
+    (the name is claimed by exclusive creation once the content is written, then renamed onto)."""
+    tmp = _write_temp(path(1).parent, path(1).name, write)
+    try:
+        n = 1
+        while taken(path(n)) or not _claim(path(n)):
+            n += 1
+        os.replace(tmp, path(n))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path(n)
 
 
 def write_text(path: str | Path, text: str) -> Path:

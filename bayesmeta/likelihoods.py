@@ -79,7 +79,8 @@ class Categorical:
 
     def log_prob(self, f: jax.Array, y: jax.Array) -> jax.Array:
         """Pointwise log p(y | f) = log f_y for class probabilities f (the site "f"), one value per point."""
-        p = jnp.take_along_axis(f, y.astype(jnp.int32)[..., None], -1)[..., 0]
+        labels = jnp.broadcast_to(y.astype(jnp.int32), f.shape[:-1])  # y without the draw axes of f
+        p = jnp.take_along_axis(f, labels[..., None], -1)[..., 0]
         return jnp.log(jnp.clip(p, 1e-30))
 
 

@@ -56,7 +56,8 @@ from bayesmeta.tasks import (
 GRID_POINTS = 200
 # metrics.json's schema: raised whenever evaluation changes what it measures, so that experiment grids
 # re-evaluate finished runs from their checkpoints instead of reusing numbers of older code
-METRICS_VERSION = 3
+# (4: calibration's pit is the randomized PIT, continuous on [0, 1])
+METRICS_VERSION = 4
 
 
 @dataclass
@@ -279,11 +280,12 @@ def calibration(setup: Setup, params: dict, ev: Evaluation) -> dict[str, Any]:
         if not keep.any():  # every task diverged: the metrics say so; nothing to calibrate
             continue
         f, y_draws = jnp.asarray(ev.draws[s]["f"])[:, keep], jnp.asarray(ev.draws[s]["y"])[:, keep]
+        tie_key = jax.random.fold_in(jax.random.PRNGKey(8), s)  # the randomized PIT's uniform draws
         entry = {
             "nll": float(jnp.mean(mixture_nll(f, noise_sd, y[keep]))),
             "coverage": {str(k): v for k, v in coverage(y_draws, y[keep]).items()},
             "width": {str(k): v for k, v in interval_width(y_draws).items()},
-            "pit": np.asarray(pit(y_draws, y[keep])).ravel().tolist(),
+            "pit": np.asarray(pit(y_draws, y[keep], tie_key)).ravel().tolist(),
             "diverged_tasks": int((~keep).sum()),
         }
         fam = setup.eval_family
@@ -308,6 +310,14 @@ def calibration(setup: Setup, params: dict, ev: Evaluation) -> dict[str, Any]:
             )
         out[str(s)] = entry
     return out
+
+
+def log_likelihood(setup: Setup, params: dict, ev: Evaluation) -> dict[int, np.ndarray]:
+    """Pointwise log p(y_query | f) (S, T, n) of every predictive draw, per test-time step count, under
+    the method's likelihood at the fitted parameters (a learned noise sd included)."""
+    lik = setup.eval_method.likelihood.at(params)
+    y = jnp.asarray(ev.tasks.y_query)
+    return {s: np.asarray(lik.log_prob(jnp.asarray(d["f"]), y)) for s, d in ev.draws.items()}
 
 
 def exact_calibration(family: Any, tasks: Any) -> dict[str, Any]:
@@ -415,24 +425,22 @@ def finish(setup: Setup, run_dir: Path, result: FitResult, progress: bool = True
         "family": cfg.task.family,
         "config": config_mod.dumps(cfg),
         "train_seconds": result.trace.seconds,
-        "inference": "SVI; point-estimated meta-parameters are in meta_parameters (or, when a "
-        "method has no stochastic meta-parameters, the posterior as one draw)",
+        "inference": "SVI: the stochastic meta-parameters' variational posterior is drawn in posterior, "
+        "the meta-parameters held in numpyro.param are in point_estimates",
     }
     if pac:
         attrs["pac_bayes"] = pac_text(pac.as_dict())
-
-    params = {k: np.asarray(v) for k, v in result.params.items()}
-    draws = posterior_draws(setup, result.params, batches[0])
     dt = build_datatree(
-        draws or {k: v[None] for k, v in params.items()},
-        params if draws else None,
-        ev.draws,
-        ev.tasks,
-        grid,
-        result.trace,
-        attrs,
-        list(cfg.eval.inner_steps),
-        {"pac_bayes": pac.as_dict()} if pac else {},
+        posterior=posterior_draws(setup, result.params, batches[0]),
+        point_estimates={k: np.asarray(v) for k, v in result.params.items()},
+        draws=ev.draws,
+        log_likelihood=log_likelihood(setup, result.params, ev),
+        tasks=ev.tasks,
+        grid=grid,
+        trace=result.trace,
+        attrs=attrs,
+        inner_steps=list(cfg.eval.inner_steps),
+        pac_bayes=pac.as_dict() if pac else None,
     )
 
     def write(stage: Path) -> None:

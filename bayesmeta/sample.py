@@ -1,7 +1,8 @@
 """Posterior predictive sampling for one support set: from a CSV/NPZ file or a task of the run's family.
 
 Draws S functions by numpyro.infer.Predictive (adapting to the support set each time), writes them to
-an ArviZ DataTree (posterior_predictive, constant_data) and a PNG of the sampled functions.
+an ArviZ DataTree (posterior_predictive, constant_data) and a PNG of the sampled functions, under a new
+numbered name per call.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import xarray as xr
 
-from bayesmeta.io import atomic_write
+from bayesmeta.io import write_new
 from bayesmeta.predict import predictive
-from bayesmeta.report import save_fig
+from bayesmeta.report import save_fig, support_set_tree
 from bayesmeta.tasks import TaskBatch
 
 MAX_ABS_VALUE = 1e6
@@ -197,25 +197,6 @@ def draw(
     return Samples(x_s, y_s, x, np.asarray(out["f"][:, 0]), np.asarray(out["y"][:, 0]), truth)
 
 
-def to_datatree(s: Samples, attrs: dict) -> xr.DataTree:
-    pp = xr.Dataset(
-        {
-            "f": (("chain", "draw", "point", "output"), s.f[None]),
-            "y": (("chain", "draw", "point", "output"), s.y[None]),
-        }
-    )
-    const = {
-        "x": (("point", "input"), s.x),
-        "x_support": (("support", "input"), s.x_support),
-        "y_support": (("support", "output"), s.y_support),
-    }
-    if s.truth is not None:
-        const["truth"] = (("point", "output"), s.truth)
-    dt = xr.DataTree.from_dict({"posterior_predictive": pp, "constant_data": xr.Dataset(const)})
-    dt.attrs.update(attrs)
-    return dt
-
-
 def plot(s: Samples, path: Path, title: str) -> Path:
     """The sampled functions (thin), their mean, the support points and, if known, the truth."""
     import matplotlib.pyplot as plt
@@ -235,6 +216,12 @@ def plot(s: Samples, path: Path, title: str) -> Path:
 
 
 def save(s: Samples, out_dir: Path, attrs: dict, title: str) -> list[Path]:
-    dt = to_datatree(s, attrs)
-    nc = atomic_write(out_dir / "samples.nc", lambda f: f.write(dt.to_netcdf(engine="h5netcdf")))
-    return [nc, plot(s, out_dir / "samples.png", title)]
+    """sample_<n>.nc (ArviZ: posterior_predictive, constant_data) and sample_<n>.png in out_dir, with the
+    first n free: every call keeps the samples of earlier ones."""
+    dt = support_set_tree({"f": s.f, "y": s.y}, s.x_support, s.y_support, s.x, False, attrs, s.truth)
+    nc = write_new(
+        lambda n: out_dir / f"sample_{n:03d}.nc",
+        lambda f: f.write(dt.to_netcdf(engine="h5netcdf")),
+        taken=lambda path: path.with_suffix(".png").exists(),
+    )
+    return [nc, plot(s, nc.with_suffix(".png"), title)]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpyro
@@ -14,6 +15,66 @@ def site_names(prefix: str, tree: Any) -> list[str]:
     """Site names `prefix.layer.leaf` for the leaves of a nested dict, in tree order."""
     paths = jax.tree_util.tree_flatten_with_path(tree)[0]
     return [".".join([prefix, *(str(k.key) for k in path)]) for path, _ in paths]
+
+
+RATES = "inner_lr"
+"""Prefix of the learned inner step sizes (adapt.learned_rates): sites `inner_lr.<layer>.<leaf>`."""
+LAYER = re.compile(r"(layer|block)_\d+|head")
+"""Layer names of bayesmeta.nets (MLP layer_i, Conv4 block_i, the head)."""
+KERNEL_AXES = {2: ("in", "out"), 4: ("row", "column", "in", "out")}
+"""Axes of a dense kernel (in, out) and of a 3x3 convolution kernel (HWIO)."""
+LEAVES = {"w": "weights", "b": "bias", "scale": "batch-norm scale", "offset": "batch-norm offset"}
+
+
+class SiteLayout(NamedTuple):
+    """How a site is stored in ArviZ: a variable name without dots, named dims, and what it is."""
+
+    name: str
+    dims: list[str]
+    description: str
+
+
+def site_layout(site: str, ndim: int) -> SiteLayout:
+    """The ArviZ layout of a parameter or latent site of `ndim` axes, from its role in bayesmeta's
+    building blocks: layer leaves `net.layer.w|b|scale|offset` (param_tree), Gaussian weights
+    `net.layer` with their `.loc`/`.rho` and the `net_bias.layer` leaves beside them
+    (bayesian_layers), learned rates `inner_lr.layer.leaf` (leading axis: the inner step). Dims are
+    `<net>_<layer>_<axis>` (theta_layer_0_in, theta_layer_0_out), so a layer's kernel, bias and
+    variational parameters share their dims; a site of no known role gets `<name>_axis_<i>`."""
+    parts = site.split(".")
+    name = "_".join(parts)
+    if len(parts) > 1 and parts[-1] in ("loc", "rho"):
+        inner = site_layout(".".join(parts[:-1]), ndim)
+        what = "mean" if parts[-1] == "loc" else f"rho (sd = {SD_FLOOR:.3g} + softplus(rho))"
+        return SiteLayout(
+            name, inner.dims, f"{what} of the mean-field Gaussian q over the {inner.description}"
+        )
+    if parts[0] == RATES and len(parts) > 1 and ndim >= 1:
+        entries = _layer_axes(parts, ndim - 1)  # Meta-SGD: one rate per entry
+        dims = ["inner_lr_step", *(entries[0] if entries else [])]
+        return SiteLayout(name, dims, f"learned inner step size of {'.'.join(parts[1:])}")
+    axes = _layer_axes(parts, ndim)
+    if axes is not None:
+        return SiteLayout(name, *axes)
+    return SiteLayout(name, [f"{name}_axis_{i}" for i in range(ndim)], f"meta-parameter {site}")
+
+
+def _layer_axes(parts: list[str], ndim: int) -> tuple[list[str], str] | None:
+    """Dims and description of a layer leaf (`net.layer.leaf`, or `net.layer` for a Gaussian kernel and
+    `net_bias.layer` for its bias), or None when the site is not one."""
+    leaf = parts[-1]
+    if leaf in LEAVES and len(parts) > 2:
+        layer, role = parts[:-1], leaf
+    elif LAYER.fullmatch(leaf) and len(parts) > 1:
+        layer, role = parts, ("b" if parts[0].endswith("_bias") else "w")
+    else:
+        return None
+    axes = KERNEL_AXES.get(ndim) if role == "w" else ("out",) if ndim == 1 else None
+    if axes is None:
+        return None
+    stem = "_".join([layer[0].removesuffix("_bias"), *layer[1:]])
+    net = ".".join([layer[0].removesuffix("_bias"), *layer[1:-1]])
+    return [f"{stem}_{a}" for a in axes], f"{LEAVES[role]} ({', '.join(axes)}) of layer {layer[-1]} of {net}"
 
 
 def param_tree(prefix: str, init: Callable[[jax.Array], Any]) -> Any:

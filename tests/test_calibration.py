@@ -32,11 +32,36 @@ def test_calibrated_predictive_covers_at_nominal_and_has_uniform_pit():
     samples, y = _draws(1.0)
     for level, cov in coverage(samples, y).items():
         assert cov == pytest.approx(level, abs=0.015)
-    u = np.asarray(pit(samples, y))
+    u = np.asarray(pit(samples, y, jax.random.PRNGKey(1)))
     counts, _ = np.histogram(u, bins=10, range=(0, 1))
     assert stats.chisquare(counts).pvalue > 1e-3
     for level, width in interval_width(samples).items():
         assert width == pytest.approx(2 * stats.norm.ppf((1 + level) / 2), rel=0.03)
+
+
+def test_pit_of_few_draws_is_continuous_and_uniform():
+    """With S = 20 draws the fraction of draws below y takes only 21 values, which a 20-bin histogram
+    or a KS test reads as miscalibration; the randomized PIT of the same calibrated draws is U(0, 1)."""
+    samples, y = _draws(1.0, s=20)
+    u = np.asarray(pit(samples, y, jax.random.PRNGKey(1)))
+    assert len(np.unique(u)) > 0.99 * u.size  # not restricted to S + 1 levels
+    assert stats.kstest(u, "uniform").pvalue > 1e-3
+    assert stats.chisquare(np.histogram(u, bins=20, range=(0, 1))[0]).pvalue > 1e-3
+    fraction = np.asarray(jnp.mean(samples < y, axis=0))
+    assert len(np.unique(fraction)) == 21 and stats.kstest(fraction, "uniform").pvalue < 1e-6
+
+
+def test_pit_breaks_ties_of_a_discrete_predictive_uniformly():
+    """Draws and observations from the same 4-valued distribution: most draws tie with y, and the
+    randomized PIT is still U(0, 1); an overdispersed predictive gives a hump-shaped PIT instead."""
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(2), 3)
+    samples = jax.random.binomial(k1, 3, 0.5, (10, 20000))
+    y = jax.random.binomial(k2, 3, 0.5, (20000,))
+    u = np.asarray(pit(samples, y, k3))
+    assert stats.kstest(u, "uniform").pvalue > 1e-3
+    wide = jax.random.binomial(k1, 9, 0.5, (10, 20000)) - 3  # same mean, 3x the variance
+    u_wide = np.asarray(pit(wide, y, k3))
+    assert np.mean(np.abs(u_wide - 0.5) < 0.25) > 0.6  # mass in the middle: the predictive is too wide
 
 
 def test_overconfident_predictive_undercovers_by_the_known_amount():

@@ -277,12 +277,17 @@ def test_each_method_learns_and_writes_its_posterior(method, extra, tmp_path, sm
     with xr.open_datatree(tmp_path / "inference.nc", engine="h5netcdf") as dt:
         if method.endswith("_w"):
             prefix = "encoder" if method.startswith("mr_maml") else "xpath"
-            assert dt["posterior"].to_dataset()[f"{prefix}.layer_0"].shape[:2] == (1, 7)
-            assert f"{prefix}.layer_0.rho" in dt["meta_parameters"].data_vars
+            draws = dt["posterior"][f"{prefix}_layer_0"]
+            assert draws.shape[:2] == (1, 7) and draws.attrs["site"] == f"{prefix}.layer_0"
+            rho = dt["point_estimates"][f"{prefix}_layer_0_rho"]
+            assert rho.dims == draws.dims[2:]  # the variational parameters on the kernel's own dims
+            assert not set(dt["point_estimates"].data_vars) & set(dt["posterior"].data_vars)
             assert "## Posterior of the stochastic meta-parameters" in (tmp_path / "summary.md").read_text()
             assert (tmp_path / "posterior_summary.csv").read_text().startswith(",mean,sd")
             b = metrics["pac_bayes"]
             assert float(dt["pac_bayes"]["bound"]) == pytest.approx(b["bound"])
+            assert dt["pac_bayes"]["bound"].attrs["delta"] == b["delta"]
+            assert dt["pac_bayes"]["bound"].attrs["vacuous"] == str(b["vacuous"]).lower()
             assert b["bound"] > b["empirical_error"] >= 0 and b["n"] == 600 * 4
             assert b["empirical_tasks"] == 48 and b["empirical_error_se"] > 0  # 12 of the 600 steps' tasks
             assert b["beta"] == registry.load_config(None, [f"model.method='{method}'"]).model.params.get(

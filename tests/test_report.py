@@ -21,27 +21,34 @@ def test_fit_evaluate_report_through_the_cli(tmp_path, capsys):
     with xr.open_datatree(run_dir / "inference.nc", engine="h5netcdf") as dt:
         assert {
             "posterior",
+            "point_estimates",
             "posterior_predictive",
             "observed_data",
+            "log_likelihood",
             "constant_data",
             "predictions",
             "predictions_constant_data",
             "sample_stats",
         } <= set(dt.children)
-        post = dt["posterior"]
-        assert "theta.head.w" in post.data_vars and post["theta.head.w"].shape == (1, 1, 16, 1)
+        # MAML's meta-parameters are point estimates: their own group, not a one-draw posterior
+        assert not dt["posterior"].data_vars
+        theta = dt["point_estimates"]["theta_head_w"]
+        assert theta.dims == ("theta_head_in", "theta_head_out") and theta.shape == (16, 1)
+        assert theta.attrs["site"] == "theta.head.w"
         pp = dt["posterior_predictive"]
-        assert pp["y"].dims == ("chain", "draw", "task", "point", "output")
-        assert pp["y"].shape == (1, 2, 40, 10, 1)
+        assert pp["y"].dims == pp["f"].dims == ("chain", "draw", "inner_steps", "task", "point", "output")
+        assert pp["y"].shape == (1, 2, 2, 40, 10, 1)
         assert list(pp["f"]["inner_steps"].values) == [1, 10]
-        np.testing.assert_array_equal(dt["observed_data"]["y"].shape, (40, 10, 1))
+        assert dt["observed_data"]["y"].dims == pp["y"].dims[2:]
+        np.testing.assert_array_equal(pp["x"], dt["constant_data"]["x_query"].values[..., 0])
+        assert set(dt["log_likelihood"].data_vars) == {"y_steps_1", "y_steps_10"}
         stats = dt["sample_stats"]
         assert stats["loss"].shape == (200,) and list(stats["eval_step"].values) == [100, 200]
         assert "eval_mse@10" in stats.data_vars
         assert dt.attrs["method"] == "maml"
         # the stored predictive mean reproduces the reported metric
         f10 = pp["f"].sel(inner_steps=10).mean("draw").values[0]
-        mse = np.mean((f10 - dt["observed_data"]["y"].values) ** 2)
+        mse = np.mean((f10 - dt["observed_data"]["y"].sel(inner_steps=10).values) ** 2)
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     np.testing.assert_allclose(metrics["metrics"]["mse@10"]["mean"], mse, rtol=1e-5)

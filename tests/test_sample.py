@@ -38,12 +38,40 @@ def fitted(tmp_path_factory):
 
 def test_sample_from_a_family_task(fitted, tmp_path, capsys):
     assert main(["sample", str(fitted), "--samples", "7", "--task-seed", "3", "--out", str(tmp_path)]) == 0
-    with xr.open_datatree(tmp_path / "samples.nc", engine="h5netcdf") as dt:
+    with xr.open_datatree(tmp_path / "sample_001.nc", engine="h5netcdf") as dt:
         f = dt["posterior_predictive"]["f"]
-        assert f.shape == (1, 7, 200, 1)
+        assert f.dims == ("chain", "draw", "point", "output") and f.shape == (1, 7, 200, 1)
         assert float(f.std("draw").mean()) > 0  # PLATIPUS draws different functions
+        np.testing.assert_array_equal(f["x"], dt["constant_data"]["x_query"].values[:, 0])
+        assert np.all(np.diff(f["x"].values) > 0)  # the grid, as coordinate of every point
         assert dt["constant_data"]["x_support"].shape == (5, 1) and "truth" in dt["constant_data"]
-    assert (tmp_path / "samples.png").stat().st_size > 0
+        assert all("description" in v.attrs for g in dt.children.values() for v in g.data_vars.values())
+    assert (tmp_path / "sample_001.png").stat().st_size > 0
+
+
+def test_each_sample_call_writes_new_files(fitted, tmp_path, capsys):
+    """Two calls leave two pairs of files; a name whose PNG is left over is skipped, not overwritten."""
+    out = tmp_path / "s"
+    for seed in ("1", "2"):
+        assert main(["sample", str(fitted), "--samples", "2", "--task-seed", seed, "--out", str(out)]) == 0
+    (out / "sample_003.png").write_bytes(b"mine")
+    assert main(["sample", str(fitted), "--samples", "2", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "sample_001.nc",
+        "sample_001.png",
+        "sample_002.nc",
+        "sample_002.png",
+        "sample_003.png",
+        "sample_004.nc",
+        "sample_004.png",
+    ]
+    assert (out / "sample_003.png").read_bytes() == b"mine"
+    supports = []
+    for n in (1, 2):
+        with xr.open_datatree(out / f"sample_00{n}.nc", engine="h5netcdf") as dt:
+            supports.append(dt["constant_data"]["y_support"].values)
+    assert not np.array_equal(*supports)  # each file keeps its own call's task
+    assert capsys.readouterr().out.split()[-2:] == [str(out / "sample_004.nc"), str(out / "sample_004.png")]
 
 
 def test_sample_from_csv_and_npz(fitted, tmp_path):
@@ -51,7 +79,7 @@ def test_sample_from_csv_and_npz(fitted, tmp_path):
     assert (
         main(["sample", str(fitted), "--support", str(tmp_path / "s.csv"), "--out", str(tmp_path / "a")]) == 0
     )
-    with xr.open_datatree(tmp_path / "a" / "samples.nc", engine="h5netcdf") as dt:
+    with xr.open_datatree(tmp_path / "a" / "sample_001.nc", engine="h5netcdf") as dt:
         np.testing.assert_allclose(dt["constant_data"]["y_support"].values[:, 0], [1.5, -0.5])
     np.savez(tmp_path / "s.npz", x=np.array([0.0, 1.0, 2.0]), y=np.array([0.0, 1.0, 2.0]))
     np.savez(tmp_path / "q.npz", x=np.linspace(-1, 1, 11)[:, None])
@@ -72,8 +100,10 @@ def test_sample_from_csv_and_npz(fitted, tmp_path):
         )
         == 0
     )
-    with xr.open_datatree(tmp_path / "b" / "samples.nc", engine="h5netcdf") as dt:
-        assert dt["posterior_predictive"]["y"].shape == (1, 4, 11, 1)
+    with xr.open_datatree(tmp_path / "b" / "sample_001.nc", engine="h5netcdf") as dt:
+        y = dt["posterior_predictive"]["y"]
+        assert y.shape == (1, 4, 11, 1)
+        np.testing.assert_allclose(y["x"], np.linspace(-1, 1, 11), rtol=1e-6)
 
 
 @pytest.mark.parametrize(

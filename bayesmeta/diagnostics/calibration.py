@@ -3,6 +3,7 @@ coverage for the sine/line family, and ECE for classification. Pure functions of
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
@@ -35,10 +36,16 @@ def interval_width(samples: jnp.ndarray, levels: tuple[float, ...] = LEVELS) -> 
     return out
 
 
-def pit(samples: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
-    """Probability integral transform: fraction of predictive samples below each observation
-    (uniform on [0, 1] for a calibrated predictive)."""
-    return jnp.mean(samples <= y, axis=0)
+def pit(samples: jnp.ndarray, y: jnp.ndarray, key: jax.Array) -> jnp.ndarray:
+    """Randomized probability integral transform of each observation among S predictive samples (S, ...):
+    u = (#{samples < y} + V (#{samples == y} + 1)) / (S + 1), V ~ U(0, 1). y's rank among the S + 1
+    exchangeable values, ties broken at random (as ArviZ's PIT breaks them) and spread over its cell,
+    so u is exactly U(0, 1) for a calibrated predictive, continuous even for few samples (the plain
+    fraction of samples below y takes only S + 1 values)."""
+    below = jnp.sum(samples < y, axis=0)
+    ties = jnp.sum(samples == y, axis=0)
+    v = jax.random.uniform(key, jnp.shape(below))
+    return (below + v * (ties + 1)) / (samples.shape[0] + 1)
 
 
 def sine_like(f: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:

@@ -4,12 +4,14 @@
 
 5-shot (the PLATIPUS figures) and a mode-rich 2-shot setting; 3 seeds; 300 test tasks; 20 posterior
 predictive draws per task. Writes RESULTS.md / results.json here and the figure of sampled functions
-on ambiguous support sets (samples_<method>.png, drawn by `bayesmeta sample` on the first seed's runs).
+on ambiguous support sets (figures/<method>/sample_001.png, drawn by `bayesmeta sample` on the first
+seed's runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +86,8 @@ def main() -> None:
     for cell in cells:
         if cell.seed == args.seeds[0] and cell.setting == "2-shot":
             run_dir = HERE / "runs" / cell.name
+            figures = HERE / "figures" / cell.method
+            shutil.rmtree(figures, ignore_errors=True)  # `sample` numbers its files: this run's is 001
             subprocess.run(
                 [
                     sys.executable,
@@ -96,7 +100,7 @@ def main() -> None:
                     "--task-seed",
                     "7",
                     "--out",
-                    str(HERE / "figures" / cell.method),
+                    str(figures),
                 ],
                 check=True,
             )
