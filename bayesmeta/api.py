@@ -3,6 +3,7 @@
     run = bayesmeta.open_run("runs/example")
     dt = run.predict(x_support, y_support, x_query, samples=50)
     dt["posterior_predictive"]["y"]  # (chain, draw, point, output): posterior predictive draws
+    run.sample(task_seed=3)  # sampled functions on a task of the family: samples/sample_<n>.nc, .png
     metrics = run.evaluate(["eval.tasks=100"])  # rewrites the run's report, like `bayesmeta evaluate`
 
 The command line (`bayesmeta evaluate`, `bayesmeta sample`) is a thin shell over these.
@@ -19,7 +20,8 @@ import jax
 import numpy as np
 import xarray as xr
 
-from bayesmeta.config import Config
+from bayesmeta import sample as sampling
+from bayesmeta.config import Config, ConfigError
 from bayesmeta.fit import FitResult
 from bayesmeta.io import RunFolderError, run_lock
 from bayesmeta.likelihoods import Categorical
@@ -27,7 +29,7 @@ from bayesmeta.predict import predictive
 from bayesmeta.registry import load_config
 from bayesmeta.report import support_set_tree
 from bayesmeta.run import Setup, finish, restore
-from bayesmeta.tasks import TaskBatch
+from bayesmeta.tasks import Classification, DenseGrid, GroundTruth, TaskBatch
 
 
 @dataclass
@@ -92,6 +94,59 @@ class Run:
             classifier,
             {"method": method.name, "inner_steps": steps, "samples": samples, "seed": seed},
         )
+
+    def sample(
+        self,
+        x_support: Any = None,
+        y_support: Any = None,
+        x_query: Any = None,
+        *,
+        task_seed: int = 0,
+        samples: int = 20,
+        inner_steps: int | None = None,
+        out: str | Path | None = None,
+        source: str | None = None,
+    ) -> list[Path]:
+        """Draw `samples` posterior predictive functions for one support set (regression families) and
+        write them to `out` (default RUN/samples) as sample_<n>.nc and .png, never overwriting earlier
+        ones. The support set is the one given, or a task of the evaluation family drawn with
+        `task_seed`; the inputs are x_query, else the family's grid (DenseGrid), else the task's own
+        query inputs (or, for a given 1-D support set, its range widened by 1)."""
+        fam = self.setup.eval_family
+        if isinstance(fam, Classification):
+            raise ConfigError(
+                f"eval.task.family: sample draws functions of a regression family, and "
+                f"{self.cfg.eval.task.family!r} is a classification family; predict with "
+                "bayesmeta.open_run(run_dir).predict"
+            )
+        truth = None
+        if x_support is None:
+            task = fam.sample(jax.random.PRNGKey(task_seed), 1)
+            x_s, y_s = np.asarray(task.x_support[0]), np.asarray(task.y_support[0])
+            x = task.x_query if x_query is None else np.asarray(x_query, np.float32)[None]
+            if x_query is None and isinstance(fam, DenseGrid):
+                x = fam.grid(task.info, 200)
+            if isinstance(fam, GroundTruth):
+                truth = np.asarray(fam.truth(task.info, x)[0])
+            x = np.asarray(x[0])
+            source = source or f"{self.cfg.eval.task.family} task, seed {task_seed}"
+        else:
+            x_s = _array(x_support, "x_support", (None, fam.x_dim), np.float32)
+            y_s = _array(y_support, "y_support", (x_s.shape[0], fam.y_dim), np.float32)
+            x = None if x_query is None else _array(x_query, "x_query", (None, fam.x_dim), np.float32)
+            if x is None and isinstance(fam, DenseGrid):  # the family's own input range
+                x = np.asarray(fam.grid(fam.sample(jax.random.PRNGKey(0), 1).info, 200)[0])
+            elif x is None and fam.x_dim == 1:
+                x = np.linspace(float(x_s.min()) - 1, float(x_s.max()) + 1, 200, dtype=np.float32)[:, None]
+            elif x is None:
+                raise ConfigError(f"x_query: inputs have {fam.x_dim} dimensions; give the query inputs")
+            source = source or "a given support set"
+        steps = self.cfg.eval.inner_steps[-1] if inner_steps is None else inner_steps
+        method = self.setup.eval_method
+        s = sampling.draw(method, self.params, x_s, y_s, x, samples, steps, jax.random.PRNGKey(0), truth)
+        title = f"{method.name}: {samples} posterior predictive functions ({source})"
+        attrs = {"method": method.name, "support": source, "inner_steps": steps}
+        return sampling.save(s, Path(out) if out is not None else self.path / "samples", attrs, title)
 
     def evaluate(self, overrides: Sequence[str] = (), progress: bool = False) -> dict[str, Any]:
         """Re-evaluate on held-out tasks (overrides of [eval], e.g. "eval.tasks=100") and rewrite the

@@ -158,43 +158,28 @@ def _check_sample_args(args: argparse.Namespace) -> None:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    import jax
-    import numpy as np
-
-    from bayesmeta import registry, run
+    from bayesmeta import registry
     from bayesmeta import sample as sampling
-    from bayesmeta.registry import make_family
+    from bayesmeta.api import Run
 
     _check_sample_args(args)
     cfg = registry.load_config(args.run_dir / "config.toml")
-    steps = args.steps if args.steps is not None else cfg.eval.inner_steps[-1]
-    truth = None
+    fam = registry.make_family(cfg.eval.task, "eval.task")
+    x_s = y_s = x = None
     if args.support is not None:  # the files are read before the checkpoint: a bad file fails fast
-        fam = make_family(cfg.eval.task, "eval.task")
         x_s, y_s = sampling.read_support(args.support, fam.x_dim, fam.y_dim)
-        source = str(args.support)
-        if args.query is not None:
-            x = sampling.read_query(args.query, fam.x_dim)
-        elif fam.x_dim == 1:
-            lo, hi = getattr(fam.params, "x_range", (float(x_s.min()) - 1, float(x_s.max()) + 1))
-            x = np.linspace(lo, hi, 200, dtype=np.float32)[:, None]
-        else:
-            raise ConfigError(f"--query: inputs have {fam.x_dim} dimensions; give the query inputs as a file")
-    setup, result = run.restore(cfg, args.run_dir)
-    if args.support is None:
-        fam = setup.eval_family
-        task = fam.sample(jax.random.PRNGKey(args.task_seed), 1)
-        x_s, y_s = np.asarray(task.x_support[0]), np.asarray(task.y_support[0])
-        grid = fam.grid(task.info, 200)
-        x, truth = np.asarray(grid[0]), np.asarray(fam.truth(task.info, grid)[0])
-        source = f"{cfg.eval.task.family} task, seed {args.task_seed}"
-    s = sampling.draw(
-        setup.method, result.params, x_s, y_s, x, args.samples, steps, jax.random.PRNGKey(0), truth
-    )
-    out = args.out or args.run_dir / "samples"
-    title = f"{setup.method.name}: {args.samples} posterior predictive functions ({source})"
-    for path in sampling.save(
-        s, out, {"method": setup.method.name, "support": source, "inner_steps": steps}, title
+    if args.query is not None:
+        x = sampling.read_query(args.query, fam.x_dim)
+    run = Run.open(args.run_dir)
+    for path in run.sample(
+        x_s,
+        y_s,
+        x,
+        task_seed=args.task_seed,
+        samples=args.samples,
+        inner_steps=args.steps,
+        out=args.out,
+        source=None if args.support is None else str(args.support),
     ):
         print(path)
     return 0

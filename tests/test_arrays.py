@@ -283,3 +283,6 @@ def test_maml_trains_on_a_file_of_tasks(tmp_path):
     _, metrics = run.train(cfg, tmp_path / "run", progress=False)
     assert np.isfinite(metrics["metrics"]["mse@1"]["mean"])
     assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "run" / "inference.nc").is_file()
+    # sample draws on a file task's own query inputs: the family has neither a grid nor a ground truth
+    assert main(["sample", str(tmp_path / "run"), "--samples", "3", "--out", str(tmp_path / "s")]) == 0
+    assert len(list((tmp_path / "s").glob("*.nc"))) == 1

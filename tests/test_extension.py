@@ -194,6 +194,10 @@ def test_the_python_api_predicts_evaluates_and_refuses_bad_arrays(tmp_path):
     ]:
         with pytest.raises(ValueError, match=message):
             run.predict(*args)
+    first = run.sample(task_seed=1, samples=3, out=tmp_path / "s")
+    second = run.sample(x_s, 0.5 * x_s**2, x_q, samples=3, out=tmp_path / "s")
+    names = [p.name for p in first + second]
+    assert names == ["sample_001.nc", "sample_001.png", "sample_002.nc", "sample_002.png"]
     metrics = run.evaluate(["eval.tasks=20"])
     assert metrics["eval_tasks"] == 20 and set(metrics["metrics"]) == {"mse@1", "mse@2"}
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["eval_tasks"] == 20

@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from bayesmeta import registry, run
+from bayesmeta.cli import main
 from bayesmeta.config import ConfigError
 from bayesmeta.datasets.tfds_images import read, to_size
 from bayesmeta.registry import make_family
@@ -191,7 +192,7 @@ def test_config_errors_are_one_line(tfds_dir, override, message):
     assert "\n" not in str(e.value)
 
 
-def test_protonet_trains_on_a_tfds_dataset(tfds_dir, tmp_path):
+def test_protonet_trains_on_a_tfds_dataset(tfds_dir, tmp_path, capsys):
     """A tiny conv ProtoNet meta-trains 3-way on classes 0-5 and is evaluated 4-way on classes 6-9."""
     cfg = registry.load_config(
         None,
@@ -222,3 +223,6 @@ def test_protonet_trains_on_a_tfds_dataset(tfds_dir, tmp_path):
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert written["metrics"]["accuracy@0"]["mean"] == accuracy["mean"]
     assert Path(tmp_path / "run" / "inference.nc").is_file()
+    # sample draws regression functions: refused for a classifier, in one line that says what to use
+    assert main(["sample", str(tmp_path / "run")]) == 2
+    assert "classification family; predict with bayesmeta.open_run" in capsys.readouterr().err
