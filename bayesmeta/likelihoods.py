@@ -43,8 +43,9 @@ class Gaussian:
         return self.task_metrics(mean, y)["mse"]
 
     def log_prob(self, f: jax.Array, y: jax.Array) -> jax.Array:
-        """Pointwise log p(y | f) = sum_d log N(y_d; f_d, sd^2), shape f.shape[:-1] (one value per point)."""
-        return jnp.sum(dist.Normal(f, self.sd).log_prob(y), -1)
+        """Pointwise log p(y | f) = sum_d log N(y_d; f_d, sd^2), shape f.shape[:-1] (one value per point);
+        a diverged task's non-finite f gives a non-finite value (reported as null), not a validation error."""
+        return jnp.sum(dist.Normal(f, self.sd, validate_args=False).log_prob(y), -1)
 
 
 @dataclass(frozen=True)
