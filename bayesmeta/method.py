@@ -42,6 +42,10 @@ class Method:
     kl_weight: the beta that weights that KL in training (reported beside the beta the bound implies).
     probe: params -> Probe, for the landscape diagnostics (train.diagnostics_every); gradient-based
       methods with point-estimated meta-parameters provide it.
+    sampler: (params, batch, key, inner_steps, num_samples) -> {"y": (S, T, n, d), "f": ...}, the
+      method's own posterior predictive sampler, replacing numpyro.infer.Predictive over model and guide
+      when the S draws come out of one joint computation (SVGD particles, the states of an MCMC chain)
+      rather than S independent runs of the model; batch.y_query is withheld (None) as for Predictive.
     likelihood: the observation model the model's "y" site uses (bayesmeta.likelihoods: Gaussian or
       Categorical); `likelihood.at(params)` is it at fitted parameters (a learned noise sd), from which
       the engine computes metrics, calibration and the pointwise log-likelihood.
@@ -57,6 +61,7 @@ class Method:
     kl: Callable[[dict], Any] | None = None
     kl_weight: float | None = None
     probe: Callable[[dict], Probe] | None = None
+    sampler: Callable[..., dict] | None = None
 
 
 def no_guide(*args: object, **kwargs: object) -> None:

@@ -22,9 +22,13 @@ def predictive(
     method: Method, inner_steps: int, num_samples: int, sites: tuple[str, ...] = ("y", "f")
 ) -> Callable[[dict, TaskBatch, jax.Array], dict]:
     """Jitted (params, batch, key) -> {site: (S, T, n, ...)}: adapt on the support set with
-    `inner_steps` steps, then sample the query set (y_query withheld)."""
+    `inner_steps` steps, then sample the query set (y_query withheld); by the method's own sampler
+    when it declares one, else by numpyro.infer.Predictive."""
 
     def run(params: dict, batch: TaskBatch, key: jax.Array) -> dict:
+        if method.sampler is not None:
+            out = method.sampler(params, batch._replace(y_query=None), key, inner_steps, num_samples)
+            return {s: out[s] for s in sites}
         pred = Predictive(
             partial(method.model, inner_steps=inner_steps, training=False),
             params=params,

@@ -213,3 +213,30 @@ def test_the_installed_package_has_no_bare_models_import_name(tmp_path):
     code = "import importlib.util as u; print(u.find_spec('models'), u.find_spec('bayesmeta.models').name)"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert out.stdout.split() == ["None", "bayesmeta.models"], out.stderr
+
+
+def test_a_declared_sampler_replaces_predictive():
+    """A method that declares `sampler` gets its own draws back from predict.predictive, sliced to the
+    requested sites, with the query labels withheld."""
+    import jax.numpy as jnp
+
+    from bayesmeta.likelihoods import Gaussian
+    from bayesmeta.method import Method, no_guide
+    from bayesmeta.predict import predictive
+    from bayesmeta.tasks import TaskBatch
+
+    seen = {}
+
+    def sampler(params, batch, key, inner_steps, num_samples):
+        seen["y_query"], seen["steps"] = batch.y_query, inner_steps
+        f = jnp.full((num_samples, *batch.x_query.shape[:2], 1), params["c"])
+        return {"f": f, "y": f + 1.0}
+
+    method = Method("const", no_guide, no_guide, likelihood=Gaussian(1.0), sampler=sampler)
+    batch = TaskBatch(
+        jnp.zeros((2, 3, 1)), jnp.zeros((2, 3, 1)), jnp.zeros((2, 4, 1)), jnp.ones((2, 4, 1)), {}
+    )
+    out = predictive(method, 5, 7, ("f",))({"c": jnp.asarray(2.0)}, batch, jax.random.PRNGKey(0))
+    assert set(out) == {"f"} and out["f"].shape == (7, 2, 4, 1)
+    np.testing.assert_allclose(out["f"], 2.0)
+    assert seen["y_query"] is None and seen["steps"] == 5
