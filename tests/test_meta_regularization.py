@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import arviz_plots as azp
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +24,7 @@ from bayesmeta.fit import fresh_adam
 from bayesmeta.likelihoods import Gaussian
 from bayesmeta.method import Method, no_guide
 from bayesmeta.registry import build_method, make_family
-from bayesmeta.sites import observe, posterior_sd
+from bayesmeta.sites import SD_FLOOR, observe, posterior_sd
 
 BETA0 = 1e-9  # numpyro.handlers.scale needs a positive scale, so the baseline is a negligible beta
 NME = ["task.family='nme_sinusoid'", "task.shots=5", "task.queries=6", "model.net.hidden=[8]"]
@@ -279,6 +280,9 @@ def test_each_method_learns_and_writes_its_posterior(method, extra, tmp_path, sm
             prefix = "encoder" if method.startswith("mr_maml") else "xpath"
             draws = dt["posterior"][f"{prefix}_layer_0"]
             assert draws.shape[:2] == (1, 7) and draws.attrs["site"] == f"{prefix}.layer_0"
+            if method == "mr_maml_w":  # the default posterior is random, far above the sd floor
+                assert float(draws.std("draw").median()) > 100 * SD_FLOOR
+                azp.plot_dist(dt, var_names=[f"{prefix}_layer_0"], coords={d: [0] for d in draws.dims[2:]})
             rho = dt["point_estimates"][f"{prefix}_layer_0_rho"]
             assert rho.dims == draws.dims[2:]  # the variational parameters on the kernel's own dims
             assert not set(dt["point_estimates"].data_vars) & set(dt["posterior"].data_vars)
