@@ -6,7 +6,11 @@ Learned Theta = {mu_theta, sigma_theta, v_q, gamma_p, gamma_q}; per task i:
             phi_i = GD_s(theta_i; D_i);  y*_i ~ p(y | f(x*_i; phi_i))
     guide   theta_i ~ q(theta | D*_i) = N(mu - gamma_q grad L(mu, D*_i), v_q)            reads the query
 
-loss = mean query NLL + kl_weight * mean_i KL(q(theta_i | D*_i) || p(theta_i | D_i)). At meta-test the
+loss = mean query NLL + lambda * mean_i KL(q(theta_i | D*_i) || p(theta_i | D_i)), the NLL a mean over the
+K query points of a task and over tasks (the project's convention, sites.observe). The default lambda =
+1/K makes K * loss the negative ELBO of log p(D*_i | D_i) averaged over tasks, the sum of the K points'
+NLL plus one KL per task: the weight the hierarchical model itself implies. (The 0.1 of earlier versions
+came from a port with another likelihood scale; it equals 1/K only at K = 10.) At meta-test the
 guide cannot be used (no query labels): Predictive samples theta_i from the model's p(theta | D_i),
 adapts, and predicts, S times: a posterior predictive over functions for ambiguous tasks.
 """
@@ -30,11 +34,21 @@ from bayesmeta.sites import observe, param_tree, site_names
 from bayesmeta.tasks import TaskBatch
 
 
+def kl_weight(p: PLATIPUS.Params, context: Context) -> float:
+    """lambda: the option if set, else 1/K for K query points per task (the ELBO in mean-NLL units)."""
+    return 1.0 / context.n_query if p.kl_weight is None else p.kl_weight
+
+
 @dataclass(frozen=True)
 class PLATIPUS(Spec):
     @dataclass(frozen=True)
     class Params:
-        kl_weight: float = opt(0.1, gt=0, doc="lambda, the weight of KL(q(theta|D*) || p(theta|D))")
+        kl_weight: float | None = opt(
+            None,
+            gt=0,
+            doc="lambda, the weight of KL(q(theta|D*) || p(theta|D)) beside the mean query NLL; unset: 1/K "
+            "for K query points per task, the exact ELBO",
+        )
         gamma_init: float = opt(0.01, doc="initial gamma_p and gamma_q")
         log_sd_init: float = opt(-4.0, doc="initial log sigma_theta and log sqrt(v_q) (plus N(0,1) jitter)")
 
@@ -43,6 +57,7 @@ class PLATIPUS(Spec):
         net = make_net(cfg.net, x_dim, y_dim)
         lik = make_likelihood(cfg)
         inner = InnerLoop.from_config(cfg, adapt="all")
+        lam = kl_weight(p, context)
 
         def task_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
             return lik.loss(net.apply(params, x), y)
@@ -61,7 +76,7 @@ class PLATIPUS(Spec):
             leaves, treedef = jax.tree.flatten(loc)
             names = site_names("theta", loc)
             sds = jax.tree.leaves(log_sd)
-            with numpyro.plate("theta_tasks", n_tasks, dim=-1), scale(scale=p.kl_weight / n_tasks):
+            with numpyro.plate("theta_tasks", n_tasks, dim=-1), scale(scale=lam / n_tasks):
                 out = [
                     numpyro.sample(n, dist.Normal(m, jnp.exp(s)).to_event(m.ndim - 1))
                     for n, m, s in zip(names, leaves, sds, strict=True)

@@ -35,9 +35,14 @@ def _loss(setup, batch):
     return (lambda p: TraceMeanField_ELBO().loss(jax.random.PRNGKey(3), p, m.model, m.guide, batch)), params
 
 
-@pytest.mark.parametrize("lam", [0.05, 0.5])
+@pytest.mark.parametrize("lam", [0.05, 0.5, None])
 def test_kl_between_guide_and_conditional_prior_enters_lambda_times(lam):
-    low, high = _setup("model.params.kl_weight=1e-9"), _setup(f"model.params.kl_weight={lam}")
+    """loss = mean NLL + lambda * mean_i KL; unset, lambda = 1/K for the K = 4 query points per task, so
+    that K * loss is the negative ELBO per task (K points' NLL plus one KL)."""
+    low = _setup("model.params.kl_weight=1e-9")
+    high = _setup() if lam is None else _setup(f"model.params.kl_weight={lam}")
+    if lam is None:
+        lam = 1 / 4
     batch = low.family.sample(jax.random.PRNGKey(1), 3)
     loss_low, params = _loss(low, batch)
     loss_high, _ = _loss(high, batch)
