@@ -85,14 +85,17 @@ class Run:
             raise ValueError(f"samples: expected an integer >= 1, got {samples}")
         steps = self.cfg.eval.inner_steps[-1] if inner_steps is None else inner_steps
         batch = TaskBatch(x_s[None], y_s[None], x_q[None], None, {})
-        out = predictive(method, steps, samples)(self.params, batch, jax.random.PRNGKey(seed))
+        out = predictive(method, steps, samples, blown_up=self.cfg.eval.blown_up_draws)(
+            self.params, batch, jax.random.PRNGKey(seed)
+        )
+        attrs = {"method": method.name, "inner_steps": steps, "samples": samples, "seed": seed}
+        if "blown_up" in out:  # a method that checks its draws: how many blew up (before any rejection)
+            attrs |= {
+                "blown_up_draws": int(out.pop("blown_up").sum()),
+                "blown_up_rule": self.cfg.eval.blown_up_draws,
+            }
         return support_set_tree(
-            {k: np.asarray(v[:, 0]) for k, v in out.items()},
-            x_s,
-            y_s,
-            x_q,
-            classifier,
-            {"method": method.name, "inner_steps": steps, "samples": samples, "seed": seed},
+            {k: np.asarray(v[:, 0]) for k, v in out.items()}, x_s, y_s, x_q, classifier, attrs
         )
 
     def sample(
@@ -143,9 +146,15 @@ class Run:
             source = source or "a given support set"
         steps = self.cfg.eval.inner_steps[-1] if inner_steps is None else inner_steps
         method = self.setup.eval_method
-        s = sampling.draw(method, self.params, x_s, y_s, x, samples, steps, jax.random.PRNGKey(0), truth)
+        rule = self.cfg.eval.blown_up_draws
+        s = sampling.draw(
+            method, self.params, x_s, y_s, x, samples, steps, jax.random.PRNGKey(0), truth, rule
+        )
         title = f"{method.name}: {samples} posterior predictive functions ({source})"
         attrs = {"method": method.name, "support": source, "inner_steps": steps}
+        if s.blown_up is not None:
+            attrs |= {"blown_up_draws": s.blown_up, "blown_up_rule": rule}
+            title += f"; {s.blown_up} blew up" + (", replaced" if rule == "reject" and s.blown_up else "")
         return sampling.save(s, Path(out) if out is not None else self.path / "samples", attrs, title)
 
     def evaluate(self, overrides: Sequence[str] = (), progress: bool = False) -> dict[str, Any]:

@@ -144,6 +144,13 @@ class EvalConfig:
     inner_steps: tuple[int, ...] = opt((1, 10), ge=0, doc="test-time inner steps to report")
     batch: int = opt(100, ge=1, doc="tasks per device call")
     samples: int = opt(1, ge=1, doc="posterior predictive draws per task")
+    blown_up_draws: str = opt(
+        "keep",
+        choices=["keep", "reject"],
+        doc="draws whose adapted support loss ends above its start (methods that check their draws: "
+        "PLATIPUS, LLAMA) are counted (metric blown_up_draws); 'reject' also replaces them by the task's "
+        "accepted draws",
+    )
     plot_tasks: int = opt(9, ge=0, le=25, doc="test tasks shown in the prediction plot")
     seed: int = opt(
         1234, ge=0, le=SEED_MAX, doc="seed of the evaluation tasks, shared by runs so methods compare"

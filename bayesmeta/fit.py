@@ -180,10 +180,17 @@ def step_tasks(family: Family, data_key: jax.Array, step: Any, meta_batch: int) 
     return family.sample(jax.random.fold_in(data_key, step), meta_batch)
 
 
-def initial_state(svi: SVI, family: Family, cfg: TrainConfig, seed: int) -> tuple[Any, jax.Array]:
-    """(the SVI state before step 0, the key every step's tasks are folded from), both from the seed."""
+def initial_state(
+    svi: SVI, family: Family, cfg: TrainConfig, seed: int, shapes_only: bool = False
+) -> tuple[Any, jax.Array]:
+    """(the SVI state before step 0, the key every step's tasks are folded from), both from the seed.
+    svi.init runs as one XLA computation (jit; eager tracing of a model with an inner loop is several
+    times slower); `shapes_only` traces it without computing (jax.eval_shape): a template for a
+    checkpoint, and the check that the configured model builds."""
     init_key, data_key = run_keys(seed)
-    return svi.init(init_key, step_tasks(family, data_key, 0, cfg.meta_batch)), data_key
+    tasks = step_tasks(family, data_key, 0, cfg.meta_batch)
+    init = jax.eval_shape(svi.init, init_key, tasks) if shapes_only else jax.jit(svi.init)(init_key, tasks)
+    return init, data_key
 
 
 def task_mesh(devices: int) -> Mesh | None:
@@ -269,7 +276,7 @@ def load_checkpoint(run_dir: Path, template: Any, resume: bool = True) -> tuple[
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from None
     leaves, treedef = jax.tree.flatten(template)
     saved = [data.get(f"leaf_{i}") for i in range(len(leaves))]
-    if any(s is None or s.shape != np.shape(t) for s, t in zip(saved, leaves, strict=True)) or (
+    if any(s is None or s.shape != tuple(t.shape) for s, t in zip(saved, leaves, strict=True)) or (
         f"leaf_{len(leaves)}" in data
     ):
         raise CheckpointError(f"checkpoint {path} does not match the configured model and optimizer")

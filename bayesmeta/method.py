@@ -46,6 +46,9 @@ class Method:
       method's own posterior predictive sampler, replacing numpyro.infer.Predictive over model and guide
       when the S draws come out of one joint computation (SVGD particles, the states of an MCMC chain)
       rather than S independent runs of the model; batch.y_query is withheld (None) as for Predictive.
+    draw_check: the model records at prediction, per draw, each task's support loss at the draw's start and
+      after adaptation (sites.record_draw_check); the engine then counts the draws that blow up (loss
+      ends above its start) and, with eval.blown_up_draws = "reject", replaces them by accepted draws.
     likelihood: the observation model the model's "y" site uses (bayesmeta.likelihoods: Gaussian or
       Categorical); `likelihood.at(params)` is it at fitted parameters (a learned noise sd), from which
       the engine computes metrics, calibration and the pointwise log-likelihood.
@@ -62,6 +65,7 @@ class Method:
     kl_weight: float | None = None
     probe: Callable[[dict], Probe] | None = None
     sampler: Callable[..., dict] | None = None
+    draw_check: bool = False
 
 
 def no_guide(*args: object, **kwargs: object) -> None:

@@ -14,31 +14,65 @@ from numpyro.infer import Predictive
 from tqdm.auto import tqdm
 
 from bayesmeta.method import Method
+from bayesmeta.sites import DRAW_CHECK
 from bayesmeta.stats import diverged_tasks, summarize
 from bayesmeta.tasks import Family, TaskBatch
 
 
 def predictive(
-    method: Method, inner_steps: int, num_samples: int, sites: tuple[str, ...] = ("y", "f")
+    method: Method,
+    inner_steps: int,
+    num_samples: int,
+    sites: tuple[str, ...] = ("y", "f"),
+    blown_up: str = "keep",
 ) -> Callable[[dict, TaskBatch, jax.Array], dict]:
     """Jitted (params, batch, key) -> {site: (S, T, n, ...)}: adapt on the support set with
     `inner_steps` steps, then sample the query set (y_query withheld); by the method's own sampler
-    when it declares one, else by numpyro.infer.Predictive."""
+    when it declares one, else by numpyro.infer.Predictive. For a method with `draw_check` the result
+    also holds "blown_up" (S, T), the draws whose support loss rose; `blown_up="reject"` replaces them
+    by the task's accepted draws (`accepted_draws`)."""
+    if blown_up not in ("keep", "reject"):
+        raise ValueError(f"blown_up: expected 'keep' or 'reject', got {blown_up!r}")
+    want = (*sites, DRAW_CHECK) if method.draw_check else sites
 
     def run(params: dict, batch: TaskBatch, key: jax.Array) -> dict:
+        batch = batch._replace(y_query=None)
         if method.sampler is not None:
-            out = method.sampler(params, batch._replace(y_query=None), key, inner_steps, num_samples)
-            return {s: out[s] for s in sites}
-        pred = Predictive(
-            partial(method.model, inner_steps=inner_steps, training=False),
-            params=params,
-            guide=method.guide if method.predict_with_guide else None,
-            num_samples=num_samples,
-            return_sites=list(sites),
-        )
-        return pred(key, batch._replace(y_query=None))
+            out = method.sampler(params, batch, key, inner_steps, num_samples)
+        else:
+            out = Predictive(
+                partial(method.model, inner_steps=inner_steps, training=False),
+                params=params,
+                guide=method.guide if method.predict_with_guide else None,
+                num_samples=num_samples,
+                return_sites=list(want),
+            )(key, batch)
+        out = {s: out[s] for s in want}
+        if not method.draw_check:
+            return out
+        loss = out.pop(DRAW_CHECK)
+        blown = ~(loss[..., 1] <= loss[..., 0])  # a NaN loss counts as blown up
+        if blown_up == "reject":
+            idx = accepted_draws(blown)
+            out = {
+                s: jnp.take_along_axis(v, idx.reshape(*idx.shape, *[1] * (v.ndim - 2)), 0)
+                for s, v in out.items()
+            }
+        return out | {"blown_up": blown}
 
     return jax.jit(run)
+
+
+def accepted_draws(blown: jax.Array) -> jax.Array:
+    """Per task, the draw index (S, T) to use in place of each draw: itself if accepted, else the k-th
+    blown-up draw takes the task's accepted draws in turn (k mod their number: rejection with
+    replacement); a task with no accepted draw keeps all its draws."""
+    n_ok = jnp.sum(~blown, 0)
+    order = jnp.argsort(blown, axis=0, stable=True)  # accepted draws first, in their order
+    rank = jnp.cumsum(blown, 0) - 1  # k for the k-th blown-up draw
+    repl = jnp.take_along_axis(order, rank % jnp.maximum(n_ok, 1)[None], 0)
+    keep = ~blown | (n_ok == 0)[None]
+    return jnp.where(keep, jnp.arange(blown.shape[0])[:, None], repl)
 
 
 def support_loss(
@@ -91,9 +125,12 @@ def evaluate(
     num_samples: int,
     key: jax.Array,
     progress: bool = False,
+    blown_up: str = "keep",
 ) -> Evaluation:
     """Adapt and predict every batch for each test-time step count; metrics of the predictive mean,
-    and the support loss before and after adaptation (for the divergence rule)."""
+    and the support loss before and after adaptation (for the divergence rule); for methods that check
+    their draws, the fraction of each task's draws that blew up ("blown_up_draws", counted before any
+    rejection)."""
     per_task: dict[int, dict[str, list]] = {}
     draws: dict[int, dict[str, list]] = {}
     support: dict[int, list] = {}
@@ -101,7 +138,7 @@ def evaluate(
     total = len(batches) * len(steps)
     with tqdm(total=total, desc="evaluate", disable=not progress or total < 2) as bar:
         for s in steps:
-            run = predictive(method, s, num_samples)
+            run = predictive(method, s, num_samples, blown_up=blown_up)
             loss = support_loss(method, likelihood, s, num_samples)
             for i, batch in enumerate(batches):
                 k = jax.random.fold_in(key, i)
@@ -111,7 +148,10 @@ def evaluate(
                     continue
                 out = run(params, batch, k)
                 mean = jnp.mean(out["f"], axis=0)
-                for name, v in likelihood.task_metrics(mean, batch.y_query).items():
+                metrics = likelihood.task_metrics(mean, batch.y_query)
+                if "blown_up" in out:
+                    metrics["blown_up_draws"] = jnp.mean(out.pop("blown_up"), 0)
+                for name, v in metrics.items():
                     per_task.setdefault(s, {}).setdefault(name, []).append(np.asarray(v))
                 for site, v in out.items():
                     draws.setdefault(s, {}).setdefault(site, []).append(np.asarray(v))

@@ -162,7 +162,7 @@ def train(
     setup = Setup.from_config(cfg)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     template, _ = initial_state(
-        make_svi(setup.method, cfg.train, cfg.seed), setup.family, cfg.train, cfg.seed
+        make_svi(setup.method, cfg.train, cfg.seed), setup.family, cfg.train, cfg.seed, shapes_only=True
     )
     task_mesh(cfg.train.devices)
     with run_lock(run_dir, "bayesmeta fit"):
@@ -207,7 +207,7 @@ def restore(cfg: Config, run_dir: Path) -> tuple[Setup, FitResult]:
     """Rebuild the method and load the run's checkpointed parameters."""
     setup = Setup.from_config(cfg)
     svi = make_svi(setup.method, cfg.train)
-    template, _ = initial_state(svi, setup.family, cfg.train, cfg.seed)
+    template, _ = initial_state(svi, setup.family, cfg.train, cfg.seed, shapes_only=True)
     state, step, trace = load_checkpoint(run_dir, template, resume=False)
     return setup, FitResult(svi.get_params(state), state, step, trace)
 
@@ -223,7 +223,7 @@ def grid_predictions(setup: Setup, params: dict, tasks: Any) -> dict[str, Any] |
     batch = plot._replace(x_query=x, y_query=None)
     f = {
         s: np.asarray(
-            predictive(setup.eval_method, s, setup.cfg.eval.samples, ("f",))(
+            predictive(setup.eval_method, s, setup.cfg.eval.samples, ("f",), setup.cfg.eval.blown_up_draws)(
                 params, batch, jax.random.PRNGKey(1)
             )["f"]
         )
@@ -293,7 +293,7 @@ def calibration(setup: Setup, params: dict, ev: Evaluation) -> dict[str, Any]:
             n = min(cfg.eval.memorization_tasks or 100, ev.tasks.x_support.shape[0])
             sub = jax.tree.map(lambda a, n=n: jnp.asarray(a[:n]), ev.tasks)
             x = fam.grid(sub.info, 100)
-            fg = predictive(setup.eval_method, s, cfg.eval.samples, ("f",))(
+            fg = predictive(setup.eval_method, s, cfg.eval.samples, ("f",), cfg.eval.blown_up_draws)(
                 params, sub._replace(x_query=x, y_query=None), jax.random.PRNGKey(6)
             )["f"][..., 0]
             kinds = fam.hypothesis(fg, x[0, :, 0])  # (S, T)
@@ -391,6 +391,7 @@ def finish(setup: Setup, run_dir: Path, result: FitResult, progress: bool = True
         cfg.eval.samples,
         jax.random.fold_in(setup.eval_key, 1),
         progress=progress,
+        blown_up=cfg.eval.blown_up_draws,
     )
     grid = grid_predictions(setup, result.params, ev.tasks)
     diagnostics = memorization(setup, result.params, ev.tasks)

@@ -178,6 +178,7 @@ class Samples:
     f: np.ndarray  # (S, G, y_dim) sampled functions
     y: np.ndarray  # (S, G, y_dim) posterior predictive draws of y
     truth: np.ndarray | None = None  # (G, y_dim) when the task came from a family
+    blown_up: int | None = None  # draws whose support loss rose in adaptation (methods that check)
 
 
 def draw(
@@ -190,11 +191,14 @@ def draw(
     inner_steps: int,
     key: jax.Array,
     truth: np.ndarray | None = None,
+    blown_up: str = "keep",
 ) -> Samples:
-    """S posterior predictive functions at inputs x after adapting to (x_s, y_s)."""
+    """S posterior predictive functions at inputs x after adapting to (x_s, y_s); `blown_up` as in
+    predict.predictive (the count is of the draws before any rejection)."""
     batch = TaskBatch(jnp.asarray(x_s)[None], jnp.asarray(y_s)[None], jnp.asarray(x)[None], None, {})
-    out = predictive(method, inner_steps, n_samples)(params, batch, key)
-    return Samples(x_s, y_s, x, np.asarray(out["f"][:, 0]), np.asarray(out["y"][:, 0]), truth)
+    out = predictive(method, inner_steps, n_samples, blown_up=blown_up)(params, batch, key)
+    count = int(out["blown_up"].sum()) if "blown_up" in out else None
+    return Samples(x_s, y_s, x, np.asarray(out["f"][:, 0]), np.asarray(out["y"][:, 0]), truth, count)
 
 
 def plot(s: Samples, path: Path, title: str) -> Path:

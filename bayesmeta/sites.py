@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpyro
 from numpyro.handlers import scale
 
@@ -103,6 +104,15 @@ def tree_from_params(prefix: str, init: Callable[[jax.Array], Any], params: dict
     """The pytree `param_tree(prefix, init)` registered, read back from a dict of fitted params."""
     shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
     return jax.tree.unflatten(jax.tree.structure(shapes), [params[k] for k in site_names(prefix, shapes)])
+
+
+DRAW_CHECK = "draw_support_loss"
+
+
+def record_draw_check(start: jax.Array, end: jax.Array) -> None:
+    """Record each task's support loss at this draw's start and after its adaptation, (T, 2), at site
+    DRAW_CHECK: the engine counts a draw whose loss ends above its start (or is not finite) as blown up."""
+    numpyro.deterministic(DRAW_CHECK, jnp.stack([start, end], -1))
 
 
 def observe(likelihood: Any, out: jax.Array, y: jax.Array | None, name: str = "y") -> None:

@@ -28,9 +28,9 @@ from jax.flatten_util import ravel_pytree
 from bayesmeta.adapt import InnerLoop, split
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
-from bayesmeta.method import Context, Method, Spec
+from bayesmeta.method import Context, Method, Spec, no_guide
 from bayesmeta.nets import make_net
-from bayesmeta.sites import observe, param_tree
+from bayesmeta.sites import observe, param_tree, record_draw_check
 from bayesmeta.tasks import TaskBatch
 
 
@@ -109,10 +109,16 @@ class LLAMA(Spec):
             logdet, prior, phi = jax.vmap(laplace, in_axes=(0, None, 0, 0 if eps is not None else None))(
                 phi, theta, batch.x_support, eps
             )
+            if not training:  # did this draw (the mode plus Laplace noise) lower the support loss?
+                losses = jax.vmap(task_loss, in_axes=(None, 0, 0))
+                record_draw_check(
+                    losses(theta, batch.x_support, batch.y_support),
+                    jax.vmap(task_loss)(phi, batch.x_support, batch.y_support),
+                )
             numpyro.deterministic("laplace_logdet", logdet)
             numpyro.factor(
                 "laplace", -(0.5 * p.eta * jnp.sum(logdet) + 0.5 * jnp.sum(prior)) / (n_tasks * n_query)
             )
             observe(lik, jax.vmap(net.apply)(phi, batch.x_query), batch.y_query)
 
-        return Method("llama", model, lambda *a, **k: None, likelihood=lik)
+        return Method("llama", model, no_guide, likelihood=lik, draw_check=True)

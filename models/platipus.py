@@ -30,7 +30,7 @@ from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Context, Method, Spec
 from bayesmeta.nets import make_net
-from bayesmeta.sites import observe, param_tree, site_names
+from bayesmeta.sites import observe, param_tree, record_draw_check, site_names
 from bayesmeta.tasks import TaskBatch
 
 
@@ -96,6 +96,12 @@ class PLATIPUS(Spec):
                 shifted(mu, gamma_p, batch.x_support, batch.y_support), log_sd, batch.n_tasks
             )
             phi, _ = inner(task_loss, theta, batch.x_support, batch.y_support, inner_steps, per_task=True)
+            if not training:  # did this draw's adaptation lower its support loss? (eval.blown_up_draws)
+                losses = jax.vmap(task_loss)
+                record_draw_check(
+                    losses(theta, batch.x_support, batch.y_support),
+                    losses(phi, batch.x_support, batch.y_support),
+                )
             observe(lik, jax.vmap(net.apply)(phi, batch.x_query), batch.y_query)
 
         def guide(batch: TaskBatch, inner_steps: int | None = None) -> None:
@@ -104,4 +110,12 @@ class PLATIPUS(Spec):
             gamma_q = numpyro.param("gamma_q", jnp.asarray(p.gamma_init))
             sample_theta(shifted(mu, gamma_q, batch.x_query, batch.y_query), log_sd_q, batch.n_tasks)
 
-        return Method("platipus", model, guide, elbo="meanfield", predict_with_guide=False, likelihood=lik)
+        return Method(
+            "platipus",
+            model,
+            guide,
+            elbo="meanfield",
+            predict_with_guide=False,
+            likelihood=lik,
+            draw_check=True,
+        )

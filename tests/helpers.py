@@ -29,7 +29,7 @@ def tiny_setup(*overrides: str, tasks: int = 3):
     method = build_method(cfg.model, fam.x_dim, fam.y_dim)
     batch = fam.sample(jax.random.PRNGKey(4), tasks)
     svi = SVI(method.model, method.guide, optax.sgd(0.0), Trace_ELBO())
-    params = svi.get_params(svi.init(jax.random.PRNGKey(3), batch))
+    params = svi.get_params(jax.jit(svi.init)(jax.random.PRNGKey(3), batch))
     return cfg, method, batch, params
 
 

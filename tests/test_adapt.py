@@ -258,7 +258,7 @@ def _temp_bytes(setup, batch):
     from numpyro.infer import SVI
 
     svi = SVI(setup.method.model, setup.method.guide, optax.adam(1e-3), Trace_ELBO())
-    state = svi.init(jax.random.PRNGKey(0), batch)
+    state = jax.jit(svi.init)(jax.random.PRNGKey(0), batch)
     compiled = jax.jit(svi.update).lower(state, batch).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 

@@ -100,7 +100,7 @@ def test_llama_objective_adds_the_laplace_term(curvature):
     off = run.Setup.from_config(registry.load_config(None, [*base, "model.params.eta=0.0"]))
     batch = on.family.sample(jax.random.PRNGKey(0), 3)
     svi = SVI(on.method.model, on.method.guide, optax.sgd(0.0), Trace_ELBO())
-    params = svi.get_params(svi.init(jax.random.PRNGKey(1), batch))
+    params = svi.get_params(jax.jit(svi.init)(jax.random.PRNGKey(1), batch))
 
     def loss(m):
         return float(Trace_ELBO().loss(jax.random.PRNGKey(2), params, m.model, m.guide, batch))

@@ -32,7 +32,7 @@ NME = ["task.family='nme_sinusoid'", "task.shots=5", "task.queries=6", "model.ne
 
 def _loss_fn(method, batch):
     svi = SVI(method.model, method.guide, optax.sgd(0.0), TraceMeanField_ELBO())
-    params = svi.get_params(svi.init(jax.random.PRNGKey(0), batch))
+    params = svi.get_params(jax.jit(svi.init)(jax.random.PRNGKey(0), batch))
 
     def loss(p):
         return TraceMeanField_ELBO().loss(jax.random.PRNGKey(7), p, method.model, method.guide, batch)

@@ -31,7 +31,7 @@ def _setup(*extra):
 def _loss(setup, batch):
     m = setup.method
     svi = SVI(m.model, m.guide, optax.sgd(0.0), TraceMeanField_ELBO())
-    params = svi.get_params(svi.init(jax.random.PRNGKey(0), batch))
+    params = svi.get_params(jax.jit(svi.init)(jax.random.PRNGKey(0), batch))
     return (lambda p: TraceMeanField_ELBO().loss(jax.random.PRNGKey(3), p, m.model, m.guide, batch)), params
 
 

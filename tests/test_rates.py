@@ -116,7 +116,7 @@ def test_a_short_fit_moves_the_rates_and_lowers_the_loss():
     """Unconstrained rates follow the meta-gradient: after 60 Adam steps they differ from their init."""
     _, method, batch, _ = tiny_setup("model.params.learned_lr='per_layer_step'", tasks=8)
     svi = SVI(method.model, method.guide, optax.adam(1e-2), Trace_ELBO())
-    state = svi.init(jax.random.PRNGKey(3), batch)
+    state = jax.jit(svi.init)(jax.random.PRNGKey(3), batch)
     start = svi.evaluate(state, batch)
     state, _ = jax.lax.scan(lambda s, _: svi.update(s, batch), state, None, length=60)
     rates = {k: v for k, v in svi.get_params(state).items() if k.startswith("inner_lr.")}

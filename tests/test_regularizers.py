@@ -139,7 +139,7 @@ def test_hessian_reg_trains_under_svi_and_leaves_predictive_unchanged():
     _, plain, batch, _ = tiny_setup(tasks=8)
     _, reg, _, _ = tiny_setup("model.params.hessian_reg=0.01", tasks=8)
     svi = SVI(reg.model, reg.guide, optax.adam(1e-2), Trace_ELBO())
-    state = svi.init(jax.random.PRNGKey(3), batch)
+    state = jax.jit(svi.init)(jax.random.PRNGKey(3), batch)
     state, losses = jax.jit(lambda s: jax.lax.scan(lambda s, _: svi.update(s, batch), s, None, length=40))(
         state
     )
