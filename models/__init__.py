@@ -1,6 +1,6 @@
 """Method families, one file each. `METHODS` maps a config name to a spec with `Params` and `build`."""
 
-from bayesmeta.models import baselines, cnp, l2f, llama, maml, mr_maml, platipus, protonet
+from bayesmeta.models import baselines, bmaml, cnp, l2f, llama, maml, mr_maml, platipus, protonet
 
 METHODS = {
     "maml": maml.MAML,
@@ -12,6 +12,7 @@ METHODS = {
     "mr_cnp_a": cnp.MRCNPA,
     "platipus": platipus.PLATIPUS,
     "llama": llama.LLAMA,
+    "bmaml": bmaml.BMAML,
     "l2f": l2f.L2F,
     "protonet": protonet.ProtoNet,
     "finetune": baselines.FineTune,
