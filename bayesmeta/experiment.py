@@ -20,6 +20,7 @@ from bayesmeta import config, registry, run
 from bayesmeta.fit import CHECKPOINT, NonFiniteError
 from bayesmeta.io import run_lock, write_json, write_text
 from bayesmeta.stats import Published, contrast_verdict, verdict
+from bayesmeta.tables import markdown_table
 
 
 @dataclass(frozen=True)
@@ -267,21 +268,35 @@ def contrast_table(rows: list[dict[str, Any]], scale: float = 1.0, unit: str = "
     def f(v: float) -> str:
         return f"{scale * v:+.{2 if scale != 1 else 4}f}{unit}"
 
-    lines = [
-        "| setting | contrast | metric | per seed | mean | 95% CI over seeds | published | verdict |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    rows_md = []
     for r in rows:
         half = r["half_width"]
         ci = "n/a" if half is None else f"[{f(r['mean'] - half)}, {f(r['mean'] + half)}]"
         pub = "n/a" if r["published"] is None else f(r["published"])
         size = f"; published {r['size']}" if r["size"] else ""
-        lines.append(
-            f"| {r['setting']} | {r['method']} minus {r['base']} | {r['metric']} | "
-            f"{', '.join(f(v) for v in r['per_seed'])} | {f(r['mean'])} | {ci} | {pub} | "
-            f"{r['verdict']}{size} |"
+        rows_md.append(
+            [
+                r["setting"],
+                f"{r['method']} minus {r['base']}",
+                r["metric"],
+                ", ".join(f(v) for v in r["per_seed"]),
+                f(r["mean"]),
+                ci,
+                pub,
+                f"{r['verdict']}{size}",
+            ]
         )
-    return "\n".join(lines) + "\n"
+    header = [
+        "setting",
+        "contrast",
+        "metric",
+        "per seed",
+        "mean",
+        "95% CI over seeds",
+        "published",
+        "verdict",
+    ]
+    return markdown_table(header, rows_md) + "\n"
 
 
 def machine() -> str:
@@ -313,25 +328,15 @@ class Results:
     def wide_table(self) -> str:
         """One row per (method, setting), one column per metric: mean (sd) over seeds."""
         metrics = self._metric_names()
-        head = (
-            "| method | setting | "
-            + " | ".join(metrics)
-            + " | diverged tasks (support loss rose) | seeds |\n|---|---|"
-            + "---|" * (len(metrics) + 2)
-        )
-        lines = [head]
+        lines = []
         for method, setting in dict.fromkeys((r["method"], r["setting"]) for r in self.rows):
             rows = {r["metric"]: r for r in self.rows if (r["method"], r["setting"]) == (method, setting)}
-            cells = [_cell(rows[m], 3) for m in metrics]
             diverged = max(rows[m]["diverged_tasks"] for m in metrics)
             total = max(rows[m]["tasks_per_seed"] * rows[m]["n"] for m in metrics)
-            first = rows[metrics[0]]
-            lines.append(
-                f"| {method} | {setting} | "
-                + " | ".join(cells)
-                + f" | {diverged} of {total} | {first['n']} |"
-            )
-        return "\n".join(lines) + "\n"
+            cells = [_cell(rows[m], 3) for m in metrics]
+            lines.append([method, setting, *cells, f"{diverged} of {total}", rows[metrics[0]]["n"]])
+        header = ["method", "setting", *metrics, "diverged tasks (support loss rose)", "seeds"]
+        return markdown_table(header, lines) + "\n"
 
     def long_table(self, legend: bool = True) -> str:
         def ci(v: float | None) -> str:
@@ -343,20 +348,34 @@ class Results:
             sd = "" if r["published_sd"] is None else f" ({r['published_sd']})"
             return f"{r['published']}{sd}"
 
-        head = (
-            "| method | setting | metric | mean (sd) over seeds | 95% CI over tasks | median over tasks (sd) "
-            "| diverged tasks (support loss rose) | seeds | published | verdict |\n"
-            "|---|---|---|---|---|---|---|---|---|---|\n"
-        )
-        body = "".join(
-            f"| {r['method']} | {r['setting']} | {r['metric']} | {_cell(r, 4)} | "
-            f"{ci(r.get('ci95_tasks'))} | "
-            f"{_cell({**r, 'mean': r['median'], 'sd': r['sd_median'], 'dominated': False}, 4)} | "
-            f"{r['diverged_tasks']} of {r['tasks_per_seed'] * r['n']} | {r['n']} | {pub(r)} | "
-            f"{r['verdict']} |\n"
+        header = [
+            "method",
+            "setting",
+            "metric",
+            "mean (sd) over seeds",
+            "95% CI over tasks",
+            "median over tasks (sd)",
+            "diverged tasks (support loss rose)",
+            "seeds",
+            "published",
+            "verdict",
+        ]
+        body = [
+            [
+                r["method"],
+                r["setting"],
+                r["metric"],
+                _cell(r, 4),
+                ci(r.get("ci95_tasks")),
+                _cell({**r, "mean": r["median"], "sd": r["sd_median"], "dominated": False}, 4),
+                f"{r['diverged_tasks']} of {r['tasks_per_seed'] * r['n']}",
+                r["n"],
+                pub(r),
+                r["verdict"],
+            ]
             for r in self.rows
-        )
-        return head + body + (VERDICT_LEGEND if legend else "")
+        ]
+        return markdown_table(header, body) + "\n" + (VERDICT_LEGEND if legend else "")
 
     def write(self) -> None:
         seeds = sorted({o.cell.seed for o in self.outcomes})
@@ -375,14 +394,18 @@ class Results:
         )
         if self.notes:
             md += f"\n## Notes\n\n{self.notes.strip()}\n"
-        md += "\n## Runs\n\n| run | " + " | ".join(self._metric_names()) + " | train s |\n"
-        md += "|---|" + "---|" * (len(self._metric_names()) + 1) + "\n"
-        for o in self.outcomes:
-            if o.metrics is None:
-                md += f"| {o.cell.name} | failed: {o.error} |" + " |" * len(self._metric_names()) + "\n"
-                continue
-            vals = " | ".join(_fmt(_stats(o.metrics, m)["mean"]) for m in self._metric_names())
-            md += f"| {o.cell.name} | {vals} | {o.metrics['train_seconds']:.0f} |\n"
+        names = self._metric_names()
+        runs = [
+            [o.cell.name, f"failed: {o.error}", *[""] * len(names)]
+            if o.metrics is None
+            else [
+                o.cell.name,
+                *(_fmt(_stats(o.metrics, m)["mean"]) for m in names),
+                f"{o.metrics['train_seconds']:.0f}",
+            ]
+            for o in self.outcomes
+        ]
+        md += "\n## Runs\n\n" + markdown_table(["run", *names, "train s"], runs) + "\n"
         failed = [o for o in self.outcomes if o.metrics is None]
         if failed:
             md += (

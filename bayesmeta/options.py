@@ -10,6 +10,7 @@ from typing import Any
 
 from bayesmeta import config
 from bayesmeta.registry import families, methods
+from bayesmeta.tables import markdown_table
 
 SECTIONS = {
     "": config.Config,
@@ -38,14 +39,17 @@ def _default(f: dataclasses.Field) -> str:
 def fields_table(cls: type, prefix: str) -> str:
     """One Markdown row per field of dataclass `cls`: key, default, what it accepts, its doc."""
     hints = typing.get_type_hints(cls)
-    rows = ["| key | default | accepts | meaning |", "|---|---|---|---|"]
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            continue  # a sub-table has its own section
-        accepts = config.describe(hints[f.name], f.metadata).replace("|", "\\|")
-        doc = f.metadata.get("doc", "").replace("|", "\\|")
-        rows.append(f"| `{prefix}{f.name}` | {_default(f)} | {accepts} | {doc} |")
-    return "\n".join(rows) + "\n" if len(rows) > 2 else "No options.\n"
+    rows = [
+        [
+            f"`{prefix}{f.name}`",
+            _default(f),
+            config.describe(hints[f.name], f.metadata),
+            f.metadata.get("doc", ""),
+        ]
+        for f in dataclasses.fields(cls)
+        if not dataclasses.is_dataclass(hints[f.name])  # a sub-table has its own section
+    ]
+    return markdown_table(["key", "default", "accepts", "meaning"], rows) + "\n" if rows else "No options.\n"
 
 
 def _summary(obj: Any) -> str:

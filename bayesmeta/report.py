@@ -19,6 +19,7 @@ import xarray as xr
 from bayesmeta.io import atomic_write, run_lock, write_json, write_text
 from bayesmeta.sites import site_layout
 from bayesmeta.stats import DOMINANCE
+from bayesmeta.tables import markdown_table
 
 INFERENCE = "inference.nc"
 MAX_STORED_INPUTS = 5_000_000  # evaluation inputs kept in constant_data up to this many values
@@ -558,6 +559,11 @@ def _fmt(v: float | None) -> str:
     return "diverged" if v is None else f"{v:.4f}"
 
 
+def _entry(e: dict[str, Any], key: str) -> str:
+    """A number of a metrics entry: n/a when the entry predates it, else as _fmt (null: diverged)."""
+    return "n/a" if key not in e else _fmt(e[key])
+
+
 def plot_calibration(calib: dict[str, Any], path: Path) -> Path:
     """Empirical against nominal coverage of central predictive intervals, per test-time step count."""
     import matplotlib.pyplot as plt
@@ -618,14 +624,21 @@ def plot_reliability(diagram: dict[str, Any], ece: float, path: Path) -> Path:
 
 
 def calibration_table(calib: dict[str, Any]) -> str:
+    """Per test-time step count: NLL, MSE, coverage at each level, 90% width, PIT KS distance, mode
+    coverage and diverged tasks; with an exact predictive, its row and the learner's MSE ratio and NLL gap."""
     levels = list(next(iter(calib.values()))["coverage"])
-    head = (
-        "| test steps | NLL | "
-        + " | ".join(f"coverage {float(k):.0%}" for k in levels)
-        + " | width 90% | mode coverage (all / ambiguous tasks) | diverged tasks (left out) |\n|---"
-        + "|---" * (len(levels) + 4)
-        + "|\n"
-    )
+    exact = any("exact" in e for e in calib.values())
+    header = [
+        "test steps",
+        "NLL",
+        "MSE",
+        *(f"coverage {float(k):.0%}" for k in levels),
+        "width 90%",
+        "PIT KS",
+        "mode coverage (all / ambiguous tasks)",
+        "diverged tasks (left out)",
+        *(["MSE / exact", "NLL - exact"] if exact else []),
+    ]
     rows = []
     for steps, e in calib.items():
         mode = "n/a"
@@ -633,19 +646,21 @@ def calibration_table(calib: dict[str, Any]) -> str:
             amb = e["mode_coverage_ambiguous"]
             amb = "n/a" if amb is None else f"{amb:.3f}"
             mode = f"{e['mode_coverage']:.3f} / {amb} ({e['ambiguous_tasks']})"
+        diverged = e.get("diverged_tasks", 0)
         if "exact" in e:
             x = e["exact"]
-            rows.append(
-                f"| exact posterior predictive | {x['nll']:.4f} | "
-                + " | ".join(f"{x['coverage'][k]:.3f}" for k in levels)
-                + f" | {x['width'].get('0.9', float('nan')):.3f} | n/a | {e.get('diverged_tasks', 0)} |"
-            )
-        rows.append(
-            f"| {steps} | {_fmt(e['nll'])} | "
-            + " | ".join(f"{e['coverage'][k]:.3f}" for k in levels)
-            + f" | {e['width'].get('0.9', float('nan')):.3f} | {mode} | {e.get('diverged_tasks', 0)} |"
-        )
-    return head + "\n".join(rows) + "\n"
+            cov = [f"{x['coverage'][k]:.3f}" for k in levels]
+            width = f"{x['width'].get('0.9', float('nan')):.3f}"
+            rows.append(["exact posterior predictive", f"{x['nll']:.4f}", _entry(x, "mse"), *cov, width])
+            rows[-1] += ["n/a", "n/a", diverged, "1", "0"]
+        cov = [f"{e['coverage'][k]:.3f}" for k in levels]
+        width = f"{e['width'].get('0.9', float('nan')):.3f}"
+        row = [steps, _fmt(e["nll"]), _entry(e, "mse"), *cov, width, _entry(e, "pit_ks"), mode, diverged]
+        if exact:
+            vs = e.get("vs_exact", {})
+            row += [_entry(vs, "mse_ratio"), _entry(vs, "nll_gap")]
+        rows.append(row)
+    return markdown_table(header, rows) + "\n"
 
 
 def posterior_table(dt: xr.DataTree) -> str:
@@ -655,14 +670,15 @@ def posterior_table(dt: xr.DataTree) -> str:
     for name, da in post.data_vars.items():
         mean, sd = da.mean(("chain", "draw")), da.std(("chain", "draw"))
         rows.append(
-            f"| {name} | {mean.size} | {float(abs(mean).mean()):.4g} | {float(sd.mean()):.3g} | "
-            f"{float(sd.min()):.3g} .. {float(sd.max()):.3g} |"
+            [
+                name,
+                mean.size,
+                f"{float(abs(mean).mean()):.4g}",
+                f"{float(sd.mean()):.3g}",
+                f"{float(sd.min()):.3g} .. {float(sd.max()):.3g}",
+            ]
         )
-    return (
-        "| parameter | size | mean abs(mean) | mean sd | sd range |\n|---|---|---|---|---|\n"
-        + "\n".join(rows)
-        + "\n"
-    )
+    return markdown_table(["parameter", "size", "mean abs(mean)", "mean sd", "sd range"], rows) + "\n"
 
 
 def write_posterior_summary(dt: xr.DataTree, path: Path) -> Path:
@@ -714,7 +730,9 @@ def pac_text(pac: dict[str, Any]) -> str:
 
 
 def summary_markdown(metrics: dict[str, Any], files: list[str], posterior: str = "") -> str:
-    rows = "\n".join(f"| {k} | {metric_line(v)} |" for k, v in metrics["metrics"].items())
+    rows = markdown_table(
+        ["metric", "over tasks"], [[k, metric_line(v)] for k, v in metrics["metrics"].items()]
+    )
     text = (
         f"# Run `{metrics['name']}`\n\n"
         f"Method **{metrics['method']}** on task family **{metrics['family']}** "
@@ -722,7 +740,7 @@ def summary_markdown(metrics: dict[str, Any], files: list[str], posterior: str =
         f"{metrics['steps']} meta-training steps in {metrics['train_seconds']:.1f} s; "
         f"evaluation of {metrics['eval_tasks']} tasks in {metrics['eval_seconds']:.1f} s.\n\n"
         "## Held-out tasks (metric@test-time inner steps)\n\n"
-        f"| metric | over tasks |\n|---|---|\n{rows}\n\n"
+        f"{rows}\n\n"
         "A task diverged when its adapted support loss ended above its value before adaptation, or "
         "is not finite; the mean and its 95% CI are over the other tasks, the median over all of them "
         f"(metrics.json: `mean`, `ci95`, `n_diverged`, `median`, `mean_all`). A mean whose largest "
@@ -753,16 +771,19 @@ def summary_markdown(metrics: dict[str, Any], files: list[str], posterior: str =
         )
     land = metrics.get("landscape")
     if land:
-        rows = "\n".join(
-            f"| {k} | {'n/a' if r is None else f'{r:.3f}'} | {land['values'][k][-1]:.4g} |"
-            for k, r in land["correlation"].items()
+        rows = markdown_table(
+            ["metric", f"r with {land['test_metric']}", "last value"],
+            [
+                [k, "n/a" if r is None else f"{r:.3f}", f"{land['values'][k][-1]:.4g}"]
+                for k, r in land["correlation"].items()
+            ],
         )
         text += (
             "## Landscape diagnostics (METHODS 5, 6)\n\n"
             f"On held-out tasks at {len(land['step'])} steps during training; r is the correlation "
             f"coefficient of each metric with the held-out {land['test_metric']} across those steps "
             "(series in inference.nc sample_stats `diag_*`, plot in plots/landscape.png).\n\n"
-            f"| metric | r with {land['test_metric']} | last value |\n|---|---|---|\n{rows}\n\n"
+            f"{rows}\n\n"
         )
     pac = metrics.get("pac_bayes")
     if pac:

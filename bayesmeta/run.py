@@ -17,7 +17,7 @@ from numpyro.infer import Predictive
 from bayesmeta import config as config_mod
 from bayesmeta.bounds import Bound, clipped_squared_error, pac_bayes_bound
 from bayesmeta.config import Config
-from bayesmeta.diagnostics.calibration import LEVELS, coverage, interval_width, mixture_nll, pit
+from bayesmeta.diagnostics.calibration import LEVELS, coverage, interval_width, mixture_nll, pit, pit_ks
 from bayesmeta.diagnostics.landscape import landscape_metrics
 from bayesmeta.diagnostics.memorization import support_dependence
 from bayesmeta.fit import (
@@ -281,11 +281,14 @@ def calibration(setup: Setup, params: dict, ev: Evaluation) -> dict[str, Any]:
             continue
         f, y_draws = jnp.asarray(ev.draws[s]["f"])[:, keep], jnp.asarray(ev.draws[s]["y"])[:, keep]
         tie_key = jax.random.fold_in(jax.random.PRNGKey(8), s)  # the randomized PIT's uniform draws
+        u = pit(y_draws, y[keep], tie_key)
         entry = {
             "nll": float(jnp.mean(mixture_nll(f, noise_sd, y[keep]))),
+            "mse": float(jnp.mean(jnp.square(jnp.mean(f, 0) - y[keep]))),
             "coverage": {str(k): v for k, v in coverage(y_draws, y[keep]).items()},
             "width": {str(k): v for k, v in interval_width(y_draws).items()},
-            "pit": np.asarray(pit(y_draws, y[keep], tie_key)).ravel().tolist(),
+            "pit": np.asarray(u).ravel().tolist(),
+            "pit_ks": pit_ks(u),
             "diverged_tasks": int((~keep).sum()),
         }
         fam = setup.eval_family
@@ -305,9 +308,13 @@ def calibration(setup: Setup, params: dict, ev: Evaluation) -> dict[str, Any]:
             entry["mode_coverage_ambiguous"] = float(both[amb].mean()) if amb.any() else None
             entry["ambiguous_tasks"] = int(amb.sum())
         if isinstance(setup.eval_family, ExactPredictive):
-            entry["exact"] = exact_calibration(
+            entry["exact"] = exact = exact_calibration(
                 setup.eval_family, jax.tree.map(lambda a, k=keep: a[k], ev.tasks)
             )
+            entry["vs_exact"] = {
+                "mse_ratio": entry["mse"] / exact["mse"],
+                "nll_gap": entry["nll"] - exact["nll"],
+            }
         out[str(s)] = entry
     return out
 
@@ -321,13 +328,15 @@ def log_likelihood(setup: Setup, params: dict, ev: Evaluation) -> dict[int, np.n
 
 
 def exact_calibration(family: Any, tasks: Any) -> dict[str, Any]:
-    """NLL, coverage and width of the family's exact posterior predictive on the same tasks."""
+    """NLL, MSE of the mean, coverage and width of the family's exact posterior predictive on the same
+    tasks."""
     batch = jax.tree.map(jnp.asarray, tasks)
     mean, sd = family.exact_predictive(batch)
     y = batch.y_query
     z = {level: float(jax.scipy.stats.norm.ppf((1 + level) / 2)) for level in LEVELS}
     return {
         "nll": float(-jnp.mean(jax.scipy.stats.norm.logpdf(y, mean, sd))),
+        "mse": float(jnp.mean(jnp.square(mean - y))),
         "coverage": {str(k): float(jnp.mean(jnp.abs(y - mean) <= v * sd)) for k, v in z.items()},
         "width": {str(k): float(jnp.mean(2 * v * sd)) for k, v in z.items()},
     }

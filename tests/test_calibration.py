@@ -16,6 +16,7 @@ from bayesmeta.diagnostics.calibration import (
     mixture_nll,
     mode_coverage,
     pit,
+    pit_ks,
     sine_like,
 )
 from bayesmeta.registry import make_family
@@ -147,3 +148,23 @@ def test_reliability_diagram_is_drawn(tmp_path):
     assert ece == pytest.approx(np.mean(probs.max(-1)) - 0.2, abs=0.03)
     path = plot_reliability(diagram, ece, tmp_path / "reliability.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pit_ks_is_the_kolmogorov_smirnov_distance_from_uniform():
+    """Against scipy's KS statistic; about 1/n for an evenly spread sample, 1 - 1/n for a point mass at 0."""
+    u = jax.random.uniform(jax.random.PRNGKey(0), (500,)) ** 2  # skewed towards 0
+    assert pit_ks(u) == pytest.approx(stats.kstest(np.asarray(u), "uniform").statistic, rel=1e-5)
+    even = (jnp.arange(100) + 0.5) / 100
+    assert pit_ks(even) == pytest.approx(0.005, abs=1e-6)
+    assert pit_ks(jnp.zeros(10)) == pytest.approx(1.0)
+
+
+def test_exact_calibration_reports_the_exact_mean_squared_error():
+    from bayesmeta.run import exact_calibration
+
+    fam = make_family(registry.load_config(None, ["task.family='basis_regression'", "task.shots=5"]).task)
+    batch = fam.sample(jax.random.PRNGKey(3), 4000)
+    _, sd = fam.exact_predictive(batch)
+    out = exact_calibration(fam, batch)
+    # the exact predictive's MSE is its mean variance (up to sampling): E (y - mean)^2 = E sd^2
+    assert out["mse"] == pytest.approx(float(jnp.mean(jnp.square(sd))), rel=0.03)

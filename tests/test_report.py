@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import xarray as xr
 
 from bayesmeta.cli import main
@@ -68,3 +69,11 @@ def test_fit_evaluate_report_through_the_cli(tmp_path, capsys):
 def test_report_of_a_folder_without_a_run_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 1
     assert "no inference file" in capsys.readouterr().err
+
+
+def test_markdown_table_escapes_pipes_and_checks_row_widths():
+    from bayesmeta.tables import markdown_table
+
+    assert markdown_table(["a", "b"], [[1, "x|y"]]) == "| a | b |\n|---|---|\n| 1 | x\\|y |"
+    with pytest.raises(ValueError, match="a row has 1 cells, the header 2"):
+        markdown_table(["a", "b"], [[1]])

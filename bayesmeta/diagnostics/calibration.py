@@ -48,6 +48,15 @@ def pit(samples: jnp.ndarray, y: jnp.ndarray, key: jax.Array) -> jnp.ndarray:
     return (below + v * (ties + 1)) / (samples.shape[0] + 1)
 
 
+def pit_ks(u: jnp.ndarray) -> float:
+    """Kolmogorov-Smirnov distance sup_u |F_n(u) - u| of PIT values from U(0, 1): 0 for a perfectly
+    calibrated predictive (up to sampling, about 1.36 / sqrt(n) at 95% for n independent values)."""
+    u = jnp.sort(jnp.ravel(u))
+    n = u.shape[0]
+    i = jnp.arange(1, n + 1)
+    return float(jnp.max(jnp.maximum(i / n - u, u - (i - 1) / n)))
+
+
 def sine_like(f: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
     """For functions f (..., G) on a grid x (G,): True where a sinusoid a sin x + b cos x + c fits
     better (smaller residual) than a line m x + c."""
