@@ -11,16 +11,17 @@ probabilistic methods; the NME sinusoid with meta-batch 25 for the meta-regulari
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import jax
 
 from bayesmeta import registry
+from bayesmeta.bench import compile_timed, memory_mib, seconds
 from bayesmeta.experiment import machine
 from bayesmeta.fit import make_chunk, make_svi
 from bayesmeta.io import write_json, write_text
 from bayesmeta.run import Setup
+from bayesmeta.tables import markdown_table
 
 HERE = Path(__file__).parent
 CHUNK = 200
@@ -44,22 +45,16 @@ def measure(overrides: tuple[str, ...], repeats: int) -> dict[str, float]:
     cfg = registry.load_config(None, ["train.meta_batch=25", *overrides])
     setup = Setup.from_config(cfg)
     svi = make_svi(setup.method, cfg.train)
-    state = svi.init(jax.random.PRNGKey(0), setup.family.sample(jax.random.PRNGKey(1), 25))
+    state = jax.jit(svi.init)(jax.random.PRNGKey(0), setup.family.sample(jax.random.PRNGKey(1), 25))
     chunk = make_chunk(svi, setup.family, 25, jax.random.PRNGKey(2))
-    t0 = time.perf_counter()
-    compiled = chunk.lower(state, jax.numpy.asarray(0), CHUNK).compile()
-    compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(state, jax.numpy.asarray(0)))
-        best = min(best, time.perf_counter() - t0)
+    start = jax.numpy.asarray(0)
+    compile_s, compiled = compile_timed(lambda s, i: chunk(s, i, CHUNK), state, start)
+    best = min(seconds(lambda: compiled(state, start), repeats))
     return {
         "compile_s": compile_s,
         "ms_per_step": best / CHUNK * 1e3,
         "tasks_per_s": 25 * CHUNK / best,
-        "temp_mib": mem.temp_size_in_bytes / 2**20,
+        "temp_mib": memory_mib(compiled)["temp_mib"],
     }
 
 
@@ -68,16 +63,19 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     res = {name: measure(over, args.repeats) for name, over in CASES.items()}
-    lines = [
-        "| method | compile s | ms per step | tasks per second | XLA temp MiB |",
-        "|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {n} | {r['compile_s']:.1f} | {r['ms_per_step']:.3f} | {r['tasks_per_s']:,.0f} | "
-        f"{r['temp_mib']:.1f} |"
-        for n, r in res.items()
-    ]
-    table = "\n".join(lines)
+    table = markdown_table(
+        ["method", "compile s", "ms per step", "tasks per second", "XLA temp MiB"],
+        [
+            [
+                n,
+                f"{r['compile_s']:.1f}",
+                f"{r['ms_per_step']:.3f}",
+                f"{r['tasks_per_s']:,.0f}",
+                f"{r['temp_mib']:.1f}",
+            ]
+            for n, r in res.items()
+        ],
+    )
     print(table)
     cmd = f".venv/bin/python experiments/bench/methods/run.py --repeats {args.repeats}"
     write_text(

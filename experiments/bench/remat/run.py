@@ -18,16 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import jax
 
 from bayesmeta import config, registry
+from bayesmeta.bench import compile_timed, memory_mib, seconds
 from bayesmeta.experiment import machine
 from bayesmeta.fit import make_svi
 from bayesmeta.io import write_json, write_text
 from bayesmeta.run import Setup
+from bayesmeta.tables import markdown_table
 
 HERE = Path(__file__).parent
 OMNIGLOT = HERE.parents[1] / "omniglot" / "base.toml"
@@ -67,36 +68,25 @@ def measure(cfg: config.Config, calls: int, repeats: int) -> dict[str, float]:
     setup = Setup.from_config(cfg)
     batch = setup.family.sample(jax.random.PRNGKey(0), cfg.train.meta_batch)
     svi = make_svi(setup.method, cfg.train)
-    state = svi.init(jax.random.PRNGKey(1), batch)
-    t0 = time.perf_counter()
-    step = jax.jit(svi.update).lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
-    mem = step.memory_analysis()
-    peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-    jax.block_until_ready(step(state, batch))  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
+    state = jax.jit(svi.init)(jax.random.PRNGKey(1), batch)
+    compile_s, step = compile_timed(svi.update, state, batch)
+
+    def dispatch() -> jax.Array:  # `calls` steps dispatched back to back
         s = state
-        t0 = time.perf_counter()
         for _ in range(calls):
             s, loss = step(s, batch)
-        jax.block_until_ready(loss)
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return {
-        "memory_mib": peak / 2**20,
-        "temp_mib": mem.temp_size_in_bytes / 2**20,
-        "ms_per_step": best * 1e3,
-        "compile_s": compile_s,
-    }
+        return loss
+
+    best = min(seconds(dispatch, repeats)) / calls
+    return {**memory_mib(step), "ms_per_step": best * 1e3, "compile_s": compile_s}
 
 
 def table(results: dict, steps: tuple[int, ...], policies: tuple[str, ...]) -> str:
-    head = "| inner steps | " + " | ".join(f"{p}: MiB / ms per step" for p in policies) + " |"
-    lines = [head, "|---|" + "---|" * len(policies)]
-    for s in map(str, steps):
-        cells = (f"{results[p][s]['memory_mib']:.2f} / {results[p][s]['ms_per_step']:.2f}" for p in policies)
-        lines.append(f"| {s} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [
+        [s, *(f"{results[p][s]['memory_mib']:.2f} / {results[p][s]['ms_per_step']:.2f}" for p in policies)]
+        for s in map(str, steps)
+    ]
+    return markdown_table(["inner steps", *(f"{p}: MiB / ms per step" for p in policies)], rows)
 
 
 def ratios(results: dict, hi: int, lo: int) -> dict[str, float]:
