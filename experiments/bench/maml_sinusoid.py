@@ -29,6 +29,7 @@ from bayesmeta.fit import make_chunk, make_svi
 from bayesmeta.io import write_json, write_text
 from bayesmeta.nets import make_net
 from bayesmeta.run import Setup
+from bayesmeta.tables import markdown_table
 
 HERE = Path(__file__).parent
 OVERRIDES = [
@@ -142,13 +143,13 @@ def main() -> None:
     ratio_step = results["engine step"][1] / results["hand-written step"][1]
     ratio_chunk = results[names[2]][1] / results[names[3]][1]
 
-    lines = [
-        "| configuration | compile s | ms/step (min) | ms/step (median) | tasks per second (at min) |",
-        "|---|---|---|---|---|",
-    ]
-    for name, (c, best, med) in results.items():
-        lines.append(f"| {name} | {c:.2f} | {best * 1e3:.3f} | {med * 1e3:.3f} | {mb / best:,.0f} |")
-    table = "\n".join(lines)
+    table = markdown_table(
+        ["configuration", "compile s", "ms/step (min)", "ms/step (median)", "tasks per second (at min)"],
+        [
+            [name, f"{c:.2f}", f"{best * 1e3:.3f}", f"{med * 1e3:.3f}", f"{mb / best:,.0f}"]
+            for name, (c, best, med) in results.items()
+        ],
+    )
     summary = (
         f"engine / hand-written time per step: {ratio_step:.3f} (single steps), "
         f"{ratio_chunk:.3f} (scanned chunks); target <= 1.2"

@@ -16,6 +16,7 @@ import argparse
 from pathlib import Path
 
 from bayesmeta.experiment import Contrast, contrast_table, contrasts, product, run_grid
+from bayesmeta.tables import markdown_table
 
 HERE = Path(__file__).parent
 METRICS = ["mse@1", "mse@2", "mse@5"]
@@ -129,7 +130,7 @@ def spike_table(outcomes: list, out_dir: Path) -> str:
     import numpy as np
     import xarray as xr
 
-    lines = ["| run | largest training loss (step) | held-out mse@5 during training |", "|---|---|---|"]
+    rows = []
     for o in outcomes:
         if o.metrics is None:
             continue
@@ -138,8 +139,9 @@ def spike_table(outcomes: list, out_dir: Path) -> str:
             loss = dt["sample_stats"]["loss"].values
         history = o.metrics.get("history", {}).get("mse@5", {})
         trend = ", ".join(f"{int(k) // 1000}k: {v:.2f}" for k, v in history.items())
-        lines.append(f"| {o.cell.name} | {loss.max():.3g} ({int(np.argmax(loss)) + 1}) | {trend} |")
-    return "\n".join(lines) + "\n"
+        rows.append([o.cell.name, f"{loss.max():.3g} ({int(np.argmax(loss)) + 1})", trend])
+    header = ["run", "largest training loss (step)", "held-out mse@5 during training"]
+    return markdown_table(header, rows) + "\n"
 
 
 SPIKE_NOTES = """

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from bayesmeta.experiment import Cell, run_grid
+from bayesmeta.tables import markdown_table
 
 HERE = Path(__file__).parent
 BASE = HERE / "base.toml"
@@ -35,15 +36,15 @@ def correlations(outcomes: list) -> str:
     done = [
         o for o in outcomes if o.metrics is not None and o.metrics["metrics"]["mse@1"]["mean"] is not None
     ]
-    lines = ["| diagnostic | R with -mse@1 across k | runs |", "|---|---|---|"]
+    rows = []
     for d in DIAGNOSTICS:
         pairs = [(o.metrics["landscape"]["final"][d], -o.metrics["metrics"]["mse@1"]["mean"]) for o in done]
         x, y = np.array([p for p in pairs if p[0] is not None], dtype=float).reshape(-1, 2).T
         r = float(np.corrcoef(x, y)[0, 1]) if len(x) > 2 and x.std() > 0 else float("nan")
-        lines.append(f"| {d} | {r:.3f} | {len(x)} |")
+        rows.append([d, f"{r:.3f}", len(x)])
     return (
-        "\n".join(lines)
-        + "\n\n(one run per k and seed; runs whose test MSE or diagnostic diverged are left out)\n"
+        markdown_table(["diagnostic", "R with -mse@1 across k", "runs"], rows)
+        + "\n\n\n(one run per k and seed; runs whose test MSE or diagnostic diverged are left out)\n"
     )
 
 

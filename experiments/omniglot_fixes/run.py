@@ -23,6 +23,7 @@ import numpy as np
 from scipy import stats
 
 from bayesmeta.experiment import Cell, Outcome, run_grid
+from bayesmeta.tables import markdown_table
 
 HERE = Path(__file__).parent
 BASE = HERE / "base.toml"
@@ -73,10 +74,7 @@ def paired(outcomes: list[Outcome], metric: str = "accuracy@5") -> str:
         for o in outcomes
         if o.metrics is not None
     }
-    lines = [
-        f"| setting | fix | {metric} minus MAML, per seed | mean | 95% CI over seeds | verdict |",
-        "|---|---|---|---|---|---|",
-    ]
+    rows = []
     for s in dict.fromkeys(o.cell.setting for o in outcomes):
         for fix in FIXES:
             seeds = sorted(k[2] for k in acc if k[:2] == (fix, s) and ("MAML", s, k[2]) in acc)
@@ -87,11 +85,10 @@ def paired(outcomes: list[Outcome], metric: str = "accuracy@5") -> str:
             lo, hi = d.mean() - half, d.mean() + half
             verdict = "better" if lo > 0 else "worse" if hi < 0 else "no significant difference"
             per = ", ".join(f"{100 * v:+.1f}" for v in d)
-            lines.append(
-                f"| {s} | {fix} | {per} pt | {100 * d.mean():+.2f} pt | "
-                f"[{100 * lo:+.2f}, {100 * hi:+.2f}] pt | {verdict} |"
-            )
-    return "\n".join(lines) + "\n"
+            ci = f"[{100 * lo:+.2f}, {100 * hi:+.2f}] pt"
+            rows.append([s, fix, f"{per} pt", f"{100 * d.mean():+.2f} pt", ci, verdict])
+    header = ["setting", "fix", f"{metric} minus MAML, per seed", "mean", "95% CI over seeds", "verdict"]
+    return markdown_table(header, rows) + "\n"
 
 
 def compare(ways: list[int], seeds: list[int], only: list[str] | None) -> None:
@@ -171,15 +168,11 @@ def conflicts(outcomes: list[Outcome]) -> str:
     if not done:
         return "(no runs)\n"
     layers = sorted({k for o in done for k in o.metrics["landscape"]["final"] if k.startswith("conflict_")})
-    lines = [
-        "| run | " + " | ".join(k[len("conflict_") :] for k in layers) + " |",
-        "|---|" + "---|" * len(layers),
-    ]
+    rows = []
     for o in done:
         final = o.metrics["landscape"]["final"]
-        vals = ["n/a" if final.get(k) is None else f"{final[k]:.3f}" for k in layers]
-        lines.append(f"| {o.cell.name} | " + " | ".join(vals) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append([o.cell.name, *("n/a" if final.get(k) is None else f"{final[k]:.3f}" for k in layers)])
+    return markdown_table(["run", *(k[len("conflict_") :] for k in layers)], rows) + "\n"
 
 
 def series(outcomes: list[Outcome]) -> str:
@@ -190,11 +183,11 @@ def series(outcomes: list[Outcome]) -> str:
             continue
         land = o.metrics["landscape"]
         names = [f"test_{land['test_metric']}", *DIAGNOSTICS]
-        out.append(f"{o.cell.name}:\n\n| step | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
-        for i, step in enumerate(land["step"]):
-            vals = [land["values"][n][i] for n in names]
-            out.append(f"| {step} | " + " | ".join("n/a" if v is None else f"{v:.4g}" for v in vals) + " |")
-        out.append("")
+        rows = [
+            [step, *("n/a" if land["values"][n][i] is None else f"{land['values'][n][i]:.4g}" for n in names)]
+            for i, step in enumerate(land["step"])
+        ]
+        out += [f"{o.cell.name}:\n\n" + markdown_table(["step", *names], rows), ""]
     return "\n".join(out) + "\n"
 
 

@@ -37,6 +37,7 @@ from bayesmeta.io import write_json, write_text
 from bayesmeta.nets import Conv4, conv3x3, make_net, patches3x3, xla_conv3x3
 from bayesmeta.run import Setup
 from bayesmeta.sites import tree_from_params
+from bayesmeta.tables import markdown_table
 
 HERE = Path(__file__).parent
 BASE = HERE.parents[1] / "omniglot" / "base.toml"  # conv4 MAML 5-way 1-shot, second-order, 1 step
@@ -298,25 +299,39 @@ def main() -> None:
     prof = profile(*setups[rows[slowest]["method"]], mb, repeats)
     full_ms = prof["full SVI step (svi.update)"]["ms"]
 
-    lines = [
-        "| configuration | compile s (step / scan) | ms per step, sampled / fixed | tasks/s, sampled / fixed "
-        "| sampling cost | XLA memory MiB (temp) | GFLOP per step | GFLOP/s | of GEMM peak |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for r, v in res.items():
         c, t, q = v["compile_s"], v["seconds_per_step_min"], v["tasks_per_second"]
-        lines.append(
-            f"| {r} | {c['one step']:.1f} / {c['scan, sampled']:.1f} | {t['sampled'] * 1e3:.1f} / "
-            f"{t['fixed'] * 1e3:.1f} | {q['sampled']:,.0f} / {q['fixed']:,.0f} | {v['sampling_cost']:+.1%} | "
-            f"{v['memory_mib']:.1f} ({v['temp_mib']:.1f}) | {v['gflop_per_step']:.2f} | "
-            f"{v['gflops_achieved']:.1f} | {v['fraction_of_gemm']:.1%} |"
+        rows.append(
+            [
+                r,
+                f"{c['one step']:.1f} / {c['scan, sampled']:.1f}",
+                f"{t['sampled'] * 1e3:.1f} / {t['fixed'] * 1e3:.1f}",
+                f"{q['sampled']:,.0f} / {q['fixed']:,.0f}",
+                f"{v['sampling_cost']:+.1%}",
+                f"{v['memory_mib']:.1f} ({v['temp_mib']:.1f})",
+                f"{v['gflop_per_step']:.2f}",
+                f"{v['gflops_achieved']:.1f}",
+                f"{v['fraction_of_gemm']:.1%}",
+            ]
         )
-    table = "\n".join(lines)
-    plines = ["| piece (jitted alone) | ms | GFLOP | GFLOP/s | ms / full step |", "|---|---|---|---|---|"]
+    header = [
+        "configuration",
+        "compile s (step / scan)",
+        "ms per step, sampled / fixed",
+        "tasks/s, sampled / fixed",
+        "sampling cost",
+        "XLA memory MiB (temp)",
+        "GFLOP per step",
+        "GFLOP/s",
+        "of GEMM peak",
+    ]
+    table = markdown_table(header, rows)
+    prows = []
     for name, v in prof.items():
         rate = v["gflop"] / (v["ms"] / 1e3) if v["ms"] > 0 else 0.0
-        plines.append(f"| {name} | {v['ms']:.2f} | {v['gflop']:.3f} | {rate:.1f} | {v['ms'] / full_ms:.1%} |")
-    ptable = "\n".join(plines)
+        prows.append([name, f"{v['ms']:.2f}", f"{v['gflop']:.3f}", f"{rate:.1f}", f"{v['ms'] / full_ms:.1%}"])
+    ptable = markdown_table(["piece (jitted alone)", "ms", "GFLOP", "GFLOP/s", "ms / full step"], prows)
     gemm_s = ", ".join(f"{k}: {v:.1f}" for k, v in gemm.items())
     summary = (
         f"engine / hand-written time per MAML step: {overhead['sampled']:.3f} (sampled scan), "
