@@ -44,7 +44,7 @@ def correlations(outcomes: list) -> str:
         rows.append([d, f"{r:.3f}", len(x)])
     return (
         markdown_table(["diagnostic", "R with -mse@1 across k", "runs"], rows)
-        + "\n\n\n(one run per k and seed; runs whose test MSE or diagnostic diverged are left out)\n"
+        + "\n\n(one run per k and seed; runs whose test MSE or diagnostic diverged are left out)\n"
     )
 
 
