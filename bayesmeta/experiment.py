@@ -617,3 +617,69 @@ def rerender_verdicts(
         )
     write_text(out_dir / "RESULTS.md", md)
     write_json(out_dir / "results.json", data | {"results": rows})
+
+
+def end_change(history: dict[str, float]) -> float | None:
+    """Relative change of a held-out curve over its last quarter: (mean of the third quarter's points
+    - mean of the last quarter's) / |mean of the third quarter's|, > 0 while it still falls; None
+    with fewer than 8 points or a non-finite value. A curve is called flat when |change| < 5%."""
+    values = [history[k] for k in sorted(history, key=int)]
+    if len(values) < 8 or any(v is None or not np.isfinite(v) for v in values):
+        return None
+    q = len(values) // 4
+    third, last = np.mean(values[-2 * q : -q]), np.mean(values[-q:])
+    return float((third - last) / abs(third)) if third else None
+
+
+def curve_table(outcomes: list[Outcome], metric: str) -> str:
+    """Markdown: per run, the held-out `metric` at the end of training and its change over the last
+    quarter of the curve (end_change), with a verdict: flat (|change| < 5%), still falling or rising."""
+    rows = []
+    for o in outcomes:
+        if o.metrics is None or metric not in o.metrics.get("history", {}):
+            continue
+        hist = o.metrics["history"][metric]
+        change = end_change(hist)
+        last = hist[max(hist, key=int)]
+        word = (
+            "n/a"
+            if change is None
+            else "flat"
+            if abs(change) < 0.05
+            else "still falling"
+            if change > 0
+            else "still rising"
+        )
+        rows.append([o.cell.name, _fmt(last), "n/a" if change is None else f"{change:+.1%}", word])
+    return markdown_table(
+        ["run", f"held-out {metric} at the end", "change over the last quarter", "curve"], rows
+    )
+
+
+def plot_curves(outcomes: list[Outcome], metric: str, path: Path, logy: bool = True) -> Path:
+    """The held-out `metric` during training (metrics.json history, the monitor tasks), one line per
+    method: mean over seeds with the seeds' range shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bayesmeta.report import save_fig
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method in dict.fromkeys(o.cell.method for o in outcomes):
+        curves = [
+            o.metrics["history"][metric]
+            for o in outcomes
+            if o.cell.method == method and o.metrics is not None and metric in o.metrics.get("history", {})
+        ]
+        if not curves:
+            continue
+        steps = sorted(set.intersection(*(set(c) for c in curves)), key=int)
+        vals = np.array([[np.nan if c[k] is None else c[k] for k in steps] for c in curves], dtype=float)
+        x = [int(k) for k in steps]
+        ax.plot(x, np.nanmean(vals, 0), label=f"{method} ({len(curves)} seeds)")
+        ax.fill_between(x, np.nanmin(vals, 0), np.nanmax(vals, 0), alpha=0.2)
+    ax.set(xlabel="meta-training step", ylabel=f"held-out {metric}", yscale="log" if logy else "linear")
+    ax.legend(fontsize=7)
+    return save_fig(fig, path)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
+
 from bayesmeta.config import DEFAULT_CONFIG
 from bayesmeta.experiment import Cell, run_grid
 from tests.conftest import SMALL
@@ -45,3 +48,23 @@ def test_verdicts_are_rerendered_from_results_json_idempotently(tmp_path):
     assert first.count("<!-- verdicts -->") == 1 and "b minus a" in first and "one seed" in first
     rows = json.loads((tmp_path / "results.json").read_text())["results"]
     assert rows[0]["verdict"] == "better" and rows[1]["verdict"] == "n/a"
+
+
+def test_a_curve_is_flat_only_when_its_last_quarter_stops_changing(tmp_path):
+    from bayesmeta.experiment import Cell, Outcome, curve_table, end_change, plot_curves
+
+    falling = {str(100 * i): 1.0 / (1 + i) for i in range(1, 17)}  # 1/(1+i): still falls 20% at the end
+    flat = {str(100 * i): 0.5 + (0.3 if i < 4 else 0.0) for i in range(1, 17)}
+    assert end_change(flat) == 0.0
+    assert end_change(falling) == pytest.approx(
+        (np.mean([1 / 10, 1 / 11, 1 / 12, 1 / 13]) - np.mean([1 / 14, 1 / 15, 1 / 16, 1 / 17]))
+        / np.mean([1 / 10, 1 / 11, 1 / 12, 1 / 13])
+    )
+    assert end_change({"1": 1.0, "2": 0.5}) is None  # too few points to say
+    outs = [
+        Outcome(Cell("A", "s", 0), {"history": {"mse@5": falling}}, 1.0),
+        Outcome(Cell("B", "s", 0), {"history": {"mse@5": flat}}, 1.0),
+    ]
+    table = curve_table(outs, "mse@5")
+    assert "| still falling |" in table and "| flat |" in table
+    assert plot_curves(outs, "mse@5", tmp_path / "curves.png").stat().st_size > 0
