@@ -4,9 +4,6 @@ the per-class amortization, the NP's likelihood and KL weights, and short fits t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +11,7 @@ import numpyro.distributions as dist
 import optax
 import pytest
 from numpyro import handlers
-from numpyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
+from numpyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 
 from bayesmeta import registry
 from bayesmeta.fit import make_chunk, make_svi
@@ -32,9 +29,17 @@ from bayesmeta.tasks import TaskBatch
 TINY = ["model.net.hidden=[3]", "model.net.activation='tanh'", "task.shots=4", "task.queries=3"]
 
 
-def _init(method, batch, elbo=Trace_ELBO()):
+def _init(method, batch, meanfield=False):
+    """The method's initial parameters on `batch` (SVI.init jitted: one compilation, not one per op)."""
+    elbo = TraceMeanField_ELBO() if meanfield else Trace_ELBO()
     svi = SVI(method.model, method.guide, optax.sgd(0.0), elbo)
-    return svi.get_params(svi.init(jax.random.PRNGKey(3), batch))
+    return svi.get_params(jax.jit(svi.init)(jax.random.PRNGKey(3), batch))
+
+
+def _traced(fn, params, *args, key=0, **kwargs):
+    """The trace of fn(*args, **kwargs) with `params` substituted, seeded by `key`."""
+    seeded = handlers.seed(handlers.substitute(fn, data=params), key)
+    return handlers.trace(seeded).get_trace(*args, **kwargs)
 
 
 def test_linear_gaussian_head_closed_forms_against_monte_carlo():
@@ -64,23 +69,26 @@ def test_versa_loss_is_the_mean_query_predictive_loglik_of_the_amortized_head():
     """With many head draws, the SVI loss equals minus the exact predictive log-likelihood of the
     Gaussian head q(w | D) the amortization network outputs, averaged over tasks and query points (the
     mean of log N(y; h^T w, s^2) over draws, an ELBO-like objective, would be lower)."""
-    cfg = registry.load_config(None, [*TINY, "model.method='versa'", "model.params.head_samples=20000"])
+    cfg = registry.load_config(None, [*TINY, "model.method='versa'", "model.params.head_samples=5000"])
     setup = Setup.from_config(cfg)
     batch = setup.family.sample(jax.random.PRNGKey(1), 3)
     method, s = setup.method, cfg.model.noise_sd
-    params = _init(method, batch)
-    tr = handlers.trace(handlers.seed(handlers.substitute(method.model, data=params), 0)).get_trace(batch)
-    loc, sd = tr["q_loc"]["value"], tr["q_sd"]["value"]
     net = make_net(cfg.model.net, 1, 1)
-    body = {
-        layer: {k: params[f"theta.body.{layer}.{k}"] for k in ("w", "b")} for layer in net.layer_names[:-1]
-    }
-    h_q = jax.vmap(lambda x: net.features(body, x))(batch.x_query)
-    exact = jax.vmap(gaussian_predictive_loglik, (0, 0, 0, 0, None))(h_q, batch.y_query, loc, sd, s)
-    lower = jax.vmap(gaussian_expected_loglik, (0, 0, 0, 0, None))(h_q, batch.y_query, loc, sd, s)
-    loss = Trace_ELBO().loss(jax.random.PRNGKey(2), params, method.model, method.guide, batch)
-    np.testing.assert_allclose(float(loss), -float(jnp.mean(exact)), rtol=2e-3)
-    assert float(jnp.mean(exact - lower)) > 0.02
+
+    @jax.jit
+    def check(params):
+        tr = _traced(method.model, params, batch)
+        loc, sd = tr["q_loc"]["value"], tr["q_sd"]["value"]
+        body = {layer: {k: params[f"theta.body.{layer}.{k}"] for k in "wb"} for layer in net.layer_names[:-1]}
+        h_q = jax.vmap(lambda x: net.features(body, x))(batch.x_query)
+        exact = jax.vmap(gaussian_predictive_loglik, (0, 0, 0, 0, None))(h_q, batch.y_query, loc, sd, s)
+        lower = jax.vmap(gaussian_expected_loglik, (0, 0, 0, 0, None))(h_q, batch.y_query, loc, sd, s)
+        loss = Trace_ELBO().loss(jax.random.PRNGKey(2), params, method.model, method.guide, batch)
+        return loss, jnp.mean(exact), jnp.mean(lower)
+
+    loss, exact, lower = check(_init(method, batch))
+    np.testing.assert_allclose(float(loss), -float(exact), rtol=2e-3)
+    assert float(exact - lower) > 0.02
 
 
 def _classes(key, n_tasks=2, ways=3, shots=2, queries=2, x_dim=4):
@@ -88,191 +96,150 @@ def _classes(key, n_tasks=2, ways=3, shots=2, queries=2, x_dim=4):
     km, kx = jax.random.split(key)
     means = 2.0 * jax.random.normal(km, (n_tasks, ways, 1, x_dim))
     x = means + 0.5 * jax.random.normal(kx, (n_tasks, ways, shots + queries, x_dim))
-    y = jnp.broadcast_to(jnp.arange(ways)[None, :, None], x.shape[:3])
-    split = (
-        lambda a: (
-            a[:, :, :shots].reshape(n_tasks, -1, *a.shape[3:]),  # noqa: E731
-            a[:, :, shots:].reshape(n_tasks, -1, *a.shape[3:]),
+    y = jnp.broadcast_to(jnp.arange(ways, dtype=jnp.int32)[None, :, None], x.shape[:3])
+
+    def split(a):
+        return a[:, :, :shots].reshape(n_tasks, -1, *a.shape[3:]), a[:, :, shots:].reshape(
+            n_tasks, -1, *a.shape[3:]
         )
-    )
+
     (xs, xq), (ys, yq) = split(x), split(y)
-    return TaskBatch(xs, ys.astype(jnp.int32), xq, yq.astype(jnp.int32), {})
-
-
-@dataclass(frozen=True)
-class Blobs:
-    """A tiny classification family for the fit below: 3-way Gaussian blobs in 4 dimensions."""
-
-    x_dim: int = 4
-    y_dim: int = 3
-
-    def sample(self, key, n_tasks):
-        return _classes(key, n_tasks, self.y_dim, 2, 4, self.x_dim)
-
-
-def _versa_classifier(*extra):
-    cfg = registry.load_config(
-        None,
-        ["model.method='versa'", "model.likelihood='categorical'", "model.net.hidden=[16]", *extra],
-    )
-    return cfg, registry.build_method(cfg.model, 4, 3)
+    return TaskBatch(xs, ys, xq, yq, {})
 
 
 def test_versa_classification_is_permutation_equivariant():
     """Relabelling the classes permutes q's rows and the predicted probabilities (given the same head
-    noise per class); reordering the support examples changes nothing."""
-    _, method = _versa_classifier()
+    noise per class) and leaves the ML-PIP loss unchanged (up to Monte Carlo error with 4,000 head
+    draws); reordering the support examples changes nothing."""
+    cfg = registry.load_config(
+        None,
+        [
+            "model.method='versa'",
+            "model.likelihood='categorical'",
+            "model.net.hidden=[16]",
+            "model.params.head_samples=4000",
+        ],
+    )
+    method = registry.build_method(cfg.model, 4, 3)
     batch = _classes(jax.random.PRNGKey(0))
     params = _init(method, batch)
     eps = jax.random.normal(jax.random.PRNGKey(5), (2, 3, 17))
 
+    @jax.jit
     def run(b, e):
-        model = handlers.substitute(method.model, data={**params, "head_eps": e})
-        tr = handlers.trace(handlers.seed(model, 0)).get_trace(b._replace(y_query=None), training=False)
-        return tr["q_loc"]["value"], tr["q_sd"]["value"], tr["f"]["value"]
+        tr = _traced(method.model, {**params, "head_eps": e}, b._replace(y_query=None), training=False)
+        loss = Trace_ELBO().loss(jax.random.PRNGKey(1), params, method.model, method.guide, b)
+        return tr["q_loc"]["value"], tr["q_sd"]["value"], tr["f"]["value"], loss
 
-    loc, sd, f = run(batch, eps)
+    loc, sd, f, loss = run(batch, eps)
     perm = jnp.array([2, 0, 1])  # class c is renamed perm[c]
-    inv = jnp.argsort(perm)
-    relabelled = batch._replace(y_support=perm[batch.y_support])
-    loc2, sd2, f2 = run(relabelled, eps[:, inv])  # class perm[c] gets class c's noise
+    relabelled = batch._replace(y_support=perm[batch.y_support], y_query=perm[batch.y_query])
+    loc2, sd2, f2, loss2 = run(relabelled, eps[:, jnp.argsort(perm)])  # class perm[c] gets c's noise
     np.testing.assert_allclose(loc2[:, perm], loc, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(sd2[:, perm], sd, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(f2[..., perm], f, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(loss2), float(loss), rtol=5e-3)
     order = jax.random.permutation(jax.random.PRNGKey(7), batch.x_support.shape[1])
     shuffled = batch._replace(x_support=batch.x_support[:, order], y_support=batch.y_support[:, order])
-    loc3, sd3, f3 = run(shuffled, eps)
+    loc3, _, f3, _ = run(shuffled, eps)
     np.testing.assert_allclose(loc3, loc, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(f3, f, rtol=1e-5, atol=1e-6)
     assert float(jnp.max(jnp.abs(loc[:, 0] - loc[:, 1]))) > 1e-3  # the classes do get different heads
+    assert float(jnp.max(jnp.abs(f2 - f))) > 1e-3  # the relabelling did move the probabilities
 
 
-def _np_setup(*extra):
-    cfg = registry.load_config(None, [*TINY, "model.method='np'", "model.params.z_dim=3", *extra])
-    return cfg, Setup.from_config(cfg)
-
-
-@pytest.mark.parametrize(
-    ("extra", "lam"),
-    [
-        ((), None),
-        (
-            (
-                "model.params.kl_weight=0.3",
-                "model.params.learn_sd=true",
-                "model.params.deterministic_path=true",
-            ),
-            0.3,
-        ),
-    ],
+NP_OPTIONS = (
+    "model.params.kl_weight=0.3",
+    "model.params.learn_sd=true",
+    "model.params.deterministic_path=true",
 )
+
+
+@pytest.mark.parametrize(("extra", "lam"), [((), None), (NP_OPTIONS, 0.3)])
 def test_np_loss_is_the_mean_nll_plus_weighted_kl_between_the_encoders(extra, lam):
     """loss = mean over tasks and query points of -log p(y* | z, x*) at z ~ q(z | C u T), plus lambda
     times the mean over tasks of KL(q(z | C u T) || q(z | C)) (unset: lambda = 1/K, K = 3 query points:
     K * loss is the per-task negative ELBO). The guide's q is the model's encoder on support + query."""
-    cfg, setup = _np_setup(*extra)
+    cfg = registry.load_config(None, [*TINY, "model.method='np'", "model.params.z_dim=3", *extra])
+    setup = Setup.from_config(cfg)
     lam = 1 / 3 if lam is None else lam
     method = setup.method
     batch = setup.family.sample(jax.random.PRNGKey(1), 4)
-    params = _init(method, batch, TraceMeanField_ELBO())
-    key = jax.random.PRNGKey(2)
-    loss = TraceMeanField_ELBO().loss(key, params, method.model, method.guide, batch)
-    _, guide_key = jax.random.split(key)  # how the ELBO seeds the guide (one particle)
-    g = handlers.trace(handlers.seed(handlers.substitute(method.guide, data=params), guide_key)).get_trace(
-        batch
-    )
-    m = handlers.trace(handlers.replay(handlers.substitute(method.model, data=params), g)).get_trace(batch)
-    q, p = g["z"]["fn"].base_dist, m["z"]["fn"].base_dist
-    kl = jnp.sum(
-        jnp.log(p.scale / q.scale) + (q.scale**2 + (q.loc - p.loc) ** 2) / (2 * p.scale**2) - 0.5, -1
-    )
-    out = m["y"]["fn"].base_dist
-    np.testing.assert_allclose(out.loc, m["f"]["value"])
-    if "model.params.learn_sd=true" in extra:
-        assert float(jnp.std(out.scale)) > 1e-4 and float(jnp.min(out.scale)) >= 0.1
-    else:
-        np.testing.assert_allclose(out.scale, cfg.model.noise_sd)
-    nll = -jnp.mean(dist.Normal(out.loc, out.scale).log_prob(batch.y_query))
-    assert float(jnp.mean(kl)) > 1e-3
-    np.testing.assert_allclose(float(loss), float(nll + lam * jnp.mean(kl)), rtol=1e-5)
-    # the prior is the encoder on the context alone; the guide is the same encoder on C u T
     union = batch._replace(
         x_support=jnp.concatenate([batch.x_support, batch.x_query], 1),
         y_support=jnp.concatenate([batch.y_support, batch.y_query], 1),
     )
-    seeded = handlers.seed(handlers.substitute(method.model, data=params), 0)
-    on_union = handlers.trace(seeded).get_trace(union)["z"]["fn"].base_dist
-    np.testing.assert_allclose(on_union.loc, q.loc, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(on_union.scale, q.scale, rtol=1e-5)
     other = batch._replace(y_query=batch.y_query + 1.0)
-    moved = handlers.trace(seeded).get_trace(other)["z"]["fn"].base_dist
-    np.testing.assert_allclose(moved.loc, p.loc)  # p(z | C) does not read the query labels
+
+    @jax.jit
+    def check(params):
+        key = jax.random.PRNGKey(2)
+        loss = TraceMeanField_ELBO().loss(key, params, method.model, method.guide, batch)
+        g = _traced(method.guide, params, batch, key=jax.random.split(key)[1])  # the ELBO's guide seed
+        m = handlers.trace(handlers.replay(handlers.substitute(method.model, data=params), g)).get_trace(
+            batch
+        )
+        q, p, out = g["z"]["fn"].base_dist, m["z"]["fn"].base_dist, m["y"]["fn"].base_dist
+        return {
+            "loss": loss,
+            "q": (q.loc, q.scale),
+            "p": (p.loc, p.scale),
+            "y": (out.loc, out.scale),
+            "f": m["f"]["value"],
+            "on_union": _traced(method.model, params, union)["z"]["fn"].base_dist.loc,
+            "moved": _traced(method.model, params, other)["z"]["fn"].base_dist.loc,
+        }
+
+    r = check(_init(method, batch, meanfield=True))
+    (q_loc, q_sd), (p_loc, p_sd), (mean, sd) = r["q"], r["p"], r["y"]
+    kl = jnp.sum(jnp.log(p_sd / q_sd) + (q_sd**2 + (q_loc - p_loc) ** 2) / (2 * p_sd**2) - 0.5, -1)
+    np.testing.assert_allclose(mean, r["f"])
+    if extra:  # learn_sd: the decoder's sd, above its floor of 0.1
+        assert float(jnp.std(sd)) > 1e-4 and float(jnp.min(sd)) >= 0.1
+    else:
+        np.testing.assert_allclose(sd, cfg.model.noise_sd)
+    nll = -jnp.mean(dist.Normal(mean, sd).log_prob(batch.y_query))
+    assert float(jnp.mean(kl)) > 1e-3
+    np.testing.assert_allclose(float(r["loss"]), float(nll + lam * jnp.mean(kl)), rtol=1e-5)
+    # the prior is the encoder on the context alone; the guide is the same encoder on C u T
+    np.testing.assert_allclose(r["on_union"], q_loc, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(r["moved"], p_loc)  # p(z | C) does not read the query labels
 
 
-def _fit(setup, steps, meta_batch=8, family=None):
-    """(untrained params, trained params) after `steps` SVI steps of the engine's scanned chunk."""
-    family = family or setup.family
-    svi = make_svi(setup.method, setup.cfg.train)
-    state = svi.init(jax.random.PRNGKey(0), family.sample(jax.random.PRNGKey(1), meta_batch))
-    start = svi.get_params(state)
-    state, losses, finite = make_chunk(svi, family, meta_batch, jax.random.PRNGKey(2))(
-        state, jnp.asarray(0), steps
-    )
+def _fit(method_overrides, steps=300):
+    """(method, chunk losses, mse of the predictive mean: untrained, trained, predicting 0, and the
+    trained predictive draws) after `steps` SVI steps of the engine's scanned chunk, 8 tasks a step."""
+    cfg = registry.load_config(None, ["model.net.hidden=[32, 32]", "train.meta_batch=8", *method_overrides])
+    setup = Setup.from_config(cfg)
+    svi = make_svi(setup.method, cfg.train)
+    state = jax.jit(svi.init)(jax.random.PRNGKey(0), setup.family.sample(jax.random.PRNGKey(1), 8))
+    chunk = make_chunk(svi, setup.family, 8, jax.random.PRNGKey(2))
+    trained, losses, finite = chunk(state, jnp.asarray(0), steps)
     assert bool(finite)
-    return start, svi.get_params(state)
+    test = setup.family.sample(jax.random.PRNGKey(9), 50)
+    run = predictive(setup.method, 0, 16, ("f",))  # one compilation for both parameter sets
 
+    def mse(params):
+        f = run(params, test, jax.random.PRNGKey(5))["f"]
+        return float(jnp.mean((jnp.mean(f, 0) - test.y_query) ** 2)), f
 
-def _mse(method, params, batch, samples=8):
-    f = predictive(method, 0, samples, ("f",))(params, batch, jax.random.PRNGKey(5))["f"]
-    return float(jnp.mean((jnp.mean(f, 0) - batch.y_query) ** 2))
-
-
-FIT = ["model.net.hidden=[32, 32]", "train.lr=3e-3", "train.meta_batch=8"]
+    zero = float(jnp.mean(test.y_query**2))
+    (before, _), (after, f) = mse(svi.get_params(state)), mse(svi.get_params(trained))
+    return np.asarray(losses), before, after, zero, f
 
 
 def test_versa_learns_sinusoids():
-    """300 steps: the held-out ML-PIP loss (the query NLL under the predictive) drops by more than a
-    nat, and the predictive mean beats the untrained one."""
-    setup = Setup.from_config(registry.load_config(None, ["model.method='versa'", *FIT]))
-    start, trained = _fit(setup, 300)
-    test = setup.family.sample(jax.random.PRNGKey(9), 50)
-    m = setup.method
-    held_out = jax.jit(lambda p: Trace_ELBO().loss(jax.random.PRNGKey(4), p, m.model, m.guide, test))
-    assert float(held_out(trained)) < float(held_out(start)) - 1.0
-    assert _mse(m, trained, test, 16) < 0.85 * _mse(m, start, test, 16)
+    """300 steps (each on new tasks): the ML-PIP loss drops by more than a nat, and the predictive
+    mean's MSE falls below 85% of predicting 0 and of the untrained model's."""
+    losses, before, after, zero, _ = _fit(["model.method='versa'", "train.lr=1e-2"])
+    assert losses[-50:].mean() < losses[:50].mean() - 1.0
+    assert after < 0.85 * zero and after < 0.85 * before
 
 
 def test_np_learns_sinusoids_and_samples_functions_from_the_context_prior():
-    """300 steps: the predictive mean's MSE falls below 60% of the untrained model's and of predicting
-    0; at prediction each draw is a z ~ p(z | C), so draws differ, without the query labels."""
-    setup = Setup.from_config(registry.load_config(None, ["model.method='np'", *FIT]))
-    start, trained = _fit(setup, 300)
-    test = setup.family.sample(jax.random.PRNGKey(9), 50)
-    zero = float(jnp.mean(test.y_query**2))
-    mse = _mse(setup.method, trained, test)
-    assert mse < 0.6 * _mse(setup.method, start, test) and mse < 0.6 * zero
-    draws = Predictive(
-        partial(setup.method.model, training=False), params=trained, num_samples=4, return_sites=["f", "z"]
-    )(jax.random.PRNGKey(0), test._replace(y_query=None))
-    assert draws["f"].shape == (4, 50, 10, 1) and draws["z"].shape == (4, 50, 8)
-    assert float(jnp.std(draws["z"], 0).mean()) > 0.05
-
-
-def test_versa_learns_to_classify_blobs():
-    """3-way tasks whose class means are new in every task: only the support set tells them apart;
-    200 steps lift held-out accuracy from chance to well above it."""
-    cfg, method = _versa_classifier("train.lr=3e-3")
-
-    @dataclass
-    class S:
-        method: object
-        cfg: object
-
-    start, trained = _fit(S(method, cfg), 200, family=Blobs())
-    test = Blobs().sample(jax.random.PRNGKey(9), 50)
-
-    def accuracy(p):
-        f = predictive(method, 0, 4, ("f",))(p, test, jax.random.PRNGKey(5))["f"]
-        return float(jnp.mean(jnp.argmax(jnp.mean(f, 0), -1) == test.y_query))
-
-    assert accuracy(trained) > 0.8 and accuracy(trained) > accuracy(start) + 0.2
+    """300 steps: the loss (negative ELBO per point) drops, the predictive mean's MSE falls below 60% of
+    the untrained model's and of predicting 0; each draw is a z ~ p(z | C), so the draws differ."""
+    losses, before, after, zero, f = _fit(["model.method='np'", "train.lr=3e-3"])
+    assert losses[-50:].mean() < losses[:50].mean() - 1.0
+    assert after < 0.6 * before and after < 0.6 * zero
+    assert f.shape == (16, 50, 10, 1) and float(jnp.std(f, 0).mean()) > 0.01
