@@ -12,7 +12,8 @@ conditional NP of models/cnp.py. For a task with context C (the support set) and
 Weights, in the project's mean-over-points convention (sites.observe scales the likelihood to a mean
 over tasks and query points): the site z is under plate(tasks) scaled by lambda / T, so
 
-    loss = mean over tasks and query points of -log p(y* | z, x*) + lambda * mean_i KL(q(z|C_i u T_i) || p(z|C_i))
+    loss = mean over tasks and query points of -log p(y* | z, x*)
+           + lambda * mean over tasks i of KL(q(z | C_i u T_i) || p(z | C_i))
 
 with lambda = kl_weight, unset = 1/K for K query points per task (read from the batch): then K * loss
 is, per task, the negative NP ELBO sum_{t in T} log p(y_t | z, x_t) - KL, a bound on log p(y_T | x_T, C).
@@ -49,7 +50,7 @@ def latent_sd(raw: jax.Array) -> jax.Array:
 
 
 def decoder_sd(raw: jax.Array) -> jax.Array:
-    """Heteroscedastic output sd = 0.1 + 0.9 softplus(raw) (Le et al. 2018; Kim et al. 2019)."""
+    """Heteroscedastic output sd = 0.1 + 0.9 softplus(raw) (the NP papers' code, Kim et al. 2019)."""
     return 0.1 + 0.9 * jax.nn.softplus(raw)
 
 

@@ -10,7 +10,7 @@
     out_c(x*) = h(x*)^T w_c[:d] + w_c[d]             logits (Categorical) or means (Gaussian)
 
 Training maximises the ML-PIP objective, the predictive log-likelihood of the query set under L head
-draws w_l ~ q (option head_samples, eq. 4 of the paper):
+draws w_l ~ q (option head_samples; the paper's Monte Carlo ML-PIP objective):
 
     L(theta) = mean over tasks and query points of  log (1/L) sum_l p(y* | x*, w_l)
 
@@ -41,12 +41,12 @@ from bayesmeta.tasks import TaskBatch
 
 
 def head_outputs(w: jax.Array, h: jax.Array) -> jax.Array:
-    """out[..., n, c] = h[n] . w[..., c, :d] + w[..., c, d] for head rows w (..., m, d + 1), features h (n, d)."""
+    """out[..., n, c] = h[n] . w[..., c, :d] + w[..., c, d] for rows w (..., m, d + 1), features h (n, d)."""
     return jnp.einsum("nd,...cd->...nc", h, w[..., :-1]) + w[..., None, :, -1]
 
 
 def ml_pip(logp: jax.Array) -> jax.Array:
-    """log (1/L) sum_l exp(logp_l) over the leading axis of L draws (ML-PIP, Gordon et al. eq. 4)."""
+    """log (1/L) sum_l exp(logp_l) over the leading axis of L draws (ML-PIP's estimator, Gordon et al.)."""
     return jax.scipy.special.logsumexp(logp, axis=0) - jnp.log(logp.shape[0])
 
 

@@ -30,8 +30,11 @@ TINY = ["model.net.hidden=[3]", "model.net.activation='tanh'", "task.shots=4", "
 
 
 def _sample(family, seed, n_tasks):
-    """family.sample, jitted (one compilation instead of one per operation)."""
-    return jax.jit(family.sample, static_argnums=1)(jax.random.PRNGKey(seed), n_tasks)
+    """family.sample, jitted (one compilation instead of one per operation), as numpy arrays: the
+    tests compute on the host with numpy, which compiles nothing."""
+    return jax.tree.map(
+        np.asarray, jax.jit(family.sample, static_argnums=1)(jax.random.PRNGKey(seed), n_tasks)
+    )
 
 
 def _init(method, batch, key, meanfield=False):
@@ -73,10 +76,10 @@ def test_linear_gaussian_head_closed_forms_against_monte_carlo():
             "few_ml_pip": ml_pip(logp[:7, 0, 0]),
         }
 
-    r = draws(jax.random.PRNGKey(0))
-    np.testing.assert_array_less(jnp.abs(r["mc_mean"] - r["expected"]), 5 * r["se"] + 1e-4)
+    r = jax.tree.map(np.asarray, draws(jax.random.PRNGKey(0)))
+    np.testing.assert_array_less(np.abs(r["mc_mean"] - r["expected"]), 5 * r["se"] + 1e-4)
     np.testing.assert_allclose(r["mc_ml_pip"], r["predictive"], atol=0.02)
-    assert float(jnp.min(r["predictive"] - r["expected"])) > 0.05  # Jensen: the two are told apart
+    assert np.min(r["predictive"] - r["expected"]) > 0.05  # Jensen: the two are told apart
     np.testing.assert_allclose(r["head"], 0.0, atol=1e-5)
     few = np.asarray(r["few"], np.float64)
     np.testing.assert_allclose(float(r["few_ml_pip"]), np.log(np.mean(np.exp(few))), rtol=1e-6)
@@ -92,7 +95,7 @@ def test_versa_loss_is_the_mean_query_predictive_loglik_of_the_amortized_head():
     batch = _sample(setup.family, 1, 3)
     method, s = setup.method, cfg.model.noise_sd
     net = make_net(cfg.model.net, 1, 1)
-    eps = jax.random.normal(jax.random.PRNGKey(6), (3, 1, 4))
+    eps = np.random.default_rng(6).normal(size=(3, 1, 4)).astype(np.float32)
 
     @jax.jit
     def check(key, batch, eps):
@@ -147,8 +150,8 @@ def test_versa_classification_is_permutation_equivariant():
         ],
     )
     method = registry.build_method(cfg.model, 4, 3)
-    batch = jax.jit(_classes)(jax.random.PRNGKey(0))
-    eps = jax.random.normal(jax.random.PRNGKey(5), (2, 3, 17))
+    batch = jax.tree.map(np.asarray, jax.jit(_classes)(jax.random.PRNGKey(0)))
+    eps = np.random.default_rng(5).normal(size=(2, 3, 17)).astype(np.float32)
 
     @jax.jit
     def traced(key, init_batch, b, e):
@@ -161,23 +164,23 @@ def test_versa_classification_is_permutation_equivariant():
         return tr["q_loc"]["value"], tr["q_sd"]["value"], tr["f"]["value"], loss
 
     def run(b, e):
-        return traced(jax.random.PRNGKey(1), batch, b, e)
+        return jax.tree.map(np.asarray, traced(jax.random.PRNGKey(1), batch, b, e))
 
     loc, sd, f, loss = run(batch, eps)
-    perm = jnp.array([2, 0, 1])  # class c is renamed perm[c]
+    perm = np.array([2, 0, 1])  # class c is renamed perm[c]
     relabelled = batch._replace(y_support=perm[batch.y_support], y_query=perm[batch.y_query])
-    loc2, sd2, f2, loss2 = run(relabelled, eps[:, jnp.argsort(perm)])  # class perm[c] gets c's noise
+    loc2, sd2, f2, loss2 = run(relabelled, eps[:, np.argsort(perm)])  # class perm[c] gets c's noise
     np.testing.assert_allclose(loc2[:, perm], loc, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(sd2[:, perm], sd, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(f2[..., perm], f, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(loss2), float(loss), rtol=5e-3)
-    order = jax.random.permutation(jax.random.PRNGKey(7), batch.x_support.shape[1])
+    order = np.random.default_rng(7).permutation(batch.x_support.shape[1])
     shuffled = batch._replace(x_support=batch.x_support[:, order], y_support=batch.y_support[:, order])
     loc3, _, f3, _ = run(shuffled, eps)
     np.testing.assert_allclose(loc3, loc, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(f3, f, rtol=1e-5, atol=1e-6)
-    assert float(jnp.max(jnp.abs(loc[:, 0] - loc[:, 1]))) > 1e-3  # the classes do get different heads
-    assert float(jnp.max(jnp.abs(f2 - f))) > 1e-3  # the relabelling did move the probabilities
+    assert np.max(np.abs(loc[:, 0] - loc[:, 1])) > 1e-3  # the classes do get different heads
+    assert np.max(np.abs(f2 - f)) > 1e-3  # the relabelling did move the probabilities
 
 
 def test_np_loss_is_the_mean_nll_plus_weighted_kl_between_the_encoders():
@@ -198,8 +201,8 @@ def test_np_loss_is_the_mean_nll_plus_weighted_kl_between_the_encoders():
     method = Setup.from_config(cfg).method
     batch = _sample(Setup.from_config(cfg).family, 1, 4)
     union = batch._replace(
-        x_support=jnp.concatenate([batch.x_support, batch.x_query], 1),
-        y_support=jnp.concatenate([batch.y_support, batch.y_query], 1),
+        x_support=np.concatenate([batch.x_support, batch.x_query], 1),
+        y_support=np.concatenate([batch.y_support, batch.y_query], 1),
     )
     other = batch._replace(y_query=batch.y_query + 1.0)
 
@@ -222,14 +225,14 @@ def test_np_loss_is_the_mean_nll_plus_weighted_kl_between_the_encoders():
             "moved": _traced(method.model, params, other, key=keys[2])["z"]["fn"].base_dist.loc,
         }
 
-    r = check(jax.random.split(jax.random.PRNGKey(0), 3), batch, union, other)
+    r = jax.tree.map(np.asarray, check(jax.random.split(jax.random.PRNGKey(0), 3), batch, union, other))
     (q_loc, q_sd), (p_loc, p_sd), (mean, sd) = r["q"], r["p"], r["y"]
-    kl = jnp.sum(jnp.log(p_sd / q_sd) + (q_sd**2 + (q_loc - p_loc) ** 2) / (2 * p_sd**2) - 0.5, -1)
+    kl = np.sum(np.log(p_sd / q_sd) + (q_sd**2 + (q_loc - p_loc) ** 2) / (2 * p_sd**2) - 0.5, -1)
     np.testing.assert_allclose(mean, r["f"])
-    assert float(jnp.std(sd)) > 1e-4 and float(jnp.min(sd)) >= 0.1  # the decoder's sd, floor 0.1
-    nll = -jnp.mean(dist.Normal(mean, sd).log_prob(batch.y_query))
-    assert float(jnp.mean(kl)) > 1e-3
-    np.testing.assert_allclose(float(r["loss"]), float(nll + jnp.mean(kl) / 3), rtol=1e-5)
+    assert np.std(sd) > 1e-4 and np.min(sd) >= 0.1  # the decoder's sd, floor 0.1
+    nll = np.mean(0.5 * ((batch.y_query - mean) / sd) ** 2 + np.log(sd) + 0.5 * np.log(2 * np.pi))
+    assert np.mean(kl) > 1e-3
+    np.testing.assert_allclose(r["loss"], nll + np.mean(kl) / 3, rtol=1e-5)
     np.testing.assert_allclose(r["on_union"], q_loc, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(r["moved"], p_loc)
     # an explicit lambda replaces 1/K (the same function weights the model's and the guide's site)
@@ -259,7 +262,7 @@ def _fit(method_overrides, steps=300, evaluate=True):
 
     key = jax.random.PRNGKey(9)
     (before, zero, _), (after, _, f) = mse(state, key), mse(trained, key)
-    return np.asarray(losses), float(before), float(after), float(zero), f
+    return np.asarray(losses), float(before), float(after), float(zero), np.asarray(f)
 
 
 def test_versa_learns_sinusoids():
@@ -281,4 +284,4 @@ def test_np_learns_sinusoids_and_samples_functions_from_the_context_prior():
     losses, before, after, zero, f = _fit(["model.method='np'", "train.lr=3e-3"])
     assert losses[-50:].mean() < losses[:50].mean() - 1.0
     assert after < 0.6 * before and after < 0.6 * zero
-    assert f.shape == (16, 50, 10, 1) and float(jnp.std(f, 0).mean()) > 0.01
+    assert f.shape == (16, 50, 10, 1) and np.std(f, 0).mean() > 0.01
