@@ -9,10 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 import optax
+import pytest
 from numpyro import handlers
 from numpyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 
 from bayesmeta import registry
+from bayesmeta.config import ConfigError
 from bayesmeta.fit import make_chunk, make_svi
 from bayesmeta.models.neural_process import NP, kl_weight
 from bayesmeta.models.versa import (
@@ -285,3 +287,18 @@ def test_np_learns_sinusoids_and_samples_functions_from_the_context_prior():
     assert losses[-50:].mean() < losses[:50].mean() - 1.0
     assert after < 0.6 * before and after < 0.6 * zero
     assert f.shape == (16, 50, 10, 1) and np.std(f, 0).mean() > 0.01
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (
+            ["model.method='versa'", "model.likelihood='categorical'", "model.params.learn_noise=true"],
+            "learn_noise",
+        ),
+        (["model.method='np'", "model.likelihood='categorical'"], "model.likelihood"),
+    ],
+)
+def test_config_problems_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        registry.load_config(None, overrides)
