@@ -1,6 +1,18 @@
 """Method families, one file each. `METHODS` maps a config name to a spec with `Params` and `build`."""
 
-from bayesmeta.models import baselines, bmaml, cnp, l2f, llama, maml, mr_maml, platipus, protonet
+from bayesmeta.models import (
+    baselines,
+    bmaml,
+    cnp,
+    l2f,
+    llama,
+    maml,
+    mr_maml,
+    neural_process,
+    platipus,
+    protonet,
+    versa,
+)
 
 METHODS = {
     "maml": maml.MAML,
@@ -10,9 +22,11 @@ METHODS = {
     "cnp": cnp.CNP,
     "mr_cnp_w": cnp.MRCNPW,
     "mr_cnp_a": cnp.MRCNPA,
+    "np": neural_process.NP,
     "platipus": platipus.PLATIPUS,
     "llama": llama.LLAMA,
     "bmaml": bmaml.BMAML,
+    "versa": versa.VERSA,
     "l2f": l2f.L2F,
     "protonet": protonet.ProtoNet,
     "finetune": baselines.FineTune,

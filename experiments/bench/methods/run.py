@@ -34,6 +34,8 @@ CASES = {
     "LLAMA, exact GGN (sine/line, 5 steps)": (*AMB, "model.method='llama'"),
     "PLATIPUS (sine/line, 5 steps)": (*AMB, "model.method='platipus'"),
     "BMAML, M=5 (sine/line, 5 steps)": (*AMB, "model.method='bmaml'", "model.params.particles=5"),
+    "VERSA (sine/line)": (*AMB, "model.method='versa'"),
+    "NP (sine/line)": (*AMB, "model.method='np'"),
     "MR-MAML(W) (NME, 1 step)": (*NME, "model.method='mr_maml_w'"),
     "MR-MAML(A) (NME, 1 step)": (*NME, "model.method='mr_maml_a'"),
     "CNP (NME)": (*NME, "model.method='cnp'", "model.net.hidden=[100, 100]"),
