@@ -337,18 +337,20 @@ def test_finetune_probe_is_the_test_time_adaptation(tfds_dir):
     b = setup.family.sample(jax.random.PRNGKey(0), 3)
     probe = setup.method.probe(params)
     assert probe.theta["head"]["w"].shape == (8, 5) and not np.any(probe.theta["head"]["w"])
-    phi = probe.adapt(probe.theta, b.x_support, b.y_support)
+    phi = jax.jit(probe.adapt)(probe.theta, b.x_support, b.y_support)  # jitted: eager conv ops are slow
     assert np.any(phi["head"]["w"])  # the head moved
     body = phi["block_0"]["w"]  # per task: the body did not move
     np.testing.assert_array_equal(body, np.broadcast_to(params["theta.block_0.w"], body.shape))
     from numpyro import handlers
 
-    tr = handlers.trace(handlers.substitute(setup.method.model, params)).get_trace(b, inner_steps=2)
-    nll = -jnp.mean(tr["y"]["fn"].log_prob(tr["y"]["value"]))
-    np.testing.assert_allclose(
-        jnp.mean(jax.vmap(probe.query_loss)(phi, b.x_query, b.y_query)), nll, rtol=1e-5
-    )
-    out = landscape_metrics(probe, b, jax.random.PRNGKey(2), 3)
+    @jax.jit
+    def nlls(params, b, phi):
+        tr = handlers.trace(handlers.substitute(setup.method.model, params)).get_trace(b, inner_steps=2)
+        model_nll = -jnp.mean(tr["y"]["fn"].log_prob(tr["y"]["value"]))
+        return jnp.mean(jax.vmap(probe.query_loss)(phi, b.x_query, b.y_query)), model_nll
+
+    np.testing.assert_allclose(*nlls(params, b, phi), rtol=1e-5)
+    out = jax.jit(lambda b, k: landscape_metrics(probe, b, k, 3))(b, jax.random.PRNGKey(2))
     assert all(bool(jnp.isfinite(v)) for v in out.values()), out
 
 
