@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--distributed",
         action="store_true",
-        help="call jax.distributed.initialize() first (multi-host; see the README)",
+        help="call jax.distributed.initialize() first (multi-host; see docs/getting-started.md)",
     )
     e = sub.add_parser("evaluate", help="re-evaluate a run from its checkpoint and rewrite its report")
     e.add_argument("run_dir", type=Path)

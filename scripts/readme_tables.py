@@ -1,11 +1,11 @@
-"""Copy each experiment's results table from its RESULTS.md into README.md between markers.
+"""Copy each experiment's results table from its RESULTS.md into the docs between markers.
 
-    .venv/bin/python scripts/readme_tables.py          # rewrite README.md
-    .venv/bin/python scripts/readme_tables.py --check  # exit 1 if README.md is out of date
+    .venv/bin/python scripts/readme_tables.py          # rewrite README.md and docs/*.md
+    .venv/bin/python scripts/readme_tables.py --check  # exit 1 if one of them is out of date
 
-A block `<!-- results: experiments/NAME -->` ... `<!-- /results -->` in README.md receives the first
-Markdown table of experiments/NAME/RESULTS.md (`experiments/NAME#K`: its K-th table), so the README
-never carries a hand-copied number.
+A block `<!-- results: experiments/NAME -->` ... `<!-- /results -->` in README.md or a page of docs/
+(docs/results.md, docs/benchmarks.md) receives the first Markdown table of experiments/NAME/RESULTS.md
+(`experiments/NAME#K`: its K-th table), so the docs never carry a hand-copied number.
 """
 
 from __future__ import annotations
@@ -43,19 +43,28 @@ def render(readme: str) -> str:
     return BLOCK.sub(fill, readme)
 
 
+def pages() -> list[Path]:
+    """The Markdown files that may hold results blocks: README.md and docs/*.md."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
 def main() -> int:
-    path = ROOT / "README.md"
-    current = path.read_text()
-    wanted = render(current)
-    if "--check" in sys.argv:
-        if wanted != current:
-            print(
-                "README.md results tables differ from experiments/*/RESULTS.md; run scripts/readme_tables.py",
-                file=sys.stderr,
-            )
-            return 1
-        return 0
-    path.write_text(wanted)
+    stale = []
+    for path in pages():
+        current = path.read_text()
+        wanted = render(current)
+        if wanted == current:
+            continue
+        stale.append(path.relative_to(ROOT).as_posix())
+        if "--check" not in sys.argv:
+            path.write_text(wanted)
+    if "--check" in sys.argv and stale:
+        print(
+            f"results tables in {', '.join(stale)} differ from experiments/*/RESULTS.md; "
+            "run scripts/readme_tables.py",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
