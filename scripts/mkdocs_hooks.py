@@ -5,11 +5,13 @@ there, so the strict build still checks it: a link to a file that does not exist
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 from mkdocs.structure.files import File
 
+log = logging.getLogger("mkdocs.hooks")  # a warning here fails the strict build
 OUTSIDE = re.compile(r"\]\(\.\./([^)#\s]+)")  # a Markdown link target leaving docs/
 
 
@@ -33,4 +35,7 @@ def on_files(files, config):
 
 
 def on_page_markdown(markdown, page, config, files):
+    for target in OUTSIDE.findall(markdown):
+        if files.get_file_from_path(f"repo/{target}") is None:
+            log.warning("%s links to ../%s, which is not a file of the repository", page.file.src_uri, target)
     return OUTSIDE.sub(r"](repo/\1", markdown)

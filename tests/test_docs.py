@@ -56,6 +56,20 @@ def test_readme_examples_are_docs_examples_run_here():
         assert doc_examples().get(name) == code, f"README example {name} differs from the docs' one"
 
 
+def test_examples_are_ruff_clean():
+    """The examples are linted and formatted as the code is (ruff does not read Markdown)."""
+    for name, code in doc_examples().items():
+        for command in (["check", "--quiet"], ["format", "--check", "--quiet"]):
+            out = subprocess.run(
+                [sys.executable, "-m", "ruff", *command, "--stdin-filename", f"{name}.py", "-"],
+                cwd=ROOT,
+                input=code,
+                capture_output=True,
+                text=True,
+            )
+            assert out.returncode == 0, (name, command, out.stdout + out.stderr)
+
+
 def test_example_markers_mark_python_blocks():
     """A marker not directly followed by a ```python block would silently drop its example."""
     for path in [ROOT / "README.md", *DOCS.glob("*.md")]:
