@@ -23,7 +23,7 @@ def predictive(
 ) -> Callable[[dict, TaskBatch, jax.Array], dict]:
     """Jitted (params, batch, key) -> {site: (S, T, n, ...)}: adapt on the support set with
     `inner_steps` steps, then sample the query set (y_query withheld); by the method's own sampler
-    when it declares one, else by numpyro.infer.Predictive."""
+    when it declares one, else by numpyro.infer.Predictive (model and guide both get `inner_steps`)."""
 
     def run(params: dict, batch: TaskBatch, key: jax.Array) -> dict:
         if method.sampler is not None:
@@ -32,7 +32,7 @@ def predictive(
         pred = Predictive(
             partial(method.model, inner_steps=inner_steps, training=False),
             params=params,
-            guide=method.guide if method.predict_with_guide else None,
+            guide=partial(method.guide, inner_steps=inner_steps) if method.predict_with_guide else None,
             num_samples=num_samples,
             return_sites=list(sites),
         )
