@@ -1,6 +1,6 @@
 """Method families, one file each. `METHODS` maps a config name to a spec with `Params` and `build`."""
 
-from bayesmeta.models import baselines, cnp, l2f, llama, maml, mr_maml, platipus, protonet
+from bayesmeta.models import baselines, cnp, l2f, llama, maml, mr_maml, neural_prior, platipus, protonet
 
 METHODS = {
     "maml": maml.MAML,
@@ -12,6 +12,7 @@ METHODS = {
     "mr_cnp_a": cnp.MRCNPA,
     "platipus": platipus.PLATIPUS,
     "llama": llama.LLAMA,
+    "neural_prior": neural_prior.NeuralPrior,
     "l2f": l2f.L2F,
     "protonet": protonet.ProtoNet,
     "finetune": baselines.FineTune,
