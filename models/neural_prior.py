@@ -119,8 +119,7 @@ def vi_steps(
 
 @dataclass(frozen=True)
 class NeuralPrior(Spec):
-    """A meta-learned Gaussian prior N(mu, diag(sigma^2)) over all weights, trained with an amortized
-    inner-loop posterior (ABML); at test time the exact per-task posterior by NUTS (or the amortized q)."""
+    """A meta-learned Gaussian prior over all weights, trained by ABML; at test time NUTS per task."""
 
     @dataclass(frozen=True)
     class Params:
@@ -221,12 +220,13 @@ class NeuralPrior(Spec):
                 y = jnp.concatenate([batch.y_support, y], 1)
             observe(lik, jax.vmap(net.apply)(w, x), y)
 
-        def adapt_q(prior: dict, batch: TaskBatch, key: jax.Array, inner_steps: int | None) -> dict:
-            """q_i for every task: `vi_steps` on L_inner from q = p, fresh draws eps at every step."""
-            steps = cfg.inner_steps if inner_steps is None else inner_steps
-            shape = (batch.n_tasks, steps, p.inner_samples)
+        def adapt_q(prior: dict, x: jax.Array, y: jax.Array, key: jax.Array, steps: int) -> dict:
+            """q_i for every task (leading axis of x, y): `vi_steps` on L_inner from q = p, with fresh
+            draws eps at every step. Jitted (steps static): SVI.init runs the guide eagerly, where
+            one compiled program beats dispatching the inner loop's operations one by one."""
             leaves = jax.tree.leaves(prior["loc"])
             keys = jax.random.split(key, len(leaves))
+            shape = (x.shape[0], steps, p.inner_samples)
             eps = jax.tree.unflatten(
                 jax.tree.structure(prior["loc"]),
                 [
@@ -240,13 +240,16 @@ class NeuralPrior(Spec):
 
             return jax.vmap(
                 lambda x, y, e: vi_steps(objective, prior, x, y, e, cfg.inner_lr, cfg.first_order)
-            )(batch.x_support, batch.y_support, eps)
+            )(x, y, eps)
+
+        adapt_q = jax.jit(adapt_q, static_argnums=4)
 
         def guide(batch: TaskBatch, inner_steps: int | None = None) -> None:
             key = numpyro.prng_key()
             if key is None:
                 raise ValueError("neural_prior: the guide must run under numpyro.handlers.seed")
-            q = adapt_q(prior_sites(), batch, key, inner_steps)
+            steps = cfg.inner_steps if inner_steps is None else inner_steps
+            q = adapt_q(prior_sites(), batch.x_support, batch.y_support, key, steps)
             sample_weights(q, batch.n_tasks, weight(batch))
 
         def sampler(
