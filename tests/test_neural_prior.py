@@ -100,12 +100,14 @@ def test_nuts_matches_the_closed_form_predictive_of_bayesian_linear_regression()
 def test_kl_is_the_analytic_gaussian_kl_weighted_one_per_task():
     """gaussian_kl equals numpyro's KL of the diagonal Gaussians; the meta-loss is the mean query NLL
     under draws of q_i plus lambda mean_i KL(q_i || p), unset lambda = 1/K for K = 4 query points (so
-    K x loss is the per-task negative ELBO), with q_i and its draws read from the guide's trace. (An
-    explicit model.params.kl_weight replaces the 1/4; it is passed through unchanged.)"""
+    K x loss is the per-task negative ELBO), with q_i and its draws read from the guide's trace. With
+    outer_data = "all" the NLL is over the N + K = 9 support and query points and lambda = 1/9. (An
+    explicit model.params.kl_weight replaces lambda; it is passed through unchanged.)"""
     shapes = {"a": {"w": (3, 2), "b": (2,)}, "head": {"w": (2, 1), "b": (1,)}}
     leaves, tree = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
     key, params = jax.random.PRNGKey(3), _prior_params()
     fam, method = _linear("model.inner_steps=3", "model.inner_lr=0.03")
+    _, on_all = _linear("model.inner_steps=3", "model.inner_lr=0.03", "model.params.outer_data='all'")
     batch = _sample(fam, 0, 3)
     guide_key = jax.random.split(key)[1]  # TraceMeanField_ELBO seeds the guide with this half
 
@@ -125,7 +127,9 @@ def test_kl_is_the_analytic_gaussian_kl_weighted_one_per_task():
         p = {"loc": rand(keys[2]), "log_sd": rand(keys[3], 0.5)}
         kls = gaussian_kl(q, p), dist.kl_divergence(normal(q), normal(p))
 
-        loss = TraceMeanField_ELBO().loss(key, prm, method.model, method.guide, batch)
+        loss, loss_all = (
+            TraceMeanField_ELBO().loss(key, prm, m.model, m.guide, batch) for m in (method, on_all)
+        )
         tr = handlers.trace(handlers.substitute(handlers.seed(method.guide, guide_key), prm)).get_trace(batch)
         kl = 0.0
         for leaf in ("w", "b"):
@@ -133,15 +137,22 @@ def test_kl_is_the_analytic_gaussian_kl_weighted_one_per_task():
             prior = dist.Normal(prm[f"prior_mu.head.{leaf}"], jnp.exp(prm[f"prior_log_sd.head.{leaf}"]))
             kl = kl + dist.kl_divergence(q_i, prior.to_event(q_i.event_dim))
         w, b = tr["w.head.w"]["value"], tr["w.head.b"]["value"]  # the draws the loss used
-        f = jnp.einsum("tnd,tde->tne", batch.x_query, w) + b[:, None, :]
-        nll = -jnp.mean(dist.Normal(f, SD).log_prob(batch.y_query))
-        return kls, loss, nll, kl
 
-    (mine, numpyros), loss, nll, kl = terms(params)
+        def nll(x, y):
+            return -jnp.mean(dist.Normal(jnp.einsum("tnd,tde->tne", x, w) + b[:, None, :], SD).log_prob(y))
+
+        both = [
+            jnp.concatenate([s, q], 1)
+            for s, q in ((batch.x_support, batch.x_query), (batch.y_support, batch.y_query))
+        ]
+        return kls, (loss, loss_all), (nll(batch.x_query, batch.y_query), nll(*both)), kl
+
+    (mine, numpyros), (loss, loss_all), (nll, nll_all), kl = terms(params)
     np.testing.assert_allclose(mine, numpyros, rtol=1e-5)
     assert float(numpyros) > 1.0
     assert kl.shape == (3,) and float(jnp.min(kl)) > 0.1  # the inner loop moved every q_i from the prior
     np.testing.assert_allclose(float(loss), float(nll + jnp.mean(kl) / 4), rtol=1e-5)
+    np.testing.assert_allclose(float(loss_all), float(nll_all + jnp.mean(kl) / 9), rtol=1e-5)
 
 
 def test_meta_training_learns_the_prior_of_a_linear_family():
