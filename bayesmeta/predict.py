@@ -28,9 +28,9 @@ def predictive(
 ) -> Callable[[dict, TaskBatch, jax.Array], dict]:
     """Jitted (params, batch, key) -> {site: (S, T, n, ...)}: adapt on the support set with
     `inner_steps` steps, then sample the query set (y_query withheld); by the method's own sampler
-    when it declares one, else by numpyro.infer.Predictive. For a method with `draw_check` the result
-    also holds "blown_up" (S, T), the draws whose support loss rose; `blown_up="reject"` replaces them
-    by the task's accepted draws (`accepted_draws`)."""
+    when it declares one, else by numpyro.infer.Predictive (model and guide both get `inner_steps`).
+    For a method with `draw_check` the result also holds "blown_up" (S, T), the draws whose support
+    loss rose; `blown_up="reject"` replaces them by the task's accepted draws (`accepted_draws`)."""
     if blown_up not in ("keep", "reject"):
         raise ValueError(f"blown_up: expected 'keep' or 'reject', got {blown_up!r}")
     want = (*sites, DRAW_CHECK) if method.draw_check else sites
@@ -43,7 +43,7 @@ def predictive(
             out = Predictive(
                 partial(method.model, inner_steps=inner_steps, training=False),
                 params=params,
-                guide=method.guide if method.predict_with_guide else None,
+                guide=partial(method.guide, inner_steps=inner_steps) if method.predict_with_guide else None,
                 num_samples=num_samples,
                 return_sites=list(want),
             )(key, batch)

@@ -6,6 +6,10 @@ For each method: compile time of one scanned chunk of 200 SVI steps (tasks sampl
 per second (minimum time over repeats), and XLA's memory analysis of the compiled chunk. Settings
 follow each method's experiment: meta-batch 25, 5-shot sine/line tasks with 10 queries for the
 probabilistic methods; the NME sinusoid with meta-batch 25 for the meta-regularized ones.
+
+The neural prior's NUTS reference is a cost of evaluation, not of training: its row times the ABML
+inner loop it trains with; `measure_nuts` times its test-time predictive separately (tasks per second
+of posterior predictive draws, NUTS per task with the default warmup and tree depth).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from bayesmeta.bench import compile_timed, memory_mib, seconds
 from bayesmeta.experiment import machine
 from bayesmeta.fit import make_chunk, make_svi
 from bayesmeta.io import write_json, write_text
+from bayesmeta.predict import predictive
 from bayesmeta.run import Setup
 from bayesmeta.tables import markdown_table
 
@@ -36,6 +41,7 @@ CASES = {
     "BMAML, M=5 (sine/line, 5 steps)": (*AMB, "model.method='bmaml'", "model.params.particles=5"),
     "VERSA (sine/line)": (*AMB, "model.method='versa'"),
     "NP (sine/line)": (*AMB, "model.method='np'"),
+    "Neural prior, ABML inner loop (sine/line, 5 steps)": (*AMB, "model.method='neural_prior'"),
     "MR-MAML(W) (NME, 1 step)": (*NME, "model.method='mr_maml_w'"),
     "MR-MAML(A) (NME, 1 step)": (*NME, "model.method='mr_maml_a'"),
     "CNP (NME)": (*NME, "model.method='cnp'", "model.net.hidden=[100, 100]"),
@@ -60,6 +66,25 @@ def measure(overrides: tuple[str, ...], repeats: int) -> dict[str, float]:
     }
 
 
+NUTS_CASE = (*AMB, "model.method='neural_prior'")
+NUTS_TASKS, NUTS_DRAWS = 25, 10
+
+
+def measure_nuts(overrides: tuple[str, ...], repeats: int) -> dict[str, float]:
+    """The NUTS posterior predictive at the initial prior: compile time and tasks per second for
+    NUTS_TASKS tasks and NUTS_DRAWS draws each (minimum time over repeats)."""
+    cfg = registry.load_config(None, [f"train.meta_batch={NUTS_TASKS}", *overrides])
+    setup = Setup.from_config(cfg)
+    svi = make_svi(setup.method, cfg.train)
+    batch = setup.family.sample(jax.random.PRNGKey(1), NUTS_TASKS)
+    params = svi.get_params(jax.jit(svi.init)(jax.random.PRNGKey(0), batch))
+    key = jax.random.PRNGKey(2)
+    run = predictive(setup.method, cfg.model.inner_steps, NUTS_DRAWS, ("f",))
+    compile_s, compiled = compile_timed(run, params, batch, key)
+    best = min(seconds(lambda: compiled(params, batch, key), repeats))
+    return {"compile_s": compile_s, "tasks_per_s": NUTS_TASKS / best}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--repeats", type=int, default=5)
@@ -78,6 +103,12 @@ def main() -> None:
             for n, r in res.items()
         ],
     )
+    nuts = measure_nuts(NUTS_CASE, args.repeats)
+    table += (
+        f"\n\nTest-time NUTS predictive of the neural prior (sine/line, {NUTS_TASKS} tasks, "
+        f"{NUTS_DRAWS} draws each): compile {nuts['compile_s']:.1f} s, "
+        f"{nuts['tasks_per_s']:.2f} tasks per second."
+    )
     print(table)
     cmd = f".venv/bin/python experiments/bench/methods/run.py --repeats {args.repeats}"
     write_text(
@@ -89,7 +120,10 @@ def main() -> None:
             f"- machine: {machine()}\n"
         ),
     )
-    write_json(HERE / "results.json", {"command": cmd, "machine": machine(), "results": res})
+    write_json(
+        HERE / "results.json",
+        {"command": cmd, "machine": machine(), "results": res, "nuts_predictive": nuts},
+    )
 
 
 if __name__ == "__main__":
