@@ -21,7 +21,7 @@ from bayesmeta.experiment import product, run_grid
 HERE = Path(__file__).parent
 METHODS = {
     "MAML": ("model.method='maml'",),
-    "MAML + learned noise": ("model.method='maml'", "model.params.learn_noise=true"),
+    "MAML + learned noise": ("model.method='maml'", "model.noise='learned'"),
     "LLAMA": ("model.method='llama'", "model.params.curvature='ggn'", "model.params.prior_precision=100.0"),
     # clipped: unclipped, one 2-shot run's loss went to NaN at step 8455 (the NaN guard stopped it)
     "PLATIPUS": ("model.method='platipus'", "model.params.kl_weight=0.1", "train.grad_clip=10.0"),
