@@ -84,6 +84,10 @@ class NetConfig:
     )
 
 
+NOISE = ("fixed", "learned", "heteroscedastic")
+"""model.noise: how the Gaussian likelihood's sd is set (bayesmeta.likelihoods.make_likelihood)."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     method: str = opt("maml", doc="method: a registered name or an import path 'package.module:Spec'")
@@ -103,6 +107,13 @@ class ModelConfig:
         math.sqrt(0.5),
         gt=0,
         doc="Gaussian likelihood sd; sqrt(1/2) makes the NLL equal MSE + const",
+    )
+    noise: str = opt(
+        "fixed",
+        choices=list(NOISE),
+        doc="Gaussian observation sd: 'fixed' at noise_sd; 'learned', one sd per model (numpyro.param "
+        "noise_sd, started at noise_sd); 'heteroscedastic', sd(x) = 0.1 + 0.9 softplus(r(x)) from a second "
+        "block of network outputs (noise_sd unused). Inner loops keep the MSE",
     )
     prior_scale: float = opt(0.0, ge=0, doc="sd of a N(0, s^2) prior on theta (MAP); 0 = none")
     params: dict = opt({}, doc="method-specific options, validated by the method")
@@ -351,6 +362,11 @@ def _check_cross(cfg: Config) -> None:
             raise ConfigError(
                 f"train.{key}: expected a multiple of train.log_every ({t.log_every}), got {getattr(t, key)}"
             )
+    if cfg.model.noise != "fixed" and cfg.model.likelihood != "gaussian":
+        raise ConfigError(
+            f"model.noise: {cfg.model.noise!r} needs model.likelihood = 'gaussian' (a categorical "
+            "likelihood has no noise sd); set it to 'fixed'"
+        )
     if not cfg.eval.inner_steps:
         raise ConfigError("eval.inner_steps: expected a non-empty list of integers >= 0")
 

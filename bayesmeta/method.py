@@ -50,8 +50,10 @@ class Method:
       after adaptation (sites.record_draw_check); the engine then counts the draws that blow up (loss
       ends above its start) and, with eval.blown_up_draws = "reject", replaces them by accepted draws.
     likelihood: the observation model the model's "y" site uses (bayesmeta.likelihoods: Gaussian or
-      Categorical); `likelihood.at(params)` is it at fitted parameters (a learned noise sd), from which
-      the engine computes metrics, calibration and the pointwise log-likelihood.
+      Categorical, observed through sites.observe, which registers its parameters and records "f" and
+      its `draw_sites`); `likelihood.at(params, draws)` is the observation model of y given a draw's f
+      at fitted parameters and predictive draws (a learned noise sd; a heteroscedastic head's per-point
+      sd), from which the engine computes calibration and the pointwise log-likelihood.
     """
 
     name: str

@@ -127,8 +127,9 @@ def evaluate(
     progress: bool = False,
     blown_up: str = "keep",
 ) -> Evaluation:
-    """Adapt and predict every batch for each test-time step count; metrics of the predictive mean,
-    and the support loss before and after adaptation (for the divergence rule); for methods that check
+    """Adapt and predict every batch for each test-time step count; draws of "y", "f" and the
+    likelihood's own draw sites (a heteroscedastic sd), metrics of the predictive mean, and the support
+    loss before and after adaptation (for the divergence rule); for methods that check
     their draws, the fraction of each task's draws that blew up ("blown_up_draws", counted before any
     rejection)."""
     per_task: dict[int, dict[str, list]] = {}
@@ -138,7 +139,7 @@ def evaluate(
     total = len(batches) * len(steps)
     with tqdm(total=total, desc="evaluate", disable=not progress or total < 2) as bar:
         for s in steps:
-            run = predictive(method, s, num_samples, blown_up=blown_up)
+            run = predictive(method, s, num_samples, ("y", "f", *likelihood.draw_sites), blown_up)
             loss = support_loss(method, likelihood, s, num_samples)
             for i, batch in enumerate(batches):
                 k = jax.random.fold_in(key, i)

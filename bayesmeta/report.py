@@ -17,6 +17,7 @@ import numpyro
 import xarray as xr
 
 from bayesmeta.io import atomic_write, run_lock, write_json, write_text
+from bayesmeta.likelihoods import SD_SITE
 from bayesmeta.sites import site_layout
 from bayesmeta.stats import DOMINANCE
 from bayesmeta.tables import markdown_table
@@ -97,13 +98,15 @@ def predictive_groups(
     inner_steps: list[int],
     store_inputs: bool,
 ) -> dict[str, xr.Dataset]:
-    """posterior_predictive (y, f), observed_data (y), log_likelihood (y_steps_<s>) and constant_data
-    on the evaluation tasks, y and f aligned on (inner_steps, task, point, output | class)."""
+    """posterior_predictive (y, f, and a heteroscedastic likelihood's y_sd), observed_data (y),
+    log_likelihood (y_steps_<s>) and constant_data on the evaluation tasks, y and f aligned on
+    (inner_steps, task, point, output | class)."""
     classifier = np.ndim(tasks.y_query) == 2  # labels (task, point); regression targets have an output axis
     out = [] if classifier else ["output"]
     dims = {
         "y": ["inner_steps", "task", "point", *out],
         "f": ["inner_steps", "task", "point", "class" if classifier else "output"],
+        SD_SITE: ["inner_steps", "task", "point", "output"],
         **{f"y_steps_{s}": ["task", "point"] for s in inner_steps},
         "y_support": ["task", "support", *out],
         "x_support": ["task", "support", "input"],
@@ -115,7 +118,7 @@ def predictive_groups(
         constant |= {"x_support": np.asarray(tasks.x_support), "x_query": np.asarray(tasks.x_query)}
     data = {
         "posterior_predictive": {
-            site: np.stack([draws[s][site] for s in inner_steps], 1)[None] for site in "yf"
+            site: np.stack([draws[s][site] for s in inner_steps], 1)[None] for site in draws[inner_steps[0]]
         },
         "observed_data": {"y": np.broadcast_to(y_query, (len(inner_steps), *y_query.shape))},
         "log_likelihood": {f"y_steps_{s}": log_likelihood[s][None] for s in inner_steps},
@@ -129,6 +132,7 @@ def predictive_groups(
         "f": "class probabilities (softmax of the network output) under each draw"
         if classifier
         else "predictive mean of y* under each draw (the network output)",
+        SD_SITE: "sd of y* at each point under each draw (the heteroscedastic head, model.noise)",
         "inner_steps": STEPS,
         "y_support": "support-set targets each task adapts to",
         "x_support": "support-set inputs",

@@ -273,13 +273,14 @@ def calibration(setup: Setup, params: dict, ev: Evaluation) -> dict[str, Any]:
     if cfg.eval.samples < 2 or not isinstance(setup.likelihood, Gaussian):
         return {}
     y = jnp.asarray(ev.tasks.y_query)
-    noise_sd = setup.eval_method.likelihood.at(params).sd
     out: dict[str, Any] = {}
     for s in cfg.eval.inner_steps:
         keep = ~ev.diverged(s)  # a diverged task's interval would dominate every mean
         if not keep.any():  # every task diverged: the metrics say so; nothing to calibrate
             continue
-        f, y_draws = jnp.asarray(ev.draws[s]["f"])[:, keep], jnp.asarray(ev.draws[s]["y"])[:, keep]
+        draws = {k: jnp.asarray(v)[:, keep] for k, v in ev.draws[s].items()}
+        f, y_draws = draws["f"], draws["y"]
+        noise_sd = setup.eval_method.likelihood.at(params, draws).sd  # learned, or per draw and point
         tie_key = jax.random.fold_in(jax.random.PRNGKey(8), s)  # the randomized PIT's uniform draws
         u = pit(y_draws, y[keep], tie_key)
         entry = {
@@ -321,10 +322,14 @@ def calibration(setup: Setup, params: dict, ev: Evaluation) -> dict[str, Any]:
 
 def log_likelihood(setup: Setup, params: dict, ev: Evaluation) -> dict[int, np.ndarray]:
     """Pointwise log p(y_query | f) (S, T, n) of every predictive draw, per test-time step count, under
-    the method's likelihood at the fitted parameters (a learned noise sd included)."""
-    lik = setup.eval_method.likelihood.at(params)
+    the method's likelihood at the fitted parameters and the draws (a learned or per-point noise sd)."""
+    lik = setup.eval_method.likelihood
     y = jnp.asarray(ev.tasks.y_query)
-    return {s: np.asarray(lik.log_prob(jnp.asarray(d["f"]), y)) for s, d in ev.draws.items()}
+    out = {}
+    for s, d in ev.draws.items():
+        draws = {k: jnp.asarray(v) for k, v in d.items()}
+        out[s] = np.asarray(lik.at(params, draws).log_prob(draws["f"], y))
+    return out
 
 
 def exact_calibration(family: Any, tasks: Any) -> dict[str, Any]:

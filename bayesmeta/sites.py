@@ -119,9 +119,13 @@ def observe(likelihood: Any, out: jax.Array, y: jax.Array | None, name: str = "y
     """y (T, n, ...) ~ likelihood(out) under plates (tasks, points), scaled to a mean over both.
 
     The mean makes the ELBO a per-point loss, as in the papers, so their KL weights beta carry over.
+    The likelihood's own parameters are registered here (a learned noise sd: `in_model`), and its
+    deterministic sites recorded: the predictive mean "f" (and a heteroscedastic head's per-point sd).
     """
+    likelihood = likelihood.in_model()
     n_tasks, n_points = out.shape[:2]
-    numpyro.deterministic("f", likelihood.mean(out))
+    for site, value in likelihood.sites(out).items():
+        numpyro.deterministic(site, value)
     with (
         numpyro.plate("tasks", n_tasks, dim=-2),
         numpyro.plate("points", n_points, dim=-1),

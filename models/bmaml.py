@@ -135,6 +135,8 @@ class BMAML(Spec):
             return "model.adapt: bmaml's particles are whole networks; set it to 'all'"
         if cfg.remat == "sqrt":
             return "model.remat: bmaml takes 'none' or a jax.checkpoint policy, not 'sqrt'"
+        if cfg.noise != "fixed":
+            return "model.noise: bmaml trains by the chaser loss, which has no likelihood to fit an sd to"
         return None
 
     @staticmethod

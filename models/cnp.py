@@ -2,7 +2,9 @@
 2020, METHODS 4). No inner loop: the support set is encoded and averaged, and a decoder predicts.
 
     r_i = mean_j h([w(x_j), y_j])             deterministic encoder of support pairs, mean aggregation
-    y*  ~ N(g([A r_i, w(x*)]), sd^2)          Gaussian decoder, fixed sd (0.1 in the reference)
+    y*  ~ N(g([A r_i, w(x*)]), sd^2)          Gaussian decoder, fixed sd (0.1 in the reference); with
+                                              [model] noise = "heteroscedastic" g also outputs sd(x*)
+                                              (Garnelo et al.'s decoder, 0.1 + 0.9 softplus)
 
     CNP       w(x) = x
     MR-CNP(W) w(x) = a Bayesian layer stack x -> 100 -> 5 (Gaussian kernels, prior N(0, I)), beta * KL
@@ -64,7 +66,7 @@ def build_cnp(cfg: ModelConfig, p: CNPParams, x_dim: int, y_dim: int, name: str)
     w_out = x_dim if p.variant == "none" else p.w_dim
     xpath = MLP(x_dim, (2 if p.variant == "activations" else 1) * p.w_dim, p.w_hidden, cfg.net.activation)
     encoder = MLP(w_out + y_dim, p.r_dim, p.encoder_hidden, cfg.net.activation)
-    decoder = MLP(p.z_dim + w_out, y_dim, cfg.net.hidden, cfg.net.activation)
+    decoder = MLP(p.z_dim + w_out, lik.out_dim(y_dim), cfg.net.hidden, cfg.net.activation)
 
     def init(key: jax.Array) -> dict:
         k1, k2, k3 = jax.random.split(key, 3)

@@ -84,8 +84,8 @@ class L2F(Spec):
 
     @staticmethod
     def build(cfg: ModelConfig, p: Params, x_dim: int, y_dim: int, context: object = None) -> Method:
-        net = make_net(cfg.net, x_dim, y_dim)
         lik = make_likelihood(cfg)
+        net = make_net(cfg.net, x_dim, lik.out_dim(y_dim))
         inner = InnerLoop.from_config(cfg)
         n_layers = len(jax.tree.leaves(split(jax.eval_shape(net.init, jax.random.PRNGKey(0)), cfg.adapt)[0]))
         squash = jax.nn.sigmoid if p.sigmoid else (lambda a: a)

@@ -3,7 +3,11 @@
     -log p(D*_i | theta) ~= -log p(D*_i | phi_i) + (tau/2) |phi_i - theta|^2 + eta/2 log det H_i
 
 phi_i is the inner loop's output and H_i = tau I + J_i^T J_i / sd^2 the Gauss-Newton curvature of the
-support NLL at phi_i (J_i: Jacobian of the support outputs). Curvatures, all PSD:
+support NLL at phi_i (J_i: Jacobian of the support outputs), sd the likelihood's ([model] noise: fixed or
+learned). In general H_i = tau I + J_i^T diag(w^2) J_i with w the square root of the likelihood's Fisher
+in the outputs (Gaussian.fisher_sqrt: 1/sd; for the heteroscedastic head (f, r), 1/sd(x) and
+sqrt(2) sd'(r) / sd(x)), so the model whitens J's rows by w and the functions below take sd = 1. A
+categorical likelihood keeps w = 1/model.noise_sd (a stand-in, not the softmax's Fisher). Curvatures, all PSD:
 
   ggn         the whole network, exactly: J has K rows, so by the matrix determinant lemma
               log det H = P log tau + log det(I_K + J J^T / (tau sd^2)), and samples of N(0, H^-1) come
@@ -18,6 +22,7 @@ The Laplace and prior terms enter as a factor with the likelihood's scale 1/(T Q
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +32,7 @@ from jax.flatten_util import ravel_pytree
 
 from bayesmeta.adapt import InnerLoop, split
 from bayesmeta.config import ModelConfig, opt
-from bayesmeta.likelihoods import make_likelihood
+from bayesmeta.likelihoods import Gaussian, make_likelihood
 from bayesmeta.method import Context, Method, Spec, no_guide
 from bayesmeta.nets import make_net
 from bayesmeta.sites import observe, param_tree, record_draw_check
@@ -73,32 +78,43 @@ class LLAMA(Spec):
 
     @staticmethod
     def build(cfg: ModelConfig, p: Params, x_dim: int, y_dim: int, context: Context) -> Method:
-        net = make_net(cfg.net, x_dim, y_dim)
         lik = make_likelihood(cfg)
+        net = make_net(cfg.net, x_dim, lik.out_dim(y_dim))
         inner = InnerLoop.from_config(cfg)
-        sd, tau = cfg.noise_sd, p.prior_precision
+        tau = p.prior_precision
         part = "head" if p.curvature == "last_layer" else "all"
 
         def task_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
             return lik.loss(net.apply(params, x), y)
 
-        def laplace(phi: dict, theta: dict, x_s: jax.Array, key_eps: jax.Array | None) -> tuple:
+        def whitening(out_lik: object, out: jax.Array) -> jax.Array:
+            """Per support output, the factor w of the curvature J^T diag(w^2) J: the likelihood's
+            Fisher square root (1/sd for a Gaussian), or 1/model.noise_sd for a categorical one."""
+            if isinstance(out_lik, Gaussian):
+                return out_lik.fisher_sqrt(out).ravel()
+            return jnp.full(out.size, 1.0 / cfg.noise_sd)
+
+        def laplace(
+            out_lik: object, phi: dict, theta: dict, x_s: jax.Array, key_eps: jax.Array | None
+        ) -> tuple:
             """(log det H, tau |phi - theta|^2 over the Laplace block, phi with a posterior draw)."""
             block, rest = split(phi, part)
             flat, unravel = ravel_pytree(block)
             jac = jacobian(lambda v, x: net.apply({**rest, **unravel(v)}, x), flat, x_s)
-            logdet = laplace_logdet(jac, sd, tau, p.curvature)
+            jac = whitening(out_lik, net.apply(phi, x_s))[:, None] * jac  # whitened: sd = 1 below
+            logdet = laplace_logdet(jac, 1.0, tau, p.curvature)
             prior = tau * jnp.sum(jnp.square(flat - ravel_pytree(split(theta, part)[0])[0]))
             if key_eps is None:
                 return logdet, prior, phi
             return (
                 logdet,
                 prior,
-                {**rest, **unravel(flat + laplace_sample(jac, sd, tau, p.curvature, key_eps))},
+                {**rest, **unravel(flat + laplace_sample(jac, 1.0, tau, p.curvature, key_eps))},
             )
 
         def model(batch: TaskBatch, inner_steps: int | None = None, training: bool = True) -> None:
             theta = param_tree("theta", net.init)
+            out_lik = lik.in_model()  # a learned noise sd enters the curvature too
             phi, _ = inner(task_loss, theta, batch.x_support, batch.y_support, inner_steps)
             n_tasks, n_query = batch.x_query.shape[:2]
             eps = None
@@ -106,9 +122,9 @@ class LLAMA(Spec):
                 size = ravel_pytree(split(theta, part)[0])[0].size
                 with numpyro.plate("laplace_tasks", n_tasks):
                     eps = numpyro.sample("laplace_eps", dist.Normal(0.0, 1.0).expand([size]).to_event(1))
-            logdet, prior, phi = jax.vmap(laplace, in_axes=(0, None, 0, 0 if eps is not None else None))(
-                phi, theta, batch.x_support, eps
-            )
+            logdet, prior, phi = jax.vmap(
+                partial(laplace, out_lik), in_axes=(0, None, 0, 0 if eps is not None else None)
+            )(phi, theta, batch.x_support, eps)
             if not training:  # did this draw (the mode plus Laplace noise) lower the support loss?
                 losses = jax.vmap(task_loss, in_axes=(None, 0, 0))
                 record_draw_check(
@@ -119,6 +135,6 @@ class LLAMA(Spec):
             numpyro.factor(
                 "laplace", -(0.5 * p.eta * jnp.sum(logdet) + 0.5 * jnp.sum(prior)) / (n_tasks * n_query)
             )
-            observe(lik, jax.vmap(net.apply)(phi, batch.x_query), batch.y_query)
+            observe(out_lik, jax.vmap(net.apply)(phi, batch.x_query), batch.y_query)
 
         return Method("llama", model, no_guide, likelihood=lik, draw_check=True)

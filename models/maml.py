@@ -5,7 +5,8 @@
     y*_i ~ p(y | f(x*_i; phi_i))            observed in training, sampled for prediction
 
 With no latent variables the ELBO is the scaled log marginal likelihood sum_i log p(D*_i | phi_i), and
-SVI with the empty guide maximises it over theta: type-II maximum likelihood.
+SVI with the empty guide maximises it over theta: type-II maximum likelihood. With [model] noise =
+"learned" the observation sd is a meta-parameter too ("MAML with output noise", as for every method).
 
 Options in [model.params] (METHODS 6-7), each off by default so the plain model is unchanged:
   learned_lr        inner step sizes as meta-parameters: per layer and step (MAML++) or per entry (Meta-SGD)
@@ -23,12 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpyro
 from numpyro import handlers
-from numpyro.distributions import constraints
 
 from bayesmeta.adapt import InnerLoop, learned_rates, split, trajectory_correction
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.curvature import hessian_frobenius_sq
-from bayesmeta.likelihoods import Gaussian, make_likelihood
+from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Method, Probe, Spec, no_guide
 from bayesmeta.nets import make_net
 from bayesmeta.sites import observe, param_tree, tree_from_params
@@ -72,8 +72,8 @@ def build_maml(
     first_order: bool,
     params: MAML.Params,
 ) -> Method:
-    net = make_net(cfg.net, x_dim, y_dim)
     lik = make_likelihood(cfg)
+    net = make_net(cfg.net, x_dim, lik.out_dim(y_dim))
     p = params
     inner = InnerLoop.from_config(cfg, first_order=first_order)
 
@@ -96,11 +96,7 @@ def build_maml(
         if training and p.trajectory_reg > 0:
             fast, slow = split(phi, cfg.adapt)
             phi = {**slow, **trajectory_correction(split(theta, cfg.adapt)[0], fast, p.trajectory_reg)}
-        out_lik = lik
-        if p.learn_noise:  # "MAML with output noise": the observation sd is a learned meta-parameter
-            sd = numpyro.param("noise_sd", jnp.asarray(cfg.noise_sd), constraint=constraints.positive)
-            out_lik = Gaussian(sd)
-        observe(out_lik, jax.vmap(net.apply)(phi, batch.x_query), batch.y_query)
+        observe(lik, jax.vmap(net.apply)(phi, batch.x_query), batch.y_query)
 
     def probe(params: dict) -> Probe:
         theta = tree_from_params("theta", net.init, params)
@@ -112,8 +108,7 @@ def build_maml(
         return Probe(theta, adapt, task_loss, task_loss, net.features)
 
     name = "fomaml" if first_order else "maml"
-    noise = Gaussian(cfg.noise_sd, "noise_sd") if p.learn_noise else lik
-    return Method(name=name, model=model, guide=no_guide, probe=probe, likelihood=noise)
+    return Method(name=name, model=model, guide=no_guide, probe=probe, likelihood=lik)
 
 
 LEARNED_LR = ["none", "per_layer_step", "meta_sgd"]
@@ -136,7 +131,6 @@ class MAML(Spec):
 
     @dataclass(frozen=True)
     class Params:
-        learn_noise: bool = opt(False, doc="learn the Gaussian observation sd (MAML with output noise)")
         learned_lr: str = opt("none", choices=LEARNED_LR, doc=LEARNED_LR_DOC)
         lr_init: float | None = opt(None, gt=0, doc="initial learned inner rate; default model.inner_lr")
         hessian_reg: float = opt(
@@ -158,8 +152,6 @@ class MAML(Spec):
 
     @staticmethod
     def check(cfg: ModelConfig, params: Params) -> str | None:
-        if params.learn_noise and cfg.likelihood != "gaussian":
-            return "model.params.learn_noise: needs model.likelihood = 'gaussian'"
         return check_rates(cfg, params.learned_lr)
 
 

@@ -76,14 +76,15 @@ class ConvEncoder:
         return self.conv.features(params, x)
 
 
-def _networks(cfg: ModelConfig, p: Any, x_dim: int, y_dim: int) -> tuple[Any, MLP]:
-    """(encoder, adapted head): an MLP encoder to encoder_dim and an MLP head with [model.net] hidden
-    layers, or with [model.net] kind = "conv4" the conv blocks and a linear head on their features."""
+def _networks(cfg: ModelConfig, p: Any, x_dim: int, out_dim: int) -> tuple[Any, MLP]:
+    """(encoder, adapted head to out_dim outputs): an MLP encoder to encoder_dim and an MLP head with
+    [model.net] hidden layers, or with [model.net] kind = "conv4" the conv blocks and a linear head on
+    their features."""
     if cfg.net.kind == "conv4":
-        conv = make_net(cfg.net, x_dim, y_dim)
-        return ConvEncoder(conv), MLP(cfg.net.filters, y_dim, ())
+        conv = make_net(cfg.net, x_dim, out_dim)
+        return ConvEncoder(conv), MLP(cfg.net.filters, out_dim, ())
     enc = MLP(x_dim, p.encoder_dim, p.encoder_hidden, cfg.net.activation)
-    return enc, MLP(p.encoder_dim, y_dim, cfg.net.hidden, cfg.net.activation)
+    return enc, MLP(p.encoder_dim, out_dim, cfg.net.hidden, cfg.net.activation)
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,8 @@ class MRMAMLW(Spec):
 
     @staticmethod
     def build(cfg: ModelConfig, p: Params, x_dim: int, y_dim: int, context: Context) -> Method:
-        enc, head_net = _networks(cfg, p, x_dim, y_dim)
         lik = make_likelihood(cfg)
+        enc, head_net = _networks(cfg, p, x_dim, lik.out_dim(y_dim))
         beta = implied_beta(context.n_tasks, context.n_query, p.delta) if p.beta_from_bound else p.beta
 
         def model(batch: TaskBatch, inner_steps: int | None = None, training: bool = True) -> None:
@@ -173,9 +174,9 @@ class MRMAMLA(Spec):
 
     @staticmethod
     def build(cfg: ModelConfig, p: Params, x_dim: int, y_dim: int, context: Context) -> Method:
-        enc = MLP(x_dim, 2 * p.encoder_dim, p.encoder_hidden, cfg.net.activation)
-        head_net = MLP(p.encoder_dim, y_dim, cfg.net.hidden, cfg.net.activation)
         lik = make_likelihood(cfg)
+        enc = MLP(x_dim, 2 * p.encoder_dim, p.encoder_hidden, cfg.net.activation)
+        head_net = MLP(p.encoder_dim, lik.out_dim(y_dim), cfg.net.hidden, cfg.net.activation)
 
         def stats(params: dict, x: jax.Array) -> tuple[jax.Array, jax.Array]:
             """q(z | x) = N(mu, softplus(s)^2) from the encoder's two halves."""

@@ -160,6 +160,8 @@ class NeuralPrior(Spec):
     def check(cfg: ModelConfig, params: Any) -> str | None:
         if cfg.likelihood != "gaussian":
             return "model.likelihood: neural_prior needs 'gaussian' (NUTS over a regression net's weights)"
+        if cfg.noise != "fixed":
+            return "model.noise: neural_prior's NUTS potential uses the fixed model.noise_sd; set 'fixed'"
         if cfg.adapt != "all":
             return "model.adapt: neural_prior adapts q over all weights; expected 'all'"
         if cfg.remat != "none":

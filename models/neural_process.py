@@ -5,8 +5,8 @@ conditional NP of models/cnp.py. For a task with context C (the support set) and
     q(z|S) = N(mu(s(S)), sd(s(S))^2),  sd = 0.1 + 0.9 sigmoid(.)   (the NP papers' parameterisation)
     model   z ~ p(z | C) := q(z | C)                the same encoder on the context alone (the "prior")
             r = mean_j h_det([x_j, y_j]) over C     optional deterministic path (deterministic_path)
-            y* ~ N(g_mu([z, r, x*]), sd*^2)         sd* = 0.1 + 0.9 softplus(g_sd(.)) (learn_sd), else
-                                                    model.noise_sd
+            y* ~ N(g_mu([z, r, x*]), sd*^2)         sd* by model.noise: fixed, learned, or heteroscedastic
+                                                    0.1 + 0.9 softplus(g_sd(.)) (the NP papers' decoder)
     guide   z ~ q(z | C u T)                        reads the query labels (training only)
 
 Weights, in the project's mean-over-points convention (sites.observe scales the likelihood to a mean
@@ -21,9 +21,6 @@ The target is the query set only (the engine's predictive p(y* | x*, D)); the or
 also contain the context points. TraceMeanField_ELBO computes the KL in closed form. At prediction the
 guide cannot run (no query labels): predict_with_guide = False, and each predictive draw is one
 z ~ p(z | C) decoded at the query inputs.
-
-With learn_sd the engine's predictive NLL and pointwise log-likelihood, which read a scalar sd
-(likelihood.at), use model.noise_sd, not the decoder's sd; the "y" draws (coverage, PIT) are the model's.
 """
 
 from __future__ import annotations
@@ -37,7 +34,7 @@ import numpyro.distributions as dist
 from numpyro.handlers import scale
 
 from bayesmeta.config import ModelConfig, opt
-from bayesmeta.likelihoods import Gaussian, make_likelihood
+from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Context, Method, Spec
 from bayesmeta.nets import MLP
 from bayesmeta.sites import observe, param_tree
@@ -47,11 +44,6 @@ from bayesmeta.tasks import TaskBatch
 def latent_sd(raw: jax.Array) -> jax.Array:
     """sd of q(z | S) = 0.1 + 0.9 sigmoid(raw) (Kim et al. 2019's NP code)."""
     return 0.1 + 0.9 * jax.nn.sigmoid(raw)
-
-
-def decoder_sd(raw: jax.Array) -> jax.Array:
-    """Heteroscedastic output sd = 0.1 + 0.9 softplus(raw) (the NP papers' code, Kim et al. 2019)."""
-    return 0.1 + 0.9 * jax.nn.softplus(raw)
 
 
 def gaussian_kl(loc_q: jax.Array, sd_q: jax.Array, loc_p: jax.Array, sd_p: jax.Array) -> jax.Array:
@@ -78,9 +70,6 @@ class NP(Spec):
         deterministic_path: bool = opt(
             False, doc="add the deterministic mean encoding r of the context to the decoder's input"
         )
-        learn_sd: bool = opt(
-            False, doc="heteroscedastic decoder sd = 0.1 + 0.9 softplus(.); else model.noise_sd"
-        )
         kl_weight: float | None = opt(
             None,
             gt=0,
@@ -102,7 +91,7 @@ class NP(Spec):
         to_z = MLP(p.r_dim, 2 * p.z_dim, (p.r_dim,), act)
         det = MLP(x_dim + y_dim, p.r_dim, p.encoder_hidden, act)
         r_in = p.r_dim if p.deterministic_path else 0
-        decoder = MLP(p.z_dim + r_in + x_dim, (2 if p.learn_sd else 1) * y_dim, cfg.net.hidden, act)
+        decoder = MLP(p.z_dim + r_in + x_dim, lik.out_dim(y_dim), cfg.net.hidden, act)
 
         def latent_init(key: jax.Array) -> dict:
             k1, k2 = jax.random.split(key)
@@ -124,25 +113,22 @@ class NP(Spec):
             with numpyro.plate("z_tasks", loc.shape[0]), scale(scale=lam / loc.shape[0]):
                 return numpyro.sample("z", dist.Normal(loc, sd).to_event(1))
 
-        def decode(theta: dict, z: jax.Array, batch: TaskBatch) -> tuple[jax.Array, jax.Array | None]:
-            """(mean, sd or None) of y* at the query inputs, each (T, K, y_dim)."""
+        def decode(theta: dict, z: jax.Array, batch: TaskBatch) -> jax.Array:
+            """The decoder's outputs at the query inputs (T, K, lik.out_dim(y_dim)): the mean of y* (and
+            the raw sd of a heteroscedastic likelihood)."""
             x_q = batch.x_query
             parts = [jnp.broadcast_to(z[:, None], (*x_q.shape[:2], p.z_dim))]
             if p.deterministic_path:
                 xy = jnp.concatenate([batch.x_support, batch.y_support], -1)
                 r = jnp.mean(det.apply(theta["det"], xy), 1)
                 parts.append(jnp.broadcast_to(r[:, None], (*x_q.shape[:2], p.r_dim)))
-            out = decoder.apply(theta["decoder"], jnp.concatenate([*parts, x_q], -1))
-            if p.learn_sd:
-                return out[..., :y_dim], decoder_sd(out[..., y_dim:])
-            return out, None
+            return decoder.apply(theta["decoder"], jnp.concatenate([*parts, x_q], -1))
 
         def model(batch: TaskBatch, inner_steps: int | None = None, training: bool = True) -> None:
             phi = param_tree("latent", latent_init)
             theta = param_tree("theta", decoder_init)
             z = sample_z(*latent(phi, batch.x_support, batch.y_support), kl_weight(p, batch.x_query.shape[1]))
-            mean, sd = decode(theta, z, batch)
-            observe(lik if sd is None else Gaussian(sd), mean, batch.y_query)
+            observe(lik, decode(theta, z, batch), batch.y_query)
 
         def guide(batch: TaskBatch, inner_steps: int | None = None) -> None:
             phi = param_tree("latent", latent_init)

@@ -54,8 +54,8 @@ class PLATIPUS(Spec):
 
     @staticmethod
     def build(cfg: ModelConfig, p: Params, x_dim: int, y_dim: int, context: Context) -> Method:
-        net = make_net(cfg.net, x_dim, y_dim)
         lik = make_likelihood(cfg)
+        net = make_net(cfg.net, x_dim, lik.out_dim(y_dim))
         inner = InnerLoop.from_config(cfg, adapt="all")
         lam = kl_weight(p, context)
 

@@ -30,10 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
-from numpyro.distributions import constraints
 
 from bayesmeta.config import ModelConfig, opt
-from bayesmeta.likelihoods import Gaussian, make_likelihood
+from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Context, Method, Spec, no_guide
 from bayesmeta.nets import MLP, make_net
 from bayesmeta.sites import SD_FLOOR, observe, param_tree
@@ -92,12 +91,11 @@ class VERSA(Spec):
         rho_init: float = opt(
             -3.0, doc="offset of the head's sd: sd = eps + softplus(network output + rho_init)"
         )
-        learn_noise: bool = opt(False, doc="regression: learn the Gaussian observation sd")
 
     @staticmethod
     def check(cfg: ModelConfig, params: Params) -> str | None:
-        if params.learn_noise and cfg.likelihood != "gaussian":
-            return "model.params.learn_noise: needs model.likelihood = 'gaussian'"
+        if cfg.noise == "heteroscedastic":
+            return "model.noise: versa's head is a Bayesian linear map to the mean; use 'fixed' or 'learned'"
         return None
 
     @staticmethod
@@ -135,10 +133,6 @@ class VERSA(Spec):
 
         def model(batch: TaskBatch, inner_steps: int | None = None, training: bool = True) -> None:
             theta = param_tree("theta", init)
-            out_lik = lik
-            if p.learn_noise:
-                sd = numpyro.param("noise_sd", jnp.asarray(cfg.noise_sd), constraint=constraints.positive)
-                out_lik = Gaussian(sd)
             h_s, h_q = features(theta, batch.x_support), features(theta, batch.x_query)
             loc, sd = posterior(theta, h_s, batch.y_support)
             numpyro.deterministic("q_loc", loc)
@@ -150,13 +144,13 @@ class VERSA(Spec):
                     raise ValueError("versa: the model must run under numpyro.handlers.seed")
                 eps = jax.random.normal(key, (p.head_samples, *loc.shape))
                 out = jax.vmap(head_outputs, (1, 0), 1)(loc + sd * eps, h_q)  # (L, T, n, m)
+                out_lik = lik.in_model()  # a learned noise sd is registered here (observe does it below)
                 logp = out_lik.dist(out).log_prob(y)  # (L, T, n)
                 numpyro.deterministic("f", jnp.mean(out_lik.mean(out), 0))
                 numpyro.factor("ml_pip", jnp.mean(ml_pip(logp)))
                 return
             with numpyro.plate("head_tasks", batch.n_tasks):
                 eps = numpyro.sample("head_eps", dist.Normal(0.0, 1.0).expand(loc.shape[1:]).to_event(2))
-            observe(out_lik, jax.vmap(head_outputs)(loc + sd * eps, h_q), y)
+            observe(lik, jax.vmap(head_outputs)(loc + sd * eps, h_q), y)
 
-        noise = Gaussian(cfg.noise_sd, "noise_sd") if p.learn_noise else lik
-        return Method("versa", model, no_guide, likelihood=noise)
+        return Method("versa", model, no_guide, likelihood=lik)

@@ -11,7 +11,6 @@ import pytest
 
 from bayesmeta import run
 from bayesmeta.cli import main
-from bayesmeta.config import ConfigError
 from bayesmeta.fit import CHECKPOINT, CheckpointError, fit
 from bayesmeta.predict import eval_tasks, evaluate, predictive
 
@@ -143,12 +142,12 @@ def test_fit_refuses_to_overwrite_a_run(small_cfg, tmp_path, capsys):
 
 
 def test_maml_learns_its_output_noise(small_cfg):
-    """MAML with learn_noise: the observation sd is a meta-parameter fitted by SVI; started far too
-    large (3.0) on tasks whose noise sd is 0.3, it falls."""
+    """MAML with model.noise = "learned": the observation sd is a meta-parameter fitted by SVI; started
+    far too large (3.0) on tasks whose noise sd is 0.3, it falls."""
     cfg = small_cfg(
         "task.family='sine_line'",
         "task.shots=5",
-        "model.params.learn_noise=true",
+        "model.noise='learned'",
         "model.noise_sd=3.0",
         "model.inner_steps=2",
         "train.steps=400",
@@ -162,5 +161,3 @@ def test_maml_learns_its_output_noise(small_cfg):
     f = predictive(setup.method, 2, 1, ("f",))(result.params, tasks, jax.random.PRNGKey(0))["f"][0]
     rms = float(jnp.sqrt(jnp.mean(jnp.square(f - tasks.y_query))))
     assert noise < 2.5 and noise == pytest.approx(rms, rel=0.25)
-    with pytest.raises(ConfigError, match=r"learn_noise: needs model\.likelihood"):
-        run.Setup.from_config(small_cfg("model.params.learn_noise=true", "model.likelihood='categorical'"))

@@ -32,7 +32,7 @@ def _dotted_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-EXTRA_KEYS = ["task.params.amplitude", "task.params.phase", "model.params.learn_noise"]
+EXTRA_KEYS = ["task.params.amplitude", "task.params.phase", "model.params.learned_lr"]
 KEYS = [*_dotted_keys(config.Config), *EXTRA_KEYS]
 scalars = st.one_of(
     st.integers(min_value=-(2**70), max_value=2**70).map(str),

@@ -235,7 +235,7 @@ def test_np_loss_is_the_mean_nll_plus_weighted_kl_between_the_encoders():
             *TINY,
             "model.method='np'",
             "model.params.z_dim=3",
-            "model.params.learn_sd=true",
+            "model.noise='heteroscedastic'",
             "model.params.deterministic_path=true",
         ],
     )
@@ -304,10 +304,7 @@ def test_np_learns_sinusoids_and_samples_functions_from_the_context_prior():
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [
-        (
-            ["model.method='versa'", "model.likelihood='categorical'", "model.params.learn_noise=true"],
-            "learn_noise",
-        ),
+        (["model.method='versa'", "model.noise='heteroscedastic'"], "model.noise"),
         (["model.method='np'", "model.likelihood='categorical'"], "model.likelihood"),
     ],
 )
