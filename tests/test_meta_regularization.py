@@ -151,15 +151,7 @@ def _oracle_and_memorizer(family):
     )
 
 
-class _Lik:
-    def dist(self, out):
-        return dist.Normal(out, 0.1).to_event(1)
-
-    def mean(self, out):
-        return out
-
-
-dist_lik = _Lik()
+dist_lik = Gaussian(0.1)
 
 
 def test_memorization_meter_reads_zero_for_a_memorizer_and_one_for_an_oracle():
