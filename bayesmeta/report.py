@@ -244,6 +244,25 @@ def bound_dataset(pac: dict[str, Any]) -> xr.Dataset:
     return ds
 
 
+def ppc_view(dt: xr.DataTree, inner_steps: int, var: str = "y") -> xr.DataTree:
+    """The posterior predictive and observed `var` of a run's inference.nc at one test-time step count,
+    with task x point x output flattened to one dim "obs": the layout arviz-plots' plot_ppc_pit needs
+    (its Pareto-smoothed PIT takes one observation dim), e.g. azp.plot_ppc_pit(ppc_view(dt, 5))."""
+
+    def flat(ds: xr.Dataset) -> xr.Dataset:
+        da = ds[var].sel(inner_steps=inner_steps)
+        obs = [d for d in da.dims if d not in SAMPLE_DIMS]
+        da = da.drop_vars([c for c in da.coords if c not in SAMPLE_DIMS])
+        return da.stack(obs=obs).drop_vars(["obs", *obs], errors="ignore").to_dataset(name=var)
+
+    return xr.DataTree.from_dict(
+        {
+            "posterior_predictive": flat(dt["posterior_predictive"].to_dataset()),
+            "observed_data": flat(dt["observed_data"].to_dataset()),
+        }
+    )
+
+
 def build_datatree(
     *,
     posterior: dict[str, np.ndarray],

@@ -15,6 +15,7 @@ from scipy import stats
 
 from bayesmeta import registry, run
 from bayesmeta.likelihoods import Categorical
+from bayesmeta.report import ppc_view
 from bayesmeta.sites import site_layout
 from tests.conftest import SMALL
 
@@ -88,6 +89,10 @@ def test_y_and_f_share_dims_and_the_predictive_checks_draw(runs):
     np.testing.assert_array_equal(dt["predictions"]["x"], dt["predictions_constant_data"]["x"].values[..., 0])
     azp.plot_ppc_dist(dt, backend="none")
     azp.plot_ppc_dist(dt, var_names="y", cols=["inner_steps"], backend="none")
+    view = ppc_view(dt, 5)  # one step count, task x point x output as one dim: what plot_ppc_pit takes
+    assert view["posterior_predictive"]["y"].dims == ("chain", "draw", "obs")
+    np.testing.assert_array_equal(view["observed_data"]["y"], observed["y"].sel(inner_steps=5).values.ravel())
+    azp.plot_ppc_pit(view, backend="none")
 
 
 def test_point_estimates_are_not_a_posterior(runs):
