@@ -59,21 +59,29 @@ from bayesmeta.tasks import TaskBatch
 LogDensity = Callable[[jax.Array], jax.Array]
 
 
+def sq_distances(x: jax.Array) -> jax.Array:
+    """||x_i - x_j||^2 (M, M) for particles x (M, D) as |c_i|^2 + |c_j|^2 - 2 c_i.c_j of the centred c = x -
+    mean(x) (one M x D x M matmul, no (M, M, D) difference tensor, which dominated the step's time and
+    memory; centring keeps the cancellation small), exactly 0 on the diagonal and never below 0."""
+    c = x - jnp.mean(x, 0)
+    sq = jnp.sum(jnp.square(c), -1)
+    d2 = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * (c @ c.T), 0.0)
+    return jnp.where(jnp.eye(x.shape[0], dtype=bool), 0.0, d2)
+
+
 def median_bandwidth(x: jax.Array) -> jax.Array:
     """h = med_ij(||x_i - x_j||)^2 / log M over all M^2 pairs (the diagonal included), 1 for M = 1, plus
     float eps (numpyro.contrib.einstein.stein_util.median_bandwidth); a constant for gradients."""
     m = x.shape[0]
     if m == 1:
         return jnp.asarray(1.0, x.dtype)
-    x = lax.stop_gradient(x)
-    d = jnp.sqrt(jnp.sum(jnp.square(x[:, None, :] - x[None, :, :]), -1))
+    d = jnp.sqrt(sq_distances(lax.stop_gradient(x)))
     return jnp.median(d) ** 2 / jnp.log(m) + jnp.finfo(x.dtype).eps
 
 
 def rbf_gram(x: jax.Array, h: jax.Array) -> jax.Array:
     """K_ij = exp(-||x_i - x_j||^2 / h) for particles x (M, D)."""
-    d2 = jnp.sum(jnp.square(x[:, None, :] - x[None, :, :]), -1)
-    return jnp.exp(-d2 / h)
+    return jnp.exp(-sq_distances(x) / h)
 
 
 def svgd_direction(x: jax.Array, grads: jax.Array) -> jax.Array:
