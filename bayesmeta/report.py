@@ -792,6 +792,17 @@ def summary_markdown(metrics: dict[str, Any], files: list[str], posterior: str =
             "PIT of the query targets, uniform for a calibrated predictive, is drawn as ArviZ's PIT "
             "Delta-ECDF with its uniformity test in plots/pit.png.\n\n"
         )
+    if metrics.get("reliability"):
+        rows = [
+            [steps, f"{e['ece']:.4f}", f"{e['accuracy']:.4f}", f"{e['nll']:.4f}", e["diverged_tasks"]]
+            for steps, e in metrics["reliability"].items()
+        ]
+        text += (
+            "## Calibration of the predictive class probabilities\n\n"
+            + markdown_table(["test steps", "ECE", "accuracy", "NLL", "diverged tasks (left out)"], rows)
+            + "\n\nECE: the mean |accuracy - confidence| over 15 equal-width confidence bins, weighted by "
+            "their counts (reliability diagrams in plots/reliability_<steps>.png).\n\n"
+        )
     land = metrics.get("landscape")
     if land:
         rows = markdown_table(
@@ -855,6 +866,10 @@ def _write_report(run_dir: Path, dt: xr.DataTree, metrics: dict[str, Any]) -> li
         plots.append(plot_calibration(metrics["calibration"], run_dir / "plots" / "calibration.png"))
         plots.append(plot_pit(metrics["calibration"], run_dir / "plots" / "pit.png"))
         files += ["plots/calibration.png", "plots/pit.png"]
+    for steps, entry in (metrics.get("reliability") or {}).items():
+        name = f"plots/reliability_{steps}.png"
+        plots.append(plot_reliability(entry["diagram"], entry["ece"], run_dir / name))
+        files.append(name)
     posterior = ""
     if "posterior" in dt.children and dt["posterior"].data_vars:  # draws of stochastic meta-parameters
         plots.append(write_posterior_summary(dt, run_dir / "posterior_summary.csv"))

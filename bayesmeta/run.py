@@ -17,7 +17,15 @@ from numpyro.infer import Predictive
 from bayesmeta import config as config_mod
 from bayesmeta.bounds import Bound, clipped_squared_error, pac_bayes_bound
 from bayesmeta.config import Config
-from bayesmeta.diagnostics.calibration import LEVELS, coverage, interval_width, mixture_nll, pit, pit_ks
+from bayesmeta.diagnostics.calibration import (
+    LEVELS,
+    coverage,
+    expected_calibration_error,
+    interval_width,
+    mixture_nll,
+    pit,
+    pit_ks,
+)
 from bayesmeta.diagnostics.landscape import landscape_metrics
 from bayesmeta.diagnostics.memorization import support_dependence
 from bayesmeta.fit import (
@@ -320,6 +328,31 @@ def calibration(setup: Setup, params: dict, ev: Evaluation) -> dict[str, Any]:
     return out
 
 
+def reliability(setup: Setup, ev: Evaluation) -> dict[str, Any]:
+    """Classification calibration per test-time step count, over the tasks that did not diverge: ECE of
+    the predictive class probabilities (mean over draws) in 15 equal-width confidence bins, with the
+    reliability diagram's bins, the accuracy and the NLL of the same probabilities."""
+    if not isinstance(setup.likelihood, Categorical):
+        return {}
+    out: dict[str, Any] = {}
+    for s in setup.cfg.eval.inner_steps:
+        keep = ~ev.diverged(s)
+        if not keep.any():
+            continue
+        probs = np.mean(ev.draws[s]["f"], axis=0)[keep]
+        y = np.asarray(ev.tasks.y_query)[keep]
+        ece, diagram = expected_calibration_error(probs, y)
+        p_true = np.take_along_axis(probs, y[..., None].astype(int), -1)[..., 0]
+        out[str(s)] = {
+            "ece": ece,
+            "accuracy": float(np.mean(probs.argmax(-1) == y)),
+            "nll": float(-np.mean(np.log(np.clip(p_true, 1e-12, None)))),
+            "diagram": {k: np.asarray(v).tolist() for k, v in diagram.items()},
+            "diverged_tasks": int((~keep).sum()),
+        }
+    return out
+
+
 def log_likelihood(setup: Setup, params: dict, ev: Evaluation) -> dict[int, np.ndarray]:
     """Pointwise log p(y_query | f) (S, T, n) of every predictive draw, per test-time step count, under
     the method's likelihood at the fitted parameters and the draws (a learned or per-point noise sd)."""
@@ -410,6 +443,7 @@ def finish(setup: Setup, run_dir: Path, result: FitResult, progress: bool = True
     grid = grid_predictions(setup, result.params, ev.tasks)
     diagnostics = memorization(setup, result.params, ev.tasks)
     calib = calibration(setup, result.params, ev)
+    reliable = reliability(setup, ev)
     pac = bound(setup, result.params)
     eval_seconds = time.perf_counter() - t0
     loss = np.asarray(result.trace.loss)
@@ -429,6 +463,7 @@ def finish(setup: Setup, run_dir: Path, result: FitResult, progress: bool = True
         "diagnostics": diagnostics,
         "pac_bayes": pac.as_dict() if pac else None,
         "calibration": calib,
+        "reliability": reliable,
     }
     if result.trace.eval_step:  # the held-out metric during training: {name: {step: value}}
         steps = [str(s) for s in result.trace.eval_step]

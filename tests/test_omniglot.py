@@ -296,6 +296,12 @@ def test_protonet_learns_and_evaluates_at_another_way(tfds_dir, tmp_path):
     _, metrics = run.train(cfg, tmp_path / "proto", progress=False)
     acc = metrics["metrics"]["accuracy@0"]["mean"]
     assert acc > 0.35, acc  # chance is 0.1
+    rel = metrics["reliability"]["0"]  # ECE and reliability of the predictive class probabilities
+    assert rel["accuracy"] == pytest.approx(acc, abs=1e-6)  # the same points, pooled: equal counts per task
+    assert 0 <= rel["ece"] <= 1 and rel["diverged_tasks"] == 0
+    assert (tmp_path / "proto" / "plots" / "reliability_0.png").is_file()
+    summary = (tmp_path / "proto" / "summary.md").read_text()
+    assert "## Calibration of the predictive class probabilities" in summary
     setup = run.restore(cfg, tmp_path / "proto")[0]
     assert (setup.family.y_dim, setup.eval_family.y_dim) == (5, 10)
     assert setup.eval_method is not setup.method  # built for 10 outputs, same parameters
