@@ -39,7 +39,7 @@ def test_the_heteroscedastic_head_is_a_gaussian_with_its_own_sd_per_point():
         lik.at({})
 
 
-@pytest.mark.parametrize("method", ["maml", "platipus", "cnp", "mr_maml_w"])
+@pytest.mark.parametrize("method", ["maml", "cnp"])  # an inner-loop method and a decoder: one observe path
 def test_a_learned_sd_is_one_positive_param_started_at_noise_sd(method):
     cfg = registry.load_config(
         None, [*TINY, f"model.method='{method}'", "model.noise='learned'", "model.noise_sd=0.7"]

@@ -35,7 +35,7 @@ def _loss(setup, batch):
     return (lambda p: TraceMeanField_ELBO().loss(jax.random.PRNGKey(3), p, m.model, m.guide, batch)), params
 
 
-@pytest.mark.parametrize("lam", [0.05, 0.5, None])
+@pytest.mark.parametrize("lam", [0.05, None])
 def test_kl_between_guide_and_conditional_prior_enters_lambda_times(lam):
     """loss = mean NLL + lambda * mean_i KL; unset, lambda = 1/K for the K = 4 query points per task, so
     that K * loss is the negative ELBO per task (K points' NLL plus one KL)."""
