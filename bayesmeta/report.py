@@ -18,6 +18,7 @@ import xarray as xr
 
 from bayesmeta.io import atomic_write, run_lock, write_json, write_text
 from bayesmeta.likelihoods import SD_SITE
+from bayesmeta.sections import CalibrationAt, Landscape, render_sections
 from bayesmeta.sites import site_layout
 from bayesmeta.stats import DOMINANCE
 from bayesmeta.tables import markdown_table
@@ -274,13 +275,14 @@ def build_datatree(
     trace: Any,
     attrs: dict[str, Any],
     inner_steps: list[int],
-    pac_bayes: dict[str, Any] | None = None,
+    groups: dict[str, xr.Dataset] | None = None,
 ) -> xr.DataTree:
     """The run's ArviZ DataTree: posterior (draws (S, ...) of the stochastic meta-parameters; without
     any, no variables and the predictive draws' chain and draw, which arviz_stats.loo reads),
     point_estimates (the numpyro.param meta-parameters), the predictive groups on the evaluation tasks
     (predictive_groups), predictions on a dense grid (grid_groups), sample_stats (training trace) and
-    pac_bayes. Every variable has a description attr."""
+    the groups the diagnostic sections contribute (bayesmeta.sections: e.g. pac_bayes). Every variable
+    has a description attr."""
     inputs = np.size(tasks.x_support) + np.size(tasks.x_query)
     store_inputs = inputs <= MAX_STORED_INPUTS  # images are regenerated from eval.seed instead of stored
     if not store_inputs:
@@ -300,7 +302,7 @@ def build_datatree(
         **predictive_groups(draws, log_likelihood, tasks, inner_steps, store_inputs),
         **(grid_groups(grid, inner_steps) if grid is not None else {}),
         "sample_stats": trace_dataset(trace),
-        **({"pac_bayes": bound_dataset(pac_bayes)} if pac_bayes else {}),
+        **(groups or {}),
     }
     dt = xr.DataTree.from_dict(groups)
     dt.attrs.update({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in attrs.items()})
@@ -528,48 +530,24 @@ def plot_predictions(dt: xr.DataTree, path: Path) -> Path | None:
     return save_fig(fig, path)
 
 
-def landscape_summary(steps: list[int], values: dict[str, list[float]]) -> dict[str, Any]:
-    """The diagnostics series, their last values ("final"), and the Pearson correlation r of each
-    metric with the held-out metric (the series named `test_...`) across the diagnostic steps; r is
-    None when undefined."""
-    test = next(k for k in values if k.startswith("test_"))
-    y = np.asarray(values[test], np.float64)
-    corr: dict[str, float | None] = {}
-    for k, v in values.items():
-        if k.startswith("test_"):
-            continue
-        x = np.asarray(v, np.float64)
-        ok = len(x) > 1 and np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and x.std() > 0 and y.std() > 0
-        corr[k] = float(np.corrcoef(x, y)[0, 1]) if ok else None
-    # a diverged held-out task makes a metric inf: JSON gets null there, never a non-finite number
-    clean = {k: [float(x) if np.isfinite(x) else None for x in v] for k, v in values.items()}
-    return {
-        "step": list(steps),
-        "test_metric": test[5:],
-        "correlation": corr,
-        "values": clean,
-        "final": {k: v[-1] for k, v in clean.items()},
-    }
-
-
-def plot_landscape(landscape: dict[str, Any], path: Path) -> Path:
+def plot_landscape(landscape: Landscape, path: Path) -> Path:
     """Each landscape metric over training beside the held-out metric (twin axis), titled with r."""
     import matplotlib.pyplot as plt
 
-    names = list(landscape["correlation"])
-    test = landscape["test_metric"]
+    names = list(landscape.correlation)
+    test = landscape.test_metric
     cols = min(4, len(names))
     rows = int(np.ceil(len(names) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
-    step = landscape["step"]
+    step = landscape.step
     for ax, name in zip(axes.flat, names, strict=False):
-        ax.plot(step, np.array(landscape["values"][name], dtype=float), marker="o", ms=3, color="C0")
+        ax.plot(step, np.array(landscape.values[name], dtype=float), marker="o", ms=3, color="C0")
         ax.set_ylabel(name, color="C0", fontsize=8)
         twin = ax.twinx()
-        test_values = np.array(landscape["values"]["test_" + test], dtype=float)
+        test_values = np.array(landscape.values["test_" + test], dtype=float)
         twin.plot(step, test_values, marker="s", ms=3, color="C3", ls="--")
         twin.set_ylabel(test, color="C3", fontsize=8)
-        r = landscape["correlation"][name]
+        r = landscape.correlation[name]
         ax.set(xlabel="step", title=f"{name}: r = {r:.3f}" if r is not None else f"{name}: r undefined")
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
@@ -578,39 +556,33 @@ def plot_landscape(landscape: dict[str, Any], path: Path) -> Path:
     return save_fig(fig, path)
 
 
-def _fmt(v: float | None) -> str:
-    return "diverged" if v is None else f"{v:.4f}"
-
-
-def _entry(e: dict[str, Any], key: str) -> str:
-    """A number of a metrics entry: n/a when the entry predates it, else as _fmt (null: diverged)."""
-    return "n/a" if key not in e else _fmt(e[key])
-
-
-def plot_calibration(calib: dict[str, Any], path: Path) -> Path:
+def plot_calibration(calib: dict[int, CalibrationAt], path: Path) -> Path:
     """Empirical against nominal coverage of central predictive intervals, per test-time step count."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.8))
     ax.plot([0, 1], [0, 1], color="0.6", ls="--", label="calibrated")
     for j, (steps, entry) in enumerate(calib.items()):
-        levels = [float(k) for k in entry["coverage"]]
-        ax.plot(levels, list(entry["coverage"].values()), marker="o", color=f"C{j}", label=f"{steps} steps")
+        ax.plot(
+            list(entry.coverage),
+            list(entry.coverage.values()),
+            marker="o",
+            color=f"C{j}",
+            label=f"{steps} steps",
+        )
     ax.set(xlabel="nominal coverage", ylabel="empirical coverage", title="central intervals")
     ax.legend()
     return save_fig(fig, path)
 
 
-def plot_pit(calib: dict[str, Any], path: Path) -> Path:
+def plot_pit(calib: dict[int, CalibrationAt], path: Path) -> Path:
     """ArviZ's PIT Delta-ECDF (arviz_plots.plot_ecdf_pit) of the randomized PIT values, one panel per
     test-time step count: the ECDF minus the uniform CDF, with ArviZ's default "pot_c" uniformity test
     (its p-value, and the points that drive a departure highlighted), which holds for dependent PIT
     values such as the query points of one task (the simultaneous-band "envelope" assumes independence)."""
     import arviz_plots as azp
 
-    pits = xr.Dataset(
-        {f"{s} steps": (f"pit_{s}", np.asarray(e["pit"], np.float64)) for s, e in calib.items()}
-    )
+    pits = xr.Dataset({f"{s} steps": (f"pit_{s}", np.asarray(e.pit, np.float64)) for s, e in calib.items()})
     pc = azp.plot_ecdf_pit(
         xr.DataTree.from_dict({"pit": pits}),
         group="pit",
@@ -644,46 +616,6 @@ def plot_reliability(diagram: dict[str, Any], ece: float, path: Path) -> Path:
     )
     ax.legend()
     return save_fig(fig, path)
-
-
-def calibration_table(calib: dict[str, Any]) -> str:
-    """Per test-time step count: NLL, MSE, coverage at each level, 90% width, PIT KS distance, mode
-    coverage and diverged tasks; with an exact predictive, its row and the learner's MSE ratio and NLL gap."""
-    levels = list(next(iter(calib.values()))["coverage"])
-    exact = any("exact" in e for e in calib.values())
-    header = [
-        "test steps",
-        "NLL",
-        "MSE",
-        *(f"coverage {float(k):.0%}" for k in levels),
-        "width 90%",
-        "PIT KS",
-        "mode coverage (all / ambiguous tasks)",
-        "diverged tasks (left out)",
-        *(["MSE / exact", "NLL - exact"] if exact else []),
-    ]
-    rows = []
-    for steps, e in calib.items():
-        mode = "n/a"
-        if "mode_coverage" in e:
-            amb = e["mode_coverage_ambiguous"]
-            amb = "n/a" if amb is None else f"{amb:.3f}"
-            mode = f"{e['mode_coverage']:.3f} / {amb} ({e['ambiguous_tasks']})"
-        diverged = e.get("diverged_tasks", 0)
-        if "exact" in e:
-            x = e["exact"]
-            cov = [f"{x['coverage'][k]:.3f}" for k in levels]
-            width = f"{x['width'].get('0.9', float('nan')):.3f}"
-            rows.append(["exact posterior predictive", f"{x['nll']:.4f}", _entry(x, "mse"), *cov, width])
-            rows[-1] += ["n/a", "n/a", diverged, "1", "0"]
-        cov = [f"{e['coverage'][k]:.3f}" for k in levels]
-        width = f"{e['width'].get('0.9', float('nan')):.3f}"
-        row = [steps, _fmt(e["nll"]), _entry(e, "mse"), *cov, width, _entry(e, "pit_ks"), mode, diverged]
-        if exact:
-            vs = e.get("vs_exact", {})
-            row += [_entry(vs, "mse_ratio"), _entry(vs, "nll_gap")]
-        rows.append(row)
-    return markdown_table(header, rows) + "\n"
 
 
 def posterior_table(dt: xr.DataTree) -> str:
@@ -727,32 +659,9 @@ def metric_line(v: dict) -> str:
     return f"{v['mean']:.4f} ± {v['ci95']:.4f} (95% CI over {v['n'] - v['n_diverged']} tasks){diverged}"
 
 
-def pac_text(pac: dict[str, Any]) -> str:
-    """The bound in words: its value (VACUOUS above 1), its terms, which tasks the empirical error is
-    over, and the beta the bound implies beside the one used in training."""
-    if pac["empirical_tasks"] == pac["n"]:
-        tasks = f"all {pac['n']} training tasks the fit saw"
-    else:
-        tasks = (
-            f"a uniform sample of {pac['empirical_tasks']} of the {pac['n']} training tasks the fit saw "
-            f"(standard error {pac['empirical_error_se']:.4f})"
-        )
-    verdict = (
-        f"**vacuous**: {pac['bound']:.4f} exceeds 1, the largest value of the loss, so it certifies nothing"
-        if pac["vacuous"]
-        else f"**{pac['bound']:.4f}**"
-    )
-    used = "n/a" if pac.get("beta") is None else f"{pac['beta']:.3g}"
-    return (
-        f"With probability >= {1 - pac['delta']:g}, the expected clipped error "
-        f"min((y-f)^2/{pac['clip']:g}, 1) (the 0-1 error for classifiers) on new tasks is at most "
-        f"{verdict} = empirical error {pac['empirical_error']:.4f} on {tasks} + complexity "
-        f"{pac['complexity']:.4f} (n = {pac['n']} tasks, K = {pac['k']} query points, KL(q || prior) = "
-        f"{pac['kl']:.2f}). Beta used in training: {used}; beta the bound implies: {pac['implied_beta']:.3g}."
-    )
-
-
-def summary_markdown(metrics: dict[str, Any], files: list[str], posterior: str = "") -> str:
+def summary_markdown(
+    metrics: dict[str, Any], files: list[str], sections: str = "", posterior: str = ""
+) -> str:
     rows = markdown_table(
         ["metric", "over tasks"], [[k, metric_line(v)] for k, v in metrics["metrics"].items()]
     )
@@ -769,59 +678,12 @@ def summary_markdown(metrics: dict[str, Any], files: list[str], posterior: str =
         f"(metrics.json: `mean`, `ci95`, `n_diverged`, `median`, `mean_all`). A mean whose largest "
         f"task carries more than {DOMINANCE:.0%} of the sum is reported by its median.\n\n"
     )
-    if metrics.get("diagnostics"):
-        text += (
-            "## Memorization meter\n\nSupport dependence D (0: predictions ignore the support set, "
-            "complete memorization; about 1: they follow it to the truth):\n\n"
-            + "\n".join(f"- {k}: {_fmt(v)}" for k, v in metrics["diagnostics"].items())
-            + "\n\n"
-        )
     if posterior:
         text += (
             "## Posterior of the stochastic meta-parameters\n\nFrom the draws in inference.nc "
             "(per-weight ArviZ summary in posterior_summary.csv):\n\n" + posterior + "\n"
         )
-    if metrics.get("calibration"):
-        text += (
-            "## Calibration of the posterior predictive\n\n"
-            + calibration_table(metrics["calibration"])
-            + "\nCoverage: fraction of query targets inside the central interval of the predictive "
-            "samples of y (nominal in the header). Mode coverage: fraction of tasks whose sampled "
-            "functions include both a sine-like and a line-like one; ambiguous tasks are those whose "
-            "support set both hypotheses fit within 2 noise sds (their count in brackets). The randomized "
-            "PIT of the query targets, uniform for a calibrated predictive, is drawn as ArviZ's PIT "
-            "Delta-ECDF with its uniformity test in plots/pit.png.\n\n"
-        )
-    if metrics.get("reliability"):
-        rows = [
-            [steps, f"{e['ece']:.4f}", f"{e['accuracy']:.4f}", f"{e['nll']:.4f}", e["diverged_tasks"]]
-            for steps, e in metrics["reliability"].items()
-        ]
-        text += (
-            "## Calibration of the predictive class probabilities\n\n"
-            + markdown_table(["test steps", "ECE", "accuracy", "NLL", "diverged tasks (left out)"], rows)
-            + "\n\nECE: the mean |accuracy - confidence| over 15 equal-width confidence bins, weighted by "
-            "their counts (reliability diagrams in plots/reliability_<steps>.png).\n\n"
-        )
-    land = metrics.get("landscape")
-    if land:
-        rows = markdown_table(
-            ["metric", f"r with {land['test_metric']}", "last value"],
-            [
-                [k, "n/a" if r is None else f"{r:.3f}", f"{land['values'][k][-1]:.4g}"]
-                for k, r in land["correlation"].items()
-            ],
-        )
-        text += (
-            "## Landscape diagnostics (METHODS 5, 6)\n\n"
-            f"On held-out tasks at {len(land['step'])} steps during training; r is the correlation "
-            f"coefficient of each metric with the held-out {land['test_metric']} across those steps "
-            "(series in inference.nc sample_stats `diag_*`, plot in plots/landscape.png).\n\n"
-            f"{rows}\n\n"
-        )
-    pac = metrics.get("pac_bayes")
-    if pac:
-        text += "## PAC-Bayes bound (Yin et al. 2020, Theorem 1)\n\n" + pac_text(pac) + "\n\n"
+    text += sections
     return text + (
         f"Final training loss (mean of the last 100 steps): {metrics['final_loss']:.4f}\n\n"
         "## Files\n\n" + "\n".join(f"- `{f}`" for f in files) + "\n"
@@ -859,21 +721,13 @@ def _write_report(run_dir: Path, dt: xr.DataTree, metrics: dict[str, Any]) -> li
     ]
     files = [INFERENCE, "metrics.json", "summary.md", "config.toml", "checkpoint/state.npz"]
     files += [str(p.relative_to(run_dir)) for p in plots if p is not None]
-    if metrics.get("landscape"):
-        plots.append(plot_landscape(metrics["landscape"], run_dir / "plots" / "landscape.png"))
-        files.append("plots/landscape.png")
-    if metrics.get("calibration"):
-        plots.append(plot_calibration(metrics["calibration"], run_dir / "plots" / "calibration.png"))
-        plots.append(plot_pit(metrics["calibration"], run_dir / "plots" / "pit.png"))
-        files += ["plots/calibration.png", "plots/pit.png"]
-    for steps, entry in (metrics.get("reliability") or {}).items():
-        name = f"plots/reliability_{steps}.png"
-        plots.append(plot_reliability(entry["diagram"], entry["ece"], run_dir / name))
-        files.append(name)
+    sections, section_plots = render_sections(metrics, run_dir)
+    plots += section_plots
+    files += [str(p.relative_to(run_dir)) for p in section_plots]
     posterior = ""
     if "posterior" in dt.children and dt["posterior"].data_vars:  # draws of stochastic meta-parameters
         plots.append(write_posterior_summary(dt, run_dir / "posterior_summary.csv"))
         files.append("posterior_summary.csv")
         posterior = posterior_table(dt)
-    summary = write_text(run_dir / "summary.md", summary_markdown(metrics, files, posterior))
+    summary = write_text(run_dir / "summary.md", summary_markdown(metrics, files, sections, posterior))
     return [summary, *[p for p in plots if p is not None]]

@@ -15,19 +15,8 @@ from numpyro import handlers
 from numpyro.infer import Predictive
 
 from bayesmeta import config as config_mod
-from bayesmeta.bounds import Bound, clipped_squared_error, pac_bayes_bound
 from bayesmeta.config import Config
-from bayesmeta.diagnostics.calibration import (
-    LEVELS,
-    coverage,
-    expected_calibration_error,
-    interval_width,
-    mixture_nll,
-    pit,
-    pit_ks,
-)
 from bayesmeta.diagnostics.landscape import landscape_metrics
-from bayesmeta.diagnostics.memorization import support_dependence
 from bayesmeta.fit import (
     CHECKPOINT,
     FitResult,
@@ -35,31 +24,22 @@ from bayesmeta.fit import (
     initial_state,
     load_checkpoint,
     make_svi,
-    run_keys,
-    step_tasks,
     task_mesh,
 )
 from bayesmeta.io import publish, run_lock, write_text
-from bayesmeta.likelihoods import Categorical, Gaussian
+from bayesmeta.likelihoods import Gaussian
 from bayesmeta.method import Context, Method
 from bayesmeta.predict import Evaluation, eval_tasks, evaluate, predictive, quick_metric
 from bayesmeta.registry import build_method, make_family
-from bayesmeta.report import (
-    INFERENCE,
-    build_datatree,
-    landscape_summary,
-    pac_text,
-    save_datatree,
-    write_report,
+from bayesmeta.report import INFERENCE, build_datatree, save_datatree, write_report
+from bayesmeta.sections import (
+    Evaluated,
+    compute_sections,
+    dump_sections,
+    query_points,
+    tree_contributions,
 )
-from bayesmeta.tasks import (
-    Classification,
-    DenseGrid,
-    ExactPredictive,
-    Family,
-    GroundTruth,
-    Hypotheses,
-)
+from bayesmeta.tasks import Classification, DenseGrid, Family, GroundTruth
 
 GRID_POINTS = 200
 # metrics.json's schema: raised whenever evaluation changes what it measures, so that experiment grids
@@ -109,11 +89,6 @@ class Setup:
     @property
     def eval_key(self) -> jax.Array:
         return jax.random.PRNGKey(self.cfg.eval.seed)
-
-
-def query_points(family: Family) -> int:
-    """Query examples per task: the PAC-Bayes bound's K."""
-    return family.query_points if isinstance(family, Classification) else family.queries
 
 
 def param_shapes(method: Method, family: Family) -> dict[str, Any]:
@@ -251,108 +226,6 @@ def posterior_draws(setup: Setup, params: dict, batch: Any) -> dict[str, np.ndar
     return {k: np.asarray(v) for k, v in draws.items() if k.split(".")[0] in prefixes}
 
 
-def memorization(setup: Setup, params: dict, tasks: Any) -> dict[str, float]:
-    """The memorization meter (support dependence D and truth slope) at each test-time step count
-    (regression families only)."""
-    n = min(setup.cfg.eval.memorization_tasks, tasks.x_support.shape[0])
-    if n < 2 or not isinstance(setup.likelihood, Gaussian) or not isinstance(setup.eval_family, GroundTruth):
-        return {}
-    sub = jax.tree.map(lambda a: jnp.asarray(a[:n]), tasks)
-    out = {}
-    for s in setup.cfg.eval.inner_steps:
-        meter = support_dependence(
-            setup.eval_method,
-            params,
-            setup.eval_family,
-            sub,
-            s,
-            jax.random.PRNGKey(3),
-            samples=setup.cfg.eval.samples,
-        )
-        out |= {f"{k}@{s}": v for k, v in meter.items()}
-    return out
-
-
-def calibration(setup: Setup, params: dict, ev: Evaluation) -> dict[str, Any]:
-    """Predictive NLL, coverage and width of central intervals, PIT, and (sine/line family) mode
-    coverage, for each test-time step count, over the tasks that did not diverge (their count is
-    `diverged_tasks`); needs eval.samples >= 2 and a Gaussian likelihood."""
-    cfg = setup.cfg
-    if cfg.eval.samples < 2 or not isinstance(setup.likelihood, Gaussian):
-        return {}
-    y = jnp.asarray(ev.tasks.y_query)
-    out: dict[str, Any] = {}
-    for s in cfg.eval.inner_steps:
-        keep = ~ev.diverged(s)  # a diverged task's interval would dominate every mean
-        if not keep.any():  # every task diverged: the metrics say so; nothing to calibrate
-            continue
-        draws = {k: jnp.asarray(v)[:, keep] for k, v in ev.draws[s].items()}
-        f, y_draws = draws["f"], draws["y"]
-        noise_sd = setup.eval_method.likelihood.at(params, draws).sd  # learned, or per draw and point
-        tie_key = jax.random.fold_in(jax.random.PRNGKey(8), s)  # the randomized PIT's uniform draws
-        u = pit(y_draws, y[keep], tie_key)
-        entry = {
-            "nll": float(jnp.mean(mixture_nll(f, noise_sd, y[keep]))),
-            "mse": float(jnp.mean(jnp.square(jnp.mean(f, 0) - y[keep]))),
-            "coverage": {str(k): v for k, v in coverage(y_draws, y[keep]).items()},
-            "width": {str(k): v for k, v in interval_width(y_draws).items()},
-            "pit": np.asarray(u).ravel().tolist(),
-            "pit_ks": pit_ks(u),
-            "diverged_tasks": int((~keep).sum()),
-        }
-        fam = setup.eval_family
-        if isinstance(fam, Hypotheses) and isinstance(fam, DenseGrid):  # do draws cover every hypothesis?
-            n = min(cfg.eval.memorization_tasks or 100, ev.tasks.x_support.shape[0])
-            sub = jax.tree.map(lambda a, n=n: jnp.asarray(a[:n]), ev.tasks)
-            x = fam.grid(sub.info, 100)
-            fg = predictive(setup.eval_method, s, cfg.eval.samples, ("f",), cfg.eval.blown_up_draws)(
-                params, sub._replace(x_query=x, y_query=None), jax.random.PRNGKey(6)
-            )["f"][..., 0]
-            kinds = fam.hypothesis(fg, x[0, :, 0])  # (S, T)
-            both = np.asarray(
-                jnp.all(jnp.stack([jnp.any(kinds == h, 0) for h in range(fam.n_hypotheses)]), 0)
-            )
-            amb = np.asarray(fam.ambiguous(sub))
-            entry["mode_coverage"] = float(both.mean())
-            entry["mode_coverage_ambiguous"] = float(both[amb].mean()) if amb.any() else None
-            entry["ambiguous_tasks"] = int(amb.sum())
-        if isinstance(setup.eval_family, ExactPredictive):
-            entry["exact"] = exact = exact_calibration(
-                setup.eval_family, jax.tree.map(lambda a, k=keep: a[k], ev.tasks)
-            )
-            entry["vs_exact"] = {
-                "mse_ratio": entry["mse"] / exact["mse"],
-                "nll_gap": entry["nll"] - exact["nll"],
-            }
-        out[str(s)] = entry
-    return out
-
-
-def reliability(setup: Setup, ev: Evaluation) -> dict[str, Any]:
-    """Classification calibration per test-time step count, over the tasks that did not diverge: ECE of
-    the predictive class probabilities (mean over draws) in 15 equal-width confidence bins, with the
-    reliability diagram's bins, the accuracy and the NLL of the same probabilities."""
-    if not isinstance(setup.likelihood, Categorical):
-        return {}
-    out: dict[str, Any] = {}
-    for s in setup.cfg.eval.inner_steps:
-        keep = ~ev.diverged(s)
-        if not keep.any():
-            continue
-        probs = np.mean(ev.draws[s]["f"], axis=0)[keep]
-        y = np.asarray(ev.tasks.y_query)[keep]
-        ece, diagram = expected_calibration_error(probs, y)
-        p_true = np.take_along_axis(probs, y[..., None].astype(int), -1)[..., 0]
-        out[str(s)] = {
-            "ece": ece,
-            "accuracy": float(np.mean(probs.argmax(-1) == y)),
-            "nll": float(-np.mean(np.log(np.clip(p_true, 1e-12, None)))),
-            "diagram": {k: np.asarray(v).tolist() for k, v in diagram.items()},
-            "diverged_tasks": int((~keep).sum()),
-        }
-    return out
-
-
 def log_likelihood(setup: Setup, params: dict, ev: Evaluation) -> dict[int, np.ndarray]:
     """Pointwise log p(y_query | f) (S, T, n) of every predictive draw, per test-time step count, under
     the method's likelihood at the fitted parameters and the draws (a learned or per-point noise sd)."""
@@ -363,64 +236,6 @@ def log_likelihood(setup: Setup, params: dict, ev: Evaluation) -> dict[int, np.n
         draws = {k: jnp.asarray(v) for k, v in d.items()}
         out[s] = np.asarray(lik.at(params, draws).log_prob(draws["f"], y))
     return out
-
-
-def exact_calibration(family: Any, tasks: Any) -> dict[str, Any]:
-    """NLL, MSE of the mean, coverage and width of the family's exact posterior predictive on the same
-    tasks."""
-    batch = jax.tree.map(jnp.asarray, tasks)
-    mean, sd = family.exact_predictive(batch)
-    y = batch.y_query
-    z = {level: float(jax.scipy.stats.norm.ppf((1 + level) / 2)) for level in LEVELS}
-    return {
-        "nll": float(-jnp.mean(jax.scipy.stats.norm.logpdf(y, mean, sd))),
-        "mse": float(jnp.mean(jnp.square(mean - y))),
-        "coverage": {str(k): float(jnp.mean(jnp.abs(y - mean) <= v * sd)) for k, v in z.items()},
-        "width": {str(k): float(jnp.mean(2 * v * sd)) for k, v in z.items()},
-    }
-
-
-def training_steps(steps: int, meta_batch: int, max_tasks: int, key: jax.Array) -> np.ndarray:
-    """The training steps whose meta-batches the bound's empirical term is computed on: all of them
-    when steps * meta_batch <= max_tasks, else a uniform sample without replacement."""
-    m = min(steps, max(1, max_tasks // meta_batch))
-    if m == steps:
-        return np.arange(steps)
-    return np.sort(np.asarray(jax.random.choice(key, steps, (m,), replace=False)))
-
-
-def bound(setup: Setup, params: dict) -> Bound | None:
-    """Theorem 1 of Yin et al. for methods with stochastic meta-parameters. The empirical error is the
-    Gibbs risk on the tasks the fit saw (regenerated from the training step keys; a uniform sample of
-    them when there are more than eval.bound_tasks): the 0-1 error for classifiers, the clipped
-    squared error min((y - f)^2 / clip, 1) for regression."""
-    cfg = setup.cfg
-    if setup.method.kl is None:
-        return None
-    _, data_key = run_keys(cfg.seed)
-    steps = training_steps(cfg.train.steps, cfg.train.meta_batch, cfg.eval.bound_tasks, jax.random.PRNGKey(4))
-    run = predictive(setup.method, cfg.model.inner_steps, cfg.eval.samples, ("f",))
-    chunk = max(1, cfg.eval.batch // cfg.train.meta_batch)
-    categorical = isinstance(setup.likelihood, Categorical)
-    clip = 1.0 if categorical else cfg.eval.bound_clip
-    errors = []
-    for i in range(0, len(steps), chunk):
-        tasks = jax.vmap(lambda s: step_tasks(setup.family, data_key, s, cfg.train.meta_batch))(
-            jnp.asarray(steps[i : i + chunk])
-        )
-        tasks = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), tasks)
-        f = run(params, tasks, jax.random.fold_in(jax.random.PRNGKey(5), i))["f"]
-        if categorical:
-            err = jnp.argmax(f, -1) != tasks.y_query[None]
-        else:
-            err = clipped_squared_error(f, tasks.y_query[None], clip)
-        errors.append(np.asarray(jnp.mean(err, axis=tuple(a for a in range(err.ndim) if a != 1))))
-    n = cfg.train.steps * cfg.train.meta_batch
-    k = query_points(setup.family)
-    kl = float(setup.method.kl(params))
-    return pac_bayes_bound(
-        np.concatenate(errors), kl, n, k, cfg.eval.bound_delta, clip, setup.method.kl_weight
-    )
 
 
 def finish(setup: Setup, run_dir: Path, result: FitResult, progress: bool = True) -> dict:
@@ -441,10 +256,7 @@ def finish(setup: Setup, run_dir: Path, result: FitResult, progress: bool = True
         blown_up=cfg.eval.blown_up_draws,
     )
     grid = grid_predictions(setup, result.params, ev.tasks)
-    diagnostics = memorization(setup, result.params, ev.tasks)
-    calib = calibration(setup, result.params, ev)
-    reliable = reliability(setup, ev)
-    pac = bound(setup, result.params)
+    results = compute_sections(Evaluated(setup, result.params, ev, result))
     eval_seconds = time.perf_counter() - t0
     loss = np.asarray(result.trace.loss)
     metrics = {
@@ -460,16 +272,11 @@ def finish(setup: Setup, run_dir: Path, result: FitResult, progress: bool = True
         "eval_tasks": cfg.eval.tasks,
         "final_loss": float(loss[-100:].mean()),
         "metrics": ev.summary(),
-        "diagnostics": diagnostics,
-        "pac_bayes": pac.as_dict() if pac else None,
-        "calibration": calib,
-        "reliability": reliable,
+        **dump_sections(results),
     }
     if result.trace.eval_step:  # the held-out metric during training: {name: {step: value}}
         steps = [str(s) for s in result.trace.eval_step]
         metrics["history"] = {k: dict(zip(steps, v, strict=True)) for k, v in result.trace.eval.items()}
-    if result.trace.diagnostics_step:
-        metrics["landscape"] = landscape_summary(result.trace.diagnostics_step, result.trace.diagnostics)
     attrs = {
         "method": setup.method.name,
         "family": cfg.task.family,
@@ -478,8 +285,7 @@ def finish(setup: Setup, run_dir: Path, result: FitResult, progress: bool = True
         "inference": "SVI: the stochastic meta-parameters' variational posterior is drawn in posterior, "
         "the meta-parameters held in numpyro.param are in point_estimates",
     }
-    if pac:
-        attrs["pac_bayes"] = pac_text(pac.as_dict())
+    groups, section_attrs = tree_contributions(results)
     dt = build_datatree(
         posterior=posterior_draws(setup, result.params, batches[0]),
         point_estimates={k: np.asarray(v) for k, v in result.params.items()},
@@ -488,9 +294,9 @@ def finish(setup: Setup, run_dir: Path, result: FitResult, progress: bool = True
         tasks=ev.tasks,
         grid=grid,
         trace=result.trace,
-        attrs=attrs,
+        attrs=attrs | section_attrs,
         inner_steps=list(cfg.eval.inner_steps),
-        pac_bayes=pac.as_dict() if pac else None,
+        groups=groups,
     )
 
     def write(stage: Path) -> None:

@@ -160,11 +160,11 @@ def test_pit_ks_is_the_kolmogorov_smirnov_distance_from_uniform():
 
 
 def test_exact_calibration_reports_the_exact_mean_squared_error():
-    from bayesmeta.run import exact_calibration
+    from bayesmeta.sections import exact_calibration
 
     fam = make_family(registry.load_config(None, ["task.family='basis_regression'", "task.shots=5"]).task)
     batch = fam.sample(jax.random.PRNGKey(3), 4000)
     _, sd = fam.exact_predictive(batch)
     out = exact_calibration(fam, batch)
     # the exact predictive's MSE is its mean variance (up to sampling): E (y - mean)^2 = E sd^2
-    assert out["mse"] == pytest.approx(float(jnp.mean(jnp.square(sd))), rel=0.03)
+    assert out.mse == pytest.approx(float(jnp.mean(jnp.square(sd))), rel=0.03)

@@ -203,9 +203,11 @@ def test_landscape_summary_writes_null_for_non_finite_values():
     """A diverged held-out task (inf) must not make metrics.json invalid JSON."""
     import json
 
-    from bayesmeta.report import landscape_summary
+    from bayesmeta.sections import landscape_summary
 
-    out = landscape_summary([1, 2, 3], {"flatness": [1.0, float("inf"), 2.0], "test_mse@1": [3.0, 2.0, 1.0]})
+    out = landscape_summary(
+        [1, 2, 3], {"flatness": [1.0, float("inf"), 2.0], "test_mse@1": [3.0, 2.0, 1.0]}
+    ).dump()
     assert out["values"]["flatness"] == [1.0, None, 2.0] and out["final"]["flatness"] == 2.0
     assert out["correlation"]["flatness"] is None
     json.dumps(out, allow_nan=False)

@@ -24,6 +24,7 @@ from bayesmeta.fit import fresh_adam
 from bayesmeta.likelihoods import Gaussian
 from bayesmeta.method import Method, no_guide
 from bayesmeta.registry import build_method, make_family
+from bayesmeta.sections import bound
 from bayesmeta.sites import SD_FLOOR, observe, posterior_sd
 
 BETA0 = 1e-9  # numpyro.handlers.scale needs a positive scale, so the baseline is a negligible beta
@@ -316,7 +317,7 @@ def test_the_bound_is_computed_on_the_tasks_the_fit_saw(small_cfg):
     )
     setup = run.Setup.from_config(cfg)
     svi_params = run.fit(setup.method, setup.family, cfg.train, seed=3, progress=False).params
-    b = run.bound(setup, svi_params)
+    b = bound(setup, svi_params)
     assert b.empirical_tasks == b.n == 18 and b.empirical_error_se == 0.0
     _, key = run_keys(3)
     tasks = [step_tasks(setup.family, key, s, 3) for s in range(6)]  # eval.batch 20: one chunk of 6 steps
