@@ -54,8 +54,16 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--distributed",
         action="store_true",
-        help="call jax.distributed.initialize() first (multi-host; see docs/getting-started.md)",
+        help="train as one process of a multi-process run on JAX's distributed runtime (process 0 writes "
+        "the run folder; see docs/getting-started.md)",
     )
+    f.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="with --distributed: process 0's address (default: JAX_COORDINATOR_ADDRESS or the cluster's)",
+    )
+    f.add_argument("--num-processes", type=int, help="with --distributed: processes in the run")
+    f.add_argument("--process-id", type=int, help="with --distributed: this process's index, 0..N-1")
     e = sub.add_parser("evaluate", help="re-evaluate a run from its checkpoint and rewrite its report")
     e.add_argument("run_dir", type=Path)
     e.add_argument(
@@ -104,16 +112,24 @@ def _fit(args: argparse.Namespace) -> int:
     from bayesmeta import registry, run
 
     if args.distributed:
-        import jax
+        from bayesmeta.distributed import initialize
 
-        jax.distributed.initialize()  # coordinator, process count and id from the environment
+        initialize(args.coordinator, args.num_processes, args.process_id)
+    elif args.coordinator or args.num_processes is not None or args.process_id is not None:
+        print(
+            "bayesmeta: error: --coordinator, --num-processes and --process-id need --distributed",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    from bayesmeta.distributed import is_primary
+
     cfg_path = args.config
     if cfg_path is None and args.resume and args.run_dir is not None:
         cfg_path = args.run_dir / "config.toml"
     cfg = registry.load_config(cfg_path, args.set)
     run_dir = args.run_dir or run.default_run_dir(cfg)
     found = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if found and not (args.resume or args.force):
+    if found and not (args.resume or args.force) and is_primary():
         print(
             f"bayesmeta: error: {run_dir} already holds a run ({found[0]} exists); pass --resume to "
             "continue it or --force to start over (which deletes it)",

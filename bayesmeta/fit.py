@@ -26,6 +26,7 @@ from numpyro.infer.svi import SVIState
 from tqdm.auto import tqdm
 
 from bayesmeta.config import ConfigError, TrainConfig
+from bayesmeta.distributed import to_host
 from bayesmeta.io import atomic_write
 from bayesmeta.method import Method
 from bayesmeta.pcgrad import pcgrad
@@ -297,6 +298,7 @@ def fit(
     diagnose: Callable[[dict], dict[str, float]] | None = None,
     progress: bool = True,
     desc: str = "fit",
+    save: bool = True,
 ) -> FitResult:
     """Meta-train `method` on tasks from `family` by SVI for cfg.steps steps (or up to `until`).
 
@@ -305,7 +307,9 @@ def fit(
     A non-finite loss or parameter raises NonFiniteError naming the step, after saving the last good
     state. `evaluate(params) -> metrics` runs every cfg.eval_every steps, `diagnose(params) -> values`
     every cfg.diagnostics_every steps (when > 0), both also at the last step. Without a progress bar,
-    one line goes to the logger "bayesmeta" every cfg.eval_every steps and at the end.
+    one line goes to the logger "bayesmeta" every cfg.eval_every steps and at the end. With `save`
+    false (every process but the first of a multi-process run) nothing is written; `resume` still reads
+    run_dir's checkpoint. The returned state is this process's copy.
     """
     run_dir = Path(run_dir) if run_dir is not None else None
     svi = make_svi(method, cfg, seed)
@@ -336,13 +340,13 @@ def fit(
         while step < total:
             n = min(cfg.log_every - step % cfg.log_every, total - step)
             new_state, losses, finite = chunk(state, jnp.asarray(step), n)
-            losses = np.asarray(losses)
-            if not (np.all(np.isfinite(losses)) and bool(finite)):
+            losses, finite = np.asarray(to_host(losses)), bool(to_host(finite))
+            if not (np.all(np.isfinite(losses)) and finite):
                 bad = int(np.argmin(np.isfinite(losses))) if not np.all(np.isfinite(losses)) else n - 1
                 where = "nowhere (no run directory)"
-                if run_dir is not None:
+                if run_dir is not None and save:
                     trace.seconds = time.perf_counter() - t0
-                    save_checkpoint(run_dir, state, step, trace)
+                    save_checkpoint(run_dir, to_host(state), step, trace)
                     where = str(run_dir / CHECKPOINT)
                     last_saved = step
                 raise NonFiniteError(
@@ -353,7 +357,7 @@ def fit(
             trace.loss.extend(losses.tolist())
             postfix["loss"] = f"{losses.mean():.4g}"
             if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-                metrics = evaluate(svi.get_params(state))
+                metrics = evaluate(to_host(svi.get_params(state)))
                 trace.add_eval(step, metrics)
                 postfix.update({k: f"{v:.4g}" for k, v in metrics.items()})
             if (
@@ -361,7 +365,7 @@ def fit(
                 and cfg.diagnostics_every
                 and (step % cfg.diagnostics_every == 0 or step == cfg.steps)
             ):
-                trace.add_diagnostics(step, diagnose(svi.get_params(state)))
+                trace.add_diagnostics(step, diagnose(to_host(svi.get_params(state))))
             bar.set_postfix(postfix, refresh=False)
             bar.update(n)
             if not progress and (step % cfg.eval_every == 0 or step == total):
@@ -373,16 +377,17 @@ def fit(
                     ", ".join(f"{k} {v}" for k, v in postfix.items()),
                     time.perf_counter() - t0,
                 )
-            if run_dir is not None and (step % cfg.checkpoint_every == 0 or step == total):
+            if run_dir is not None and save and (step % cfg.checkpoint_every == 0 or step == total):
                 trace.seconds = time.perf_counter() - t0
-                save_checkpoint(run_dir, state, step, trace)
+                save_checkpoint(run_dir, to_host(state), step, trace)
                 last_saved = step
     except KeyboardInterrupt:
-        if run_dir is not None and step > last_saved:
+        if run_dir is not None and save and step > last_saved:
             trace.seconds = time.perf_counter() - t0
-            save_checkpoint(run_dir, state, step, trace)
+            save_checkpoint(run_dir, to_host(state), step, trace)
         raise
     finally:
         bar.close()
     trace.seconds = time.perf_counter() - t0
+    state = to_host(state)
     return FitResult(params=svi.get_params(state), state=state, step=step, trace=trace)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from numpyro.infer import Predictive
 from bayesmeta import config as config_mod
 from bayesmeta.config import Config
 from bayesmeta.diagnostics.landscape import landscape_metrics
+from bayesmeta.distributed import is_primary
 from bayesmeta.fit import (
     CHECKPOINT,
     FitResult,
@@ -137,7 +139,8 @@ def train(
     until: int | None = None,
     progress: bool = True,
 ) -> tuple[FitResult, dict | None]:
-    """Fit the configured method; when the run completes, evaluate it and write the run folder.
+    """Fit the configured method; when the run completes, evaluate it and write the run folder (in a
+    multi-process run, process 0 does both and the others return no metrics).
 
     Holds the folder's lock throughout, and changes nothing in it until the config has built a model
     whose initial state (and, on resume, checkpoint) is valid; a fresh start first removes the
@@ -148,12 +151,14 @@ def train(
         make_svi(setup.method, cfg.train, cfg.seed), setup.family, cfg.train, cfg.seed, shapes_only=True
     )
     task_mesh(cfg.train.devices)
-    with run_lock(run_dir, "bayesmeta fit"):
+    primary = is_primary()  # of a multi-process run, only process 0 writes the folder and evaluates
+    with run_lock(run_dir, "bayesmeta fit") if primary else contextlib.nullcontext():
         if resume:
             load_checkpoint(run_dir, template)
-        else:
+        elif primary:
             clear_run(run_dir)
-        write_text(run_dir / "config.toml", config_mod.dumps(cfg))
+        if primary:
+            write_text(run_dir / "config.toml", config_mod.dumps(cfg))
         monitor = setup.eval_family.sample(jax.random.fold_in(setup.eval_key, 10**6), cfg.train.eval_tasks)
         metric = quick_metric(setup.eval_method, setup.likelihood, monitor, max(cfg.eval.inner_steps))
         result = fit(
@@ -166,10 +171,11 @@ def train(
             until=until,
             evaluate=metric,
             diagnose=landscape_monitor(setup, metric) if cfg.train.diagnostics_every else None,
-            progress=progress,
+            progress=progress and primary,
             desc=cfg.name,
+            save=primary,
         )
-        if result.step < cfg.train.steps:
+        if result.step < cfg.train.steps or not primary:
             return result, None
         return result, finish(setup, run_dir, result, progress=progress)
 
