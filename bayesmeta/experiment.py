@@ -683,3 +683,32 @@ def plot_curves(outcomes: list[Outcome], metric: str, path: Path, logy: bool = T
     ax.set(xlabel="meta-training step", ylabel=f"held-out {metric}", yscale="log" if logy else "linear")
     ax.legend(fontsize=7)
     return save_fig(fig, path)
+
+
+def plot_reliability_grid(outcomes: list[Outcome], steps: int, path: Path) -> Path:
+    """One reliability diagram per method (its first seed's run; metrics.json reliability entry at
+    `steps` test-time steps): accuracy against confidence per bin, with the run's ECE in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bayesmeta.report import save_fig
+
+    first: dict[str, Outcome] = {}
+    for o in outcomes:
+        if o.metrics is not None and str(steps) in (o.metrics.get("reliability") or {}):
+            first.setdefault(o.cell.method, o)
+    fig, axes = plt.subplots(1, max(1, len(first)), figsize=(3.2 * max(1, len(first)), 3.3), squeeze=False)
+    for ax, (method, o) in zip(axes[0], first.items(), strict=False):
+        e = o.metrics["reliability"][str(steps)]
+        edges, count = np.asarray(e["diagram"]["edges"]), np.asarray(e["diagram"]["count"])
+        used = count > 0
+        acc = np.asarray(e["diagram"]["accuracy"], dtype=float)[used]
+        ax.bar(edges[:-1][used], acc, width=np.diff(edges)[used], align="edge", edgecolor="k", alpha=0.7)
+        ax.plot([0, 1], [0, 1], color="0.5", ls="--")
+        ax.set(title=f"{method}\nECE {e['ece']:.3f} (seed {o.cell.seed})", xlim=(0, 1), ylim=(0, 1))
+        ax.set_xlabel("confidence")
+    axes[0][0].set_ylabel("accuracy")
+    fig.tight_layout()
+    return save_fig(fig, path)

@@ -68,3 +68,17 @@ def test_a_curve_is_flat_only_when_its_last_quarter_stops_changing(tmp_path):
     table = curve_table(outs, "mse@5")
     assert "| still falling |" in table and "| flat |" in table
     assert plot_curves(outs, "mse@5", tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_the_reliability_grid_draws_each_methods_first_seed(tmp_path):
+    from bayesmeta.experiment import Outcome, plot_reliability_grid
+
+    diagram = {"edges": [0.0, 0.5, 1.0], "count": [0, 4], "accuracy": [0.0, 0.75], "confidence": [0.0, 0.8]}
+    entry = {"reliability": {"5": {"ece": 0.05, "diagram": diagram}}}
+    outcomes = [
+        Outcome(Cell("A", "s", 1), entry, 1.0),
+        Outcome(Cell("A", "s", 0), {"reliability": {}}, 1.0),  # no entry at 5 steps: skipped
+        Outcome(Cell("B", "s", 0), None, 1.0, error="diverged"),  # failed: skipped
+    ]
+    path = plot_reliability_grid(outcomes, 5, tmp_path / "r.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
