@@ -2,6 +2,11 @@
 
 Parameters are nested dicts {layer_name: {leaf: array}} whose last layer is always "head", so an inner
 loop can adapt "all" layers or the "head" only; the MLP and the conv net share that shape.
+
+Both take an optional FiLM conditioning (Perez et al. 2018) in `features`: per hidden layer (MLP) or conv
+block (Conv4) a pair (gamma, beta) of `film_widths` entries, applied as gamma * h + beta to the layer's
+pre-activation (after batch norm in a block); None leaves the layer as it is, and gamma = 1, beta = 0 is
+the identity. A method that conditions the network on a task (TADAM's task embedding) builds the pairs.
 """
 
 from __future__ import annotations
@@ -27,6 +32,38 @@ def dense(layer: dict[str, jax.Array], x: jax.Array) -> jax.Array:
     return x @ layer["w"] + layer["b"]
 
 
+Film = tuple[tuple[jax.Array, jax.Array], ...] | None
+"""FiLM parameters of a network: one (gamma, beta) pair per modulated layer, or None (no modulation)."""
+
+
+def film(h: jax.Array, pair: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+    """Feature-wise linear modulation gamma * h + beta over the last (channel) axis; None is the identity."""
+    return h if pair is None else h * pair[0] + pair[1]
+
+
+def lstm_init(key: jax.Array, n_in: int, n_state: int, n_hidden: int) -> dict[str, jax.Array]:
+    """An LSTM cell reading inputs (n_in) and a recurrent state (n_state, usually n_hidden): Glorot-normal
+    kernels of the four gates (input, forget, cell, output), zero bias except forget-gate bias 1."""
+    kx, kh = jax.random.split(key)
+    glorot = jax.nn.initializers.glorot_normal()
+    b = jnp.zeros((4 * n_hidden,), jnp.float32).at[n_hidden : 2 * n_hidden].set(1.0)
+    return {
+        "wx": glorot(kx, (n_in, 4 * n_hidden), jnp.float32),
+        "wh": glorot(kh, (n_state, 4 * n_hidden), jnp.float32),
+        "b": b,
+    }
+
+
+def lstm_cell(
+    p: dict[str, jax.Array], x: jax.Array, state: jax.Array, c: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """One LSTM step (Hochreiter & Schmidhuber 1997): gates i, f, g, o = split(x Wx + state Wh + b),
+    c' = sigmoid(f) c + sigmoid(i) tanh(g), h' = sigmoid(o) tanh(c'); returns (h', c')."""
+    i, f, g, o = jnp.split(x @ p["wx"] + state @ p["wh"] + p["b"], 4, axis=-1)
+    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    return jax.nn.sigmoid(o) * jnp.tanh(c), c
+
+
 @dataclass(frozen=True)
 class MLP:
     """x (n, in_dim) -> hidden ReLU layers -> linear head (n, out_dim)."""
@@ -48,11 +85,16 @@ class MLP:
             for name, k, a, b in zip(self.layer_names, keys, sizes[:-1], sizes[1:], strict=True)
         }
 
-    def features(self, params: dict, x: jax.Array) -> jax.Array:
-        """The representation fed to the head."""
+    @property
+    def film_widths(self) -> tuple[int, ...]:
+        """Widths of the layers `features` can modulate (FiLM): the hidden layers."""
+        return tuple(self.hidden)
+
+    def features(self, params: dict, x: jax.Array, film_params: Film = None) -> jax.Array:
+        """The representation fed to the head; hidden layer i is act(film_i(W x + b)) (module docstring)."""
         act = ACTIVATIONS[self.activation]
-        for name in self.layer_names[:-1]:
-            x = act(dense(params[name], x))
+        for i, name in enumerate(self.layer_names[:-1]):
+            x = act(film(dense(params[name], x), None if film_params is None else film_params[i]))
         return x
 
     def apply(self, params: dict, x: jax.Array) -> jax.Array:
@@ -140,18 +182,26 @@ class Conv4:
     def stride(self) -> int:
         return 2 if self.downsample == "stride" else 1
 
-    def block(self, p: dict, h: jax.Array) -> jax.Array:
-        """One block on images h (n, h, w, c): 3x3 conv, transductive batch norm, ReLU, downsampling."""
-        h = jax.nn.relu(batch_norm(CONVOLUTIONS[self.conv](h, p["w"], self.stride), p["scale"], p["offset"]))
+    @property
+    def film_widths(self) -> tuple[int, ...]:
+        """Channels of the blocks `features` can modulate (FiLM)."""
+        return (self.filters,) * self.blocks
+
+    def block(self, p: dict, h: jax.Array, pair: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        """One block on images h (n, h, w, c): 3x3 conv, transductive batch norm, FiLM (gamma, beta per
+        channel; none by default), ReLU, downsampling."""
+        h = batch_norm(CONVOLUTIONS[self.conv](h, p["w"], self.stride), p["scale"], p["offset"])
+        h = jax.nn.relu(film(h, pair))
         if self.downsample == "maxpool":
             h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "SAME")
         return h
 
-    def features(self, params: dict, x: jax.Array) -> jax.Array:
-        """The (n, filters) representation fed to the head, for one set x (n, s*s)."""
+    def features(self, params: dict, x: jax.Array, film_params: Film = None) -> jax.Array:
+        """The (n, filters) representation fed to the head, for one set x (n, s*s); block i modulated
+        by film_params[i] when given (module docstring)."""
         h = x.reshape(x.shape[0], self.side, self.side, 1)
         for i in range(self.blocks):
-            h = self.block(params[f"block_{i}"], h)
+            h = self.block(params[f"block_{i}"], h, None if film_params is None else film_params[i])
         return jnp.mean(h, axis=(1, 2))
 
     def apply(self, params: dict, x: jax.Array) -> jax.Array:

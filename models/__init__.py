@@ -7,11 +7,14 @@ from bayesmeta.models import (
     l2f,
     llama,
     maml,
+    matching,
     mr_maml,
     neural_prior,
     neural_process,
     platipus,
     protonet,
+    siamese,
+    tadam,
     versa,
 )
 
@@ -31,6 +34,9 @@ METHODS = {
     "neural_prior": neural_prior.NeuralPrior,
     "l2f": l2f.L2F,
     "protonet": protonet.ProtoNet,
+    "tadam": tadam.TADAM,
+    "matching": matching.MatchingNetworks,
+    "siamese": siamese.Siamese,
     "finetune": baselines.FineTune,
     "nearest": baselines.NearestNeighbour,
 }

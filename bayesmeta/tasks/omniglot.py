@@ -6,6 +6,13 @@ full source meta-trains on the background set and tests on the evaluation set. A
 and, per class, K support and Q query drawers without replacement, so no query image is in the
 support set. Labels are either shuffled per task ("standard") or fixed per class ("nme": each training
 class keeps one label in 0..N-1 across tasks, so a network can memorize them, Yin et al. 2020).
+
+`distort` augments the meta-training split with Koch et al.'s (2015) random affine distortions, drawn
+per image on device: rotation theta in [-10, 10] degrees, shears rho_x, rho_y in [-0.3, 0.3], scales
+s_x, s_y in [0.8, 1.2] and translations t_x, t_y in [-2, 2] pixels of their 105-pixel images (scaled to
+image_size), each component included with probability 1/2; images are resampled bilinearly about their
+centre with blank ink outside. The held-out split (split = "test") is never distorted, so an [eval.task]
+that inherits the option still tests on the original images.
 """
 
 from __future__ import annotations
@@ -24,12 +31,63 @@ from bayesmeta.tasks.episodes import device, episode, pick_classes
 
 DRAWERS = 20  # every Omniglot character is drawn by 20 people
 NME_SEED = 0  # the fixed class-to-label assignment of the nme regime
+ARCHIVE_SIDE = 105  # the archives' image side, in whose pixels Koch et al. give their translations
+DISTORTIONS = {"rotation": 10.0, "shear": 0.3, "scale": (0.8, 1.2), "translation": 2.0, "p": 0.5}
+"""Koch et al. (2015): theta in [-10, 10] degrees, rho in [-0.3, 0.3], s in [0.8, 1.2], t in [-2, 2]
+pixels (at 105 x 105), each component of the transformation included with probability 0.5."""
 
 
 def rotate(images: jax.Array, k: jax.Array) -> jax.Array:
     """images (..., s, s) rotated by k (...) quarter turns counter-clockwise, k traced."""
     turns = jnp.stack([jnp.rot90(images, i, axes=(-2, -1)) for i in range(4)])
     return jnp.take_along_axis(turns, k[None, ..., None, None], 0)[0]
+
+
+def affine_matrix(theta: jax.Array, rho: jax.Array, scale: jax.Array) -> jax.Array:
+    """A = R(theta) [[1, rho_x], [rho_y, 1]] diag(s_x, s_y) in (row, column) coordinates: rotation by
+    theta radians, shear rho (2,), scale (2,); leading axes are broadcast: (..., 2, 2)."""
+    c, s = jnp.cos(theta), jnp.sin(theta)
+    rot = jnp.stack([jnp.stack([c, -s], -1), jnp.stack([s, c], -1)], -2)
+    one = jnp.ones_like(rho[..., 0])
+    shear = jnp.stack([jnp.stack([one, rho[..., 0]], -1), jnp.stack([rho[..., 1], one], -1)], -2)
+    return rot @ shear @ (scale[..., None, :] * jnp.eye(2))
+
+
+def warp(image: jax.Array, a: jax.Array, t: jax.Array) -> jax.Array:
+    """The image (s, s) moved by p -> A (p - centre) + centre + t (pixel coordinates (row, column)):
+    out(p) = image(A^-1 (p - centre - t) + centre), bilinear, 0 outside the image."""
+    side = image.shape[-1]
+    centre = (side - 1) / 2.0
+    grid = jnp.stack(jnp.meshgrid(jnp.arange(side), jnp.arange(side), indexing="ij"), 0).astype(image.dtype)
+    src = jnp.einsum("ij,jhw->ihw", jnp.linalg.inv(a), grid - centre - t[:, None, None]) + centre
+    return jax.scipy.ndimage.map_coordinates(image, [src[0], src[1]], order=1, mode="constant", cval=0.0)
+
+
+def random_affine(key: jax.Array, shape: tuple[int, ...], side: int) -> tuple[jax.Array, jax.Array]:
+    """Koch et al.'s random distortion (DISTORTIONS) for `shape` images of `side` pixels: matrices
+    (*shape, 2, 2) and translations (*shape, 2) in pixels; each of the four components (rotation,
+    shear, scale, translation) is drawn with probability p, else the identity."""
+    d = DISTORTIONS
+    k = jax.random.split(key, 5)
+    on = jax.random.bernoulli(k[0], d["p"], (4, *shape))
+    theta = jnp.deg2rad(jax.random.uniform(k[1], shape, minval=-d["rotation"], maxval=d["rotation"]))
+    rho = jax.random.uniform(k[2], (*shape, 2), minval=-d["shear"], maxval=d["shear"])
+    scale = jax.random.uniform(k[3], (*shape, 2), minval=d["scale"][0], maxval=d["scale"][1])
+    shift = d["translation"] * side / ARCHIVE_SIDE
+    t = jax.random.uniform(k[4], (*shape, 2), minval=-shift, maxval=shift)
+    a = affine_matrix(
+        jnp.where(on[0], theta, 0.0),
+        jnp.where(on[1][..., None], rho, 0.0),
+        jnp.where(on[2][..., None], scale, 1.0),
+    )
+    return a, jnp.where(on[3][..., None], t, 0.0)
+
+
+def distort(key: jax.Array, images: jax.Array) -> jax.Array:
+    """Every image of images (..., s, s) under its own random affine distortion (random_affine)."""
+    flat = images.reshape(-1, *images.shape[-2:])
+    a, t = random_affine(key, flat.shape[:1], images.shape[-1])
+    return jax.vmap(warp)(flat, a, t).reshape(images.shape)
 
 
 @dataclass(frozen=True)
@@ -48,6 +106,7 @@ class Omniglot:
         labels: str = opt("standard", choices=["standard", "nme"], doc="shuffled per task or fixed")
         rotations: bool = opt(True, doc="rotations by 90, 180, 270 degrees are extra classes")
         image_size: int = opt(28, ge=4, le=105, doc="images are resized to this side")
+        distort: bool = opt(False, doc="Koch et al.'s random affine distortions (train split only)")
         archives: str = opt("", doc="directory of the Omniglot zip files (else $BAYESMETA_OMNIGLOT_DIR)")
         data_dir: str = opt("", doc="TFDS data directory (else $BAYESMETA_DATA_DIR or TFDS's default)")
 
@@ -133,7 +192,10 @@ class Omniglot:
         order = jnp.argsort(jax.random.uniform(kd, (n_tasks, n, DRAWERS)), -1)[..., :per_class]
         index = self._pool[(classes // turns)[..., None], order]  # (T, N, K+Q)
         images = rotate(self._images[index], jnp.broadcast_to((classes % turns)[..., None], index.shape))
-        x = images.reshape(n_tasks, n, per_class, -1).astype(jnp.float32) / 255.0
+        images = images.astype(jnp.float32)
+        if p.distort and p.split == "train":
+            images = distort(jax.random.fold_in(key, 1), images)
+        x = images.reshape(n_tasks, n, per_class, -1) / 255.0
         return episode(x, self.shots, classes)
 
 

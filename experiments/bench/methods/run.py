@@ -5,7 +5,9 @@
 For each method: compile time of one scanned chunk of 200 SVI steps (tasks sampled on device), tasks
 per second (minimum time over repeats), and XLA's memory analysis of the compiled chunk. Settings
 follow each method's experiment: meta-batch 25, 5-shot sine/line tasks with 10 queries for the
-probabilistic methods; the NME sinusoid with meta-batch 25 for the meta-regularized ones.
+probabilistic methods; the NME sinusoid with meta-batch 25 for the meta-regularized ones; Omniglot
+5-way 1-shot (1 query per class, conv4 with 64 filters and max-pooling, the minimal background sets)
+for the metric learners, beside ProtoNet.
 
 The neural prior's NUTS reference is a cost of evaluation, not of training: its row times the ABML
 inner loop it trains with; `measure_nuts` times its test-time predictive separately (tasks per second
@@ -32,6 +34,16 @@ HERE = Path(__file__).parent
 CHUNK = 200
 AMB = ("task.family='sine_line'", "task.shots=5", "model.noise_sd=0.3", "model.inner_steps=5")
 NME = ("task.family='nme_sinusoid'",)
+OMNI = (
+    "task.family='omniglot'",
+    "model.likelihood='categorical'",
+    "task.params.ways=5",
+    "task.shots=1",
+    "task.queries=1",
+    "model.net.kind='conv4'",
+    "model.net.filters=64",
+    "model.net.downsample='maxpool'",
+)
 CASES = {
     "MAML (sinusoid, 10-shot, 1 step)": ("model.method='maml'",),
     "FOMAML (sinusoid, 10-shot, 1 step)": ("model.method='fomaml'",),
@@ -46,6 +58,15 @@ CASES = {
     "MR-MAML(A) (NME, 1 step)": (*NME, "model.method='mr_maml_a'"),
     "CNP (NME)": (*NME, "model.method='cnp'", "model.net.hidden=[100, 100]"),
     "MR-CNP(W) (NME)": (*NME, "model.method='mr_cnp_w'", "model.net.hidden=[100, 100]"),
+    "ProtoNet (Omniglot 5-way 1-shot)": (*OMNI, "model.method='protonet'"),
+    "TADAM (Omniglot 5-way 1-shot)": (*OMNI, "model.method='tadam'"),
+    "Matching networks (Omniglot 5-way 1-shot)": (*OMNI, "model.method='matching'"),
+    "Matching networks, FCE (Omniglot 5-way 1-shot)": (
+        *OMNI,
+        "model.method='matching'",
+        "model.params.fce=true",
+    ),
+    "Siamese network (Omniglot 5-way 1-shot)": (*OMNI, "model.method='siamese'"),
 }
 
 
