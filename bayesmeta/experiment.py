@@ -133,7 +133,8 @@ def evaluate_cell(cell: Cell, base: Path, out_dir: Path, progress: bool = True) 
 def _stats(metrics: dict[str, Any], name: str) -> dict[str, Any]:
     """A metric's summary over tasks ("accuracy@5"; "accuracy@max" at the largest test-time step
     count), or a run-level number in the same shape: a diagnostic by name, or any entry of
-    metrics.json by its path, e.g. "calibration/5/coverage/0.9"."""
+    metrics.json by its path, e.g. "calibration/5/coverage/0.9"; a path to a summary over tasks
+    (a group's metric, "groups/sine/mse@10") gives that summary."""
     if name.endswith("@max"):  # the metric at the run's largest test-time step count
         prefix = name[: -len("max")]
         steps = [int(k[len(prefix) :]) for k in metrics["metrics"] if k.startswith(prefix)]
@@ -144,6 +145,8 @@ def _stats(metrics: dict[str, Any], name: str) -> dict[str, Any]:
         v: Any = metrics
         for key in name.split("/"):
             v = v[key]
+        if isinstance(v, dict) and "mean" in v:  # a summary over tasks, e.g. "groups/sine/mse@10"
+            return v
     else:
         v = metrics["diagnostics"][name]
     return {"mean": v, "median": v, "n_diverged": 0, "n": 1, "dominated": False, "missing": v is None}
