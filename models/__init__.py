@@ -8,10 +8,13 @@ from bayesmeta.models import (
     llama,
     maml,
     mr_maml,
+    mtnet,
+    mumomaml,
     neural_prior,
     neural_process,
     platipus,
     protonet,
+    taml,
     versa,
 )
 
@@ -30,6 +33,9 @@ METHODS = {
     "versa": versa.VERSA,
     "neural_prior": neural_prior.NeuralPrior,
     "l2f": l2f.L2F,
+    "mtnet": mtnet.MTNet,
+    "mumomaml": mumomaml.MUMOMAML,
+    "taml": taml.TAML,
     "protonet": protonet.ProtoNet,
     "finetune": baselines.FineTune,
     "nearest": baselines.NearestNeighbour,
