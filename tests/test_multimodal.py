@@ -12,7 +12,7 @@ import pytest
 
 from bayesmeta import registry
 from bayesmeta.config import ConfigError
-from bayesmeta.experiment import _stats
+from bayesmeta.experiment import _stats, on_grid_line
 from bayesmeta.predict import Evaluation
 from bayesmeta.registry import make_family
 from bayesmeta.report import summary_markdown
@@ -154,3 +154,13 @@ def test_group_metrics_summarize_each_groups_tasks():
     assert section.load(json.loads(json.dumps(section.dump(out)))) == out
     text = summary_markdown(base, [], section.markdown(out))
     assert "## Per group of tasks" in text and "| quadratic_surface | 3 |" in text
+
+
+def test_only_support_points_on_the_plotted_line_are_drawn():
+    """The 1-D families' points (x2 = 1) lie on their grid; a surface's off-diagonal points do not."""
+    fam = _family()
+    grid = np.asarray(fam.grid({"family": np.array([1, 4])}, 200))
+    line = np.array([[-3.3, 1.0], [0.7, 1.0], [2.0, 1.5]])
+    np.testing.assert_array_equal(on_grid_line(line, grid[0]), [True, True, False])
+    surface = np.array([[-2.0, 3.0], [1.0, 1.0]])
+    np.testing.assert_array_equal(on_grid_line(surface, grid[1]), [False, True])

@@ -5,7 +5,8 @@
 For each method: compile time of one scanned chunk of 200 SVI steps (tasks sampled on device), tasks
 per second (minimum time over repeats), and XLA's memory analysis of the compiled chunk. Settings
 follow each method's experiment: meta-batch 25, 5-shot sine/line tasks with 10 queries for the
-probabilistic methods; the NME sinusoid with meta-batch 25 for the meta-regularized ones.
+probabilistic methods; the NME sinusoid with meta-batch 25 for the meta-regularized ones; ARML's 2-D
+multi-family regression (10-shot, 5 inner steps) for the task-structured learners.
 
 The neural prior's NUTS reference is a cost of evaluation, not of training: its row times the ABML
 inner loop it trains with; `measure_nuts` times its test-time predictive separately (tasks per second
@@ -32,6 +33,7 @@ HERE = Path(__file__).parent
 CHUNK = 200
 AMB = ("task.family='sine_line'", "task.shots=5", "model.noise_sd=0.3", "model.inner_steps=5")
 NME = ("task.family='nme_sinusoid'",)
+MM = ("task.family='multimodal'", "model.inner_steps=5", "model.inner_lr=0.001")
 CASES = {
     "MAML (sinusoid, 10-shot, 1 step)": ("model.method='maml'",),
     "FOMAML (sinusoid, 10-shot, 1 step)": ("model.method='fomaml'",),
@@ -44,6 +46,10 @@ CASES = {
     "Neural prior, ABML inner loop (sine/line, 5 steps)": (*AMB, "model.method='neural_prior'"),
     "MR-MAML(W) (NME, 1 step)": (*NME, "model.method='mr_maml_w'"),
     "MR-MAML(A) (NME, 1 step)": (*NME, "model.method='mr_maml_a'"),
+    "MAML (multimodal 2-D, 5 steps)": (*MM, "model.method='maml'"),
+    "MT-Net (multimodal 2-D, 5 steps)": (*MM, "model.method='mtnet'"),
+    "MUMOMAML, 2x40 BiLSTM (multimodal 2-D, 5 steps)": (*MM, "model.method='mumomaml'"),
+    "TAML, Theil (multimodal 2-D, 5 steps)": (*MM, "model.method='taml'"),
     "CNP (NME)": (*NME, "model.method='cnp'", "model.net.hidden=[100, 100]"),
     "MR-CNP(W) (NME)": (*NME, "model.method='mr_cnp_w'", "model.net.hidden=[100, 100]"),
 }
