@@ -694,14 +694,13 @@ def adapted_functions(
     out_dir: Path,
     panels: dict[str, tuple[str, ...]],
     inner_steps: int,
-    samples: int = 1,
     key: int = 0,
 ) -> dict[str, Any]:
     """Each method's adapted function on one task per panel: for each panel (a label and config
     overrides choosing its tasks, e.g. `eval.task.params.families=['sine']`) one task of the evaluation
     family drawn with PRNGKey(key), the same for every method; each method's run of the lowest seed
-    restored, adapted to its support set with `inner_steps` steps, and its predictive mean (over
-    `samples` draws) on the family's dense grid. Returns {"x", "truth", "x_support", "y_support"} per
+    restored, adapted to its support set with `inner_steps` steps, and its predictive mean (over the
+    run's eval.samples draws) on the family's dense grid. Returns {"x", "truth", "x_support", "y_support"} per
     panel and {"f": {method: (G, y_dim)}}."""
     import jax
 
@@ -716,7 +715,7 @@ def adapted_functions(
             base, [*o.cell.overrides, f"seed={o.cell.seed}", f"name={o.cell.run_name}"]
         )
         setup, result = run.restore(cfg, out_dir / "runs" / o.cell.run_name)
-        draw = predictive(setup.eval_method, inner_steps, samples, ("f",))
+        draw = predictive(setup.eval_method, inner_steps, cfg.eval.samples, ("f",))
         for label, overrides in panels.items():
             fam = registry.make_family(registry.load_config(base, [*o.cell.overrides, *overrides]).eval.task)
             task = fam.sample(jax.random.PRNGKey(key), 1)
