@@ -171,21 +171,30 @@ class InnerLoop:
         *,
         per_task: bool = False,
         lr: float | Params | None = None,
+        task_lr: bool = False,
+        fixed: Params | None = None,
     ) -> tuple[Params, jax.Array]:
         """Adapt on every task's support set (x, y): `inner_steps` overrides the training count (test
         time), `per_task` takes one theta per task (leading axis), `lr` replaces the step size (e.g. by
-        learned rates)."""
-        return (adapt_each if per_task else adapt_tasks)(
-            loss,
-            theta,
-            x,
-            y,
-            steps=self.steps if inner_steps is None else inner_steps,
-            lr=self.lr if lr is None else lr,
-            adapt=self.adapt,
-            first_order=self.first_order,
-            remat=self.remat,
-        )
+        learned rates), `task_lr` says that lr has a leading task axis (a step size per task, e.g.
+        MT-Net's sampled masks times alpha), and `fixed` (leading task axis) is merged into the
+        parameters the loss reads without being adapted (e.g. a per-task FiLM modulation)."""
+        kw = {
+            "steps": self.steps if inner_steps is None else inner_steps,
+            "adapt": self.adapt,
+            "first_order": self.first_order,
+            "remat": self.remat,
+        }
+        lr = self.lr if lr is None else lr
+        if not task_lr and fixed is None:
+            return (adapt_each if per_task else adapt_tasks)(loss, theta, x, y, lr=lr, **kw)
+
+        def one(th: Params, rate: Any, const: Params | None, xi: jax.Array, yi: jax.Array) -> Any:
+            task_loss = loss if const is None else (lambda p, a, b: loss({**p, **const}, a, b))
+            return gradient_descent(task_loss, th, xi, yi, lr=rate, **kw)
+
+        axes = (0 if per_task else None, 0 if task_lr else None, None if fixed is None else 0, 0, 0)
+        return jax.vmap(one, in_axes=axes)(theta, lr, fixed, x, y)
 
 
 def unit(v: jax.Array) -> jax.Array:

@@ -133,7 +133,8 @@ def evaluate_cell(cell: Cell, base: Path, out_dir: Path, progress: bool = True) 
 def _stats(metrics: dict[str, Any], name: str) -> dict[str, Any]:
     """A metric's summary over tasks ("accuracy@5"; "accuracy@max" at the largest test-time step
     count), or a run-level number in the same shape: a diagnostic by name, or any entry of
-    metrics.json by its path, e.g. "calibration/5/coverage/0.9"."""
+    metrics.json by its path, e.g. "calibration/5/coverage/0.9"; a path to a summary over tasks
+    (a group's metric, "groups/sine/mse@10") gives that summary."""
     if name.endswith("@max"):  # the metric at the run's largest test-time step count
         prefix = name[: -len("max")]
         steps = [int(k[len(prefix) :]) for k in metrics["metrics"] if k.startswith(prefix)]
@@ -144,6 +145,8 @@ def _stats(metrics: dict[str, Any], name: str) -> dict[str, Any]:
         v: Any = metrics
         for key in name.split("/"):
             v = v[key]
+        if isinstance(v, dict) and "mean" in v:  # a summary over tasks, e.g. "groups/sine/mse@10"
+            return v
     else:
         v = metrics["diagnostics"][name]
     return {"mean": v, "median": v, "n_diverged": 0, "n": 1, "dominated": False, "missing": v is None}
@@ -682,6 +685,90 @@ def plot_curves(outcomes: list[Outcome], metric: str, path: Path, logy: bool = T
         ax.fill_between(x, np.nanmin(vals, 0), np.nanmax(vals, 0), alpha=0.2)
     ax.set(xlabel="meta-training step", ylabel=f"held-out {metric}", yscale="log" if logy else "linear")
     ax.legend(fontsize=7)
+    return save_fig(fig, path)
+
+
+def adapted_functions(
+    outcomes: list[Outcome],
+    base: Path,
+    out_dir: Path,
+    panels: dict[str, tuple[str, ...]],
+    inner_steps: int,
+    key: int = 0,
+) -> dict[str, Any]:
+    """Each method's adapted function on one task per panel: for each panel (a label and config
+    overrides choosing its tasks, e.g. `eval.task.params.families=['sine']`) one task of the evaluation
+    family drawn with PRNGKey(key), the same for every method; each method's run of the lowest seed
+    restored, adapted to its support set with `inner_steps` steps, and its predictive mean (over the
+    run's eval.samples draws) on the family's dense grid. Returns {"x", "truth", "x_support", "y_support"} per
+    panel and {"f": {method: (G, y_dim)}}."""
+    import jax
+
+    from bayesmeta.predict import predictive
+
+    first: dict[str, Outcome] = {}
+    for o in sorted((o for o in outcomes if o.metrics is not None), key=lambda o: o.cell.seed):
+        first.setdefault(o.cell.method, o)
+    out: dict[str, Any] = {}
+    for method, o in first.items():
+        cfg = registry.load_config(
+            base, [*o.cell.overrides, f"seed={o.cell.seed}", f"name={o.cell.run_name}"]
+        )
+        setup, result = run.restore(cfg, out_dir / "runs" / o.cell.run_name)
+        draw = predictive(setup.eval_method, inner_steps, cfg.eval.samples, ("f",))
+        for label, overrides in panels.items():
+            fam = registry.make_family(registry.load_config(base, [*o.cell.overrides, *overrides]).eval.task)
+            task = fam.sample(jax.random.PRNGKey(key), 1)
+            grid = fam.grid(task.info, run.GRID_POINTS)
+            f = draw(result.params, task._replace(x_query=grid, y_query=None), jax.random.PRNGKey(1))["f"]
+            panel = out.setdefault(label, {"f": {}})
+            panel["f"][method] = np.asarray(f.mean(0)[0])
+            panel |= {
+                "x": np.asarray(grid[0]),
+                "truth": np.asarray(fam.truth(task.info, grid)[0]),
+                "x_support": np.asarray(task.x_support[0]),
+                "y_support": np.asarray(task.y_support[0]),
+            }
+    return out
+
+
+def on_grid_line(x_points: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """(n,) bool: the points (n, d) whose inputs beyond the first match those of the grid (G, d) at the
+    grid point nearest in the first input, within one grid step: the points a 1-D plot against the
+    first input can draw."""
+    nearest = np.abs(x_points[:, None, 0] - grid[None, :, 0]).argmin(1)
+    tol = np.ptp(grid[:, 0]) / max(len(grid) - 1, 1)
+    return np.all(np.abs(x_points[:, 1:] - grid[nearest, 1:]) < tol, -1)
+
+
+def plot_adapted(functions: dict[str, Any], path: Path, title: str = "") -> Path:
+    """One panel per entry of `adapted_functions`: the truth, each method's adapted function against the
+    grid's first input, and the support points that lie on the grid's line (for inputs of more than one
+    dimension, a support point off the plotted line is not drawn)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bayesmeta.report import save_fig
+
+    n = len(functions)
+    cols = min(3, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, (label, p) in zip(axes.flat, functions.items(), strict=False):
+        x = p["x"]
+        ax.plot(x[:, 0], p["truth"][:, 0], color="k", lw=2, label="truth")
+        for j, (method, f) in enumerate(p["f"].items()):
+            ax.plot(x[:, 0], f[:, 0], color=f"C{j}", lw=1.2, label=method)
+        on_line = on_grid_line(p["x_support"], x)
+        ax.scatter(p["x_support"][on_line, 0], p["y_support"][on_line, 0], color="k", s=16, zorder=3)
+        ax.set_title(label, fontsize=9)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return save_fig(fig, path)
 
 

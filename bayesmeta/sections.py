@@ -33,8 +33,9 @@ from bayesmeta.diagnostics.memorization import support_dependence
 from bayesmeta.fit import run_keys, step_tasks
 from bayesmeta.likelihoods import Categorical, Gaussian
 from bayesmeta.predict import predictive
+from bayesmeta.stats import summarize
 from bayesmeta.tables import markdown_table
-from bayesmeta.tasks import Classification, DenseGrid, ExactPredictive, GroundTruth, Hypotheses
+from bayesmeta.tasks import Classification, DenseGrid, ExactPredictive, GroundTruth, Groups, Hypotheses
 
 if TYPE_CHECKING:
     from bayesmeta.fit import FitResult
@@ -104,6 +105,58 @@ def _level_keys(d: dict[float, float]) -> dict[str, float]:
 
 def _per_steps(results: dict[int, Any]) -> dict[str, Any]:
     return {str(s): r.dump() for s, r in results.items()}
+
+
+# --- metrics per group of tasks ---------------------------------------------------------------------
+
+
+def group_metrics(family: Groups, ev: Evaluation) -> dict[str, dict[str, Any]]:
+    """Every metric at every test-time step count summarized over each group's tasks (the family's
+    `Groups`, e.g. its function families), with the same divergence rule as overall; a group without
+    a test task is left out."""
+    group = np.asarray(family.group(jax.tree.map(jnp.asarray, ev.tasks.info)))
+    out = {}
+    for i, name in enumerate(family.group_names):
+        keep = group == i
+        if keep.any():
+            out[name] = {
+                f"{metric}@{s}": summarize(v[keep], ev.diverged(s)[keep])
+                for s, m in ev.per_task.items()
+                for metric, v in m.items()
+            }
+    return out
+
+
+class GroupMetrics(Section):
+    """The held-out metrics per group of tasks, for a family whose tasks fall into groups (Groups):
+    metrics.json `groups.<group>.<metric>@<steps>`, a table in summary.md."""
+
+    key = "groups"
+    empty: ClassVar[Any] = {}
+
+    def applies(self, setup: Setup) -> bool:
+        return isinstance(setup.eval_family, Groups)
+
+    def compute(self, run: Evaluated) -> dict[str, dict[str, Any]]:
+        return group_metrics(run.setup.eval_family, run.ev)
+
+    def dump(self, result: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return {g: dict(m) for g, m in result.items()}
+
+    def load(self, entry: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return {g: dict(m) for g, m in entry.items()}
+
+    def markdown(self, result: dict[str, dict[str, Any]]) -> str:
+        from bayesmeta.report import metric_line
+
+        names = list(next(iter(result.values())))
+        rows = [[g, m[names[0]]["n"], *(metric_line(m[k]) for k in names)] for g, m in result.items()]
+        return (
+            "## Per group of tasks\n\nThe same metrics over each group's test tasks (the family's "
+            "`Groups`, e.g. its function families):\n\n"
+            + markdown_table(["group", "tasks", *names], rows)
+            + "\n\n"
+        )
 
 
 # --- the memorization meter -------------------------------------------------------------------------
@@ -665,7 +718,14 @@ class PACBayes(Section):
         return {"pac_bayes": pac_text(pac)}
 
 
-SECTIONS: tuple[Section, ...] = (Memorization(), Calibration(), Reliability(), LandscapeSection(), PACBayes())
+SECTIONS: tuple[Section, ...] = (
+    GroupMetrics(),
+    Memorization(),
+    Calibration(),
+    Reliability(),
+    LandscapeSection(),
+    PACBayes(),
+)
 
 
 def compute_sections(run: Evaluated) -> dict[str, Any]:

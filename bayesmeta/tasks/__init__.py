@@ -14,10 +14,12 @@ from bayesmeta.tasks.base import (
     ExactPredictive,
     Family,
     GroundTruth,
+    Groups,
     Hypotheses,
     TaskBatch,
 )
 from bayesmeta.tasks.basis import BasisRegression
+from bayesmeta.tasks.multimodal import MultiFamily2D
 from bayesmeta.tasks.omniglot import Omniglot, OmniglotRuns
 from bayesmeta.tasks.sinusoid import NMESinusoid, Sinusoid
 from bayesmeta.tasks.tfds_images import TFDSImages
@@ -27,6 +29,7 @@ FAMILIES: dict[str, type] = {
     "nme_sinusoid": NMESinusoid,
     "sine_line": SineLine,
     "basis_regression": BasisRegression,
+    "multimodal": MultiFamily2D,
     "omniglot": Omniglot,
     "omniglot_runs": OmniglotRuns,
     "arrays": Arrays,
@@ -40,6 +43,7 @@ __all__ = [
     "ExactPredictive",
     "Family",
     "GroundTruth",
+    "Groups",
     "Hypotheses",
     "TaskBatch",
 ]

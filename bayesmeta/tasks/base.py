@@ -39,7 +39,7 @@ class Family(Protocol):
     sample(key, n_tasks) -> TaskBatch: jittable, deterministic in key, static shapes.
 
     What a family can do beyond this it declares by the capability protocols below (GroundTruth,
-    DenseGrid, ExactPredictive, Hypotheses, Classification); the engine's diagnostics use them.
+    DenseGrid, ExactPredictive, Hypotheses, Classification, Groups); the engine's diagnostics use them.
     """
 
     Params: ClassVar[type]
@@ -104,6 +104,18 @@ class Classification(Protocol):
 
     query_points: int
     n_classes: int
+
+
+@runtime_checkable
+class Groups(Protocol):
+    """Tasks fall into named groups (e.g. the function families of a mixture): evaluation reports every
+    metric per group beside the overall one (metrics.json `groups`)."""
+
+    group_names: tuple[str, ...]
+
+    def group(self, info: dict[str, jax.Array]) -> jax.Array:
+        """Each task's group index (T,) into group_names, from its latents `info`."""
+        ...
 
 
 def range_problem(params: Any, *names: str) -> str | None:

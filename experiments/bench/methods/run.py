@@ -8,6 +8,8 @@ follow each method's experiment: meta-batch 25, 5-shot sine/line tasks with 10 q
 probabilistic methods; the NME sinusoid with meta-batch 25 for the meta-regularized ones; Omniglot
 5-way 1-shot (1 query per class, conv4 with 64 filters and max-pooling, the minimal background sets)
 for the metric learners, beside ProtoNet.
+probabilistic methods; the NME sinusoid with meta-batch 25 for the meta-regularized ones; ARML's 2-D
+multi-family regression (10-shot, 5 inner steps) for the task-structured learners.
 
 The neural prior's NUTS reference is a cost of evaluation, not of training: its row times the ABML
 inner loop it trains with; `measure_nuts` times its test-time predictive separately (tasks per second
@@ -44,6 +46,7 @@ OMNI = (
     "model.net.filters=64",
     "model.net.downsample='maxpool'",
 )
+MM = ("task.family='multimodal'", "model.inner_steps=5", "model.inner_lr=0.001")
 CASES = {
     "MAML (sinusoid, 10-shot, 1 step)": ("model.method='maml'",),
     "FOMAML (sinusoid, 10-shot, 1 step)": ("model.method='fomaml'",),
@@ -56,6 +59,10 @@ CASES = {
     "Neural prior, ABML inner loop (sine/line, 5 steps)": (*AMB, "model.method='neural_prior'"),
     "MR-MAML(W) (NME, 1 step)": (*NME, "model.method='mr_maml_w'"),
     "MR-MAML(A) (NME, 1 step)": (*NME, "model.method='mr_maml_a'"),
+    "MAML (multimodal 2-D, 5 steps)": (*MM, "model.method='maml'"),
+    "MT-Net (multimodal 2-D, 5 steps)": (*MM, "model.method='mtnet'"),
+    "MUMOMAML, 2x40 BiLSTM (multimodal 2-D, 5 steps)": (*MM, "model.method='mumomaml'"),
+    "TAML, Theil (multimodal 2-D, 5 steps)": (*MM, "model.method='taml'"),
     "CNP (NME)": (*NME, "model.method='cnp'", "model.net.hidden=[100, 100]"),
     "MR-CNP(W) (NME)": (*NME, "model.method='mr_cnp_w'", "model.net.hidden=[100, 100]"),
     "ProtoNet (Omniglot 5-way 1-shot)": (*OMNI, "model.method='protonet'"),
