@@ -12,6 +12,7 @@ from bayesmeta.models import (
     neural_process,
     platipus,
     protonet,
+    task_gated,
     versa,
 )
 
@@ -30,6 +31,8 @@ METHODS = {
     "versa": versa.VERSA,
     "neural_prior": neural_prior.NeuralPrior,
     "l2f": l2f.L2F,
+    "hsml": task_gated.HSML,
+    "arml": task_gated.ARML,
     "protonet": protonet.ProtoNet,
     "finetune": baselines.FineTune,
     "nearest": baselines.NearestNeighbour,
