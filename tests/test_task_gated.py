@@ -24,18 +24,24 @@ METHODS = {"hsml": HSML, "arml": ARML}
 
 
 def setup(*overrides: str, tasks: int = 3):
-    """(method, a batch of 6-shot sinusoid tasks, initial params) for tests.helpers.TINY + overrides, the
-    params read from one jitted run of the model with no inner steps."""
+    """(method, a batch of 6-shot sinusoid tasks, params) for tests.helpers.TINY + overrides: every param
+    site of the model (found by jax.eval_shape, nothing compiled) drawn N(0, 0.5^2) by numpy."""
     cfg = registry.load_config(None, [*TINY, "task.shots=6", *overrides])
     fam = make_family(cfg.task)
     method = build_method(cfg.model, fam.x_dim, fam.y_dim)
     batch = fam.sample(jax.random.PRNGKey(4), tasks)
 
-    def init(b):
+    def sites(b):
         trace = handlers.trace(handlers.seed(method.model, 3)).get_trace(b, inner_steps=0)
         return {k: v["value"] for k, v in trace.items() if v["type"] == "param"}
 
-    return method, batch, jax.jit(init)(batch)
+    rng = np.random.default_rng(0)
+    shapes = jax.eval_shape(sites, batch)
+    return (
+        method,
+        batch,
+        {k: jnp.asarray(0.5 * rng.normal(size=s.shape), jnp.float32) for k, s in sorted(shapes.items())},
+    )
 
 
 @pytest.fixture(scope="module")
