@@ -4,13 +4,13 @@ empirical Bayes with MAML's inner loop from a task-specific initialisation.
     theta, representation nets, gate (W_g, b_g)     meta-parameters (numpyro.param)
     z_i = r(D_i^tr)                                  a task representation of the support set
     theta_0i = sigmoid(W_g z_i + b_g) o theta        the gated initialisation (HSML eq. 6; ARML eq. 10,
-                                                     survey 002 near line 1160: theta_0i = sigma(W_g (t_i
+                                                     survey 002 line 1153: theta_0i = sigma(W_g (t_i
                                                      (+) q_i) + b_g) o theta_0)
     phi_i = GD_s(theta_0i; D_i^tr)                   MAML's inner loop (bayesmeta.adapt.InnerLoop)
     y*_i ~ p(y | f(x*_i; phi_i))                     observed in training, sampled for prediction
     loss = -ELBO + xi * mean_i L_rec,i               the representation's autoencoder reconstruction loss,
                                                      a training-time numpyro.factor (ARML: mu_1 L_t + mu_2
-                                                     L_q, survey 002 near line 1170; one weight xi = mu_1 =
+                                                     L_q, survey 002 line 1163; one weight xi = mu_1 =
                                                      mu_2, 0.01 in both references' regression scripts)
 
 The gate is a sigmoid of an affine map of z_i with one output per entry of theta (`gate = "entry"`, as
@@ -30,7 +30,8 @@ z_i = g_i (+) h_i^root (eq. 5). Where we differ from the paper and its code (hua
     code's `task_embedding_type = mean`), which does not, and drop that code path's extra dense layer
     after the pooling;
   - the code assigns level 1 -> 2 by a learned linear score (tree_type 1); we use the Gaussian kernel
-    to learned centres at every level, as the paper's eq. 3 (the code's tree_type 2 is similar);
+    to learned centres at every level, as the paper's eq. 3 (the code's tree_type 2 is similar); the
+    transform W_k, b_k belongs to the receiving cluster k, as in the code;
   - the reconstruction loss is the mean over points and coordinates (the code: 0.5 x that mean; the paper:
     a sum); the code clips meta-gradients to [-3, 3] (here: train.grad_clip, a global norm, off by
     default);
@@ -38,18 +39,24 @@ z_i = g_i (+) h_i^root (eq. 5). Where we differ from the paper and its code (hua
     the representation's networks Glorot-normal, untruncated (materialize: one random draw).
 
 ARML's representation (`arml`, the 2-D regression construction of huaxiuyao/ARML): e_j = W_e p_j + b_e;
-K prototypes c_k = sum_j P_jk e_j with P = softmax_k(W_p e_j + b_p) (survey 002 near line 1085: P_i =
+K prototypes c_k = sum_j P_jk e_j with P = softmax_k(W_p e_j + b_p) (survey 002 line 1082: P_i =
 Softmax(W_p E^T(X) + b_p), c^k = P_i[k] F(X)); the prototype graph A_R(c_j, c_m) = sigmoid(W_r |c_j - c_m|
-+ b_r); the meta-knowledge graph of G learned vertices h^m with A_G(h^j, h^m) = sigmoid(W_o |h^j - h^m| +
-b_o); the super-graph joins them by A_S(c_j, h^m) = softmax_m(-||c_j - h^m||^2 / (2 sigma^2)) (survey near
-line 1118); a GCN propagates, H^(l+1) = tanh(D^-1 (A + I) H^(l) W^(l) + b^(l)), and C_hat is the prototype
-rows; q_i = mean_k AG^q(c_k), t_i = mean_k AG^t(c_hat_k), with autoencoder losses L_q, L_t (survey near
-line 1140); z_i = t_i (+) q_i. Where we differ from the paper and its code (huaxiuyao/ARML):
++ b_r) (line 1086); the meta-knowledge graph of G learned vertices h^m with A_G(h^j, h^m) = sigmoid(W_o
+|h^j - h^m| + b_o) (line 1106); the super-graph A = (A_R, A_S; A_S^T, A_G) (line 1116) joins them by
+A_S(c_j, h^m) = softmax_m(-||c_j - h^m||^2 / (2 sigma^2)) (line 1122, sigma = gamma_s); a GCN propagates
+(MP, line 1131), H^(l+1) = tanh(D^-1 (A + I) H^(l) W^(l) + b^(l)), and C_hat is the prototype rows; q_i =
+mean_k AG^q(c_k), t_i = mean_k AG^t(c_hat_k) (lines 1143-1147, which write the mean over K prototypes as
+1/N^tr), with autoencoder losses L_q, L_t; z_i = t_i (+) q_i; the algorithm is survey lines 1170-1184.
+Where we differ from the paper and its code (huaxiuyao/ARML):
   - the code's q_i is a GRU autoencoder over the per-point embeddings e_j (order-dependent) and its t_i a
     GRU over the prototypes; we use the paper's eq. 8-9, pooling autoencoders over the prototypes;
   - the paper's scale factors gamma_r, gamma_o are folded into W_r, W_o (the code has none); the graph
     edges have zero self-weight as in the code, and D^-1 (A + I) is the code's row normalisation;
-  - the GCN weights are Glorot-initialised (the code: truncated normal, sd 1).
+  - the GCN weights are Glorot-initialised (the code: truncated normal, sd 1); AG^q and AG^t are the
+    pooling autoencoder above (hidden width `ae_hidden`);
+  - not a difference but a property of the reference's single GCN layer (`gnn_layers = 1`): the
+    prototype rows of H^(1) read A_R and A_S only, so the vertex-vertex edges A_G never reach C_hat (the
+    vertices do, through A_S); `gnn_layers = 2` propagates them.
 
 Both: the gate scales every tensor of theta, also when model.adapt = "head" (the papers gate all of
 theta_0). Regression only: for classification the papers embed images with a convolutional network and
@@ -166,7 +173,7 @@ def gate_theta(gate: dict, z: jax.Array, theta: dict, kind: str) -> dict:
 
 def soft_assign(h: jax.Array, centres: jax.Array, var: float) -> jax.Array:
     """p_{j->k} = softmax_k(-||h_j - c_k||^2 / (2 sigma^2)) for nodes h (J, d), centres (K, d): (J, K),
-    rows summing to one (HSML eq. 3; ARML's A_S, survey 002 near line 1118: gamma_s = sigma)."""
+    rows summing to one (HSML eq. 3; ARML's A_S, survey 002 line 1122: gamma_s = sigma)."""
     sq = jnp.sum(jnp.square(h[:, None, :] - centres[None, :, :]), -1)
     return jax.nn.softmax(-sq / (2.0 * var), axis=-1)
 
@@ -217,7 +224,7 @@ def hierarchical_cluster(tree: dict, g: jax.Array, var: float) -> tuple[jax.Arra
 
 def prototypes(embed: dict, assign: dict, pairs: jax.Array) -> jax.Array:
     """c_k = sum_j P_jk e_j, e_j = W_e p_j + b_e, P = softmax_k(W_p e_j + b_p): (K, d) (ARML's regression
-    prototypes, survey 002 near line 1085); invariant to the order of the support set."""
+    prototypes, survey 002 line 1082); invariant to the order of the support set."""
     e = dense(embed, pairs)
     return jax.nn.softmax(dense(assign, e), -1).T @ e
 
@@ -231,7 +238,7 @@ def relation_graph(rel: dict, nodes: jax.Array) -> jax.Array:
 def super_graph(
     c: jax.Array, a_r: jax.Array, vertices: jax.Array, a_g: jax.Array, var: float
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(A, H, A_S): A = [[A_R, A_S], [A_S^T, A_G]], H = [C; H_G] (survey 002 near line 1112)."""
+    """(A, H, A_S): A = [[A_R, A_S], [A_S^T, A_G]], H = [C; H_G] (survey 002 line 1116)."""
     a_s = soft_assign(c, vertices, var)
     a = jnp.concatenate([jnp.concatenate([a_r, a_s], 1), jnp.concatenate([a_s.T, a_g], 1)], 0)
     return a, jnp.concatenate([c, vertices], 0), a_s
@@ -239,7 +246,7 @@ def super_graph(
 
 def gcn(layers: list[dict], a: jax.Array, h: jax.Array) -> jax.Array:
     """H^(l+1) = tanh(D^-1 (A + I) H^(l) W^(l) + b^(l)), D the row sums of A + I (huaxiuyao/ARML's
-    GraphConvolution; MP in survey 002 near line 1128)."""
+    GraphConvolution; MP in survey 002 line 1131)."""
     a = a + jnp.eye(a.shape[0], dtype=a.dtype)
     a = a / jnp.sum(a, 1, keepdims=True)
     for layer in layers:
