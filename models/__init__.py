@@ -18,6 +18,7 @@ from bayesmeta.models import (
     siamese,
     tadam,
     taml,
+    task_gated,
     versa,
 )
 
@@ -39,6 +40,8 @@ METHODS = {
     "mtnet": mtnet.MTNet,
     "mumomaml": mumomaml.MUMOMAML,
     "taml": taml.TAML,
+    "hsml": task_gated.HSML,
+    "arml": task_gated.ARML,
     "protonet": protonet.ProtoNet,
     "tadam": tadam.TADAM,
     "matching": matching.MatchingNetworks,

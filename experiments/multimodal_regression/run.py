@@ -3,7 +3,7 @@
     .venv/bin/python experiments/multimodal_regression/run.py [--seeds 0 1 2 3 4] [--steps 70000]
         [--only LABEL ...] [--out DIR]
 
-MAML, Meta-SGD, BMAML, MT-Net, MUMOMAML and TAML (HSML and ARML join when their models land) on the
+MAML, Meta-SGD, BMAML, MT-Net, MUMOMAML, TAML, HSML and ARML (models/task_gated.py) on the
 `multimodal` family (bayesmeta/tasks/multimodal.py): six function families, 10-shot, 5 seeds, 1,000
 test tasks, MSE after 20 test-time steps beside the published 10-shot numbers (ARML's table, survey
 002 near its line 1195), per-family MSE, paired contrasts with MAML, the held-out curves (curves.png)
@@ -39,7 +39,8 @@ METHODS = {
     "MT-Net": ("model.method='mtnet'",),
     "MUMOMAML": ("model.method='mumomaml'",),
     "TAML": ("model.method='taml'",),
-    # "HSML", "ARML": rows to add when models/hsml.py and models/arml.py land
+    "HSML": ("model.method='hsml'",),
+    "ARML": ("model.method='arml'",),
 }
 STEPS = 20
 METRIC = f"mse@{STEPS}"

@@ -56,6 +56,8 @@ CASES = {
     "BMAML, M=5 (sine/line, 5 steps)": (*AMB, "model.method='bmaml'", "model.params.particles=5"),
     "VERSA (sine/line)": (*AMB, "model.method='versa'"),
     "NP (sine/line)": (*AMB, "model.method='np'"),
+    "HSML (sine/line, 5 steps)": (*AMB, "model.method='hsml'"),
+    "ARML (sine/line, 5 steps)": (*AMB, "model.method='arml'"),
     "Neural prior, ABML inner loop (sine/line, 5 steps)": (*AMB, "model.method='neural_prior'"),
     "MR-MAML(W) (NME, 1 step)": (*NME, "model.method='mr_maml_w'"),
     "MR-MAML(A) (NME, 1 step)": (*NME, "model.method='mr_maml_a'"),
