@@ -3,11 +3,12 @@
     .venv/bin/python experiments/omniglot/run.py table [--seeds 0] [--only LABEL ...]
     .venv/bin/python experiments/omniglot/run.py nme   [--seeds 0] [--only LABEL ...]
 
-`table` meta-trains MAML (5- and 20-way), first-order MAML, prototypical networks and the fine-tuning
-baseline on the 180 characters of 6 alphabets (x 4 rotations = 720 classes), then tests each on the
-held-out alphabets Early_Aramaic and Korean (62 characters x 4 rotations; 5-/20-way, 1-/5-shot, 600
-tasks, 5 queries per class) and on Lake's 20 within-alphabet one-shot runs, beside 1-NN on pixels.
-`nme` trains MAML and MR-MAML(W) on non-mutually-exclusive 20-way tasks (each training class keeps
+`table` meta-trains MAML (5- and 20-way), first-order MAML, prototypical networks, TADAM, matching
+networks, the siamese net (with Koch et al.'s affine distortions) and the fine-tuning baseline on the
+180 characters of 6 alphabets (x 4 rotations = 720 classes), then tests each on the held-out
+alphabets Early_Aramaic and Korean (62 characters x 4 rotations; 5-/20-way, 1-/5-shot, 600 tasks, 5
+queries per class) and on Lake's 20 within-alphabet one-shot runs, beside 1-NN on pixels.
+`nme` trains MAML, TAML and MR-MAML(W) on non-mutually-exclusive 20-way tasks (each training class keeps
 one label) and tests them on held-out alphabets with shuffled labels. Each training run is trained
 once and evaluated per setting (runs/<run>/evals/<setting>/); finished work is reused.
 """
@@ -48,9 +49,31 @@ METHODS = {
         "model.inner_lr=0.5",
         *train(20, 1, 5, 4, 3000),
     ),
+    # the metric learners of issue #17, trained as ProtoNet (20-way episodes, 5 queries per class)
+    "TADAM": ("model.method='tadam'", "model.net.downsample='maxpool'", *train(20, 1, 5, 1, 2000)),
+    "matching networks": (
+        "model.method='matching'",
+        "model.net.downsample='maxpool'",
+        *train(20, 1, 5, 1, 2000),
+    ),
+    "siamese (distortions)": (
+        "model.method='siamese'",
+        "model.net.downsample='maxpool'",
+        "task.params.distort=true",
+        *train(20, 1, 5, 1, 2000),
+    ),
     "1-NN pixels": ("model.method='nearest'", *train(5, 1, 1, 1, 1)),
 }
-TEST_STEPS = {"MAML": 5, "first-order": 5, "ProtoNet": 1, "fine-tuning": 50, "1-NN": 1}
+TEST_STEPS = {
+    "MAML": 5,
+    "first-order": 5,
+    "ProtoNet": 1,
+    "TADAM": 1,
+    "matching": 1,
+    "siamese": 1,
+    "fine-tuning": 50,
+    "1-NN": 1,
+}
 
 
 def held_out(ways: int, shots: int) -> tuple[str, ...]:
@@ -82,6 +105,17 @@ PUBLISHED = {  # METHODS 2 and 8; full Omniglot (1200 training characters), ours
     ("ProtoNet", "5-way 1-shot"): 0.988,
     ("ProtoNet", "20-way 1-shot"): 0.960,
     ("1-NN pixels", "Lake's 20 runs"): 0.217,
+    # METHODS 9: matching networks (Vinyals et al.), the siamese net as Vinyals et al. report it, and
+    # Koch et al.'s 92.0% on Lake's runs (full background set, affine distortions)
+    ("matching networks", "5-way 1-shot"): 0.981,
+    ("matching networks", "5-way 5-shot"): 0.989,
+    ("matching networks", "20-way 1-shot"): 0.938,
+    ("matching networks", "20-way 5-shot"): 0.985,
+    ("siamese (distortions)", "5-way 1-shot"): 0.973,
+    ("siamese (distortions)", "5-way 5-shot"): 0.984,
+    ("siamese (distortions)", "20-way 1-shot"): 0.881,
+    ("siamese (distortions)", "20-way 5-shot"): 0.970,
+    ("siamese (distortions)", "Lake's 20 runs"): 0.920,
 }
 
 
@@ -141,6 +175,10 @@ NME_METHODS = {
         "eval.samples=5",
     ),
 }
+# TAML (Jamal & Qi 2019) on NME Omniglot: the entropy-maximization regularizer (categorical) on MAML;
+# survey 002 lists it among the methods that memorize there (9.6% 20-way 1-shot), so, like MAML, its
+# rows are judged through the contrast MR-MAML(W) minus TAML
+NME_METHODS["TAML"] = ("model.method='taml'", "model.inner_lr=0.4", "model.params.measure='entropy'")
 NME_SHOTS = {1: train(20, 1, 1, 16, 2000), 5: train(20, 5, 1, 4, 1500)}
 # Yin et al.: mean (sd); MAML's numbers are its memorization failure, judged through the contrast
 NME_PUBLISHED = {
@@ -148,6 +186,8 @@ NME_PUBLISHED = {
     ("MR-MAML(W)", 1): Published(0.833, 0.008),
     ("MAML", 5): Published(0.507, 0.229, baseline=True),
     ("MR-MAML(W)", 5): Published(0.941, 0.001),
+    ("TAML", 1): Published(0.096, 0.023, baseline=True),  # survey 002's NME table
+    ("TAML", 5): Published(0.679, 0.023, baseline=True),
 }
 
 
@@ -194,15 +234,17 @@ def nme(seeds: list[int], only: list[str] | None, shots: list[int] | None = None
 
 
 def nme_contrasts() -> list[Contrast]:
-    """MR-MAML(W) minus MAML per shot setting and metric, against the paper's difference."""
+    """MR-MAML(W) minus each memorizing baseline (MAML, TAML) per shot setting and metric, against the
+    published difference."""
     return [
         Contrast(
             f"20-way {k}-shot",
-            f"MAML, NME {k}-shot",
+            f"{base}, NME {k}-shot",
             f"MR-MAML(W), NME {k}-shot",
             metric,
-            round(NME_PUBLISHED[("MR-MAML(W)", k)].value - NME_PUBLISHED[("MAML", k)].value, 4),
+            round(NME_PUBLISHED[("MR-MAML(W)", k)].value - NME_PUBLISHED[(base, k)].value, 4),
         )
+        for base in ("MAML", "TAML")
         for k in NME_SHOTS
         for metric in METRICS
     ]
