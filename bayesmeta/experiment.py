@@ -88,17 +88,40 @@ def run_cell(cell: Cell, base: Path, out_dir: Path, progress: bool = True) -> Ou
     )
 
 
+CELLS = "cells"  # an experiment's committed record of finished cells: config.toml and metrics.json each
+
+
+def _record(folder: Path, cfg: config.Config, metrics: dict[str, Any]) -> None:
+    """Keep a finished cell's config and metrics in out_dir/cells/<cell>/ (small, committed with the
+    results), so that a grid longer than one sitting continues on another machine without its runs/."""
+    write_text(folder / "config.toml", config.dumps(cfg))
+    write_json(folder / "metrics.json", metrics)
+
+
+def _recorded(folder: Path, cfg: config.Config) -> dict[str, Any] | None:
+    """The recorded metrics of a cell made with this config by the current metrics schema, or None."""
+    if not (folder / "metrics.json").is_file() or not _same_config(folder / "config.toml", cfg):
+        return None
+    m = json.loads((folder / "metrics.json").read_text())
+    return m if m.get("version") == run.METRICS_VERSION else None
+
+
 def _train(cell: Cell, base: Path, out_dir: Path, progress: bool) -> Outcome:
-    """The cell's training run in runs/<run_name>, reused or resumed when its config is unchanged."""
+    """The cell's training run in runs/<run_name>, reused or resumed when its config is unchanged (or
+    reused from its record in cells/<run_name>/ when runs/ is gone)."""
     cfg = registry.load_config(base, [*cell.overrides, f"seed={cell.seed}", f"name={cell.run_name}"])
     run_dir = out_dir / "runs" / cell.run_name
+    record = out_dir / CELLS / cell.run_name
     done = run_dir / "metrics.json"
     same = _same_config(run_dir / "config.toml", cfg)
+    if not (done.is_file() and same) and not cell.evaluation and (m := _recorded(record, cfg)) is not None:
+        return Outcome(cell, m, m["train_seconds"] + m["eval_seconds"], reused=True)
     if done.is_file() and same:
         m = json.loads(done.read_text())
         if m.get("version") != run.METRICS_VERSION:  # evaluated by older code: re-evaluate, keep training
             setup, result = run.restore(cfg, run_dir)
             m = run.finish(setup, run_dir, result, progress=progress)
+        _record(record, cfg, m)
         return Outcome(cell, m, m["train_seconds"] + m["eval_seconds"], reused=True)
     t0 = time.perf_counter()
     resume = same and (run_dir / CHECKPOINT).is_file()
@@ -106,27 +129,34 @@ def _train(cell: Cell, base: Path, out_dir: Path, progress: bool) -> Outcome:
         _, metrics = run.train(cfg, run_dir, resume=resume, progress=progress)
     except NonFiniteError as e:  # recorded as a failed run; the grid goes on
         return Outcome(cell, None, time.perf_counter() - t0, error=str(e))
+    _record(record, cfg, metrics)
     return Outcome(cell, metrics, time.perf_counter() - t0)
 
 
 def evaluate_cell(cell: Cell, base: Path, out_dir: Path, progress: bool = True) -> Outcome:
     """Evaluate the cell's trained run (training it first if needed) under its evaluation overrides,
-    into runs/<run>/evals/<setting>/; reused when that evaluation's config is unchanged."""
-    trained = _train(cell, base, out_dir, progress)
-    if trained.metrics is None:
-        return Outcome(cell, None, trained.seconds, error=trained.error)
+    into runs/<run>/evals/<setting>/; reused when that evaluation's config is unchanged (also from its
+    record in cells/<run>/evals/<setting>/)."""
     overrides = [*cell.overrides, *cell.evaluation, f"seed={cell.seed}", f"name={cell.run_name}"]
     cfg = registry.load_config(base, overrides)
     run_dir = out_dir / "runs" / cell.run_name
     eval_dir = run_dir / "evals" / cell.setting
+    record = out_dir / CELLS / cell.run_name / "evals" / cell.setting
+    if not (eval_dir / "metrics.json").is_file() and (m := _recorded(record, cfg)) is not None:
+        return Outcome(cell, m, m["eval_seconds"], reused=True)
+    trained = _train(cell, base, out_dir, progress)
+    if trained.metrics is None:
+        return Outcome(cell, None, trained.seconds, error=trained.error)
     if (eval_dir / "metrics.json").is_file() and _same_config(eval_dir / "config.toml", cfg):
         m = json.loads((eval_dir / "metrics.json").read_text())
         if m.get("version") == run.METRICS_VERSION:
+            _record(record, cfg, m)
             return Outcome(cell, m, m["eval_seconds"], reused=True)
     t0 = time.perf_counter()
     with run_lock(run_dir, "bayesmeta experiment"):  # run.finish publishes eval_dir's config.toml too
         setup, result = run.restore(cfg, run_dir)
         metrics = run.finish(setup, eval_dir, result, progress=progress)
+    _record(record, cfg, metrics)
     return Outcome(cell, metrics, time.perf_counter() - t0)
 
 

@@ -1,8 +1,10 @@
-"""Experiment grids: finished runs are reused, a diverging run is reported and the grid goes on."""
+"""Experiment grids: finished runs are reused (also from their committed records), a diverging run is
+reported and the grid goes on."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -25,6 +27,15 @@ def test_grid_reports_failed_runs_and_reuses_finished_ones(tmp_path):
     again = run_grid("t", DEFAULT_CONFIG, cells[:1], ["mse@10"], tmp_path, progress=False)
     assert again.outcomes[0].reused
     assert again.rows[0]["mean"] == res.rows[0]["mean"]
+    # without runs/ (another machine, a fresh clone), the committed record in cells/ is reused...
+    shutil.rmtree(tmp_path / "runs")
+    third = run_grid("t", DEFAULT_CONFIG, cells[:1], ["mse@10"], tmp_path, progress=False)
+    assert third.outcomes[0].reused and not (tmp_path / "runs").exists()
+    assert third.rows[0]["mean"] == res.rows[0]["mean"]
+    # ...but not for another config: that cell trains
+    other = Cell("ok", "s", 0, (*small, "train.lr=2e-3"))
+    fourth = run_grid("t", DEFAULT_CONFIG, [other], ["mse@10"], tmp_path, progress=False)
+    assert not fourth.outcomes[0].reused and (tmp_path / "runs").exists()
 
 
 def test_verdicts_are_rerendered_from_results_json_idempotently(tmp_path):
@@ -82,3 +93,14 @@ def test_the_reliability_grid_draws_each_methods_first_seed(tmp_path):
     ]
     path = plot_reliability_grid(outcomes, 5, tmp_path / "r.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_evaluation_cell_is_reused_from_its_record(tmp_path):
+    small = (*SMALL, "train.steps=50", "eval.memorization_tasks=0")
+    cell = Cell("ok", "fewer tasks", 0, small, evaluation=("eval.tasks=20",))
+    first = run_grid("t", DEFAULT_CONFIG, [cell], ["mse@10"], tmp_path, progress=False)
+    assert (tmp_path / "cells" / cell.run_name / "evals" / "fewer tasks" / "metrics.json").is_file()
+    shutil.rmtree(tmp_path / "runs")
+    again = run_grid("t", DEFAULT_CONFIG, [cell], ["mse@10"], tmp_path, progress=False)
+    assert again.outcomes[0].reused and not (tmp_path / "runs").exists()
+    assert again.rows[0]["mean"] == first.rows[0]["mean"] and first.rows[0]["tasks_per_seed"] == 20
