@@ -92,10 +92,14 @@ CELLS = "cells"  # an experiment's committed record of finished cells: config.to
 
 
 def _record(folder: Path, cfg: config.Config, metrics: dict[str, Any]) -> None:
-    """Keep a finished cell's config and metrics in out_dir/cells/<cell>/ (small, committed with the
-    results), so that a grid longer than one sitting continues on another machine without its runs/."""
+    """Keep a finished cell's config and metrics in out_dir/cells/<cell>/ (committed with the results),
+    so that a grid longer than one sitting continues on another machine without its runs/; the
+    per-point PIT values (a megabyte per run; the run's own metrics.json keeps them) are left out."""
+    calib = {
+        s: {k: v for k, v in e.items() if k != "pit"} for s, e in (metrics.get("calibration") or {}).items()
+    }
     write_text(folder / "config.toml", config.dumps(cfg))
-    write_json(folder / "metrics.json", metrics)
+    write_json(folder / "metrics.json", metrics | ({"calibration": calib} if calib else {}))
 
 
 def _recorded(folder: Path, cfg: config.Config) -> dict[str, Any] | None:
