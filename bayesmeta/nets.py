@@ -12,6 +12,7 @@ the identity. A method that conditions the network on a task (TADAM's task embed
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
@@ -212,3 +213,14 @@ def make_net(cfg: NetConfig, in_dim: int, out_dim: int) -> MLP | Conv4:
     if cfg.kind == "conv4":
         return Conv4(in_dim, out_dim, cfg.filters, downsample=cfg.downsample, conv=cfg.conv)
     return MLP(in_dim=in_dim, out_dim=out_dim, hidden=cfg.hidden, activation=cfg.activation)
+
+
+def embedding(net: MLP | Conv4, x_dim: int) -> tuple[Callable[[jax.Array], dict], int]:
+    """The net without its head as an embedding f(x) = net.features: its init(key) (every parameter but
+    "head") and the feature size d (traced, nothing computed); for metric learners."""
+
+    def init(key: jax.Array) -> dict:
+        return {k: v for k, v in net.init(key).items() if k != "head"}
+
+    d = jax.eval_shape(lambda: net.features(init(jax.random.PRNGKey(0)), jnp.zeros((1, x_dim)))).shape[-1]
+    return init, d

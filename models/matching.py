@@ -33,7 +33,7 @@ from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Context, Method, no_guide
 from bayesmeta.models.baselines import Classifier
-from bayesmeta.nets import lstm_cell, lstm_init, make_net
+from bayesmeta.nets import embedding, lstm_cell, lstm_init, make_net
 from bayesmeta.sites import observe, param_tree
 from bayesmeta.tasks import TaskBatch
 
@@ -106,10 +106,7 @@ class MatchingNetworks(Classifier):
         lik = make_likelihood(cfg)
         p = params
 
-        def init(key: jax.Array) -> dict:
-            return {k: v for k, v in net.init(key).items() if k != "head"}
-
-        d = jax.eval_shape(lambda: net.features(init(jax.random.PRNGKey(0)), jnp.zeros((1, x_dim)))).shape[-1]
+        init, d = embedding(net, x_dim)
 
         def logits(theta: dict, fce: dict | None, x_s: jax.Array, y_s: jax.Array, x_q: jax.Array, s):
             """log p(y* | x*, S) for one task (batch norm per set, as ProtoNet's)."""

@@ -17,7 +17,7 @@ from bayesmeta.config import ModelConfig
 from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Context, Method, no_guide
 from bayesmeta.models.baselines import Classifier
-from bayesmeta.nets import make_net
+from bayesmeta.nets import embedding, make_net
 from bayesmeta.sites import observe, param_tree
 from bayesmeta.tasks import TaskBatch
 
@@ -42,8 +42,7 @@ class ProtoNet(Classifier):
             """Embeddings of T sets (T, n, d) with the shared weights (batch norm per set)."""
             return jax.vmap(lambda xi: net.features(theta, xi))(x)
 
-        def init(key: jax.Array) -> dict:
-            return {k: v for k, v in net.init(key).items() if k != "head"}
+        init, _ = embedding(net, x_dim)
 
         def model(batch: TaskBatch, inner_steps: int | None = None, training: bool = True) -> None:
             theta = param_tree("theta", init)

@@ -37,7 +37,7 @@ from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Context, Method, no_guide
 from bayesmeta.models.baselines import Classifier
-from bayesmeta.nets import dense_init, make_net
+from bayesmeta.nets import dense_init, embedding, make_net
 from bayesmeta.sites import observe, param_tree
 from bayesmeta.tasks import TaskBatch
 
@@ -83,10 +83,7 @@ class Siamese(Classifier):
         lik = make_likelihood(cfg)
         balanced = params.pairs == "balanced"
 
-        def body(key: jax.Array) -> dict:
-            return {k: v for k, v in net.init(key).items() if k != "head"}
-
-        d = jax.eval_shape(lambda: net.features(body(jax.random.PRNGKey(0)), jnp.zeros((1, x_dim)))).shape[-1]
+        body, d = embedding(net, x_dim)
 
         def init(key: jax.Array) -> dict:
             kb, ku = jax.random.split(key)

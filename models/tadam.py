@@ -33,7 +33,7 @@ from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Context, Method, no_guide
 from bayesmeta.models.baselines import Classifier
 from bayesmeta.models.protonet import prototype_logits
-from bayesmeta.nets import Film, dense, dense_init, make_net
+from bayesmeta.nets import Film, dense, dense_init, embedding, make_net
 from bayesmeta.sites import observe, param_tree
 from bayesmeta.tasks import TaskBatch
 
@@ -93,10 +93,7 @@ class TADAM(Classifier):
         lik = make_likelihood(cfg)
         p = params
 
-        def init(key: jax.Array) -> dict:
-            return {k: v for k, v in net.init(key).items() if k != "head"}
-
-        d = jax.eval_shape(lambda: net.features(init(jax.random.PRNGKey(0)), jnp.zeros((1, x_dim)))).shape[-1]
+        init, d = embedding(net, x_dim)
 
         def logits(theta: dict, tenp: dict | None, x_s: jax.Array, y_s: jax.Array, x_q: jax.Array):
             """-||f(x*; Gamma) - c_k||^2 for one task, Gamma = TEN(c_bar) (or none without film)."""
