@@ -32,7 +32,7 @@ from bayesmeta.adapt import InnerLoop
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Context, Method, Spec, no_guide
-from bayesmeta.nets import ACTIVATIONS, MLP, dense, dense_init, make_net
+from bayesmeta.nets import ACTIVATIONS, MLP, dense, dense_init, lstm_cell, make_net
 from bayesmeta.sites import observe, param_tree
 from bayesmeta.tasks import TaskBatch
 
@@ -72,10 +72,7 @@ def lstm_run(p: dict, xs: jax.Array) -> jax.Array:
     n_hidden = p["wh"].shape[0]
 
     def step(carry: tuple, x: jax.Array) -> tuple:
-        h, c = carry
-        i, f, g, o = jnp.split(x @ p["wx"] + h @ p["wh"] + p["b"], 4)
-        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        h, c = lstm_cell(p, x, *carry)
         return (h, c), h
 
     zero = jnp.zeros((n_hidden,), xs.dtype)

@@ -45,3 +45,20 @@ def elbo(method, params, batch, key=None):
 
 def to64(tree):
     return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
+
+
+def fit_lowers_loss(cfg, ratio: float = 0.7):
+    """Fit cfg's method on its family from seed 0; assert every loss is finite and the mean of the last
+    50 steps is below `ratio` x that of the first 50. Returns the FitResult."""
+    import numpy as np
+
+    from bayesmeta.fit import fit
+
+    fam = make_family(cfg.task)
+    result = fit(build_method(cfg.model, fam.x_dim, fam.y_dim), fam, cfg.train, seed=0, progress=False)
+    loss = np.asarray(result.trace.loss)
+    assert np.all(np.isfinite(loss)) and loss[-50:].mean() < ratio * loss[:50].mean(), (
+        loss[:50].mean(),
+        loss[-50:].mean(),
+    )
+    return result

@@ -10,11 +10,9 @@ import numpy as np
 from numpyro.infer import Predictive
 
 from bayesmeta.adapt import InnerLoop, gradient_descent
-from bayesmeta.fit import fit
 from bayesmeta.models.mumomaml import FILM, bilstm_embed, lstm_init, lstm_run, mean_embed, modulated_apply
 from bayesmeta.nets import MLP, dense_init
-from bayesmeta.registry import build_method, make_family
-from tests.helpers import elbo, tiny_setup
+from tests.helpers import elbo, fit_lowers_loss, tiny_setup
 
 MU = "model.method='mumomaml'"
 
@@ -124,12 +122,5 @@ def test_a_tiny_fit_on_the_sinusoid_lowers_the_loss(small_cfg):
         "model.params.encoder_hidden=8",
         "model.params.encoder_layers=1",
     )
-    fam = make_family(cfg.task)
-    method = build_method(cfg.model, fam.x_dim, fam.y_dim)
-    result = fit(method, fam, cfg.train, seed=0, progress=False)
-    loss = np.asarray(result.trace.loss)
-    assert np.all(np.isfinite(loss)) and loss[-50:].mean() < 0.7 * loss[:50].mean(), (
-        loss[:50].mean(),
-        loss[-50:].mean(),
-    )
+    result = fit_lowers_loss(cfg)
     assert np.any(np.asarray(result.params[f"{FILM}.layer_0.shift.w"]) != 0.0)

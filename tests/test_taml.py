@@ -13,13 +13,12 @@ import pytest
 from numpyro import handlers
 
 from bayesmeta.config import ConfigError
-from bayesmeta.fit import fit
 from bayesmeta.models.taml import TAML, entropy, inequality
 from bayesmeta.nets import make_net
-from bayesmeta.registry import build_method, load_config, make_family
+from bayesmeta.registry import load_config
 from bayesmeta.sites import tree_from_params
 from bayesmeta.tasks import TaskBatch
-from tests.helpers import elbo, tiny_setup
+from tests.helpers import elbo, fit_lowers_loss, tiny_setup
 
 TA = "model.method='taml'"
 INEQUALITIES = ["theil", "generalized_entropy", "atkinson", "gini", "variance_of_logs"]
@@ -136,11 +135,4 @@ def test_entropy_variant_by_hand_and_config_errors():
 def test_a_tiny_fit_on_the_sinusoid_lowers_the_loss(small_cfg):
     """200 meta-steps with the Theil regularizer (lam 0.1), MLP 16-16: the training loss falls by 30%."""
     cfg = small_cfg(TA, "model.inner_steps=2", "train.lr=5e-3", "train.meta_batch=16")
-    fam = make_family(cfg.task)
-    method = build_method(cfg.model, fam.x_dim, fam.y_dim)
-    result = fit(method, fam, cfg.train, seed=0, progress=False)
-    loss = np.asarray(result.trace.loss)
-    assert np.all(np.isfinite(loss)) and loss[-50:].mean() < 0.7 * loss[:50].mean(), (
-        loss[:50].mean(),
-        loss[-50:].mean(),
-    )
+    fit_lowers_loss(cfg)
