@@ -137,6 +137,58 @@ def _train(cell: Cell, base: Path, out_dir: Path, progress: bool) -> Outcome:
     return Outcome(cell, metrics, time.perf_counter() - t0)
 
 
+def _untrained(cell: Cell, base: Path, out_dir: Path) -> config.Config | None:
+    """The training config of a cell that nothing finished, resumable or recorded covers, else None."""
+    cfg = registry.load_config(base, [*cell.overrides, f"seed={cell.seed}", f"name={cell.run_name}"])
+    run_dir = out_dir / "runs" / cell.run_name
+    if _same_config(run_dir / "config.toml", cfg) and any(
+        (run_dir / f).is_file() for f in ("metrics.json", CHECKPOINT)
+    ):
+        return None
+    record = out_dir / CELLS / cell.run_name
+    if cell.evaluation:
+        overrides = [*cell.overrides, *cell.evaluation, f"seed={cell.seed}", f"name={cell.run_name}"]
+        evaluated = registry.load_config(base, overrides)
+        if _recorded(record / "evals" / cell.setting, evaluated) is not None:
+            return None
+    elif _recorded(record, cfg) is not None:
+        return None
+    return cfg if cfg.train.devices == 1 else None
+
+
+def train_together(
+    cells: list[Cell], base: Path, out_dir: Path, progress: bool = True, lanes: int = 5
+) -> dict[str, Outcome]:
+    """Train the cells' untrained runs that differ only in seed together, up to `lanes` seeds in one
+    vmapped computation (run.train_seeds), into runs/<run_name> with their records; returns each
+    trained run's outcome by run name (a run that failed carries its error). Runs without a partner
+    are left to run_cell."""
+    groups: dict[tuple[str, ...], dict[str, config.Config]] = {}
+    for cell in cells:
+        if (cfg := _untrained(cell, base, out_dir)) is not None:
+            groups.setdefault(cell.overrides, {})[cell.run_name] = cfg
+    done: dict[str, Outcome] = {}
+    for runs in groups.values():
+        names = list(runs)
+        for i in range(0, len(names), lanes):
+            part = names[i : i + lanes]
+            if len(part) < 2:
+                continue
+            print(f"training {len(part)} seeds together: {', '.join(part)}", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            cfgs = [runs[n] for n in part]
+            outs = run.train_seeds(cfgs, [out_dir / "runs" / n for n in part], progress=progress)
+            share = (time.perf_counter() - t0) / len(part)
+            for name, cfg, (result, metrics) in zip(part, cfgs, outs, strict=True):
+                cell = next(c for c in cells if c.run_name == name)
+                if metrics is None:
+                    done[name] = Outcome(cell, None, share, error=str(result))
+                    continue
+                _record(out_dir / CELLS / name, cfg, metrics)
+                done[name] = Outcome(cell, metrics, metrics["train_seconds"] + metrics["eval_seconds"])
+    return done
+
+
 def evaluate_cell(cell: Cell, base: Path, out_dir: Path, progress: bool = True) -> Outcome:
     """Evaluate the cell's trained run (training it first if needed) under its evaluation overrides,
     into runs/<run>/evals/<setting>/; reused when that evaluation's config is unchanged (also from its
@@ -518,13 +570,22 @@ def run_grid(
     notes: str = "",
     progress: bool = True,
     wide: bool = False,
+    lanes: int = 5,
 ) -> Results:
-    """Run every cell (reusing finished ones) and write RESULTS.md / results.json into out_dir."""
+    """Run every cell (reusing finished ones) and write RESULTS.md / results.json into out_dir. Untrained
+    runs that differ only in seed are trained `lanes` at a time in one computation (train_together)."""
     t0 = time.perf_counter()
+    together = train_together(cells, base, out_dir, progress, lanes) if lanes > 1 else {}
     outcomes = []
     for i, cell in enumerate(cells):
         print(f"[{i + 1}/{len(cells)}] {cell.name}", file=sys.stderr, flush=True)
-        outcomes.append(run_cell(cell, base, out_dir, progress))
+        trained = together.get(cell.run_name)
+        if trained is not None and not cell.evaluation:
+            outcomes.append(trained)
+        elif trained is not None and trained.error:
+            outcomes.append(Outcome(cell, None, trained.seconds, error=trained.error))
+        else:
+            outcomes.append(run_cell(cell, base, out_dir, progress))
     res = Results(
         title,
         out_dir,

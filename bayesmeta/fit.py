@@ -214,23 +214,31 @@ def make_chunk(
     data_key: jax.Array,
     mesh: Mesh | None = None,
     per_task: bool = False,
+    lanes: bool = False,
 ) -> Callable[[Any, jax.Array, int], tuple]:
     """chunk(state, start, n): n SVI steps in one jitted lax.scan -> (state, losses (n,), finite).
 
     With a mesh, each step's tasks are sharded along its "tasks" axis (the state is replicated), and
     XLA's SPMD partitioner turns the mean over tasks into a cross-device reduction. `per_task` steps
-    by `task_update` (per-task gradients into the optimizer) instead of svi.update.
+    by `task_update` (per-task gradients into the optimizer) instead of svi.update. With `lanes`, the
+    state and `data_key` carry a leading axis of independent runs (seeds), vmapped in the same XLA
+    computation: losses (K, n), finite (K,).
     """
 
-    def one(state: Any, step: jax.Array) -> tuple[Any, jax.Array]:
-        batch = step_tasks(family, data_key, step, meta_batch)
-        if mesh is not None:
-            batch = jax.lax.with_sharding_constraint(batch, NamedSharding(mesh, PartitionSpec("tasks")))
-        return task_update(svi, state, batch) if per_task else svi.update(state, batch)
+    def run(state: Any, start: jax.Array, n: int, key: jax.Array) -> tuple[Any, jax.Array, jax.Array]:
+        def one(state: Any, step: jax.Array) -> tuple[Any, jax.Array]:
+            batch = step_tasks(family, key, step, meta_batch)
+            if mesh is not None:
+                batch = jax.lax.with_sharding_constraint(batch, NamedSharding(mesh, PartitionSpec("tasks")))
+            return task_update(svi, state, batch) if per_task else svi.update(state, batch)
 
-    def chunk(state: Any, start: jax.Array, n: int) -> tuple[Any, jax.Array, jax.Array]:
         state, losses = jax.lax.scan(one, state, start + jnp.arange(n))
         return state, losses, _tree_finite(svi.optim.get_params(state.optim_state))
+
+    def chunk(state: Any, start: jax.Array, n: int) -> tuple[Any, jax.Array, jax.Array]:
+        if lanes:
+            return jax.vmap(lambda s, k: run(s, start, n, k))(state, data_key)
+        return run(state, start, n, data_key)
 
     return jax.jit(chunk, static_argnums=2)
 
@@ -285,6 +293,33 @@ def load_checkpoint(run_dir: Path, template: Any, resume: bool = True) -> tuple[
     return state, int(data["step"]), Trace.from_arrays(data["loss"], str(data["meta"]))
 
 
+@dataclass
+class Lane:
+    """One run of those trained together: its seed, folder, record and fate."""
+
+    seed: int
+    run_dir: Path | None
+    trace: Trace
+    last_saved: int
+    error: NonFiniteError | None = None
+
+
+def _lane(state: Any, i: int, batched: bool) -> Any:
+    """The state of lane i of a batched (leading lane axis) state."""
+    return jax.tree.map(lambda a: a[i], state) if batched else state
+
+
+def _keep(new: Any, old: Any, alive: np.ndarray) -> Any:
+    """new where the lane is alive, old (its last good state) where it failed."""
+    return jax.tree.map(lambda a, b: jnp.where(alive.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
+
+
+def _first_bad(losses: np.ndarray) -> int:
+    """Index of the first non-finite loss of a chunk, or its last step (the parameters went bad)."""
+    finite = np.isfinite(losses)
+    return int(np.argmin(finite)) if not finite.all() else len(losses) - 1
+
+
 def fit(
     method: Method,
     family: Family,
@@ -311,19 +346,77 @@ def fit(
     false (every process but the first of a multi-process run) nothing is written; `resume` still reads
     run_dir's checkpoint. The returned state is this process's copy.
     """
-    run_dir = Path(run_dir) if run_dir is not None else None
-    svi = make_svi(method, cfg, seed)
-    state, data_key = initial_state(svi, family, cfg, seed)
-    step, trace = 0, Trace()
-    if resume:
-        if run_dir is None:
-            raise CheckpointError("resume needs a run directory")
-        state, step, trace = load_checkpoint(run_dir, state)
-    total = cfg.steps if until is None else min(until, cfg.steps)
+    (out,) = fit_seeds(
+        method,
+        family,
+        cfg,
+        seeds=(seed,),
+        run_dirs=(run_dir,),
+        resume=resume,
+        until=until,
+        evaluate=evaluate,
+        diagnose=diagnose,
+        progress=progress,
+        desc=desc,
+        save=save,
+    )
+    if isinstance(out, NonFiniteError):
+        raise out
+    return out
+
+
+def fit_seeds(
+    method: Method,
+    family: Family,
+    cfg: TrainConfig,
+    *,
+    seeds: tuple[int, ...],
+    run_dirs: tuple[str | Path | None, ...],
+    resume: bool = False,
+    until: int | None = None,
+    evaluate: Callable[[dict], dict[str, float]] | None = None,
+    diagnose: Callable[[dict], dict[str, float]] | None = None,
+    progress: bool = True,
+    desc: str = "fit",
+    save: bool = True,
+) -> list[FitResult | NonFiniteError]:
+    """`fit` for several seeds of one configuration at once: with more than one seed the runs are lanes
+    of one vmapped XLA computation (one compile, batched kernels), each with its own tasks, state,
+    checkpoint, trace and evaluation, ending in the parameters it would reach alone (up to float
+    reassociation). A lane whose loss turns non-finite keeps its last good checkpoint, stops, and is
+    returned as its NonFiniteError while the others go on. Each lane's trace counts 1/K of the wall time.
+    """
+    batched = len(seeds) > 1
+    dirs = [Path(d) if d is not None else None for d in run_dirs]
+    if len(dirs) != len(seeds):
+        raise ValueError("fit_seeds: one run directory (or None) per seed")
     mesh = task_mesh(cfg.devices)
+    if batched and mesh is not None:
+        raise ConfigError("train.devices: seeds trained together run on one device; set it to 1")
+    svis = [make_svi(method, cfg, seed) for seed in seeds]  # a seed's optimizer state may start from it
+    svi = svis[0]  # initialised below (svi.init sets its constrain_fn); it steps every lane
+    states, keys, lanes = [], [], []
+    for seed, run_dir, lane_svi in zip(seeds, dirs, svis, strict=True):
+        state, data_key = initial_state(lane_svi, family, cfg, seed)
+        step, trace = 0, Trace()
+        if resume:
+            if run_dir is None:
+                raise CheckpointError("resume needs a run directory")
+            state, step, trace = load_checkpoint(run_dir, state)
+        states.append(state)
+        keys.append(data_key)
+        lanes.append(Lane(seed, run_dir, trace, step))
+    step = lanes[0].last_saved
+    if any(lane.last_saved != step for lane in lanes):
+        found = ", ".join(f"{lane.run_dir}: {lane.last_saved}" for lane in lanes)
+        raise CheckpointError(f"seeds trained together must resume from the same step ({found})")
+    stack = (lambda *a: jnp.stack(a)) if batched else (lambda a: a)
+    state = jax.tree.map(stack, *states)
+    data_key = stack(*keys)
+    total = cfg.steps if until is None else min(until, cfg.steps)
     if mesh is not None:
         state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
-    chunk = make_chunk(svi, family, cfg.meta_batch, data_key, mesh, cfg.task_gradients != "batch")
+    chunk = make_chunk(svi, family, cfg.meta_batch, data_key, mesh, cfg.task_gradients != "batch", batched)
     bar = tqdm(
         total=cfg.steps,
         initial=step,
@@ -334,38 +427,67 @@ def fit(
         mininterval=0.5,
     )
     postfix: dict[str, str] = {}
-    last_saved = step
-    t0 = time.perf_counter() - trace.seconds
+    base = [lane.trace.seconds for lane in lanes]
+    t0 = time.perf_counter()
+
+    def clock() -> None:
+        for lane, b in zip(lanes, base, strict=True):
+            lane.trace.seconds = b + (time.perf_counter() - t0) / len(lanes)
+
+    def checkpoint(host: Any, at: int, which: list[Lane]) -> None:
+        clock()
+        for i, lane in enumerate(lanes):
+            if lane in which and lane.run_dir is not None and save:
+                save_checkpoint(lane.run_dir, _lane(host, i, batched), at, lane.trace)
+                lane.last_saved = at
+
     try:
-        while step < total:
+        while step < total and any(lane.error is None for lane in lanes):
             n = min(cfg.log_every - step % cfg.log_every, total - step)
             new_state, losses, finite = chunk(state, jnp.asarray(step), n)
-            losses, finite = np.asarray(to_host(losses)), bool(to_host(finite))
-            if not (np.all(np.isfinite(losses)) and finite):
-                bad = int(np.argmin(np.isfinite(losses))) if not np.all(np.isfinite(losses)) else n - 1
-                where = "nowhere (no run directory)"
-                if run_dir is not None and save:
-                    trace.seconds = time.perf_counter() - t0
-                    save_checkpoint(run_dir, to_host(state), step, trace)
-                    where = str(run_dir / CHECKPOINT)
-                    last_saved = step
-                raise NonFiniteError(
-                    f"non-finite loss or parameters at step {step + bad + 1}; last good state "
-                    f"(step {last_saved}) kept in {where}"
-                )
+            losses = np.asarray(to_host(losses)).reshape(len(lanes), n)
+            finite = np.asarray(to_host(finite)).reshape(len(lanes))
+            bad = [
+                i
+                for i, lane in enumerate(lanes)
+                if lane.error is None and not (np.all(np.isfinite(losses[i])) and finite[i])
+            ]
+            if bad:
+                host = to_host(state)
+                checkpoint(host, step, [lanes[i] for i in bad])
+                for i in bad:
+                    at = _first_bad(losses[i])
+                    lane = lanes[i]
+                    where = "nowhere (no run directory)"
+                    if lane.run_dir is not None and save:
+                        where = str(lane.run_dir / CHECKPOINT)
+                    lane.error = NonFiniteError(
+                        f"non-finite loss or parameters at step {step + at + 1}; last good state "
+                        f"(step {lane.last_saved}) kept in {where}"
+                    )
+                if not batched:
+                    break
+                new_state = _keep(new_state, state, np.array([lane.error is None for lane in lanes]))
             state, step = new_state, step + n
-            trace.loss.extend(losses.tolist())
-            postfix["loss"] = f"{losses.mean():.4g}"
-            if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-                metrics = evaluate(to_host(svi.get_params(state)))
-                trace.add_eval(step, metrics)
-                postfix.update({k: f"{v:.4g}" for k, v in metrics.items()})
-            if (
+            live = [(i, lane) for i, lane in enumerate(lanes) if lane.error is None]
+            for i, lane in live:
+                lane.trace.loss.extend(losses[i].tolist())
+            postfix["loss"] = f"{np.mean([losses[i].mean() for i, _ in live]):.4g}" if live else "nan"
+            evaluating = evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps)
+            diagnosing = (
                 diagnose is not None
                 and cfg.diagnostics_every
                 and (step % cfg.diagnostics_every == 0 or step == cfg.steps)
-            ):
-                trace.add_diagnostics(step, diagnose(to_host(svi.get_params(state))))
+            )
+            if evaluating or diagnosing:
+                params = to_host(svi.get_params(state))
+                for i, lane in live:
+                    if evaluating:
+                        metrics = evaluate(_lane(params, i, batched))
+                        lane.trace.add_eval(step, metrics)
+                        postfix.update({k: f"{v:.4g}" for k, v in metrics.items()})
+                    if diagnosing:
+                        lane.trace.add_diagnostics(step, diagnose(_lane(params, i, batched)))
             bar.set_postfix(postfix, refresh=False)
             bar.update(n)
             if not progress and (step % cfg.eval_every == 0 or step == total):
@@ -377,17 +499,18 @@ def fit(
                     ", ".join(f"{k} {v}" for k, v in postfix.items()),
                     time.perf_counter() - t0,
                 )
-            if run_dir is not None and save and (step % cfg.checkpoint_every == 0 or step == total):
-                trace.seconds = time.perf_counter() - t0
-                save_checkpoint(run_dir, to_host(state), step, trace)
-                last_saved = step
+            if step % cfg.checkpoint_every == 0 or step == total:
+                checkpoint(to_host(state), step, [lane for _, lane in live])
     except KeyboardInterrupt:
-        if run_dir is not None and save and step > last_saved:
-            trace.seconds = time.perf_counter() - t0
-            save_checkpoint(run_dir, to_host(state), step, trace)
+        unsaved = [lane for lane in lanes if lane.error is None and step > lane.last_saved]
+        checkpoint(to_host(state), step, unsaved)
         raise
     finally:
         bar.close()
-    trace.seconds = time.perf_counter() - t0
+    clock()
     state = to_host(state)
-    return FitResult(params=svi.get_params(state), state=state, step=step, trace=trace)
+    out: list[FitResult | NonFiniteError] = []
+    for i, lane in enumerate(lanes):
+        s = _lane(state, i, batched)
+        out.append(lane.error or FitResult(params=svi.get_params(s), state=s, step=step, trace=lane.trace))
+    return out

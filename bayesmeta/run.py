@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import time
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
-from numpyro.infer import Predictive
+from numpyro.infer import SVI, Predictive
 
 from bayesmeta import config as config_mod
 from bayesmeta.config import Config
@@ -22,7 +23,8 @@ from bayesmeta.distributed import is_primary
 from bayesmeta.fit import (
     CHECKPOINT,
     FitResult,
-    fit,
+    NonFiniteError,
+    fit_seeds,
     initial_state,
     load_checkpoint,
     make_svi,
@@ -145,39 +147,65 @@ def train(
     Holds the folder's lock throughout, and changes nothing in it until the config has built a model
     whose initial state (and, on resume, checkpoint) is valid; a fresh start first removes the
     previous run's checkpoint and results, so no file describes a run other than this one."""
-    setup = Setup.from_config(cfg)
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-    template, _ = initial_state(
-        make_svi(setup.method, cfg.train, cfg.seed), setup.family, cfg.train, cfg.seed, shapes_only=True
-    )
-    task_mesh(cfg.train.devices)
+    ((result, metrics),) = train_seeds([cfg], [run_dir], resume=resume, until=until, progress=progress)
+    if isinstance(result, NonFiniteError):
+        raise result
+    return result, metrics
+
+
+def train_seeds(
+    cfgs: list[Config],
+    run_dirs: list[str | Path | None],
+    *,
+    resume: bool = False,
+    until: int | None = None,
+    progress: bool = True,
+) -> list[tuple[FitResult | NonFiniteError, dict | None]]:
+    """`train` for configs that differ only in seed and name, trained together (fit.fit_seeds: one
+    vmapped computation), each then evaluated into its own folder; a seed whose loss turns non-finite
+    is returned as its NonFiniteError (its last good checkpoint kept) and the others finish."""
+    first = cfgs[0]
+    if any(dataclasses.replace(c, seed=first.seed, name=first.name) != first for c in cfgs):
+        raise ValueError("train_seeds: the configs must differ only in seed and name")
+    setups = [Setup.from_config(c) for c in cfgs]
+    setup = setups[0]
+    dirs = [Path(d) if d is not None else default_run_dir(c) for c, d in zip(cfgs, run_dirs, strict=True)]
+    templates = [template_state(setup, c)[0] for c in cfgs]
+    task_mesh(first.train.devices)
     primary = is_primary()  # of a multi-process run, only process 0 writes the folder and evaluates
-    with run_lock(run_dir, "bayesmeta fit") if primary else contextlib.nullcontext():
-        if resume:
-            load_checkpoint(run_dir, template)
-        elif primary:
-            clear_run(run_dir)
+    with contextlib.ExitStack() as stack:
         if primary:
-            write_text(run_dir / "config.toml", config_mod.dumps(cfg))
-        monitor = setup.eval_family.sample(jax.random.fold_in(setup.eval_key, 10**6), cfg.train.eval_tasks)
-        metric = quick_metric(setup.eval_method, setup.likelihood, monitor, max(cfg.eval.inner_steps))
-        result = fit(
+            for d in dirs:
+                stack.enter_context(run_lock(d, "bayesmeta fit"))
+        for template, d in zip(templates, dirs, strict=True):
+            if resume:
+                load_checkpoint(d, template)
+        for c, d in zip(cfgs, dirs, strict=True):
+            if primary and not resume:
+                clear_run(d)
+            if primary:
+                write_text(d / "config.toml", config_mod.dumps(c))
+        monitor = setup.eval_family.sample(jax.random.fold_in(setup.eval_key, 10**6), first.train.eval_tasks)
+        metric = quick_metric(setup.eval_method, setup.likelihood, monitor, max(first.eval.inner_steps))
+        results = fit_seeds(
             setup.method,
             setup.family,
-            cfg.train,
-            seed=cfg.seed,
-            run_dir=run_dir,
+            first.train,
+            seeds=tuple(c.seed for c in cfgs),
+            run_dirs=tuple(dirs),
             resume=resume,
             until=until,
             evaluate=metric,
-            diagnose=landscape_monitor(setup, metric) if cfg.train.diagnostics_every else None,
+            diagnose=landscape_monitor(setup, metric) if first.train.diagnostics_every else None,
             progress=progress and primary,
-            desc=cfg.name,
+            desc=first.name if len(cfgs) == 1 else f"{first.name} and {len(cfgs) - 1} more seeds",
             save=primary,
         )
-        if result.step < cfg.train.steps or not primary:
-            return result, None
-        return result, finish(setup, run_dir, result, progress=progress)
+        out: list[tuple[FitResult | NonFiniteError, dict | None]] = []
+        for s, d, r in zip(setups, dirs, results, strict=True):
+            done = not isinstance(r, NonFiniteError) and r.step >= first.train.steps and primary
+            out.append((r, finish(s, d, r, progress=progress) if done else None))
+        return out
 
 
 def clear_run(run_dir: Path) -> None:
@@ -192,11 +220,17 @@ def clear_run(run_dir: Path) -> None:
     (run_dir / CHECKPOINT).unlink(missing_ok=True)
 
 
+def template_state(setup: Setup, cfg: Config) -> tuple[Any, SVI]:
+    """The shapes of cfg's SVI state before step 0 (traced, not computed: a checkpoint's template, and
+    the check that the configured model builds), and the SVI object that tracing initialised."""
+    svi = make_svi(setup.method, cfg.train, cfg.seed)
+    return initial_state(svi, setup.family, cfg.train, cfg.seed, shapes_only=True)[0], svi
+
+
 def restore(cfg: Config, run_dir: Path) -> tuple[Setup, FitResult]:
     """Rebuild the method and load the run's checkpointed parameters."""
     setup = Setup.from_config(cfg)
-    svi = make_svi(setup.method, cfg.train)
-    template, _ = initial_state(svi, setup.family, cfg.train, cfg.seed, shapes_only=True)
+    template, svi = template_state(setup, cfg)
     state, step, trace = load_checkpoint(run_dir, template, resume=False)
     return setup, FitResult(svi.get_params(state), state, step, trace)
 

@@ -104,3 +104,26 @@ def test_an_evaluation_cell_is_reused_from_its_record(tmp_path):
     again = run_grid("t", DEFAULT_CONFIG, [cell], ["mse@10"], tmp_path, progress=False)
     assert again.outcomes[0].reused and not (tmp_path / "runs").exists()
     assert again.rows[0]["mean"] == first.rows[0]["mean"] and first.rows[0]["tasks_per_seed"] == 20
+
+
+def test_seeds_of_one_configuration_train_together_and_a_failing_pair_is_reported(tmp_path, capsys):
+    """run_grid trains the untrained seeds of each configuration as lanes of one computation: both
+    seeds of "ok" finish and are recorded, both of "bad" fail with the step named, and a second
+    invocation reuses the finished runs."""
+    small = (*SMALL, "train.steps=60", "train.log_every=20", "eval.memorization_tasks=0")
+    cells = [Cell("ok", "s", s, small) for s in (0, 1)] + [
+        Cell("bad", "s", s, (*small, "train.lr=1e30")) for s in (0, 1)
+    ]
+    res = run_grid("t", DEFAULT_CONFIG, cells, ["mse@10"], tmp_path, progress=False)
+    err = capsys.readouterr().err
+    assert "training 2 seeds together: ok-s-seed0, ok-s-seed1" in err
+    assert "training 2 seeds together: bad-s-seed0, bad-s-seed1" in err
+    ok = [o for o in res.outcomes if o.cell.method == "ok"]
+    assert all(o.metrics is not None and not o.reused for o in ok)
+    assert ok[0].metrics["metrics"] != ok[1].metrics["metrics"]  # two seeds, not one run twice
+    assert all((tmp_path / "cells" / o.cell.run_name / "metrics.json").is_file() for o in ok)
+    bad = [o for o in res.outcomes if o.cell.method == "bad"]
+    assert all(o.metrics is None and "non-finite loss or parameters at step" in o.error for o in bad)
+    again = run_grid("t", DEFAULT_CONFIG, cells[:2], ["mse@10"], tmp_path, progress=False)
+    assert all(o.reused for o in again.outcomes)
+    assert "together" not in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -161,3 +162,63 @@ def test_maml_learns_its_output_noise(small_cfg):
     f = predictive(setup.method, 2, 1, ("f",))(result.params, tasks, jax.random.PRNGKey(0))["f"][0]
     rms = float(jnp.sqrt(jnp.mean(jnp.square(f - tasks.y_query))))
     assert noise < 2.5 and noise == pytest.approx(rms, rel=0.25)
+
+
+def test_seeds_trained_together_end_where_each_ends_alone(small_cfg, tmp_path):
+    """fit_seeds vmaps two seeds' runs into one computation: each lane's losses, held-out record and
+    parameters are those of the seed trained alone (up to float reassociation in batched kernels)."""
+    from bayesmeta.fit import fit_seeds
+
+    cfg = small_cfg("train.steps=100", "train.eval_every=50")
+    setup = run.Setup.from_config(cfg)
+
+    def metric(params):
+        return {"w": float(sum(jnp.sum(leaf) for leaf in jax.tree.leaves(params)))}
+
+    together = fit_seeds(
+        setup.method,
+        setup.family,
+        cfg.train,
+        seeds=(3, 4),
+        run_dirs=(tmp_path / "a", tmp_path / "b"),
+        evaluate=metric,
+        progress=False,
+    )
+    for seed, lane, folder in zip((3, 4), together, ("a", "b"), strict=True):
+        alone = fit(setup.method, setup.family, cfg.train, seed=seed, evaluate=metric, progress=False)
+        np.testing.assert_allclose(lane.trace.loss, alone.trace.loss, rtol=2e-4, atol=1e-6)
+        assert lane.trace.eval_step == alone.trace.eval_step == [50, 100]
+        np.testing.assert_allclose(lane.trace.eval["w"], alone.trace.eval["w"], rtol=2e-4)
+        for x, y in zip(jax.tree.leaves(lane.params), jax.tree.leaves(alone.params), strict=True):
+            np.testing.assert_allclose(x, y, rtol=2e-3, atol=1e-5)
+        _, saved = run.restore(dataclasses.replace(cfg, seed=seed), tmp_path / folder)
+        assert saved.step == 100
+        for x, y in zip(jax.tree.leaves(saved.params), jax.tree.leaves(lane.params), strict=True):
+            np.testing.assert_array_equal(x, y)
+    assert not np.allclose(together[0].trace.loss, together[1].trace.loss)
+
+
+def test_a_diverging_seed_stops_alone_and_keeps_its_checkpoint(small_cfg, tmp_path):
+    """Of seeds trained together, the one whose loss turns non-finite is returned as its NonFiniteError
+    naming the step, its last good checkpoint kept; the other finishes as it would alone."""
+    from bayesmeta.fit import NonFiniteError, fit_seeds
+
+    cfg = small_cfg("train.steps=200")
+    setup = run.Setup.from_config(cfg)
+    dirs = (tmp_path / "a", tmp_path / "b")
+    kw = {"seeds": (0, 1), "run_dirs": dirs, "progress": False}
+    fit_seeds(setup.method, setup.family, cfg.train, until=100, **kw)
+    # poison lane b's checkpoint: every weight 1e30, so its first resumed step overflows
+    path = dirs[1] / CHECKPOINT
+    with np.load(path) as z:
+        data = {k: z[k] for k in z.files}
+    weights = [k for k, v in data.items() if k.startswith("leaf_") and v.dtype == np.float32]
+    np.savez(path, **(data | {k: np.full_like(data[k], 1e30) for k in weights}))
+    a, b = fit_seeds(setup.method, setup.family, cfg.train, resume=True, **kw)
+    assert isinstance(b, NonFiniteError)
+    assert re.search(r"at step 10[1-9]; last good state \(step 100\) kept in .*b", str(b)), str(b)
+    alone = fit(setup.method, setup.family, cfg.train, seed=0, progress=False)
+    assert a.step == 200
+    np.testing.assert_allclose(a.trace.loss, alone.trace.loss, rtol=2e-4, atol=1e-6)
+    with np.load(path) as z:
+        assert int(z["step"]) == 100
