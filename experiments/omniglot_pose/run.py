@@ -107,10 +107,10 @@ def grid(row: str, smoke: bool) -> dict[str, tuple[str, ...]]:
 def select(out: Path, smoke: bool, extra: tuple[str, ...]) -> dict[str, dict]:
     """Stage 1: every row at every grid point, seed 0, scored on the validation characters."""
     cells = [
-        Cell(row, label, 0, (*ROWS[row], *over, *extra), VALIDATION)
+        Cell(f"{row}, {label}", "validation", 0, (*ROWS[row], *over, *extra), VALIDATION)
         for row in ROWS
         for label, over in grid(row, smoke).items()
-    ]
+    ]  # one method label per grid point: each is its own training run
     res = run_grid(
         "Omniglot pose: choosing the learning rate and beta on validation characters (alphabet Greek)",
         BASE,
@@ -123,14 +123,17 @@ def select(out: Path, smoke: bool, extra: tuple[str, ...]) -> dict[str, dict]:
     choice = {}
     for row in ROWS:
         scored = [
-            r for r in res.rows if r["method"] == row and r["metric"] == METRIC and r["mean"] is not None
+            r
+            for r in res.rows
+            if r["method"].startswith(f"{row}, ") and r["metric"] == METRIC and r["mean"] is not None
         ]
         if scored:
             best = min(scored, key=lambda r: r["mean"])
+            label = best["method"][len(row) + 2 :]
             choice[row] = {
-                "setting": best["setting"],
+                "setting": label,
                 "validation": best["mean"],
-                "overrides": grid(row, smoke)[best["setting"]],
+                "overrides": grid(row, smoke)[label],
             }
     (out / "selection" / "choice.json").write_text(json.dumps(choice, indent=1) + "\n")
     res.notes = (
