@@ -126,12 +126,13 @@ def evaluate(
     key: jax.Array,
     progress: bool = False,
     blown_up: str = "keep",
+    extra_metrics: Callable[[jax.Array, jax.Array], dict[str, jax.Array]] | None = None,
 ) -> Evaluation:
     """Adapt and predict every batch for each test-time step count; draws of "y", "f" and the
     likelihood's own draw sites (a heteroscedastic sd), metrics of the predictive mean, and the support
     loss before and after adaptation (for the divergence rule); for methods that check
     their draws, the fraction of each task's draws that blew up ("blown_up_draws", counted before any
-    rejection)."""
+    rejection); `extra_metrics(mean, y)` adds a family's own per-task metrics (tasks.TaskMetrics)."""
     per_task: dict[int, dict[str, list]] = {}
     draws: dict[int, dict[str, list]] = {}
     support: dict[int, list] = {}
@@ -150,6 +151,8 @@ def evaluate(
                 out = run(params, batch, k)
                 mean = jnp.mean(out["f"], axis=0)
                 metrics = likelihood.task_metrics(mean, batch.y_query)
+                if extra_metrics is not None:
+                    metrics |= extra_metrics(mean, batch.y_query)
                 if "blown_up" in out:
                     metrics["blown_up_draws"] = jnp.mean(out.pop("blown_up"), 0)
                 for name, v in metrics.items():

@@ -43,7 +43,7 @@ from bayesmeta.sections import (
     query_points,
     tree_contributions,
 )
-from bayesmeta.tasks import Classification, DenseGrid, Family, GroundTruth
+from bayesmeta.tasks import Classification, DenseGrid, Family, GroundTruth, TaskMetrics
 
 GRID_POINTS = 200
 # metrics.json's schema: raised whenever evaluation changes what it measures, so that experiment grids
@@ -294,6 +294,7 @@ def finish(setup: Setup, run_dir: Path, result: FitResult, progress: bool = True
         jax.random.fold_in(setup.eval_key, 1),
         progress=progress,
         blown_up=cfg.eval.blown_up_draws,
+        extra_metrics=setup.eval_family.task_metrics if isinstance(setup.eval_family, TaskMetrics) else None,
     )
     grid = grid_predictions(setup, result.params, ev.tasks)
     results = compute_sections(Evaluated(setup, result.params, ev, result))

@@ -35,7 +35,15 @@ from bayesmeta.likelihoods import Categorical, Gaussian
 from bayesmeta.predict import predictive
 from bayesmeta.stats import summarize
 from bayesmeta.tables import markdown_table
-from bayesmeta.tasks import Classification, DenseGrid, ExactPredictive, GroundTruth, Groups, Hypotheses
+from bayesmeta.tasks import (
+    Classification,
+    Counterfactual,
+    DenseGrid,
+    ExactPredictive,
+    GroundTruth,
+    Groups,
+    Hypotheses,
+)
 
 if TYPE_CHECKING:
     from bayesmeta.fit import FitResult
@@ -164,7 +172,8 @@ class GroupMetrics(Section):
 
 class Memorization(Section):
     """Support dependence D and the truth slope at each test-time step count (bayesmeta.diagnostics.
-    memorization): needs a family with a known truth (GroundTruth) and a Gaussian likelihood."""
+    memorization): needs a family with a known truth (GroundTruth) or counterfactual tasks
+    (Counterfactual), and a Gaussian likelihood."""
 
     key = "diagnostics"
     empty: ClassVar[Any] = {}
@@ -173,7 +182,7 @@ class Memorization(Section):
         return (
             setup.cfg.eval.memorization_tasks >= 2
             and isinstance(setup.likelihood, Gaussian)
-            and isinstance(setup.eval_family, GroundTruth)
+            and isinstance(setup.eval_family, GroundTruth | Counterfactual)
         )
 
     def compute(self, run: Evaluated) -> dict[str, float | None]:

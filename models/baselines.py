@@ -6,6 +6,12 @@ task replace the head by a zero N-way head and take `inner_steps` gradient steps
 under their global class labels (info["classes"]); prediction (y_query withheld) adapts and predicts.
 Its probe (landscape diagnostics) starts from the pre-trained body and the zero head.
 
+For regression (a Gaussian likelihood) the targets already share one output space across tasks, so
+the network is pre-trained on every training point of every task jointly (Yin et al.'s 2020 "FT"
+baseline: one network trained on all instances, then fine-tuned on the task training data), and a new
+task starts from the whole pre-trained network, head included. Weight decay (their "FT + weight
+decay") is train.optimizer = "adamw" with train.weight_decay.
+
 Nearest neighbour: the query takes the class of the closest support input in Euclidean distance
 (pixels on Omniglot); "f" holds softmax(-min distance per class), whose argmax is the 1-NN decision.
 It has no parameters to fit: evaluate it without training.
@@ -47,10 +53,17 @@ def global_labels(classes: jax.Array, y: jax.Array) -> jax.Array:
 
 
 class FineTune(Classifier):
-    """Pre-train on all meta-training classes, fine-tune a fresh head on each task's support set."""
+    """Pre-train on all meta-training classes (or, for regression, all training points), fine-tune on
+    each task's support set."""
+
+    @staticmethod
+    def check(cfg: ModelConfig, params: object) -> str | None:
+        return None
 
     @staticmethod
     def build(cfg: ModelConfig, params: object, x_dim: int, y_dim: int, context: Context) -> Method:
+        if cfg.likelihood != "categorical":
+            return _finetune_regression(cfg, x_dim, y_dim)
         if context.n_classes is None:
             raise ValueError("finetune: the task family must say how many classes it has (n_classes)")
         pretrain = make_net(cfg.net, x_dim, context.n_classes)
@@ -88,6 +101,35 @@ class FineTune(Classifier):
             return Probe(start, adapt, loss, loss, task_net.features)
 
         return Method(name="finetune", model=model, guide=no_guide, probe=probe, likelihood=lik)
+
+
+def _finetune_regression(cfg: ModelConfig, x_dim: int, y_dim: int) -> Method:
+    """Regression fine-tuning: theta fitted to every training point jointly (no adaptation), then
+    `inner_steps` steps on the support set from theta at prediction."""
+    net = make_net(cfg.net, x_dim, y_dim)
+    lik = make_likelihood(cfg)
+    inner = InnerLoop.from_config(cfg)
+
+    def loss(p: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+        return lik.loss(net.apply(p, x), y)
+
+    def model(batch: TaskBatch, inner_steps: int | None = None, training: bool = True) -> None:
+        theta = param_tree("theta", net.init)
+        if inner_steps is None:  # pre-training: every point of every task, as one data set
+            x = jnp.concatenate([batch.x_support, batch.x_query], 1)
+            y = jnp.concatenate([batch.y_support, batch.y_query], 1)
+            observe(lik, jax.vmap(lambda xi: net.apply(theta, xi))(x), y)
+            return
+        phi, _ = inner(loss, theta, batch.x_support, batch.y_support, inner_steps)
+        observe(lik, jax.vmap(net.apply)(phi, batch.x_query), batch.y_query)
+
+    def probe(params: dict) -> Probe:
+        def adapt(th: dict, x: jax.Array, y: jax.Array) -> dict:
+            return inner(loss, th, x, y)[0]
+
+        return Probe(tree_from_params("theta", net.init, params), adapt, loss, loss, net.features)
+
+    return Method(name="finetune", model=model, guide=no_guide, probe=probe, likelihood=lik)
 
 
 class NearestNeighbour(Classifier):

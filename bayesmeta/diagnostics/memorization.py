@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from bayesmeta.method import Method
 from bayesmeta.predict import predictive
-from bayesmeta.tasks import Family, TaskBatch
+from bayesmeta.tasks import Counterfactual, Family, TaskBatch
 
 
 def support_dependence(
@@ -34,17 +34,14 @@ def support_dependence(
     samples: int = 1,
 ) -> dict[str, float]:
     """{"support_dependence": D, "truth_slope": slope} on `tasks` (regression families with a
-    `truth`), over `shuffles` support swaps that share one prediction key."""
+    `truth`, or `Counterfactual` ones), over `shuffles` support swaps that share one prediction key."""
     run = predictive(method, inner_steps, samples, ("f",))
     perm_key, pred_key = jax.random.split(key)
     preds, truths = [], []
     for k in jax.random.split(perm_key, shuffles):
-        perm = jax.random.permutation(k, tasks.n_tasks)
-        swapped = tasks._replace(
-            x_support=tasks.x_support[perm], y_support=tasks.y_support[perm], y_query=None
-        )
+        swapped, truth = swap(family, k, tasks)
         preds.append(jnp.mean(run(params, swapped, pred_key)["f"], axis=0))
-        truths.append(family.truth(jax.tree.map(lambda a, perm=perm: a[perm], tasks.info), tasks.x_query))
+        truths.append(truth)
     f, g = jnp.stack(preds), jnp.stack(truths)
     fc, gc = f - f.mean(0), g - g.mean(0)
     var_g = jnp.mean(jnp.square(gc))
@@ -52,3 +49,14 @@ def support_dependence(
         "support_dependence": float(jnp.mean(jnp.square(fc)) / var_g),
         "truth_slope": float(jnp.mean(fc * gc) / var_g),
     }
+
+
+def swap(family: Family, key: jax.Array, tasks: TaskBatch) -> tuple[TaskBatch, jax.Array]:
+    """One support swap: (tasks with another task's support set and y_query withheld, that task's
+    truth at the query inputs): the family's counterfactual, else task i gets task pi(i)'s support set
+    for a random permutation pi and the truth g_{pi(i)}(x*_i)."""
+    if isinstance(family, Counterfactual):
+        return family.counterfactual(key, tasks)
+    perm = jax.random.permutation(key, tasks.n_tasks)
+    swapped = tasks._replace(x_support=tasks.x_support[perm], y_support=tasks.y_support[perm], y_query=None)
+    return swapped, family.truth(jax.tree.map(lambda a: a[perm], tasks.info), tasks.x_query)

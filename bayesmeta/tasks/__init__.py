@@ -10,6 +10,7 @@ from bayesmeta.tasks.ambiguous import SineLine
 from bayesmeta.tasks.arrays import Arrays
 from bayesmeta.tasks.base import (
     Classification,
+    Counterfactual,
     DenseGrid,
     ExactPredictive,
     Family,
@@ -17,10 +18,12 @@ from bayesmeta.tasks.base import (
     Groups,
     Hypotheses,
     TaskBatch,
+    TaskMetrics,
 )
 from bayesmeta.tasks.basis import BasisRegression
 from bayesmeta.tasks.multimodal import MultiFamily2D
 from bayesmeta.tasks.omniglot import Omniglot, OmniglotRuns
+from bayesmeta.tasks.pose import OmniglotPose
 from bayesmeta.tasks.sinusoid import NMESinusoid, Sinusoid
 from bayesmeta.tasks.tfds_images import TFDSImages
 
@@ -32,6 +35,7 @@ FAMILIES: dict[str, type] = {
     "multimodal": MultiFamily2D,
     "omniglot": Omniglot,
     "omniglot_runs": OmniglotRuns,
+    "omniglot_pose": OmniglotPose,
     "arrays": Arrays,
     "tfds_images": TFDSImages,
 }
@@ -39,6 +43,7 @@ FAMILIES: dict[str, type] = {
 __all__ = [
     "FAMILIES",
     "Classification",
+    "Counterfactual",
     "DenseGrid",
     "ExactPredictive",
     "Family",
@@ -46,4 +51,5 @@ __all__ = [
     "Groups",
     "Hypotheses",
     "TaskBatch",
+    "TaskMetrics",
 ]

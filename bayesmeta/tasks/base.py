@@ -39,7 +39,8 @@ class Family(Protocol):
     sample(key, n_tasks) -> TaskBatch: jittable, deterministic in key, static shapes.
 
     What a family can do beyond this it declares by the capability protocols below (GroundTruth,
-    DenseGrid, ExactPredictive, Hypotheses, Classification, Groups); the engine's diagnostics use them.
+    Counterfactual, TaskMetrics, DenseGrid, ExactPredictive, Hypotheses, Classification, Groups); the
+    engine's diagnostics use them.
     """
 
     Params: ClassVar[type]
@@ -60,6 +61,28 @@ class GroundTruth(Protocol):
 
     def truth(self, info: dict[str, jax.Array], x: jax.Array) -> jax.Array:
         """f(x) for each task's latents `info`, at inputs x (T, n, x_dim) -> (T, n, y_dim)."""
+        ...
+
+
+@runtime_checkable
+class Counterfactual(Protocol):
+    """Each task can be turned into another task of the family with the same query inputs (the support
+    set and latents changed), whose noise-free targets at those inputs are known: the memorization
+    meter's swap for families whose inputs are not shared between tasks (images of one character)."""
+
+    def counterfactual(self, key: jax.Array, tasks: TaskBatch) -> tuple[TaskBatch, jax.Array]:
+        """(tasks with each support set and `info` replaced by another task's and y_query None, that
+        task's noise-free targets at tasks.x_query (T, n, y_dim)); the swap is drawn from key."""
+        ...
+
+
+@runtime_checkable
+class TaskMetrics(Protocol):
+    """The family scores predictions in its own units beside the likelihood's metrics (e.g. an angle
+    error from predicted (cos, sin)): evaluation adds them to every test-time step count."""
+
+    def task_metrics(self, mean: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
+        """Per-task metrics (name -> (T,)) of the predictive mean (T, n, y_dim) against y (T, n, y_dim)."""
         ...
 
 
