@@ -54,6 +54,10 @@ class Method:
       its `draw_sites`); `likelihood.at(params, draws)` is the observation model of y given a draw's f
       at fitted parameters and predictive draws (a learned noise sd; a heteroscedastic head's per-point
       sd), from which the engine computes calibration and the pointwise log-likelihood.
+    episode_metrics: (params, batch, key) -> {name: (T,) per-task values}, metrics of the method's own
+      protocol on labelled held-out episodes (batch.y_query given), which the engine summarizes over
+      tasks into metrics.json `episode_metrics.<name>` and a table in summary.md (e.g. a sequence
+      learner's accuracy at the n-th presentation of a class).
     """
 
     name: str
@@ -68,6 +72,7 @@ class Method:
     probe: Callable[[dict], Probe] | None = None
     sampler: Callable[..., dict] | None = None
     draw_check: bool = False
+    episode_metrics: Callable[..., dict] | None = None
 
 
 def no_guide(*args: object, **kwargs: object) -> None:

@@ -167,6 +167,54 @@ class GroupMetrics(Section):
         )
 
 
+# --- the method's own episode metrics ---------------------------------------------------------------
+
+
+def episode_metrics(method: Any, params: dict, tasks: Any, chunk: int) -> dict[str, dict[str, Any]]:
+    """The method's `episode_metrics` hook on the labelled held-out tasks, `chunk` tasks at a time (key
+    fold_in(PRNGKey(6), chunk index)), each metric summarized over tasks (mean, 95% CI; a non-finite
+    task value is left out and counted)."""
+    hook = jax.jit(method.episode_metrics)
+    n = tasks.x_support.shape[0]
+    parts: dict[str, list[np.ndarray]] = {}
+    for i, start in enumerate(range(0, n, chunk)):
+        batch = tasks.take(slice(start, start + chunk))
+        for name, v in hook(params, batch, jax.random.fold_in(jax.random.PRNGKey(6), i)).items():
+            parts.setdefault(name, []).append(np.asarray(v))
+    return {name: summarize(np.concatenate(v)) for name, v in parts.items()}
+
+
+class EpisodeMetrics(Section):
+    """Metrics of a method's own protocol on the held-out episodes (the hook Method.episode_metrics):
+    metrics.json `episode_metrics.<name>` summaries over tasks, a table in summary.md."""
+
+    key = "episode_metrics"
+    empty: ClassVar[Any] = {}
+
+    def applies(self, setup: Setup) -> bool:
+        return setup.eval_method.episode_metrics is not None
+
+    def compute(self, run: Evaluated) -> dict[str, dict[str, Any]]:
+        return episode_metrics(run.setup.eval_method, run.params, run.ev.tasks, run.setup.cfg.eval.batch)
+
+    def dump(self, result: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return {k: dict(v) for k, v in result.items()}
+
+    def load(self, entry: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return {k: dict(v) for k, v in entry.items()}
+
+    def markdown(self, result: dict[str, dict[str, Any]]) -> str:
+        from bayesmeta.report import metric_line
+
+        rows = [[k, v["n"], metric_line(v)] for k, v in result.items()]
+        return (
+            "## The method's own episode metrics\n\nOn the held-out tasks with their labels, by the "
+            "method's protocol (Method.episode_metrics):\n\n"
+            + markdown_table(["metric", "tasks", "mean (95% CI)"], rows)
+            + "\n\n"
+        )
+
+
 # --- the memorization meter -------------------------------------------------------------------------
 
 
@@ -729,6 +777,7 @@ class PACBayes(Section):
 
 SECTIONS: tuple[Section, ...] = (
     GroupMetrics(),
+    EpisodeMetrics(),
     Memorization(),
     Calibration(),
     Reliability(),

@@ -62,6 +62,23 @@ METHODS = {
         "task.params.distort=true",
         *train(20, 1, 5, 1, 2000),
     ),
+    # the memory and graph learners of issue #17: N outputs, so one model per N (as MAML); SNAIL's TC
+    # blocks sized for the 5-shot sequence (length N K + 1) so the 1-shot-trained model is tested 5-shot
+    "MANN 5-way": ("model.method='mann'", "model.net.downsample='maxpool'", *train(5, 1, 5, 16, 2000)),
+    "SNAIL 5-way": (
+        "model.method='snail'",
+        "model.net.downsample='maxpool'",
+        "model.params.length=26",
+        *train(5, 1, 5, 8, 2000),
+    ),
+    "SNAIL 20-way": (
+        "model.method='snail'",
+        "model.net.downsample='maxpool'",
+        "model.params.length=101",
+        *train(20, 1, 5, 2, 2000),
+    ),
+    "GNN 5-way": ("model.method='gnn'", "model.net.downsample='maxpool'", *train(5, 1, 5, 8, 2000)),
+    "GNN 20-way": ("model.method='gnn'", "model.net.downsample='maxpool'", *train(20, 1, 5, 2, 2000)),
     "1-NN pixels": ("model.method='nearest'", *train(5, 1, 1, 1, 1)),
 }
 TEST_STEPS = {
@@ -71,6 +88,9 @@ TEST_STEPS = {
     "TADAM": 1,
     "matching": 1,
     "siamese": 1,
+    "MANN": 1,
+    "SNAIL": 1,
+    "GNN": 1,
     "fine-tuning": 50,
     "1-NN": 1,
 }
@@ -108,7 +128,16 @@ LAKE = (
 )
 METRICS = ("accuracy@1", "accuracy@max")
 SETTINGS = {f"{w}-way {k}-shot": held_out(w, k) for w in (5, 20) for k in (1, 5)} | {"Lake's 20 runs": LAKE}
-WAYS = {"MAML 5-way": (5,), "first-order MAML 5-way": (5,), "MAML 20-way": (20,)}
+WAYS = {
+    "MAML 5-way": (5,),
+    "first-order MAML 5-way": (5,),
+    "MAML 20-way": (20,),
+    "MANN 5-way": (5,),
+    "SNAIL 5-way": (5,),
+    "SNAIL 20-way": (20,),
+    "GNN 5-way": (5,),
+    "GNN 20-way": (20,),
+}
 PUBLISHED = {  # METHODS 2 and 8; full Omniglot (1200 training characters), ours: 180
     ("MAML 5-way", "5-way 1-shot"): Published(0.987, 0.004),
     ("MAML 5-way", "5-way 5-shot"): 0.999,
@@ -128,6 +157,18 @@ PUBLISHED = {  # METHODS 2 and 8; full Omniglot (1200 training characters), ours
     ("siamese (distortions)", "20-way 1-shot"): 0.881,
     ("siamese (distortions)", "20-way 5-shot"): 0.970,
     ("siamese (distortions)", "Lake's 20 runs"): 0.920,
+    # METHODS 9: MANN as Vinyals et al. report it (no convolutions; ours has the conv4 embedding),
+    # SNAIL (Mishra et al.), the few-shot GNN (Garcia & Bruna)
+    ("MANN 5-way", "5-way 1-shot"): 0.828,
+    ("MANN 5-way", "5-way 5-shot"): 0.949,
+    ("SNAIL 5-way", "5-way 1-shot"): 0.9907,
+    ("SNAIL 5-way", "5-way 5-shot"): 0.9978,
+    ("SNAIL 20-way", "20-way 1-shot"): 0.9764,
+    ("SNAIL 20-way", "20-way 5-shot"): 0.9936,
+    ("GNN 5-way", "5-way 1-shot"): 0.992,
+    ("GNN 5-way", "5-way 5-shot"): 0.997,
+    ("GNN 20-way", "20-way 1-shot"): 0.974,
+    ("GNN 20-way", "20-way 5-shot"): 0.990,
 }
 
 
@@ -154,9 +195,20 @@ def steps(method: str) -> tuple[str, ...]:
     return (f"eval.inner_steps={sorted({1, n})}",)
 
 
-def table(seeds: list[int], only: list[str] | None) -> None:
+SMOKE = (
+    "train.steps=4",
+    "train.log_every=2",
+    "train.eval_every=4",
+    "train.checkpoint_every=4",
+    "eval.tasks=20",
+    "eval.batch=20",
+)
+
+
+def table(seeds: list[int], only: list[str] | None, out: Path | None = None, smoke: bool = False) -> None:
+    extra = SMOKE if smoke else ()
     cells = [
-        Cell(m, s, seed, over, (*SETTINGS[s], *steps(m)))
+        Cell(m, s, seed, (*over, *extra), (*SETTINGS[s], *steps(m), *extra))
         for m, over in METHODS.items()
         if not only or m in only
         for s in SETTINGS
@@ -168,11 +220,57 @@ def table(seeds: list[int], only: list[str] | None) -> None:
         BASE,
         cells,
         list(METRICS),
-        HERE / "table",
+        out or HERE / "table",
         published=table_published(),
         notes=TABLE_NOTES,
         progress=False,
     )
+
+
+# MANN's accuracy by instance (Santoro et al.'s protocol, their Table 1 as survey 002 gives it): 5-way
+# episodes of 10 presentations per class in training (a random order, labels offset by one step, the
+# loss at every step), tested on held-out 5-way episodes of 11 images per class as one sequence
+INSTANCE_METRICS = tuple(f"episode_metrics/accuracy_instance_{n}" for n in (1, 2, 3, 4, 5, 10))
+INSTANCE_PUBLISHED = dict(zip(INSTANCE_METRICS, (0.364, 0.828, 0.910, 0.926, 0.949, 0.981), strict=True))
+MANN_INSTANCES = (
+    "model.method='mann'",
+    "model.net.downsample='maxpool'",
+    "model.params.step_loss=true",
+    *train(5, 10, 1, 16, 2000),
+)
+
+
+def instances(seeds: list[int], out: Path | None = None, smoke: bool = False) -> None:
+    extra = SMOKE if smoke else ()
+    ev = (*held_out(5, 1), "eval.task.queries=10", "eval.inner_steps=[1]", *extra)
+    cells = [
+        Cell("MANN 5-way, every step", "5-way, 11 per class", seed, (*MANN_INSTANCES, *extra), ev)
+        for seed in seeds
+    ]
+    run_grid(
+        "MANN on Omniglot (minimal background sets): accuracy by instance (Santoro et al. 2016)",
+        BASE,
+        cells,
+        list(INSTANCE_METRICS),
+        out or HERE / "mann_instances",
+        published={
+            ("MANN 5-way, every step", "5-way, 11 per class", m): v for m, v in INSTANCE_PUBLISHED.items()
+        },
+        notes=INSTANCE_NOTES,
+        progress=False,
+    )
+
+
+INSTANCE_NOTES = """
+MANN (LSTM controller of 200 units, 128 x 40 memory, 4 read heads, LRU access, gamma 0.95) on the conv4
+embedding with max pooling (Santoro et al. feed 20 x 20 pixels to the controller), trained 2,000
+iterations of 16 5-way episodes of 10 images per class presented in a random order with the labels
+offset by one step and the loss at every step (plus one query per class after the sequence); Santoro
+et al. train 100,000 episodes on full Omniglot. Testing: 600 held-out 5-way episodes (Early_Aramaic and
+Korean), 11 images per class shuffled into one sequence of 55 steps, every label revealed a step later;
+accuracy at the n-th presentation of a class. Published: Santoro et al.'s Table 1 (5 classes per
+episode, their class counts per episode random rather than fixed).
+"""
 
 
 NME_METHODS = {
@@ -440,7 +538,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "what",
-        choices=["table", "nme", "nme-ablation", "verdicts"],
+        choices=["table", "nme", "nme-ablation", "instances", "verdicts"],
         help="verdicts: recompute the verdicts of the committed table and nme results (no training)",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -452,10 +550,15 @@ def main() -> None:
         default="reduced",
         help="nme: our reduced protocol (nme/) or the reference's settings (nme_paper/, hours per run)",
     )
-    p.add_argument("--smoke", action="store_true", help="nme, nme-ablation: a few steps, in a temp folder")
+    p.add_argument("--out", type=Path, help="table, instances: write here instead of the committed folder")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few training steps and test tasks; nme, nme-ablation: in a temp folder",
+    )
     args = p.parse_args()
     extra, out = (), None
-    if args.smoke:
+    if args.smoke and args.what in ("nme", "nme-ablation"):
         import tempfile
 
         out = Path(tempfile.mkdtemp(prefix="omniglot_nme_smoke_"))
@@ -468,8 +571,10 @@ def main() -> None:
         nme(args.seeds, args.only, args.shots, args.protocol, extra, out)
     elif args.what == "nme-ablation":
         nme_ablation(args.seeds, extra, out)
+    elif args.what == "instances":
+        instances(args.seeds, args.out, args.smoke)
     else:
-        table(args.seeds, args.only)
+        table(args.seeds, args.only, args.out, args.smoke)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ per second (minimum time over repeats), and XLA's memory analysis of the compile
 follow each method's experiment: meta-batch 25, 5-shot sine/line tasks with 10 queries for the
 probabilistic methods; the NME sinusoid with meta-batch 25 for the meta-regularized ones; Omniglot
 5-way 1-shot (1 query per class, conv4 with 64 filters and max-pooling, the minimal background sets)
-for the metric learners, beside ProtoNet.
+for the metric, memory and graph learners (matching, siamese, TADAM, MANN, SNAIL, GNN), beside ProtoNet.
 probabilistic methods; the NME sinusoid with meta-batch 25 for the meta-regularized ones; ARML's 2-D
 multi-family regression (10-shot, 5 inner steps) for the task-structured learners.
 
@@ -76,6 +76,9 @@ CASES = {
         "model.params.fce=true",
     ),
     "Siamese network (Omniglot 5-way 1-shot)": (*OMNI, "model.method='siamese'"),
+    "MANN, 200 units, 128x40 memory (Omniglot 5-way 1-shot)": (*OMNI, "model.method='mann'"),
+    "SNAIL (Omniglot 5-way 1-shot)": (*OMNI, "model.method='snail'"),
+    "GNN, 2 layers (Omniglot 5-way 1-shot)": (*OMNI, "model.method='gnn'"),
 }
 
 
