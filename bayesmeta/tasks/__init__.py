@@ -11,6 +11,7 @@ from bayesmeta.tasks.arrays import Arrays
 from bayesmeta.tasks.base import (
     Classification,
     DenseGrid,
+    Environment,
     ExactPredictive,
     Family,
     GroundTruth,
@@ -40,6 +41,7 @@ __all__ = [
     "FAMILIES",
     "Classification",
     "DenseGrid",
+    "Environment",
     "ExactPredictive",
     "Family",
     "GroundTruth",
