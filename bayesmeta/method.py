@@ -82,11 +82,13 @@ def no_guide(*args: object, **kwargs: object) -> None:
 class Context(NamedTuple):
     """What a method may know of the training protocol: meta-training tasks n and query points K
     (the PAC-Bayes bound's n and K, from which MR(W) can derive its beta), and the number of classes
-    of a classification family's meta-training split (for pre-training baselines)."""
+    of a classification family's meta-training split (for pre-training baselines); and the simulator of
+    a family of MDPs (bayesmeta.tasks.Environment), for methods that collect rollouts in their model."""
 
     n_tasks: int = 1
     n_query: int = 1
     n_classes: int | None = None
+    environment: Any = None
 
 
 @runtime_checkable

@@ -43,7 +43,7 @@ from bayesmeta.sections import (
     query_points,
     tree_contributions,
 )
-from bayesmeta.tasks import Classification, DenseGrid, Family, GroundTruth, TaskMetrics
+from bayesmeta.tasks import Classification, DenseGrid, Environment, Family, GroundTruth, TaskMetrics
 
 GRID_POINTS = 200
 # metrics.json's schema: raised whenever evaluation changes what it measures, so that experiment grids
@@ -73,6 +73,7 @@ class Setup:
             n_tasks=cfg.train.steps * cfg.train.meta_batch,
             n_query=query_points(family),
             n_classes=family.n_classes if isinstance(family, Classification) else None,
+            environment=family.environment if isinstance(family, Environment) else None,
         )
         method = build_method(cfg.model, family.x_dim, family.y_dim, context)
         if cfg.train.diagnostics_every and method.probe is None:

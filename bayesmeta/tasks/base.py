@@ -141,6 +141,17 @@ class Groups(Protocol):
         ...
 
 
+@runtime_checkable
+class Environment(Protocol):
+    """Tasks are Markov decision processes (meta-RL): `environment` simulates every task, each task's
+    parameters (e.g. a navigation goal) are the entries of `batch.info`, and a method collects its own
+    data by rollouts inside its model. The environment object offers obs_dim, act_dim, horizon,
+    reset(task) -> state, observe(state) -> obs and step(task, state, action) -> (state, reward),
+    pure and jittable, for one task's `info` entries (no task axis)."""
+
+    environment: Any
+
+
 def range_problem(params: Any, *names: str) -> str | None:
     """The first of the named [low, high] parameters that is not an interval, as a config error."""
     for name in names:
