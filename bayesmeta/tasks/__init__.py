@@ -19,6 +19,7 @@ from bayesmeta.tasks.base import (
     TaskBatch,
 )
 from bayesmeta.tasks.basis import BasisRegression
+from bayesmeta.tasks.dynamics import PendulumDynamics
 from bayesmeta.tasks.multimodal import MultiFamily2D
 from bayesmeta.tasks.omniglot import Omniglot, OmniglotRuns
 from bayesmeta.tasks.sinusoid import NMESinusoid, Sinusoid
@@ -34,6 +35,7 @@ FAMILIES: dict[str, type] = {
     "omniglot_runs": OmniglotRuns,
     "arrays": Arrays,
     "tfds_images": TFDSImages,
+    "pendulum_dynamics": PendulumDynamics,
 }
 
 __all__ = [
