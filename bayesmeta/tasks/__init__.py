@@ -22,6 +22,7 @@ from bayesmeta.tasks.base import (
     TaskMetrics,
 )
 from bayesmeta.tasks.basis import BasisRegression
+from bayesmeta.tasks.dynamics import PendulumDynamics
 from bayesmeta.tasks.multimodal import MultiFamily2D
 from bayesmeta.tasks.omniglot import Omniglot, OmniglotRuns
 from bayesmeta.tasks.pose import OmniglotPose
@@ -39,6 +40,7 @@ FAMILIES: dict[str, type] = {
     "omniglot_pose": OmniglotPose,
     "arrays": Arrays,
     "tfds_images": TFDSImages,
+    "pendulum_dynamics": PendulumDynamics,
 }
 
 __all__ = [
