@@ -102,6 +102,26 @@ def _record(folder: Path, cfg: config.Config, metrics: dict[str, Any]) -> None:
     write_json(folder / "metrics.json", metrics | ({"calibration": calib} if calib else {}))
 
 
+def _record_failure(folder: Path, cfg: config.Config, error: str, seconds: float) -> None:
+    """Keep a failed cell's config and error in out_dir/cells/<cell>/ (failed.json): a run that
+    diverges does so again from the same seed, so later invocations report it without retraining."""
+    write_text(folder / "config.toml", config.dumps(cfg))
+    write_json(folder / "failed.json", {"version": run.METRICS_VERSION, "error": error, "seconds": seconds})
+
+
+def _recorded_failure(folder: Path, cfg: config.Config) -> dict[str, Any] | None:
+    """The recorded failure of a cell made with this config by the current code, or None."""
+    if not (folder / "failed.json").is_file() or not _same_config(folder / "config.toml", cfg):
+        return None
+    f = json.loads((folder / "failed.json").read_text())
+    return f if f.get("version") == run.METRICS_VERSION else None
+
+
+def _failure(e: NonFiniteError, out_dir: Path) -> str:
+    """The error of a failed run, its paths relative to the experiment's folder."""
+    return str(e).replace(f"{out_dir}/", "")
+
+
 def _recorded(folder: Path, cfg: config.Config) -> dict[str, Any] | None:
     """The recorded metrics of a cell made with this config by the current metrics schema, or None."""
     if not (folder / "metrics.json").is_file() or not _same_config(folder / "config.toml", cfg):
@@ -120,6 +140,8 @@ def _train(cell: Cell, base: Path, out_dir: Path, progress: bool) -> Outcome:
     same = _same_config(run_dir / "config.toml", cfg)
     if not (done.is_file() and same) and not cell.evaluation and (m := _recorded(record, cfg)) is not None:
         return Outcome(cell, m, m["train_seconds"] + m["eval_seconds"], reused=True)
+    if not done.is_file() and (f := _recorded_failure(record, cfg)) is not None:
+        return Outcome(cell, None, f["seconds"], reused=True, error=f["error"])
     if done.is_file() and same:
         m = json.loads(done.read_text())
         if m.get("version") != run.METRICS_VERSION:  # evaluated by older code: re-evaluate, keep training
@@ -132,7 +154,9 @@ def _train(cell: Cell, base: Path, out_dir: Path, progress: bool) -> Outcome:
     try:
         _, metrics = run.train(cfg, run_dir, resume=resume, progress=progress)
     except NonFiniteError as e:  # recorded as a failed run; the grid goes on
-        return Outcome(cell, None, time.perf_counter() - t0, error=str(e))
+        seconds = time.perf_counter() - t0
+        _record_failure(record, cfg, _failure(e, out_dir), seconds)
+        return Outcome(cell, None, seconds, error=_failure(e, out_dir))
     _record(record, cfg, metrics)
     return Outcome(cell, metrics, time.perf_counter() - t0)
 
@@ -151,7 +175,7 @@ def _untrained(cell: Cell, base: Path, out_dir: Path) -> config.Config | None:
         evaluated = registry.load_config(base, overrides)
         if _recorded(record / "evals" / cell.setting, evaluated) is not None:
             return None
-    elif _recorded(record, cfg) is not None:
+    elif _recorded(record, cfg) is not None or _recorded_failure(record, cfg) is not None:
         return None
     return cfg if cfg.train.devices == 1 else None
 
@@ -182,7 +206,8 @@ def train_together(
             for name, cfg, (result, metrics) in zip(part, cfgs, outs, strict=True):
                 cell = next(c for c in cells if c.run_name == name)
                 if metrics is None:
-                    done[name] = Outcome(cell, None, share, error=str(result))
+                    _record_failure(out_dir / CELLS / name, cfg, _failure(result, out_dir), share)
+                    done[name] = Outcome(cell, None, share, error=_failure(result, out_dir))
                     continue
                 _record(out_dir / CELLS / name, cfg, metrics)
                 done[name] = Outcome(cell, metrics, metrics["train_seconds"] + metrics["eval_seconds"])

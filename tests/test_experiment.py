@@ -29,9 +29,12 @@ def test_grid_reports_failed_runs_and_reuses_finished_ones(tmp_path):
     assert again.rows[0]["mean"] == res.rows[0]["mean"]
     # without runs/ (another machine, a fresh clone), the committed record in cells/ is reused...
     shutil.rmtree(tmp_path / "runs")
-    third = run_grid("t", DEFAULT_CONFIG, cells[:1], ["mse@10"], tmp_path, progress=False)
+    third = run_grid("t", DEFAULT_CONFIG, cells, ["mse@10"], tmp_path, progress=False)
     assert third.outcomes[0].reused and not (tmp_path / "runs").exists()
     assert third.rows[0]["mean"] == res.rows[0]["mean"]
+    # ...and so is the failure (the same seed diverges again), its checkpoint path relative
+    assert third.outcomes[1].reused and third.outcomes[1].error == res.outcomes[1].error
+    assert "kept in runs/bad-s-seed0/checkpoint/state.npz" in res.outcomes[1].error
     # ...but not for another config: that cell trains
     other = Cell("ok", "s", 0, (*small, "train.lr=2e-3"))
     fourth = run_grid("t", DEFAULT_CONFIG, [other], ["mse@10"], tmp_path, progress=False)

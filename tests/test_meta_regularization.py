@@ -301,7 +301,7 @@ def test_the_bound_is_computed_on_the_tasks_the_fit_saw(small_cfg):
     """The empirical term is the Gibbs error on the training tasks regenerated from the step keys: the
     same number as a hand computation over fit.step_tasks of every step (all n tasks, no estimate)."""
     from bayesmeta.bounds import clipped_squared_error
-    from bayesmeta.fit import run_keys, step_tasks
+    from bayesmeta.fit import fit, run_keys, step_tasks
     from bayesmeta.predict import predictive
 
     cfg = small_cfg(
@@ -316,7 +316,7 @@ def test_the_bound_is_computed_on_the_tasks_the_fit_saw(small_cfg):
         "seed=3",
     )
     setup = run.Setup.from_config(cfg)
-    svi_params = run.fit(setup.method, setup.family, cfg.train, seed=3, progress=False).params
+    svi_params = fit(setup.method, setup.family, cfg.train, seed=3, progress=False).params
     b = bound(setup, svi_params)
     assert b.empirical_tasks == b.n == 18 and b.empirical_error_se == 0.0
     _, key = run_keys(3)

@@ -50,6 +50,38 @@ where the method's row says model.noise='learned').
 """
 
 
+# issue #14's targets for the best learner: (metric, label, is it met by this per-method mean)
+TARGETS = (
+    (f"calibration/{S}/vs_exact/nll_gap", "NLL within 0.05 nats of the exact", lambda v: v <= 0.05),
+    (f"calibration/{S}/coverage/0.9", "90% coverage in [0.88, 0.92]", lambda v: 0.88 <= v <= 0.92),
+    (f"calibration/{S}/vs_exact/mse_ratio", "MSE at most 1.15x the exact's", lambda v: v <= 1.15),
+)
+REFERENCE = "Neural prior (NUTS)"  # exact inference under a learned prior: not a learner of the target
+
+
+def target_table(rows: list[dict]) -> str:
+    """Per target: the learner closest to it (means over seeds; a mean one seed dominates is not
+    used), its value with the seeds' sd, and met or missed; the NUTS reference's value beside it."""
+    out = [
+        "| target | closest learner | its mean (sd over seeds) | verdict | NUTS under its learned prior |",
+        "|---|---|---|---|---|",
+    ]
+    for metric, label, met in TARGETS:
+        rs = [r for r in rows if r["metric"] == metric and r["mean"] is not None]
+        learners = [r for r in rs if r["method"] != REFERENCE and not r["dominated"]]
+        goal = 0.9 if "coverage" in metric else 0.0
+        best = min(learners, key=lambda r: abs(r["mean"] - goal))
+        ref = next((r for r in rs if r["method"] == REFERENCE), None)
+        ref_text = f"{ref['mean']:.3f}" if ref else "not run"
+        verdict = "met" if met(best["mean"]) else "missed"
+        value = f"{best['mean']:.3f} ({best['sd'] or 0:.3f})"
+        out.append(f"| {label} | {best['method']} | {value} | {verdict} | {ref_text} |")
+    dominated = sorted({r["method"] for r in rows if r["dominated"]})
+    if dominated:
+        out.append(f"\nLeft out as dominated by one seed or task: {', '.join(dominated)}.")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -69,6 +101,7 @@ def main() -> None:
         wide=True,
     )
     plot_curves(res.outcomes, "mse@5", HERE / "curves.png")
+    res.notes += "\n### Targets (issue #14), computed from the table above\n\n" + target_table(res.rows)
     res.notes += "\n### Held-out curves (curves.png)\n\n" + curve_table(res.outcomes, "mse@5") + "\n"
     res.write()
 
