@@ -585,6 +585,45 @@ def _fmt(v: float | None) -> str:
     return "diverged" if v is None else f"{v:.4f}"
 
 
+CACHE = Path.home() / ".cache" / "bayesmeta" / "xla"
+
+
+def compilation_cache() -> None:
+    """Use XLA's persistent compilation cache (JAX_COMPILATION_CACHE_DIR, else ~/.cache/bayesmeta/xla)
+    unless one is configured: every seed of a configuration compiles to one program (the data key is
+    an argument of the training chunk), so a grid's later seeds load it instead of compiling."""
+    import jax
+
+    if not jax.config.jax_compilation_cache_dir:
+        folder = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(CACHE))
+        jax.config.update("jax_compilation_cache_dir", folder)
+
+
+def run_cells(cells: list[Cell], base: Path, out_dir: Path, progress: bool = False) -> list[Outcome]:
+    """run_cell for each cell in order (one worker's share of a grid: the cells of one training run)."""
+    compilation_cache()
+    return [run_cell(cell, base, out_dir, progress) for cell in cells]
+
+
+def _run_parallel(cells: list[Cell], base: Path, out_dir: Path, jobs: int) -> list[Outcome]:
+    """Every cell, `jobs` training runs at a time in worker processes (the cells sharing a training run,
+    its evaluation settings, go to one worker, which holds that run's lock); outcomes in cell order."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    groups: dict[str, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(cell.run_name, []).append(cell)
+    done: dict[Cell, Outcome] = {}
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(run_cells, group, base, out_dir): name for name, group in groups.items()}
+        for k, future in enumerate(as_completed(futures)):
+            for o in future.result():
+                done[o.cell] = o
+            print(f"[{k + 1}/{len(groups)} runs] {futures[future]}", file=sys.stderr, flush=True)
+    return [done[cell] for cell in cells]
+
+
 def run_grid(
     title: str,
     base: Path,
@@ -595,22 +634,31 @@ def run_grid(
     notes: str = "",
     progress: bool = True,
     wide: bool = False,
-    lanes: int = 5,
+    lanes: int = 1,
+    jobs: int = 1,
 ) -> Results:
-    """Run every cell (reusing finished ones) and write RESULTS.md / results.json into out_dir. Untrained
-    runs that differ only in seed are trained `lanes` at a time in one computation (train_together)."""
+    """Run every cell (reusing finished ones) and write RESULTS.md / results.json into out_dir.
+
+    `jobs` > 1 trains that many runs at once in worker processes (on a CPU, one per core: XLA runs a
+    small model's step on one core). `lanes` > 1 trains untrained runs that differ only in seed that
+    many at a time as lanes of one vmapped computation (train_together), which pays on an accelerator
+    a small model leaves idle; on a CPU it is no faster (experiments/bench/seeds)."""
     t0 = time.perf_counter()
+    compilation_cache()
     together = train_together(cells, base, out_dir, progress, lanes) if lanes > 1 else {}
-    outcomes = []
-    for i, cell in enumerate(cells):
-        print(f"[{i + 1}/{len(cells)}] {cell.name}", file=sys.stderr, flush=True)
-        trained = together.get(cell.run_name)
-        if trained is not None and not cell.evaluation:
-            outcomes.append(trained)
-        elif trained is not None and trained.error:
-            outcomes.append(Outcome(cell, None, trained.seconds, error=trained.error))
-        else:
-            outcomes.append(run_cell(cell, base, out_dir, progress))
+    if jobs > 1 and not together:
+        outcomes = _run_parallel(cells, base, out_dir, jobs)
+    else:
+        outcomes = []
+        for i, cell in enumerate(cells):
+            print(f"[{i + 1}/{len(cells)}] {cell.name}", file=sys.stderr, flush=True)
+            trained = together.get(cell.run_name)
+            if trained is not None and not cell.evaluation:
+                outcomes.append(trained)
+            elif trained is not None and trained.error:
+                outcomes.append(Outcome(cell, None, trained.seconds, error=trained.error))
+            else:
+                outcomes.append(run_cell(cell, base, out_dir, progress))
     res = Results(
         title,
         out_dir,

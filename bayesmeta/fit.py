@@ -211,12 +211,13 @@ def make_chunk(
     svi: SVI,
     family: Family,
     meta_batch: int,
-    data_key: jax.Array,
     mesh: Mesh | None = None,
     per_task: bool = False,
     lanes: bool = False,
-) -> Callable[[Any, jax.Array, int], tuple]:
-    """chunk(state, start, n): n SVI steps in one jitted lax.scan -> (state, losses (n,), finite).
+) -> Callable[[Any, jax.Array, int, jax.Array], tuple]:
+    """chunk(state, start, n, data_key): n SVI steps in one jitted lax.scan -> (state, losses (n,),
+    finite); step s's tasks come from fold_in(data_key, s). The key is an argument, not a constant, so
+    every seed of a configuration compiles to the same program (one entry of XLA's persistent cache).
 
     With a mesh, each step's tasks are sharded along its "tasks" axis (the state is replicated), and
     XLA's SPMD partitioner turns the mean over tasks into a cross-device reduction. `per_task` steps
@@ -235,7 +236,7 @@ def make_chunk(
         state, losses = jax.lax.scan(one, state, start + jnp.arange(n))
         return state, losses, _tree_finite(svi.optim.get_params(state.optim_state))
 
-    def chunk(state: Any, start: jax.Array, n: int) -> tuple[Any, jax.Array, jax.Array]:
+    def chunk(state: Any, start: jax.Array, n: int, data_key: jax.Array) -> tuple[Any, jax.Array, jax.Array]:
         if lanes:
             return jax.vmap(lambda s, k: run(s, start, n, k))(state, data_key)
         return run(state, start, n, data_key)
@@ -416,7 +417,7 @@ def fit_seeds(
     total = cfg.steps if until is None else min(until, cfg.steps)
     if mesh is not None:
         state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
-    chunk = make_chunk(svi, family, cfg.meta_batch, data_key, mesh, cfg.task_gradients != "batch", batched)
+    chunk = make_chunk(svi, family, cfg.meta_batch, mesh, cfg.task_gradients != "batch", batched)
     bar = tqdm(
         total=cfg.steps,
         initial=step,
@@ -444,7 +445,7 @@ def fit_seeds(
     try:
         while step < total and any(lane.error is None for lane in lanes):
             n = min(cfg.log_every - step % cfg.log_every, total - step)
-            new_state, losses, finite = chunk(state, jnp.asarray(step), n)
+            new_state, losses, finite = chunk(state, jnp.asarray(step), n, data_key)
             losses = np.asarray(to_host(losses)).reshape(len(lanes), n)
             finite = np.asarray(to_host(finite)).reshape(len(lanes))
             bad = [

@@ -92,7 +92,7 @@ def fit_accuracy(*overrides: str, steps: int = 300, eval_tasks: int = 200) -> tu
         return float(jnp.mean(jnp.argmax(f, -1) == tasks.y_query))
 
     before = accuracy(state)
-    chunk = make_chunk(svi, setup.family, cfg.train.meta_batch, jax.random.PRNGKey(2))
-    state, _, finite = chunk(state, jnp.asarray(0), steps)
+    chunk = make_chunk(svi, setup.family, cfg.train.meta_batch)
+    state, _, finite = chunk(state, jnp.asarray(0), steps, jax.random.PRNGKey(2))
     assert bool(finite)
     return before, accuracy(state), setup

@@ -117,7 +117,7 @@ def test_seeds_of_one_configuration_train_together_and_a_failing_pair_is_reporte
     cells = [Cell("ok", "s", s, small) for s in (0, 1)] + [
         Cell("bad", "s", s, (*small, "train.lr=1e30")) for s in (0, 1)
     ]
-    res = run_grid("t", DEFAULT_CONFIG, cells, ["mse@10"], tmp_path, progress=False)
+    res = run_grid("t", DEFAULT_CONFIG, cells, ["mse@10"], tmp_path, progress=False, lanes=5)
     err = capsys.readouterr().err
     assert "training 2 seeds together: ok-s-seed0, ok-s-seed1" in err
     assert "training 2 seeds together: bad-s-seed0, bad-s-seed1" in err
@@ -127,6 +127,20 @@ def test_seeds_of_one_configuration_train_together_and_a_failing_pair_is_reporte
     assert all((tmp_path / "cells" / o.cell.run_name / "metrics.json").is_file() for o in ok)
     bad = [o for o in res.outcomes if o.cell.method == "bad"]
     assert all(o.metrics is None and "non-finite loss or parameters at step" in o.error for o in bad)
-    again = run_grid("t", DEFAULT_CONFIG, cells[:2], ["mse@10"], tmp_path, progress=False)
+    again = run_grid("t", DEFAULT_CONFIG, cells[:2], ["mse@10"], tmp_path, progress=False, lanes=5)
     assert all(o.reused for o in again.outcomes)
     assert "together" not in capsys.readouterr().err
+
+
+def test_two_jobs_run_a_grid_in_worker_processes_as_one_would(tmp_path):
+    """jobs=2 trains the runs in two worker processes: the same numbers as the serial grid, a failed
+    run reported as failed, and both recorded for reuse."""
+    small = (*SMALL, "train.steps=60", "train.log_every=20", "eval.memorization_tasks=0")
+    cells = [Cell("ok", "s", 0, small), Cell("bad", "s", 0, (*small, "train.lr=1e30"))]
+    par = run_grid("t", DEFAULT_CONFIG, cells, ["mse@10"], tmp_path / "par", progress=False, jobs=2)
+    ser = run_grid("t", DEFAULT_CONFIG, cells, ["mse@10"], tmp_path / "ser", progress=False)
+    assert [o.cell for o in par.outcomes] == cells
+    assert par.outcomes[0].metrics["metrics"] == ser.outcomes[0].metrics["metrics"]
+    assert par.outcomes[1].metrics is None and "non-finite loss" in par.outcomes[1].error
+    assert (tmp_path / "par" / "cells" / "ok-s-seed0" / "metrics.json").is_file()
+    assert (tmp_path / "par" / "cells" / "bad-s-seed0" / "failed.json").is_file()

@@ -96,7 +96,7 @@ def _fit(method_overrides, steps=300):
     fam = setup.family
     svi = make_svi(setup.method, cfg.train)
     state = jax.jit(lambda k: svi.init(k, fam.sample(jax.random.fold_in(k, 1), 8)))(jax.random.PRNGKey(0))
-    trained, losses, finite = make_chunk(svi, fam, 8, jax.random.PRNGKey(2))(state, jnp.asarray(0), steps)
+    trained, losses, finite = make_chunk(svi, fam, 8)(state, jnp.asarray(0), steps, jax.random.PRNGKey(2))
     assert bool(finite)
     return {
         "cfg": cfg,

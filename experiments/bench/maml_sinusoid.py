@@ -99,7 +99,7 @@ def main() -> None:
     np.testing.assert_allclose(float(engine_loss), float(hand_loss) + const, rtol=1e-5)
 
     n_chunks = max(1, args.steps // args.chunk)
-    chunk = make_chunk(svi, setup.family, mb, jax.random.PRNGKey(2))
+    chunk = make_chunk(svi, setup.family, mb)
 
     def hand_chunk(theta, opt_state, start):
         def one(carry, s):
@@ -116,7 +116,7 @@ def main() -> None:
         ("hand-written step", lambda *a: hand_step(*a), (theta, opt_state, batch), args.steps, 1),
         (
             f"engine, scan of {args.chunk} steps",
-            lambda s, st: (chunk(s, st, args.chunk)[0], st),
+            lambda s, st: (chunk(s, st, args.chunk, jax.random.PRNGKey(2))[0], st),
             (state, jnp.asarray(0)),
             n_chunks,
             args.chunk,

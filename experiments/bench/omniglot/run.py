@@ -232,9 +232,9 @@ def main() -> None:
         batch = setup.family.sample(jax.random.fold_in(data_key, 0), mb)
         setups[method] = (setup, svi, state, batch)
         one_c, one = compile_timed(svi.update, state, batch)
-        chunk = make_chunk(svi, setup.family, mb, data_key)
+        chunk = make_chunk(svi, setup.family, mb)
         start = jnp.asarray(0)
-        sampled_c, sampled = compile_timed(chunk, state, start, n)
+        sampled_c, sampled = compile_timed(lambda s, i, c=chunk, k=data_key: c(s, i, n, k), state, start)
         fixed_c, fixed = compile_timed(scanned(svi.update, n), state, batch)
         rows[f"{method} (engine)"] = {
             "method": method,
