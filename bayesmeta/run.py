@@ -110,6 +110,17 @@ def param_shapes(method: Method, family: Family) -> dict[str, Any]:
     return jax.eval_shape(sites, jax.random.PRNGKey(0))
 
 
+def require_predictive(setup: Setup) -> None:
+    """The run folder's evaluation (a predictive of y at query points) needs a family of supervised
+    tasks; a family of MDPs (tasks.Environment), whose methods collect rollouts, is refused here."""
+    if isinstance(setup.family, Environment):
+        raise config_mod.ConfigError(
+            f"task.family: {setup.cfg.task.family} is a family of MDPs (its methods collect rollouts), which "
+            "bayesmeta fit / evaluate / sample cannot evaluate; train and evaluate it with its experiment "
+            "script (experiments/meta_rl/) or bayesmeta.fit.fit"
+        )
+
+
 def default_run_dir(cfg: Config, root: str | Path = "runs") -> Path:
     return Path(root) / cfg.name
 
@@ -170,6 +181,7 @@ def train_seeds(
         raise ValueError("train_seeds: the configs must differ only in seed and name")
     setups = [Setup.from_config(c) for c in cfgs]
     setup = setups[0]
+    require_predictive(setup)
     dirs = [Path(d) if d is not None else default_run_dir(c) for c, d in zip(cfgs, run_dirs, strict=True)]
     templates = [template_state(setup, c)[0] for c in cfgs]
     task_mesh(first.train.devices)
@@ -231,6 +243,7 @@ def template_state(setup: Setup, cfg: Config) -> tuple[Any, SVI]:
 def restore(cfg: Config, run_dir: Path) -> tuple[Setup, FitResult]:
     """Rebuild the method and load the run's checkpointed parameters."""
     setup = Setup.from_config(cfg)
+    require_predictive(setup)
     template, svi = template_state(setup, cfg)
     state, step, trace = load_checkpoint(run_dir, template, resume=False)
     return setup, FitResult(svi.get_params(state), state, step, trace)

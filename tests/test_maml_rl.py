@@ -3,6 +3,8 @@ step and a tiny meta-training run (bayesmeta/rl/navigation.py, models/maml_rl.py
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -167,3 +169,15 @@ def test_a_family_without_an_environment_is_refused():
     cfg = registry.load_config(None, ["model.method='maml_rl'"])
     with pytest.raises(ConfigError, match="Environment"):
         Setup.from_config(cfg)
+
+
+def test_the_cli_refuses_a_family_of_mdps_in_one_line_and_writes_nothing(tmp_path, capsys):
+    """bayesmeta fit evaluates a predictive of y at query points, which rollout-collecting methods do
+    not have: a navigation config is a config error naming task.family, and no folder is made."""
+    from bayesmeta.cli import main
+
+    base = Path(__file__).parents[1] / "experiments" / "meta_rl" / "navigation" / "base.toml"
+    code = main(["fit", str(base), "--run-dir", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("bayesmeta: config error: task.family:"), err
+    assert "family of MDPs" in err[-1] and not (tmp_path / "run").exists()
