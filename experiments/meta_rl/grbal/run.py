@@ -1,7 +1,7 @@
 """GrBAL and ReBAL against MB and MB+DE when the dynamics change mid-episode (Nagabandi et al. 2019;
 survey 002's GrBAL slides; issue #19 part A), on a pendulum in pure JAX (bayesmeta/tasks/dynamics.py).
 
-    .venv/bin/python experiments/meta_rl/grbal/run.py               # 5 seeds, 3000 meta-training steps
+    .venv/bin/python experiments/meta_rl/grbal/run.py          # 5 seeds, 5000 training steps, ~13 min, 1 core
     .venv/bin/python experiments/meta_rl/grbal/run.py --smoke       # ~2 min: checks the pipeline
     .venv/bin/python experiments/meta_rl/grbal/run.py --pilot       # the oracle pilot that chose SETTINGS
 
