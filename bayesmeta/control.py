@@ -200,3 +200,28 @@ def episode(
         body, carry, (schedule, jax.random.split(key, steps))
     )
     return Episode(jnp.concatenate([s0[None], states]), actions, costs, errs, (bx, by), state)
+
+
+def replay(
+    model: OnlineModel,
+    buffer: tuple[jax.Array, jax.Array],
+    xs: jax.Array,
+    ys: jax.Array,
+    model_state: Any = None,
+) -> jax.Array:
+    """The model's one-step prediction error on a given sequence of transitions (xs (T, x_dim), ys (T,
+    y_dim)), online as in `episode` but without planning: at each t, sum_j (predict(state, D(t-M, t-1),
+    x_t) - y_t)_j^2, then push (x_t, y_t) and update. (T,). So models are compared on the same
+    transitions (e.g. one controller's trajectory) rather than each on its own."""
+    if model_state is None:
+        model_state = model.update(model.init, *buffer)
+
+    def body(carry: tuple, xy: tuple) -> tuple:
+        bx, by, state = carry
+        x, y = xy
+        err = jnp.sum(jnp.square(model.predict(state, bx, by, x[None])[0] - y))
+        bx = jnp.concatenate([bx[1:], x[None]])
+        by = jnp.concatenate([by[1:], y[None]])
+        return (bx, by, model.update(state, bx, by)), err
+
+    return jax.lax.scan(body, (*buffer, model_state), (xs, ys))[1]

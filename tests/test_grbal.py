@@ -185,3 +185,29 @@ def test_rebal_reads_the_support_in_order():
     )
     assert not np.allclose(f(b.x_support[1], b.y_support[1], b.x_query[0]), base)
     assert not np.allclose(f(b.x_support[0][::-1], b.y_support[0][::-1], b.x_query[0]), base)
+
+
+def test_replay_is_the_episodes_model_error():
+    """Replaying an episode's executed transitions gives the episode's own one-step model errors for a
+    stateful model (its state updated on each new window, as MB+DE's parameters), and each error is
+    the prediction from the state and window of the previous M transitions, computed here by hand."""
+    env, d = Pendulum(), Dynamics(1.0, 1.0, 0.1, 0.8)
+    model = control.OnlineModel(
+        jnp.zeros(2),
+        lambda st, sx, sy: 0.5 * st + 0.5 * sy.mean(0),
+        lambda st, sx, sy, qx: st + 0.1 * qx[:, :2] + 0.01 * sy[-1],
+    )
+    s, buf = control.warmup(env, d, jnp.array([2.5, 0.0]), jax.random.PRNGKey(2), 4)
+    sched = jax.tree.map(lambda a: jnp.full((5,), a), d)
+    ep = control.episode(
+        env, sched, model, control.random_shooting(8, 2, -2.0, 2.0), s, jax.random.PRNGKey(5), buf
+    )
+    xs, ys = env.features(ep.states[:-1], ep.actions), env.targets(ep.states[:-1], ep.states[1:])
+    np.testing.assert_allclose(control.replay(model, buf, xs, ys), ep.model_error, rtol=1e-5, atol=1e-8)
+    bx, by = buf
+    state = model.update(model.init, bx, by)
+    for t in range(5):
+        pred = model.predict(state, bx, by, xs[t : t + 1])[0]
+        assert float(ep.model_error[t]) == pytest.approx(float(jnp.sum(jnp.square(pred - ys[t]))), rel=1e-5)
+        bx, by = jnp.concatenate([bx[1:], xs[t : t + 1]]), jnp.concatenate([by[1:], ys[t : t + 1]])
+        state = model.update(state, bx, by)

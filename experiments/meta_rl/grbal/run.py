@@ -1,26 +1,36 @@
 """GrBAL and ReBAL against MB and MB+DE when the dynamics change mid-episode (Nagabandi et al. 2019;
 survey 002's GrBAL slides; issue #19 part A), on a pendulum in pure JAX (bayesmeta/tasks/dynamics.py).
 
-    .venv/bin/python experiments/meta_rl/grbal/run.py               # 5 seeds, 5000 meta-training steps
-    .venv/bin/python experiments/meta_rl/grbal/run.py --smoke       # ~1 min: checks the pipeline
+    .venv/bin/python experiments/meta_rl/grbal/run.py          # 5 seeds, 5000 training steps, ~13 min, 1 core
+    .venv/bin/python experiments/meta_rl/grbal/run.py --smoke       # ~2 min: checks the pipeline
+    .venv/bin/python experiments/meta_rl/grbal/run.py --pilot       # the oracle pilot that chose SETTINGS
 
 1. Dynamics models, meta-trained through the engine (bayesmeta.experiment.run_grid) on the
-   `pendulum_dynamics` family (M = 16 support transitions, K = 16 query transitions per window):
-   GrBAL = `maml` (1 inner step, learned per-layer step size psi, as the paper's learned rate),
-   ReBAL = `rebal` (an LSTM over the window), MB = `maml` with zero inner steps (one model fitted to
-   the pooled windows, never adapted). Their held-out one-step MSE is in the first table.
+   `pendulum_dynamics` family (M = 16 support transitions, K = 16 query transitions per window, under
+   uniformly random actions): GrBAL = `maml` (1 inner step, learned per-layer step size psi, as the
+   paper's learned rate), ReBAL = `rebal` (an LSTM over the window), MB = `maml` with zero inner steps
+   (one model fitted to the pooled windows, never adapted). Their held-out one-step MSE is the last table.
 2. MPC episodes (bayesmeta.control: CEM, re-planned every step, each model adapted online on the last
-   M = 16 transitions): from the hanging position under the training-time "before" dynamics for T1
-   steps, then the dynamics change (mass doubles, actuator gain halves) for T2 steps, in two settings:
-   "hold", the pendulum continues from where it is; "knock", it is also reset to hanging at the change,
-   so the controller must swing it up again under the new dynamics. MB+DE is the MB model with
-   dynamic evaluation (one SGD step of its NLL on the last M transitions after every step, kept).
-   "oracle" plans with the true dynamics of each phase (a reference, not a method).
+   M = 16 transitions): from hanging under the "before" dynamics for T1 steps, then the dynamics change
+   for T2 steps, in the settings of CHANGES: "hold" continues from where the pendulum is (mass doubles,
+   actuator gain halves); "swing-light" and "swing-short" also reset it to hanging at the change, so
+   the controller must swing it up again under the new dynamics (half the mass and a stronger motor;
+   a shorter pole). MB+DE is the MB model with dynamic evaluation (one SGD step of its NLL on the last
+   M transitions after every step, kept). "oracle" plans with the true dynamics of each phase.
+3. A setting is informative only when the oracle succeeds in it (mean cost per step over the last
+   quarter of the second phase below SUCCESS, upright and nearly still) in every episode; otherwise
+   no verdict is drawn from it. The settings were chosen before the final run by the oracle-only pilot
+   (`--pilot`: candidate changes, their own episode keys, no learned model), whose table is in
+   PILOT.md: the first design's "knock" (mass doubles, gain halves, reset to hanging) is out because
+   the oracle cannot swing the crippled pendulum up with this planner, at any horizon tried.
+4. Mechanism: every model replays the oracle's transitions of the same episode (control.replay: the
+   one-step prediction error of each executed transition, adapted or updated online as in MPC), so
+   their errors just before and just after the change are compared on the same states and actions.
 
 Writes RESULTS.md and results.json beside this file (runs under runs/; --smoke into runs/smoke/), with
-the cost after the change per controller (mean over seeds, 95% t-interval), paired contrasts by seed,
-figures of the cost over time after the change and of trajectories, and the claim "GrBAL beats MB and
-MB+DE when the dynamics change" stated as met or not met per setting.
+the cost after the change per controller (mean over seeds, 95% t-interval), success rates, paired
+contrasts by seed, the replayed model errors, figures, and the claim "GrBAL beats MB and MB+DE when the
+dynamics change" stated per setting as met, not met or uninformative.
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ from bayesmeta.io import write_json, write_text
 from bayesmeta.report import save_fig
 from bayesmeta.stats import t_half_width
 from bayesmeta.tables import markdown_table
-from bayesmeta.tasks.dynamics import Dynamics
+from bayesmeta.tasks.dynamics import Dynamics, Pendulum
 
 HERE = Path(__file__).parent
 METHODS = {
@@ -59,17 +69,46 @@ SMOKE = (
     "eval.tasks=100",
 )
 BEFORE = (1.0, 1.0, 0.1, 1.0)  # mass, length, friction, gain
-AFTER = (2.0, 1.0, 0.1, 0.5)  # mass doubles, the actuator gain halves
-CONTROLLERS = ("GrBAL", "ReBAL", "MB", "MB+DE", "oracle")
+# setting: (dynamics after the change, reset to hanging at the change); chosen by the --pilot table
+CHANGES = {
+    "hold": ((2.0, 1.0, 0.1, 0.5), False),  # mass doubles, the actuator gain halves; carry on
+    "swing-light": ((0.5, 1.0, 0.1, 1.2), True),  # half the mass, a stronger motor; swing up again
+    "swing-short": ((1.0, 0.75, 0.1, 1.0), True),  # a shorter pole; swing up again
+}
+# the oracle pilot's candidates: (after, reset, horizon); the first design's "knock" is the second row
+PILOT = (
+    ((1.0, 1.0, 0.1, 1.0), True, 15),  # no change, only the reset: the swing-up from rest itself
+    ((2.0, 1.0, 0.1, 0.5), False, 15),
+    ((2.0, 1.0, 0.1, 0.5), True, 15),
+    ((2.0, 1.0, 0.1, 0.5), True, 25),
+    ((2.0, 1.0, 0.1, 0.5), True, 40),
+    ((1.0, 1.0, 0.1, 0.5), True, 15),
+    ((1.0, 1.0, 0.1, 0.5), True, 25),
+    ((1.5, 1.0, 0.1, 0.5), True, 15),
+    ((2.0, 1.0, 0.1, 0.7), True, 15),
+    ((1.0, 1.0, 0.1, 0.7), True, 15),
+    ((2.0, 1.0, 0.1, 1.2), True, 15),
+    ((1.0, 1.0, 0.3, 1.0), True, 15),
+    ((0.5, 1.0, 0.1, 0.5), True, 15),
+    ((0.5, 1.0, 0.1, 1.2), True, 15),
+    ((0.5, 0.75, 0.0, 1.2), True, 15),
+    ((1.0, 0.75, 0.1, 1.0), True, 15),
+)
+PILOT_KEY = 1000  # the pilot's episodes use keys PRNGKey(1000 + e), the final run's fold_in(PRNGKey(seed), e)
+CONTROLLERS = ("oracle", "GrBAL", "ReBAL", "MB", "MB+DE")
+LEARNED = CONTROLLERS[1:]
 WINDOW = 16
 DE_LR = 0.01
+HORIZON = 15
+SUCCESS = 0.1  # an episode succeeds when its mean cost per step over the last quarter of T2 is below this
+NEAR = 20  # steps either side of the change over which replayed model errors are averaged
 
 
 def dyn(values: tuple[float, ...]) -> Dynamics:
     return Dynamics(*(jnp.float32(v) for v in values))
 
 
-def exact_model(env: object, d: Dynamics) -> control.OnlineModel:
+def exact_model(env: Pendulum, d: Dynamics) -> control.OnlineModel:
     """The true dynamics d as a predictor (the oracle's model)."""
 
     def f(sx: jax.Array, sy: jax.Array, qx: jax.Array) -> jax.Array:
@@ -79,10 +118,11 @@ def exact_model(env: object, d: Dynamics) -> control.OnlineModel:
     return control.adapting(f)
 
 
-def models(runs: dict[str, bayesmeta.api.Run]) -> dict[str, tuple]:
-    """Each controller's (model before the change, model after): the same online model except the oracle."""
+def models(runs: dict[str, bayesmeta.api.Run]) -> dict[str, control.OnlineModel]:
+    """Each learned controller's online model (GrBAL adapted by its one inner step, ReBAL by its LSTM,
+    MB never, MB+DE by dynamic evaluation of the MB model)."""
     mb = runs["MB"]
-    out = {
+    return {
         "GrBAL": control.adapting(
             control.predictor(runs["GrBAL"].setup.eval_method, runs["GrBAL"].params, 1)
         ),
@@ -92,50 +132,126 @@ def models(runs: dict[str, bayesmeta.api.Run]) -> dict[str, tuple]:
         "MB": control.adapting(control.predictor(mb.setup.eval_method, mb.params, 0)),
         "MB+DE": control.dynamic_evaluation(mb.setup.eval_method, mb.params, DE_LR, 1),
     }
-    env = mb.setup.family.env
-    return {k: (v, v) for k, v in out.items()} | {
-        "oracle": (exact_model(env, dyn(BEFORE)), exact_model(env, dyn(AFTER)))
-    }
+
+
+def planner(env: Pendulum, horizon: int = HORIZON) -> control.Planner:
+    return control.cem(200, horizon, -env.max_torque, env.max_torque, iterations=3, elites=20)
 
 
 def two_phase(
-    env: object,
+    env: Pendulum,
     pre: control.OnlineModel,
     post: control.OnlineModel,
-    planner: object,
+    plan: control.Planner,
     t1: int,
     t2: int,
-    knock: bool,
+    after: tuple[float, ...],
+    reset: bool,
 ):
-    """Jitted key -> (states (T1 + T2 + 1, 2), cost (T1 + T2,), model error (T1 + T2,)) of one episode:
-    warm-up window from hanging, T1 steps of BEFORE, the change (and, with knock, a reset to hanging),
-    T2 steps of AFTER; the buffer and the model state carry over the change."""
+    """Jitted key -> dict of one episode: states (T1 + T2 + 1, 2), cost (T1 + T2,), model error
+    (T1 + T2,), the executed transitions xs (T1 + T2, 4), ys (T1 + T2, 2) and the warm-up buffer:
+    a warm-up window from hanging, T1 steps of BEFORE, the change (with `reset`, back to hanging),
+    T2 steps of `after`; the buffer and the model state carry over the change."""
     down = jnp.array([jnp.pi, 0.0])
     b = jax.tree.map(lambda a: jnp.full((t1,), a), dyn(BEFORE))
-    a = jax.tree.map(lambda v: jnp.full((t2,), v), dyn(AFTER))
+    a = jax.tree.map(lambda v: jnp.full((t2,), v), dyn(after))
+
+    def transitions(e: control.Episode) -> tuple:
+        return env.features(e.states[:-1], e.actions), env.targets(e.states[:-1], e.states[1:])
 
     @jax.jit
-    def run(key: jax.Array) -> tuple:
+    def run(key: jax.Array) -> dict:
         k1, k2, k3 = jax.random.split(key, 3)
         s, buf = control.warmup(env, dyn(BEFORE), down, k1, WINDOW)
-        e1 = control.episode(env, b, pre, planner, s, k2, buf)
+        e1 = control.episode(env, b, pre, plan, s, k2, buf)
         state = e1.model_state if pre is post else None
-        s2 = down if knock else e1.states[-1]
-        e2 = control.episode(env, a, post, planner, s2, k3, e1.buffer, state)
+        e2 = control.episode(env, a, post, plan, down if reset else e1.states[-1], k3, e1.buffer, state)
+        (x1, y1), (x2, y2) = transitions(e1), transitions(e2)
         states = jnp.concatenate([e1.states, e2.states[1:]])
-        if knock:
-            states = states.at[t1].set(down)  # the knock: the state the second phase starts from
-        return states, jnp.concatenate([e1.cost, e2.cost]), jnp.concatenate([e1.model_error, e2.model_error])
+        if reset:
+            states = states.at[t1].set(down)  # the state the second phase starts from
+        return {
+            "states": states,
+            "cost": jnp.concatenate([e1.cost, e2.cost]),
+            "error": jnp.concatenate([e1.model_error, e2.model_error]),
+            "xs": jnp.concatenate([x1, x2]),
+            "ys": jnp.concatenate([y1, y2]),
+            "buffer": buf,
+        }
 
     return run
+
+
+def success(cost: np.ndarray, t2: int) -> np.ndarray:
+    """Per episode (rows of cost (E, T1 + T2)): mean cost over the last quarter of T2 below SUCCESS."""
+    return cost[:, -max(t2 // 4, 1) :].mean(1) < SUCCESS
 
 
 def ci(values: list[float]) -> tuple[float, float | None]:
     return float(np.mean(values)), t_half_width(values)
 
 
-def fmt(m: float, h: float | None) -> str:
-    return f"{m:.3f}" + ("" if h is None else f" ± {h:.3f}")
+def fmt(m: float, h: float | None, digits: int = 3) -> str:
+    return f"{m:.{digits}f}" + ("" if h is None else f" ± {h:.{digits}f}")
+
+
+def pilot(out_dir: Path, t1: int, t2: int, episodes: int) -> None:
+    """The oracle-only pilot: each PILOT candidate's oracle cost and success (keys PILOT_KEY + e)."""
+    env, rows, found = Pendulum(), [], []
+    t0 = time.perf_counter()
+    for after, reset, horizon in PILOT:
+        pre, post = exact_model(env, dyn(BEFORE)), exact_model(env, dyn(after))
+        ep = two_phase(env, pre, post, planner(env, horizon), t1, t2, after, reset)
+        cost = np.stack([np.asarray(ep(jax.random.PRNGKey(PILOT_KEY + e))["cost"]) for e in range(episodes)])
+        ok = success(cost, t2)
+        last = cost[:, -max(t2 // 4, 1) :].mean(1)
+        found.append(
+            {
+                "after": after,
+                "reset": reset,
+                "horizon": horizon,
+                "cost_after": float(cost[:, t1:].mean()),
+                "cost_last_quarter": last.tolist(),
+                "successes": int(ok.sum()),
+                "episodes": episodes,
+            }
+        )
+        rows.append(
+            [
+                str(after),
+                "yes" if reset else "no",
+                str(horizon),
+                f"{cost[:, t1:].mean():.3f}",
+                ", ".join(f"{v:.3f}" for v in last),
+                f"{int(ok.sum())} of {episodes}",
+            ]
+        )
+        print(rows[-1], flush=True)
+    table = markdown_table(
+        [
+            "after (mass, length, friction, gain)",
+            "reset to hanging",
+            "CEM horizon",
+            "oracle cost after",
+            "cost over the last quarter, per episode",
+            f"successes (< {SUCCESS})",
+        ],
+        rows,
+    )
+    cmd = (
+        f".venv/bin/python experiments/meta_rl/grbal/run.py --pilot --t1 {t1} --t2 {t2} --episodes {episodes}"
+    )
+    md = (
+        "# GrBAL pendulum: the oracle pilot that chose the settings\n\n"
+        f"The oracle (CEM on the true dynamics of each phase) on candidate changes: before = {BEFORE} for "
+        f"{t1} steps from hanging, then `after` for {t2} steps. Episode keys PRNGKey({PILOT_KEY} + e), "
+        "disjoint from the final run's. A candidate is usable when the oracle succeeds in every episode "
+        f"(mean cost per step over the last quarter of the second phase < {SUCCESS}). No learned model "
+        "took part, so the choice cannot favour a method.\n\n"
+        f"{table}\n\n- command: `{cmd}`\n- time: {(time.perf_counter() - t0) / 60:.1f} min\n"
+    )
+    write_text(out_dir / "PILOT.md", md)
+    write_json(out_dir / "pilot.json", {"command": cmd, "success": SUCCESS, "candidates": found})
 
 
 def main() -> None:
@@ -145,11 +261,17 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=4, help="MPC episodes per seed, controller and setting")
     p.add_argument("--t1", type=int, default=100, help="steps before the change")
     p.add_argument("--t2", type=int, default=100, help="steps after the change")
-    p.add_argument("--planner", choices=["cem", "rs"], default="cem")
     p.add_argument("--smoke", action="store_true", help="300 steps, seed 0, short episodes, into runs/smoke/")
-    p.add_argument("--out", type=Path, help="write here instead of beside this file (e.g. a pilot run)")
+    p.add_argument(
+        "--pilot", action="store_true", help="the oracle-only pilot of candidate changes (PILOT.md)"
+    )
+    p.add_argument("--out", type=Path, help="write here instead of beside this file")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--train-only", action="store_true", help="meta-train the grid's cells, then stop")
     args = p.parse_args()
+    if args.pilot:
+        pilot(args.out or HERE, args.t1, args.t2, args.episodes)
+        return
     if args.smoke:
         extra, seeds, out_dir = SMOKE, [0], HERE / "runs" / "smoke"
         args.episodes, args.t1, args.t2 = 1, 40, 40
@@ -162,105 +284,172 @@ def main() -> None:
     res = run_grid(
         title, HERE / "base.toml", cells, ["mse@0", "mse@1"], out_dir, progress=not args.no_progress
     )
-    planner = (
-        control.cem(200, 15, -2.0, 2.0, iterations=3, elites=20)
-        if args.planner == "cem"
-        else control.random_shooting(500, 15, -2.0, 2.0)
-    )
-    # per setting, controller, seed: cost curves (episodes, T1 + T2), and seed 0's first trajectory
-    curves: dict[str, dict[str, dict[int, np.ndarray]]] = {}
-    errors: dict[str, dict[str, dict[int, np.ndarray]]] = {}
-    trajectories: dict[str, dict[str, np.ndarray]] = {}
+    if args.train_only:
+        return
+    t1, t2 = args.t1, args.t2
+    # [setting][controller][seed]: cost and own-trajectory model error (episodes, T1 + T2); replayed
+    # errors on the oracle's transitions [setting][model][seed] (episodes, T1 + T2); first trajectories
+    cost: dict = {}
+    own_error: dict = {}
+    replayed: dict = {}
+    trajectories: dict = {}
     for seed in seeds:
         runs = {m: bayesmeta.open_run(out_dir / "runs" / f"{m}-fit-seed{seed}") for m in METHODS}
         env = runs["MB"].setup.family.env
-        for name, (pre, post) in models(runs).items():
-            for setting, knock in (("hold", False), ("knock", True)):
-                ep = two_phase(env, pre, post, planner, args.t1, args.t2, knock)
-                outs = [ep(jax.random.fold_in(jax.random.PRNGKey(seed), e)) for e in range(args.episodes)]
-                curves.setdefault(setting, {}).setdefault(name, {})[seed] = np.stack(
-                    [np.asarray(o[1]) for o in outs]
+        learned = models(runs)
+        plan = planner(env)
+        keys = [jax.random.fold_in(jax.random.PRNGKey(seed), e) for e in range(args.episodes)]
+        for setting, (after, reset) in CHANGES.items():
+            oracle = two_phase(
+                env, exact_model(env, dyn(BEFORE)), exact_model(env, dyn(after)), plan, t1, t2, after, reset
+            )
+            outs = {"oracle": [oracle(k) for k in keys]}
+            for name, m in learned.items():
+                ep = two_phase(env, m, m, plan, t1, t2, after, reset)
+                outs[name] = [ep(k) for k in keys]
+                replay = jax.jit(lambda buf, xs, ys, m=m: control.replay(m, buf, xs, ys))
+                replayed.setdefault(setting, {}).setdefault(name, {})[seed] = np.stack(
+                    [np.asarray(replay(o["buffer"], o["xs"], o["ys"])) for o in outs["oracle"]]
                 )
-                errors.setdefault(setting, {}).setdefault(name, {})[seed] = np.stack(
-                    [np.asarray(o[2]) for o in outs]
+            for name, o in outs.items():
+                cost.setdefault(setting, {}).setdefault(name, {})[seed] = np.stack(
+                    [np.asarray(e["cost"]) for e in o]
+                )
+                own_error.setdefault(setting, {}).setdefault(name, {})[seed] = np.stack(
+                    [np.asarray(e["error"]) for e in o]
                 )
                 if seed == seeds[0]:
-                    trajectories.setdefault(setting, {})[name] = np.asarray(outs[0][0])
-                after = curves[setting][name][seed][:, args.t1 :].mean()
-                print(f"seed {seed} {setting} {name}: cost after the change {after:.3f}", flush=True)
-    summary, claims, rows, contrast_rows = {}, {}, [], []
-    for setting, by_name in curves.items():
-        per_seed = {n: [float(c[:, args.t1 :].mean()) for c in by_name[n].values()] for n in by_name}
-        pre_seed = {
-            n: [float(c[:, args.t1 // 2 : args.t1].mean()) for c in by_name[n].values()] for n in by_name
+                    trajectories.setdefault(setting, {})[name] = np.asarray(o[0]["states"])
+                print(
+                    f"seed {seed} {setting} {name}: cost after the change "
+                    f"{cost[setting][name][seed][:, t1:].mean():.3f}, successes "
+                    f"{int(success(cost[setting][name][seed], t2).sum())} of {args.episodes}",
+                    flush=True,
+                )
+    summary, claims, rows, contrast_rows, mech_rows = {}, {}, [], [], []
+    for setting, by_name in cost.items():
+        per_seed = {n: [float(c[:, t1:].mean()) for c in by_name[n].values()] for n in by_name}
+        pre_seed = {n: [float(c[:, t1 // 2 : t1].mean()) for c in by_name[n].values()] for n in by_name}
+        wins = {n: np.concatenate([success(c, t2) for c in by_name[n].values()]) for n in by_name}
+        own = {
+            n: [float(c[:, t1 : t1 + NEAR].mean()) for c in own_error[setting][n].values()] for n in by_name
         }
-        err_seed = {
-            n: [float(c[:, args.t1 : args.t1 + 20].mean()) for c in errors[setting][n].values()]
-            for n in by_name
+        rep_after = {
+            n: [float(c[:, t1 : t1 + NEAR].mean()) for c in replayed[setting][n].values()] for n in LEARNED
+        }
+        rep_before = {
+            n: [float(c[:, t1 - NEAR : t1].mean()) for c in replayed[setting][n].values()] for n in LEARNED
         }
         summary[setting] = {
-            n: {
-                "cost_after_per_seed": per_seed[n],
-                "cost_after": ci(per_seed[n]),
-                "cost_before_second_half": ci(pre_seed[n]),
-                "model_error_first_20_after": ci(err_seed[n]),
-            }
-            for n in by_name
+            "after": CHANGES[setting][0],
+            "reset": CHANGES[setting][1],
+            "controllers": {
+                n: {
+                    "cost_after_per_seed": per_seed[n],
+                    "cost_after": ci(per_seed[n]),
+                    "cost_before_second_half": ci(pre_seed[n]),
+                    "successes": int(wins[n].sum()),
+                    "episodes": int(wins[n].size),
+                    "own_model_error_first_after": ci(own[n]),
+                }
+                for n in by_name
+            },
+            "replayed_error_on_oracle_transitions": {
+                n: {"before_per_seed": rep_before[n], "after_per_seed": rep_after[n]} for n in LEARNED
+            },
         }
         for n in by_name:
-            rows.append([setting, n, fmt(*ci(pre_seed[n])), fmt(*ci(per_seed[n])), fmt(*ci(err_seed[n]))])
+            rows.append(
+                [
+                    setting,
+                    n,
+                    fmt(*ci(pre_seed[n])),
+                    fmt(*ci(per_seed[n])),
+                    f"{int(wins[n].sum())} of {wins[n].size}",
+                    fmt(*ci(own[n]), 4) if n != "oracle" else "0",
+                ]
+            )
+        for n in LEARNED:
+            mech_rows.append([setting, n, fmt(*ci(rep_before[n]), 4), fmt(*ci(rep_after[n]), 4)])
+        mechanism = {}
+        for base in ("MB", "MB+DE"):
+            d = np.asarray(rep_after["GrBAL"]) - np.asarray(rep_after[base])
+            m, h = ci(list(d))
+            mechanism[base] = {"per_seed": d.tolist(), "mean": m, "half_width": h}
+            mech_rows.append([setting, f"GrBAL - {base} (paired)", "", f"{fmt(m, h, 4)} ({verdict(m, h)})"])
+        summary[setting]["replayed_error_after_contrasts"] = mechanism
+        oracle_ok = bool(wins["oracle"].all())
         verdicts = []
         for base in ("MB", "MB+DE"):
             d = np.asarray(per_seed["GrBAL"]) - np.asarray(per_seed[base])
             m, h = ci(list(d))
-            better = h is not None and m + h < 0
-            verdicts.append(better)
-            sig = (
-                "n/a (one seed)"
-                if h is None
-                else "GrBAL lower"
-                if better
-                else "GrBAL higher"
-                if m - h > 0
-                else "no significant difference"
-            )
-            contrast_rows.append([setting, f"GrBAL - {base}", fmt(m, h), sig])
+            verdicts.append(h is not None and m + h < 0)
+            contrast_rows.append([setting, f"GrBAL - {base}", fmt(m, h), verdict(m, h)])
             summary[setting][f"GrBAL-{base}"] = {"per_seed": d.tolist(), "mean": m, "half_width": h}
-        claims[setting] = "no verdict (one seed)" if len(seeds) < 2 else "met" if all(verdicts) else "not met"
-    fig_curves = plot_curves(curves, args.t1, out_dir / "figures" / "cost_after_change.png")
-    fig_traj = plot_trajectories(trajectories, args.t1, out_dir / "figures" / "trajectories.png")
+        claims[setting] = (
+            f"uninformative (the oracle failed in {int((~wins['oracle']).sum())} of "
+            f"{wins['oracle'].size} episodes)"
+            if not oracle_ok
+            else "no verdict (one seed)"
+            if len(seeds) < 2
+            else "met"
+            if all(verdicts)
+            else "not met"
+        )
+        summary[setting]["informative"] = oracle_ok
+    figs = [
+        plot_curves(cost, t1, out_dir / "figures" / "cost_after_change.png"),
+        plot_trajectories(trajectories, t1, out_dir / "figures" / "trajectories.png"),
+        plot_errors(replayed, t1, out_dir / "figures" / "replayed_model_error.png"),
+    ]
     table = markdown_table(
         [
             "setting",
             "controller",
-            f"cost per step, steps {args.t1 // 2}-{args.t1} (before)",
+            f"cost per step, steps {t1 // 2}-{t1} (before)",
             "cost per step after the change",
-            "model error, first 20 steps after",
+            f"successes (last {max(t2 // 4, 1)} steps' mean cost < {SUCCESS})",
+            f"own model error, first {NEAR} steps after",
         ],
         rows,
     )
     ctable = markdown_table(
         ["setting", "contrast (cost after the change)", "mean ± 95% CI over seeds", "verdict"], contrast_rows
     )
+    mtable = markdown_table(
+        ["setting", "model", f"error, {NEAR} steps before the change", f"error, first {NEAR} steps after"],
+        mech_rows,
+    )
     claim_lines = "\n".join(
-        f'- **{s}**: "GrBAL beats MB and MB+DE when the dynamics change": **{c}** (GrBAL\'s cost after the '
-        "change must be below both, the paired 95% interval over seeds excluding 0)"
+        f'- **{s}** ({describe(s)}): "GrBAL beats MB and MB+DE when the dynamics change": **{c}**'
         for s, c in claims.items()
     )
     md = (
-        f"# {title}\n\n## The claim\n\n{claim_lines}\n\n## MPC cost (mean over seeds ± 95% t-interval; "
-        f"{args.episodes} episodes per seed)\n\n{table}\n\n## Paired by seed\n\n{ctable}\n\n"
-        f"![cost after the change](figures/{fig_curves.name})\n\n![trajectories](figures/{fig_traj.name})\n\n"
-        f"## Protocol\n\nDynamics (mass, length, friction, gain) {BEFORE} for {args.t1} steps, then "
-        f'{AFTER} for {args.t2} steps; "knock" also resets the pendulum to hanging at the change. Planner: '
-        f"{args.planner} (CEM: 3 iterations of 200 sequences, 20 elites; random shooting: 500), horizon 15, "
-        f"re-planned every step; window M = {WINDOW}; MB+DE: one SGD step (lr {DE_LR}) of the MB model's "
-        "NLL on the window after every step. Cost per step: gym's wrap(theta)^2 + 0.1 omega^2 + 0.001 u^2 "
-        "(0 upright and still, ~9.9 hanging). Model error: squared error of the one-step prediction of the "
-        "executed transition (scaled units).\n\n"
-        f"- command: `{res.command}`\n- seeds: {seeds}\n- time: {(time.perf_counter() - t0) / 60:.1f} min "
-        f"(this invocation, including any training; runs reused: {sum(o.reused for o in res.outcomes)})\n\n"
-        f"## Dynamics models (held-out one-step MSE, scaled units)\n\n{res.table()}"
+        f"# {title}\n\n## The claim\n\n{claim_lines}\n\nMet means GrBAL's cost after the change is "
+        "below both MB's and MB+DE's, the paired 95% interval over seeds excluding 0. A setting is "
+        f"informative only if the oracle (true dynamics) succeeds in every episode of it (mean cost over "
+        f"the last {max(t2 // 4, 1)} steps < {SUCCESS}); the settings were fixed by the oracle-only pilot "
+        "(PILOT.md) before this run.\n\n"
+        f"## MPC cost (mean over seeds ± 95% t-interval; {args.episodes} episodes per seed)\n\n{table}\n\n"
+        f"## Paired by seed\n\n{ctable}\n\n"
+        "## Mechanism: one-step model error on the same transitions\n\nEvery model replays the oracle's "
+        "executed transitions of each episode (bayesmeta.control.replay: adapted or updated online on the "
+        "last M transitions exactly as under MPC, but on the same states and actions for all), squared "
+        "error of the scaled one-step prediction summed over (dtheta, domega), averaged over the "
+        f"{NEAR} steps before and after the change; mean ± 95% CI over seeds, and GrBAL minus each "
+        f"baseline paired by seed.\n\n{mtable}\n\n"
+        + "".join(f"![{f.stem}](figures/{f.name})\n\n" for f in figs)
+        + f"## Protocol\n\nBefore: (mass, length, friction, gain) = {BEFORE} for {t1} steps from hanging "
+        f"(after a {WINDOW}-step random warm-up); then each setting's dynamics for {t2} steps. Planner: "
+        f"CEM, 3 iterations of 200 sequences, 20 elites, horizon {HORIZON}, re-planned every step; "
+        f"window M = {WINDOW}; MB+DE: one SGD step (lr {DE_LR}) of the MB model's NLL on the window "
+        "after every step. Cost per step: gym's wrap(theta)^2 + 0.1 omega^2 + 0.001 u^2 (0 upright and "
+        "still, ~9.9 hanging). Own model "
+        "error: the same squared error along each controller's own trajectory.\n\n"
+        f"- command: `{res.command}`\n- seeds: {seeds}; episode keys fold_in(PRNGKey(seed), e)\n"
+        f"- time: {(time.perf_counter() - t0) / 60:.1f} min (this invocation, including any training; runs "
+        f"reused: {sum(o.reused for o in res.outcomes)})\n\n"
+        f"## Dynamics models (held-out one-step MSE on random-action windows, scaled units)\n\n{res.table()}"
     )
     write_text(out_dir / "RESULTS.md", md)
     write_json(
@@ -274,17 +463,31 @@ def main() -> None:
             "models": res.rows,
             "protocol": {
                 "before": BEFORE,
-                "after": AFTER,
-                "t1": args.t1,
-                "t2": args.t2,
-                "planner": args.planner,
+                "changes": CHANGES,
+                "t1": t1,
+                "t2": t2,
+                "horizon": HORIZON,
                 "episodes": args.episodes,
                 "window": WINDOW,
                 "de_lr": DE_LR,
+                "success": SUCCESS,
+                "near": NEAR,
             },
         },
     )
     print(json.dumps(claims))
+
+
+def verdict(m: float, h: float | None) -> str:
+    """Which side of 0 a paired 95% interval lies on."""
+    if h is None:
+        return "n/a (one seed)"
+    return "GrBAL lower" if m + h < 0 else "GrBAL higher" if m - h > 0 else "no significant difference"
+
+
+def describe(setting: str) -> str:
+    after, reset = CHANGES[setting]
+    return f"after = {after}" + (", reset to hanging" if reset else ", no reset")
 
 
 def plot_curves(curves: dict, t1: int, path: Path) -> Path:
@@ -320,6 +523,22 @@ def plot_trajectories(trajectories: dict, t1: int, path: Path) -> Path:
             ylabel="|angle from upright| (rad)",
             title=f"{setting}: trajectories (change at dashed line)",
         )
+        ax.legend(fontsize=8)
+    return save_fig(fig, path)
+
+
+def plot_errors(replayed: dict, t1: int, path: Path) -> Path:
+    """Replayed one-step model error on the oracle's transitions around the change, mean over seeds."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(replayed), figsize=(6 * len(replayed), 3.8), squeeze=False)
+    for ax, (setting, by_name) in zip(axes[0], replayed.items(), strict=True):
+        lo = max(t1 - 2 * NEAR, 0)
+        for i, (name, seeds) in enumerate(by_name.items()):
+            c = np.stack([v.mean(0)[lo : t1 + 2 * NEAR] for v in seeds.values()])
+            ax.plot(np.arange(lo, lo + c.shape[1]) - t1, c.mean(0), color=f"C{i + 1}", label=name)
+        ax.axvline(0, color="k", ls="--", lw=1)
+        ax.set(xlabel="steps from the change", ylabel="one-step error (scaled)", yscale="log", title=setting)
         ax.legend(fontsize=8)
     return save_fig(fig, path)
 
