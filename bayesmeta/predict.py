@@ -92,7 +92,8 @@ def support_loss(
 def eval_tasks(family: Family, key: jax.Array, n_tasks: int, chunk: int) -> list[TaskBatch]:
     """Held-out tasks, deterministic from `key`, in chunks of at most `chunk` tasks."""
     sizes = [min(chunk, n_tasks - i) for i in range(0, n_tasks, chunk)]
-    return [family.sample(jax.random.fold_in(key, i), s) for i, s in enumerate(sizes)]
+    sample = jax.jit(family.sample, static_argnums=1)  # eager sampling compiles every op on its own
+    return [sample(jax.random.fold_in(key, i), s) for i, s in enumerate(sizes)]
 
 
 @dataclass

@@ -410,19 +410,19 @@ class Calibration(Section):
     def compute(self, run: Evaluated) -> dict[int, CalibrationAt]:
         setup, ev = run.setup, run.ev
         fam = setup.eval_family
-        y = jnp.asarray(ev.tasks.y_query)
+        y = np.asarray(ev.tasks.y_query)
         out = {}
         for s in setup.cfg.eval.inner_steps:
             keep = ~ev.diverged(s)  # a diverged task's interval would dominate every mean
             if not keep.any():  # every task diverged: the metrics say so; nothing to calibrate
                 continue
-            draws = {k: jnp.asarray(v)[:, keep] for k, v in ev.draws[s].items()}
+            draws = {k: np.asarray(v)[:, keep] for k, v in ev.draws[s].items()}
             f, y_draws = draws["f"], draws["y"]
             noise_sd = setup.eval_method.likelihood.at(run.params, draws).sd  # learned, or per draw/point
             u = pit(y_draws, y[keep], jax.random.fold_in(jax.random.PRNGKey(8), s))  # randomized PIT
             out[s] = CalibrationAt(
-                nll=float(jnp.mean(mixture_nll(f, noise_sd, y[keep]))),
-                mse=float(jnp.mean(jnp.square(jnp.mean(f, 0) - y[keep]))),
+                nll=float(np.mean(mixture_nll(f, np.asarray(noise_sd), y[keep]))),
+                mse=float(np.mean(np.square(np.mean(f, 0) - y[keep]))),
                 coverage=coverage(y_draws, y[keep]),
                 width=interval_width(y_draws),
                 pit=np.asarray(u).ravel().tolist(),
@@ -694,18 +694,25 @@ def bound(setup: Setup, params: dict) -> Bound:
     chunk = max(1, cfg.eval.batch // cfg.train.meta_batch)
     categorical = isinstance(setup.likelihood, Categorical)
     clip = 1.0 if categorical else cfg.eval.bound_clip
-    errors = []
-    for i in range(0, len(steps), chunk):
-        tasks = jax.vmap(lambda s: step_tasks(setup.family, data_key, s, cfg.train.meta_batch))(
-            jnp.asarray(steps[i : i + chunk])
-        )
+
+    @jax.jit
+    def chunk_errors(params: dict, data_key: jax.Array, idx: jax.Array, key: jax.Array) -> jax.Array:
+        """Per-task Gibbs risk of the meta-batches of training steps `idx`, as one XLA computation."""
+        tasks = jax.vmap(lambda s: step_tasks(setup.family, data_key, s, cfg.train.meta_batch))(idx)
         tasks = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), tasks)
-        f = run(params, tasks, jax.random.fold_in(jax.random.PRNGKey(5), i))["f"]
+        f = run(params, tasks, key)["f"]
         if categorical:
             err = jnp.argmax(f, -1) != tasks.y_query[None]
         else:
             err = clipped_squared_error(f, tasks.y_query[None], clip)
-        errors.append(np.asarray(jnp.mean(err, axis=tuple(a for a in range(err.ndim) if a != 1))))
+        return jnp.mean(err, axis=tuple(a for a in range(err.ndim) if a != 1))
+
+    errors = []
+    for i in range(0, len(steps), chunk):
+        idx = steps[i : i + chunk]
+        padded = np.pad(idx, (0, chunk - len(idx)), mode="edge")  # one shape: one compilation
+        e = chunk_errors(params, data_key, jnp.asarray(padded), jax.random.fold_in(jax.random.PRNGKey(5), i))
+        errors.append(np.asarray(e)[: len(idx) * cfg.train.meta_batch])
     n = cfg.train.steps * cfg.train.meta_batch
     kl = float(setup.method.kl(params))
     return pac_bayes_bound(

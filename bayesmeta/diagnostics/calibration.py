@@ -1,60 +1,63 @@
 """Calibration of posterior predictive samples: NLL, central-interval coverage, PIT, sharpness, mode
-coverage for the sine/line family, and ECE for classification. Pure functions of arrays."""
+coverage for the sine/line family, and ECE for classification. Pure functions of arrays; the summaries
+run in NumPy (each is one pass over the draws, and eager JAX would compile a program per shape)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.special import logsumexp
+from scipy.special import logsumexp
 
 LEVELS = (0.5, 0.8, 0.9, 0.95)
 
 
-def mixture_nll(means: jnp.ndarray, sd: float, y: jnp.ndarray) -> jnp.ndarray:
+def mixture_nll(means: np.ndarray, sd: float | np.ndarray, y: np.ndarray) -> np.ndarray:
     """Per-point -log (1/S) sum_s N(y; mean_s, sd^2): the predictive NLL of S sampled functions
     (means (S, ...), y (...)) with Gaussian observation noise."""
-    logp = -0.5 * jnp.square((y - means) / sd) - jnp.log(sd) - 0.5 * jnp.log(2 * jnp.pi)
-    return -(logsumexp(logp, axis=0) - jnp.log(means.shape[0]))
+    means, sd, y = np.asarray(means), np.asarray(sd), np.asarray(y)
+    logp = -0.5 * np.square((y - means) / sd) - np.log(sd) - 0.5 * np.log(2 * np.pi)
+    return -(logsumexp(logp, axis=0) - np.log(means.shape[0]))
 
 
-def coverage(samples: jnp.ndarray, y: jnp.ndarray, levels: tuple[float, ...] = LEVELS) -> dict[float, float]:
+def coverage(samples: np.ndarray, y: np.ndarray, levels: tuple[float, ...] = LEVELS) -> dict[float, float]:
     """Fraction of y inside the central `level` interval of the predictive samples (S, ...)."""
     out = {}
     for level in levels:
-        lo, hi = jnp.quantile(samples, jnp.array([(1 - level) / 2, (1 + level) / 2]), axis=0)
-        out[level] = float(jnp.mean((y >= lo) & (y <= hi)))
+        lo, hi = np.quantile(np.asarray(samples), [(1 - level) / 2, (1 + level) / 2], axis=0)
+        out[level] = float(np.mean((np.asarray(y) >= lo) & (np.asarray(y) <= hi)))
     return out
 
 
-def interval_width(samples: jnp.ndarray, levels: tuple[float, ...] = LEVELS) -> dict[float, float]:
+def interval_width(samples: np.ndarray, levels: tuple[float, ...] = LEVELS) -> dict[float, float]:
     """Mean width of the central intervals (sharpness)."""
     out = {}
     for level in levels:
-        lo, hi = jnp.quantile(samples, jnp.array([(1 - level) / 2, (1 + level) / 2]), axis=0)
-        out[level] = float(jnp.mean(hi - lo))
+        lo, hi = np.quantile(np.asarray(samples), [(1 - level) / 2, (1 + level) / 2], axis=0)
+        out[level] = float(np.mean(hi - lo))
     return out
 
 
-def pit(samples: jnp.ndarray, y: jnp.ndarray, key: jax.Array) -> jnp.ndarray:
+def pit(samples: np.ndarray, y: np.ndarray, key: jax.Array) -> np.ndarray:
     """Randomized probability integral transform of each observation among S predictive samples (S, ...):
     u = (#{samples < y} + V (#{samples == y} + 1)) / (S + 1), V ~ U(0, 1). y's rank among the S + 1
     exchangeable values, ties broken at random (as ArviZ's PIT breaks them) and spread over its cell,
     so u is exactly U(0, 1) for a calibrated predictive, continuous even for few samples (the plain
     fraction of samples below y takes only S + 1 values)."""
-    below = jnp.sum(samples < y, axis=0)
-    ties = jnp.sum(samples == y, axis=0)
-    v = jax.random.uniform(key, jnp.shape(below))
+    samples, y = np.asarray(samples), np.asarray(y)
+    below = np.sum(samples < y, axis=0)
+    ties = np.sum(samples == y, axis=0)
+    v = np.asarray(jax.random.uniform(key, below.shape))
     return (below + v * (ties + 1)) / (samples.shape[0] + 1)
 
 
-def pit_ks(u: jnp.ndarray) -> float:
+def pit_ks(u: np.ndarray) -> float:
     """Kolmogorov-Smirnov distance sup_u |F_n(u) - u| of PIT values from U(0, 1): 0 for a perfectly
     calibrated predictive (up to sampling, about 1.36 / sqrt(n) at 95% for n independent values)."""
-    u = jnp.sort(jnp.ravel(u))
+    u = np.sort(np.ravel(u))
     n = u.shape[0]
-    i = jnp.arange(1, n + 1)
-    return float(jnp.max(jnp.maximum(i / n - u, u - (i - 1) / n)))
+    i = np.arange(1, n + 1)
+    return float(np.max(np.maximum(i / n - u, u - (i - 1) / n)))
 
 
 def sine_like(f: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bayesmeta.method import Method
 from bayesmeta.predict import predictive
@@ -37,17 +38,20 @@ def support_dependence(
     `truth`, or `Counterfactual` ones), over `shuffles` support swaps that share one prediction key."""
     run = predictive(method, inner_steps, samples, ("f",))
     perm_key, pred_key = jax.random.split(key)
-    preds, truths = [], []
-    for k in jax.random.split(perm_key, shuffles):
+
+    @jax.jit
+    def shuffled(params: dict, tasks: TaskBatch, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(the predictive mean after adapting to swapped support sets, the truth it should follow)."""
         swapped, truth = swap(family, k, tasks)
-        preds.append(jnp.mean(run(params, swapped, pred_key)["f"], axis=0))
-        truths.append(truth)
-    f, g = jnp.stack(preds), jnp.stack(truths)
+        return jnp.mean(run(params, swapped, pred_key)["f"], axis=0), truth
+
+    pairs = [shuffled(params, tasks, k) for k in jax.random.split(perm_key, shuffles)]
+    f, g = (np.stack([np.asarray(p[i]) for p in pairs]) for i in (0, 1))
     fc, gc = f - f.mean(0), g - g.mean(0)
-    var_g = jnp.mean(jnp.square(gc))
+    var_g = np.mean(np.square(gc))
     return {
-        "support_dependence": float(jnp.mean(jnp.square(fc)) / var_g),
-        "truth_slope": float(jnp.mean(fc * gc) / var_g),
+        "support_dependence": float(np.mean(np.square(fc)) / var_g),
+        "truth_slope": float(np.mean(fc * gc) / var_g),
     }
 
 
