@@ -217,7 +217,8 @@ def train_together(
 def evaluate_cell(cell: Cell, base: Path, out_dir: Path, progress: bool = True) -> Outcome:
     """Evaluate the cell's trained run (training it first if needed) under its evaluation overrides,
     into runs/<run>/evals/<setting>/; reused when that evaluation's config is unchanged (also from its
-    record in cells/<run>/evals/<setting>/)."""
+    record in cells/<run>/evals/<setting>/). Overrides that leave the training run's config as it was
+    name its own evaluation, which is not repeated."""
     overrides = [*cell.overrides, *cell.evaluation, f"seed={cell.seed}", f"name={cell.run_name}"]
     cfg = registry.load_config(base, overrides)
     run_dir = out_dir / "runs" / cell.run_name
@@ -228,6 +229,10 @@ def evaluate_cell(cell: Cell, base: Path, out_dir: Path, progress: bool = True) 
     trained = _train(cell, base, out_dir, progress)
     if trained.metrics is None:
         return Outcome(cell, None, trained.seconds, error=trained.error)
+    own = registry.load_config(base, [*cell.overrides, f"seed={cell.seed}", f"name={cell.run_name}"])
+    if own == cfg:  # the training run's own evaluation: not repeated
+        _record(record, cfg, trained.metrics)
+        return Outcome(cell, trained.metrics, trained.seconds, reused=trained.reused)
     if (eval_dir / "metrics.json").is_file() and _same_config(eval_dir / "config.toml", cfg):
         m = json.loads((eval_dir / "metrics.json").read_text())
         if m.get("version") == run.METRICS_VERSION:

@@ -109,6 +109,19 @@ def test_an_evaluation_cell_is_reused_from_its_record(tmp_path):
     assert again.rows[0]["mean"] == first.rows[0]["mean"] and first.rows[0]["tasks_per_seed"] == 20
 
 
+def test_an_evaluation_equal_to_the_training_runs_own_is_not_repeated(tmp_path):
+    small = (*SMALL, "train.steps=50", "eval.memorization_tasks=0", "eval.tasks=20")
+    own = Cell("ok", "own", 0, small, evaluation=("eval.tasks=20",))  # what the run was evaluated with
+    other = Cell("ok", "fewer", 0, small, evaluation=("eval.tasks=10",))
+    res = run_grid("t", DEFAULT_CONFIG, [own, other], ["mse@10"], tmp_path, progress=False)
+    run_dir = tmp_path / "runs" / own.run_name
+    assert not (run_dir / "evals" / "own").exists()
+    assert (run_dir / "evals" / "fewer" / "metrics.json").is_file()
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    assert res.outcomes[0].metrics == trained and res.outcomes[1].metrics["eval_tasks"] == 10
+    assert (tmp_path / "cells" / own.run_name / "evals" / "own" / "metrics.json").is_file()
+
+
 def test_seeds_of_one_configuration_train_together_and_a_failing_pair_is_reported(tmp_path, capsys):
     """run_grid trains the untrained seeds of each configuration as lanes of one computation: both
     seeds of "ok" finish and are recorded, both of "bad" fail with the step named, and a second

@@ -1,6 +1,6 @@
 """Meta-learning without memorization on the NME sinusoid (Yin et al. 2020, Table 1 and Figure 6).
 
-    .venv/bin/python experiments/nme_sinusoid/run.py table  [--seeds 0 1 2 3 4]
+    .venv/bin/python experiments/nme_sinusoid/run.py table  [--seeds 0 1 2 3 4] [--only ROW ...] [--jobs 2]
     .venv/bin/python experiments/nme_sinusoid/run.py sweep  [--seeds 0 1 2]
     .venv/bin/python experiments/nme_sinusoid/run.py ablation [--seeds 0 1]
     .venv/bin/python experiments/nme_sinusoid/run.py eq2   [--seeds 0 1 2 3 4]
@@ -12,6 +12,8 @@ beta sweep of MR-MAML(W) (Figure 6) with its plot; `ablation` varies one choice 
 *validation* tasks (a different task seed from the test tasks); `eq2` compares the two MR-CNP(A)
 bottlenecks beside CNP; `verdicts` recomputes the table's (and the sweep's and ablation's) verdicts and
 contrasts from their committed results.json (for tables whose runs predate the verdict rule).
+Each model is trained once per seed and tested at both shot counts (runs/<row>-seed<s>/evals/).
+`--jobs 2` trains two runs at once (one per core).
 Each writes RESULTS.md and results.json into its folder; runs are reused when their config is
 unchanged.
 """
@@ -22,6 +24,7 @@ import argparse
 from pathlib import Path
 
 from bayesmeta.experiment import (
+    Cell,
     Contrast,
     contrast_table,
     contrasts,
@@ -206,18 +209,30 @@ constant (MSE 3.09, identical with and without the KL). See the Table 1 notes fo
 """
 
 
-def table(seeds: list[int]) -> None:
-    cells = product(TABLE_METHODS, {f"{k}-shot": (f"eval.task.shots={k}",) for k in (5, 10)}, seeds)
+def shot_cells(methods: dict[str, tuple[str, ...]], seeds: list[int]) -> list[Cell]:
+    """Each method trained once per seed and tested 5- and 10-shot: the test shot count is an evaluation
+    setting of one training run (training never reads eval.task); base.toml's 5 shots are the run's own."""
+    return [
+        Cell(m, f"{k}-shot", seed, over, (f"eval.task.shots={k}",))
+        for m, over in methods.items()
+        for k in (5, 10)
+        for seed in seeds
+    ]
+
+
+def table(seeds: list[int], only: list[str] | None = None, out: Path = HERE, jobs: int = 1) -> None:
+    cells = shot_cells({m: o for m, o in TABLE_METHODS.items() if not only or m in only}, seeds)
     published = {(m, s, METRIC): v for s, row in PUBLISHED.items() for m, v in row.items()}
     res = run_grid(
         "NME sinusoid, Table 1 of Yin et al. (2020): test MSE and the memorization meter",
         BASE,
         cells,
         [METRIC, "support_dependence@1", "truth_slope@1", "support_dependence@100", "truth_slope@100"],
-        HERE,
+        out,
         published=published,
         notes=TABLE_NOTES,
         progress=False,
+        jobs=jobs,
     )
     wanted = table_contrasts()
     res.notes = (
@@ -274,8 +289,7 @@ slightly from the same seeds in Table 1 (probably the order of float reductions)
 
 def eq2(seeds: list[int]) -> None:
     """Issue #12 C11: which MR-CNP(A) reproduces Table 1, the notebook's or eq. 2's."""
-    methods = {m: TABLE_METHODS[m] for m in EQ2_METHODS}
-    cells = product(methods, {f"{k}-shot": (f"eval.task.shots={k}",) for k in (5, 10)}, seeds)
+    cells = shot_cells({m: TABLE_METHODS[m] for m in EQ2_METHODS}, seeds)
     published = {(m, s, METRIC): v for s, row in PUBLISHED.items() for m, v in row.items()}
     published |= {(EQ2_METHODS[2], s, METRIC): row["MR-CNP(A)"] for s, row in PUBLISHED.items()}
     res = run_grid(
@@ -367,6 +381,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["table", "sweep", "ablation", "eq2", "verdicts"])
     p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--only", nargs="+", choices=list(TABLE_METHODS), help="table: only these rows")
+    p.add_argument("--out", type=Path, default=HERE, help="table: where runs/, cells/ and RESULTS.md go")
+    p.add_argument("--jobs", type=int, default=1, help="table: training runs at once (one per core)")
     args = p.parse_args()
     if args.what == "verdicts":
         rerender_verdicts(
@@ -391,8 +408,11 @@ def main() -> None:
         )
         return
     default = {"table": [0, 1, 2, 3, 4], "sweep": [0, 1, 2], "ablation": [0, 1], "eq2": [0, 1, 2, 3, 4]}
-    run = {"table": table, "sweep": sweep, "ablation": ablation, "eq2": eq2}[args.what]
-    run(args.seeds or default[args.what])
+    seeds = args.seeds or default[args.what]
+    if args.what == "table":
+        table(seeds, args.only, args.out, args.jobs)
+    else:
+        {"sweep": sweep, "ablation": ablation, "eq2": eq2}[args.what](seeds)
 
 
 if __name__ == "__main__":
