@@ -1,0 +1,59 @@
+"""The benchmark scripts of experiments/bench run end to end in their smoke modes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+# the smoke checks the pipeline, not the speed: XLA's cheapest compile (the programs are the same)
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def rates(tree: dict, path: str = "") -> dict[str, float]:
+    """Every value whose key ends in "_per_s", by its path in the results."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out |= rates(v, f"{path}/{k}")
+        elif k.endswith("_per_s"):
+            out[f"{path}/{k}"] = v
+    return out
+
+
+def test_the_rl_benchmark_smoke_writes_positive_finite_rates(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}"}
+    script = ROOT / "experiments" / "bench" / "rl" / "run.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["smoke"] and res["command"].endswith(f"--smoke --out {tmp_path}")
+    r = res["results"]
+    tasks = [str(t) for t in res["sizes"]["tasks"]]
+    for by_tasks in r["environment"].values():
+        assert list(by_tasks) == tasks
+    assert set(r["meta_rl"]) == {"MAML-RL", "MAML+L2F"}
+    assert set(r["dynamics_models"]) == {"GrBAL", "ReBAL"}
+    assert len(r["mpc"]) == 2
+    found = rates(r)
+    # env steps (2 families x tasks), meta-RL (iterations, tasks, env steps), dynamics (iterations,
+    # tasks), MPC (steps, model predictions)
+    assert len(found) == 2 * len(tasks) + 2 * 3 + 2 * 2 + 2 * 2, sorted(found)
+    bad = {k: v for k, v in found.items() if not (isinstance(v, float) and math.isfinite(v) and v > 0)}
+    assert not bad, bad
+    rows = [*r["meta_rl"].values(), *r["dynamics_models"].values(), *r["mpc"].values()]
+    rows += [row for by_tasks in r["environment"].values() for row in by_tasks.values()]
+    for row in rows:
+        assert row["compile_s"] > 0 and row["memory_mib"] > 0, row
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert md.count("\n|---") == 4 and "SMOKE TEST" in md and "- machine: " in md
