@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     if getattr(args, "no_progress", False):  # batch jobs: timestamped lines instead of a bar
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+        logging.getLogger("jax").setLevel(logging.WARNING)  # not JAX's INFO lines on backends it probed
     from bayesmeta.datasets.omniglot import DataError
     from bayesmeta.fit import CheckpointError, NonFiniteError
     from bayesmeta.io import RunFolderError

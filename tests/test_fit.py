@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 
 import jax
@@ -103,6 +104,8 @@ def test_nan_guard_names_the_step_and_keeps_the_last_good_checkpoint(small_cfg, 
     )
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1, err
+    # --no-progress logs bayesmeta's lines at INFO, not JAX's INFO lines about backends it probed
+    assert logging.getLogger("jax._src.xla_bridge").getEffectiveLevel() >= logging.WARNING
     m = re.search(r"non-finite loss or parameters at step (\d+); last good state \(step 100\) kept", err)
     assert m and 100 < int(m.group(1)) <= 110, err
     _, kept = run.restore(cfg, run_dir)
