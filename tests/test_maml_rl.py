@@ -15,6 +15,8 @@ from bayesmeta.config import ConfigError
 from bayesmeta.fit import fit, initial_state, make_svi
 from bayesmeta.nets import MLP
 from bayesmeta.rl.navigation import (
+    baseline_features,
+    linear_baseline,
     GaussianPolicy,
     Navigation,
     PointNavigation,
@@ -181,3 +183,23 @@ def test_the_cli_refuses_a_family_of_mdps_in_one_line_and_writes_nothing(tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("bayesmeta: config error: task.family:"), err
     assert "family of MDPs" in err[-1] and not (tmp_path / "run").exists()
+
+
+def test_linear_baseline_retries_a_singular_solve_with_more_ridge():
+    # a policy that keeps every trajectory at one point makes [s, s^2, 1] collinear: at reg 1e-5 the
+    # float32 solve is not finite (this stopped a 500-iteration MAML run at step 250); the retry's
+    # larger ridge gives the least-squares cubic in t, which is all the features can express here
+    obs = jnp.full((20, 100, 2), 3.0)
+    target = jax.random.normal(jax.random.PRNGKey(0), (20, 100)) + jnp.linspace(0, 5, 100) ** 2
+    x = baseline_features(obs).reshape(-1, 8)
+    plain = jnp.linalg.solve(x.T @ x + 1e-5 * jnp.eye(8), x.T @ target.reshape(-1))
+    assert not jnp.all(jnp.isfinite(plain))
+    t = np.tile(np.arange(100) / 100.0, 20)
+    cubic = np.stack([t, t**2, t**3, np.ones_like(t)], 1)
+    fit64 = cubic @ np.linalg.lstsq(cubic, np.asarray(target, np.float64).reshape(-1), rcond=None)[0]
+    np.testing.assert_allclose(np.asarray(linear_baseline(obs, target)).reshape(-1), fit64, atol=0.1)
+    # a well-posed batch is fitted at the first ridge, as before
+    obs = jax.random.uniform(jax.random.PRNGKey(1), (20, 100, 2), minval=-0.5, maxval=0.5)
+    x = baseline_features(obs).reshape(-1, 8)
+    w = jnp.linalg.solve(x.T @ x + 1e-5 * jnp.eye(8), x.T @ target.reshape(-1))
+    np.testing.assert_allclose(linear_baseline(obs, target).reshape(-1), x @ w, rtol=1e-4, atol=1e-4)

@@ -184,12 +184,18 @@ def baseline_features(obs: jax.Array) -> jax.Array:
     return jnp.concatenate([obs, obs**2, t, t**2, t**3, jnp.ones_like(t)], -1)
 
 
-def linear_baseline(obs: jax.Array, target: jax.Array, reg: float = 1e-5) -> jax.Array:
+def linear_baseline(obs: jax.Array, target: jax.Array, reg: float = 1e-5, retries: int = 5) -> jax.Array:
     """b = X w, w = (X^T X + reg I)^-1 X^T G: ridge fit of the returns-to-go on the features of this batch
-    (constant for differentiation)."""
+    (constant for differentiation). When the solve is not finite (X^T X singular in float32, e.g. when
+    the policy keeps every trajectory in one place), reg grows tenfold up to `retries` times and the first
+    finite solution is used, as the reference baseline does (pytorch-maml-rl's LinearFeatureBaseline)."""
     x = baseline_features(lax.stop_gradient(obs)).reshape(-1, 2 * obs.shape[-1] + 4)
     y = lax.stop_gradient(target).reshape(-1)
-    w = jnp.linalg.solve(x.T @ x + reg * jnp.eye(x.shape[1], dtype=x.dtype), x.T @ y)
+    xtx, xty, eye = x.T @ x, x.T @ y, jnp.eye(x.shape[1], dtype=x.dtype)
+    regs = reg * 10.0 ** jnp.arange(retries + 1, dtype=x.dtype)
+    ws = jax.vmap(lambda r: jnp.linalg.solve(xtx + r * eye, xty))(regs)
+    finite = jnp.all(jnp.isfinite(ws), axis=1)
+    w = ws[jnp.argmax(finite)]  # the first finite solution (the smallest reg's when none is)
     return (x @ w).reshape(target.shape)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from bayesmeta import registry
 from bayesmeta.experiment import machine
-from bayesmeta.fit import fit, initial_state, make_svi
+from bayesmeta.fit import NonFiniteError, fit, initial_state, make_svi
 from bayesmeta.io import write_json, write_text
 from bayesmeta.rl.navigation import adaptation_returns
 from bayesmeta.run import Setup
@@ -73,7 +73,15 @@ def run_cell(label: str, seed: int, extra: tuple[str, ...], goals: int, out_dir:
     setup = Setup.from_config(cfg)
     t0 = time.perf_counter()
     if trained:
-        result = fit(setup.method, setup.family, cfg.train, seed=seed, progress=False, desc=f"{label}-{seed}")
+        try:
+            result = fit(
+                setup.method, setup.family, cfg.train, seed=seed, progress=False, desc=f"{label}-{seed}"
+            )
+        except NonFiniteError as e:  # recorded: the same seed diverges again; the table says so
+            cell = {"key": key, "label": label, "seed": seed, "error": str(e)}
+            cell["train_seconds"], cell["eval_seconds"] = time.perf_counter() - t0, 0.0
+            write_json(record, cell)
+            return cell
         params = result.params
     else:  # the initial parameters of the same seed, never trained
         svi = make_svi(setup.method, cfg.train, seed)
@@ -97,10 +105,12 @@ def fmt(s: dict) -> str:
 
 def claim(cells: dict, seeds: list[int]) -> tuple[str, list[dict]]:
     """'MAML+L2F adapts faster than MAML': met when the paired-by-seed difference of the mean return
-    (L2F minus MAML) has its 95% t-interval above 0 after each of 1, 2, 3 steps; not met otherwise."""
+    (L2F minus MAML, over the seeds where neither diverged) has its 95% t-interval above 0 after each of
+    1, 2, 3 steps; not met otherwise."""
     rows, signs = [], []
+    paired = [s for s in seeds if "mean" in cells["MAML+L2F", s] and "mean" in cells["MAML", s]]
     for k in range(1, STEPS + 1):
-        d = [cells["MAML+L2F", s]["mean"][k] - cells["MAML", s]["mean"][k] for s in seeds]
+        d = [cells["MAML+L2F", s]["mean"][k] - cells["MAML", s]["mean"][k] for s in paired]
         s = summary(d)
         hw = s["half_width"]
         sign = None if hw is None else (1 if s["mean"] - hw > 0 else -1 if s["mean"] + hw < 0 else 0)
@@ -162,20 +172,31 @@ def main() -> None:
     for label in METHODS:
         for seed in seeds:
             c = run_cell(label, seed, extra, goals, out_dir)
-            c["mean"] = np.asarray(c["returns"]).mean(0).tolist()  # over held-out goals, per step count
             cells[label, seed] = c
+            if "error" in c:
+                print(f"{label} seed {seed}: FAILED: {c['error']}", flush=True)
+                continue
+            c["mean"] = np.asarray(c["returns"]).mean(0).tolist()  # over held-out goals, per step count
             print(f"{label} seed {seed}: " + ", ".join(f"{v:.2f}" for v in c["mean"]), flush=True)
+    ok = {label: [s for s in seeds if "mean" in cells[label, s]] for label in METHODS}
     table = {
-        label: [summary([cells[label, s]["mean"][k] for s in seeds]) for k in range(STEPS + 1)]
+        label: [summary([cells[label, s]["mean"][k] for s in ok[label]]) for k in range(STEPS + 1)]
         for label in METHODS
     }
+    failed = [
+        f"{label} seed {s}: {cells[label, s]['error']}"
+        for label in METHODS
+        for s in seeds
+        if s not in ok[label]
+    ]
     verdict, contrast = claim(cells, seeds)
-    fig = figure(cells, seeds[0], out_dir / "figures" / "trajectories.png")
+    first = next(s for s in seeds if all(s in ok[label] for label in METHODS))
+    fig = figure(cells, first, out_dir / "figures" / "trajectories.png")
     wall = time.perf_counter() - t0
     compute = sum(c["train_seconds"] + c["eval_seconds"] for c in cells.values())
     cmd = "experiments/meta_rl/navigation/run.py " + ("--smoke" if args.smoke else f"--steps {args.steps}")
-    header = ["method", *(f"return after {k} steps" for k in range(STEPS + 1))]
-    rows = [[label, *(fmt(s) for s in table[label])] for label in METHODS]
+    header = ["method", "seeds", *(f"return after {k} steps" for k in range(STEPS + 1))]
+    rows = [[label, len(ok[label]), *(fmt(s) for s in table[label])] for label in METHODS]
     crow = [
         [r["steps"], fmt(r), {1: "above 0", -1: "below 0", 0: "covers 0"}.get(r["sign"], "n/a")]
         for r in contrast
@@ -188,9 +209,12 @@ Command: `.venv/bin/python {cmd}` (seeds {seeds}; {goals} held-out goals per see
 Mean undiscounted return over the held-out goals (model.params.trajectories episodes per goal and step
 count, horizon task.params.horizon: base.toml with the command's overrides),
 after 0-{STEPS} policy-gradient adaptation steps at the training step size; mean over seeds ± the 95%
-t-interval half-width over seeds.
+t-interval half-width over the seeds whose training finished (a run that stopped on a non-finite
+loss is listed below and left out).
 
 {markdown_table(header, rows)}
+
+Failed runs: {"; ".join(failed) if failed else "none"}.
 
 ## Claim: "MAML+L2F adapts faster than MAML on 2D navigation" (L2F, Section 4.3, Figure 5a)
 
@@ -202,7 +226,7 @@ Met means the interval lies above 0 after each of 1, 2 and 3 steps.
 
 ![trajectories](figures/trajectories.png)
 
-Trajectories of seed {seeds[0]} on one held-out goal (the star), 5 episodes before adaptation (grey),
+Trajectories of seed {first} on one held-out goal (the star), 5 episodes before adaptation (grey),
 after 1 step (blue) and after {STEPS} steps (red).
 
 ## Protocol and departures from the papers
@@ -229,6 +253,7 @@ after 1 step (blue) and after {STEPS} steps (red).
             "seeds": seeds,
             "goals": goals,
             "returns": table,
+            "failed": failed,
             "claim": {
                 "statement": "MAML+L2F adapts faster than MAML",
                 "verdict": verdict,
