@@ -83,8 +83,10 @@ def fit_accuracy(*overrides: str, steps: int = 300, eval_tasks: int = 200) -> tu
     cfg = registry.load_config(None, [*BASE, *overrides])
     setup = Setup.from_config(cfg)
     svi = make_svi(setup.method, cfg.train)
-    state = jax.jit(svi.init)(jax.random.PRNGKey(0), setup.family.sample(jax.random.PRNGKey(1), 8))
     tasks = setup.family.sample(jax.random.PRNGKey(99), eval_tasks)
+    # the initial parameters depend on the batch's shapes only: a slice of the held-out tasks (no
+    # second sampler program to compile)
+    state = jax.jit(svi.init)(jax.random.PRNGKey(0), jax.tree.map(lambda a: a[:8], tasks))
     run = predictive(setup.method, 0, 1, ("f",))
 
     def accuracy(state) -> float:

@@ -6,6 +6,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from numpyro.infer import SVI, Trace_ELBO
 
@@ -43,6 +44,16 @@ def elbo(method, params, batch, key=None):
     return jitted_elbo(method)(params, batch, jax.random.PRNGKey(0) if key is None else key)
 
 
+def random_params(init, scale: float = 0.3, seed: int = 0):
+    """The parameter tree `init()` would build, its leaves filled with N(0, scale^2) numpy draws: the
+    structure comes from jax.eval_shape (traced, never compiled), so a test of a network's structural
+    property (causality, permutation invariance) needs no compile of its many-layer initializer."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda s: jnp.asarray(scale * rng.standard_normal(s.shape), s.dtype), jax.eval_shape(init)
+    )
+
+
 def to64(tree):
     return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
 
@@ -50,8 +61,6 @@ def to64(tree):
 def fit_lowers_loss(cfg, ratio: float = 0.7):
     """Fit cfg's method on its family from seed 0; assert every loss is finite and the mean of the last
     50 steps is below `ratio` x that of the first 50. Returns the FitResult."""
-    import numpy as np
-
     from bayesmeta.fit import fit
 
     fam = make_family(cfg.task)

@@ -9,6 +9,7 @@ import numpy as np
 
 from bayesmeta.models.gnn import adjacency, edge_init, gnn_init, gnn_logits, graph_conv, query_graph
 from tests.clusters import fit_accuracy
+from tests.helpers import random_params
 
 TINY = (
     "model.method='gnn'",
@@ -39,7 +40,7 @@ def test_query_scores_do_not_depend_on_the_order_of_the_support_items():
     """Permuting the support nodes (embeddings with their labels) leaves the query node's scores
     unchanged, for several random permutations and two graph layers; the query node carries 1/N."""
     ways, d = 4, 5
-    p = gnn_init(jax.random.PRNGKey(0), d + ways, 2, 6, (2.0, 1.5, 1.0, 1.0), ways)
+    p = random_params(lambda: gnn_init(jax.random.PRNGKey(0), d + ways, 2, 6, (2.0, 1.5, 1.0, 1.0), ways))
     z_s = jax.random.normal(jax.random.PRNGKey(1), (8, d))
     y_s = jnp.array([0, 1, 2, 3, 0, 1, 2, 3])
     z_q = jax.random.normal(jax.random.PRNGKey(2), (d,))

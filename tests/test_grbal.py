@@ -177,7 +177,7 @@ def test_rebal_reads_the_support_in_order():
     method = build_method(cfg.model, fam.x_dim, fam.y_dim)
     b = fam.sample(jax.random.PRNGKey(0), 2)
     svi = SVI(method.model, method.guide, __import__("optax").sgd(0.0), Trace_ELBO())
-    params = svi.get_params(svi.init(jax.random.PRNGKey(1), b))
+    params = svi.get_params(jax.jit(svi.init)(jax.random.PRNGKey(1), b))
     f = control.predictor(method, params, 0)
     base = f(b.x_support[0], b.y_support[0], b.x_query[0])
     np.testing.assert_allclose(

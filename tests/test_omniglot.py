@@ -216,10 +216,11 @@ def test_batch_norm_uses_the_statistics_of_the_current_set():
     net = Conv4(in_dim=28 * 28, out_dim=5, filters=8)
     params = net.init(jax.random.PRNGKey(0))
     imgs = jax.random.uniform(jax.random.PRNGKey(1), (10, 784))
-    assert net.apply(params, imgs).shape == (10, 5)
-    assert net.features(params, imgs).shape == (10, 8)
+    apply = jax.jit(net.apply)  # jitted: eager conv ops are slow
+    assert apply(params, imgs).shape == (10, 5)
+    assert jax.eval_shape(net.features, params, imgs).shape == (10, 8)
     # transductive: the same image is normalised with the statistics of the set it comes in
-    assert not np.allclose(net.apply(params, imgs[:5])[0], net.apply(params, imgs)[0])
+    assert not np.allclose(apply(params, imgs[:5])[0], apply(params, imgs)[0])
 
 
 def test_prototype_logits_by_hand():
@@ -322,24 +323,35 @@ def test_finetune_pretrains_on_global_labels_and_adapts_a_zero_head(tfds_dir):
     from numpyro import handlers
 
     init = {k: jnp.zeros(v.shape) for k, v in params.items()}
-    tr = handlers.trace(handlers.substitute(setup.method.model, init)).get_trace(b)
-    np.testing.assert_array_equal(tr["y"]["value"][:, :5], global_labels(b.info["classes"], b.y_support))
-    f = Predictive(setup.method.model, params=init, num_samples=1, return_sites=["f"])(
-        jax.random.PRNGKey(0), b._replace(y_query=None), inner_steps=0
-    )["f"]
+    y = jax.jit(
+        lambda p, b: handlers.trace(handlers.substitute(setup.method.model, p)).get_trace(b)["y"]["value"]
+    )
+    np.testing.assert_array_equal(y(init, b)[:, :5], global_labels(b.info["classes"], b.y_support))
+    predict = Predictive(setup.method.model, params=init, num_samples=1, return_sites=["f"])
+    f = jax.jit(lambda k, b: predict(k, b, inner_steps=0)["f"])(
+        jax.random.PRNGKey(0), b._replace(y_query=None)
+    )
     np.testing.assert_allclose(f, 1 / 5)  # the fresh head is zero: uniform class probabilities
 
 
-def test_finetune_probe_is_the_test_time_adaptation(tfds_dir):
-    """Fine-tuning's probe starts from the pre-trained body with a zero head, and its adapted query loss
-    is the model's predictive NLL after model.inner_steps steps; its landscape metrics are finite."""
-    cfg = _small(tfds_dir, "model.method='finetune'", "model.adapt='head'", "model.inner_steps=2")
+def _finetune_probe_setup(tfds_dir: str, *overrides: str) -> tuple[run.Setup, dict]:
+    """Head-adapting fine-tuning (2 inner steps) and its parameters drawn N(0, 0.1^2)."""
+    cfg = _small(tfds_dir, "model.method='finetune'", "model.adapt='head'", "model.inner_steps=2", *overrides)
     setup = run.Setup.from_config(cfg)
     shapes = run.param_shapes(setup.method, setup.family)
     keys = jax.random.split(jax.random.PRNGKey(1), len(shapes))
     params = {
         k: 0.1 * jax.random.normal(kk, v.shape) for kk, (k, v) in zip(keys, shapes.items(), strict=True)
     }
+    return setup, params
+
+
+def test_finetune_probe_is_the_test_time_adaptation(tfds_dir):
+    """Fine-tuning's probe starts from the pre-trained body with a zero head, and its adapted query loss
+    is the model's predictive NLL after model.inner_steps steps (conv blocks); the landscape metrics of
+    the same probe are finite (on an MLP body: the second-order programs of conv blocks take ~25 s to
+    compile, and the probe does not depend on the kind of net)."""
+    setup, params = _finetune_probe_setup(tfds_dir)
     b = setup.family.sample(jax.random.PRNGKey(0), 3)
     probe = setup.method.probe(params)
     assert probe.theta["head"]["w"].shape == (8, 5) and not np.any(probe.theta["head"]["w"])
@@ -356,8 +368,11 @@ def test_finetune_probe_is_the_test_time_adaptation(tfds_dir):
         return jnp.mean(jax.vmap(probe.query_loss)(phi, b.x_query, b.y_query)), model_nll
 
     np.testing.assert_allclose(*nlls(params, b, phi), rtol=1e-5)
+    mlp, params = _finetune_probe_setup(tfds_dir, "model.net.kind='mlp'", "model.net.hidden=[8]")
+    probe = mlp.method.probe(params)
+    assert probe.theta["head"]["w"].shape == (8, 5) and not np.any(probe.theta["head"]["w"])
     out = jax.jit(lambda b, k: landscape_metrics(probe, b, k, 3))(b, jax.random.PRNGKey(2))
-    assert all(bool(jnp.isfinite(v)) for v in out.values()), out
+    assert out and all(bool(jnp.isfinite(v)) for v in out.values()), out
 
 
 def test_mr_maml_w_on_conv_encoder(tfds_dir):
@@ -384,12 +399,16 @@ def test_mr_maml_w_probe_on_conv_encoder_is_the_model_at_the_posterior_mean(tfds
     }
     b = setup.family.sample(jax.random.PRNGKey(0), 3)
     probe = setup.method.probe(params)
-    phi = probe.adapt(probe.theta, b.x_support, b.y_support)
+    phi = jax.jit(probe.adapt)(probe.theta, b.x_support, b.y_support)  # jitted: eager conv ops are slow
     at_mean = {**params, **{k[: -len(".loc")]: v for k, v in params.items() if k.endswith(".loc")}}
-    tr = handlers.trace(handlers.substitute(setup.method.model, at_mean)).get_trace(b, inner_steps=2)
-    nll = -jnp.mean(tr["y"]["fn"].log_prob(tr["y"]["value"]))
-    query = jnp.mean(jax.vmap(probe.query_loss)(phi, b.x_query, b.y_query))
-    np.testing.assert_allclose(query, nll, rtol=1e-5)
+
+    @jax.jit
+    def nlls(at_mean, b, phi):
+        tr = handlers.trace(handlers.substitute(setup.method.model, at_mean)).get_trace(b, inner_steps=2)
+        nll = -jnp.mean(tr["y"]["fn"].log_prob(tr["y"]["value"]))
+        return jnp.mean(jax.vmap(probe.query_loss)(phi, b.x_query, b.y_query)), nll
+
+    np.testing.assert_allclose(*nlls(at_mean, b, phi), rtol=1e-5)
 
 
 def test_context_counts_classes_and_query_points(tfds_dir):

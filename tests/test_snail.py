@@ -9,6 +9,7 @@ import numpy as np
 
 from bayesmeta.models.snail import attention_block, causal_conv, snail_init, snail_outputs, tc_rates
 from tests.clusters import fit_accuracy
+from tests.helpers import random_params
 
 TINY = (
     "model.method='snail'",
@@ -42,7 +43,7 @@ def test_every_output_depends_on_earlier_items_only():
     """The full network (3 attention blocks, 2 TC blocks) on a sequence of 9 items: changing item j
     leaves the outputs at steps < j exactly as they were and changes the output at step j."""
     c, ways, length = 7, 3, 9
-    p = jax.jit(lambda k: snail_init(k, c, length, (4, 6, 5), (3, 4, 2), 5, ways))(jax.random.PRNGKey(0))
+    p = random_params(lambda: snail_init(jax.random.PRNGKey(0), c, length, (4, 6, 5), (3, 4, 2), 5, ways))
     run = jax.jit(lambda s: snail_outputs(p, s, 3))
     x = jax.random.normal(jax.random.PRNGKey(1), (length, c))
     base = np.asarray(run(x))
