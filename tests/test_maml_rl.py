@@ -15,13 +15,13 @@ from bayesmeta.config import ConfigError
 from bayesmeta.fit import fit, initial_state, make_svi
 from bayesmeta.nets import MLP
 from bayesmeta.rl.navigation import (
-    baseline_features,
-    linear_baseline,
     GaussianPolicy,
     Navigation,
     PointNavigation,
     PolicyGradient,
     adaptation_returns,
+    baseline_features,
+    linear_baseline,
     mean_return,
     surrogate,
 )
