@@ -95,7 +95,12 @@ def run_cell(label: str, seed: int, extra: tuple[str, ...], goals: int, out_dir:
 
 
 def summary(values: list[float]) -> dict:
-    return {"mean": float(np.mean(values)), "half_width": t_half_width(values), "per_seed": values}
+    return {
+        "mean": float(np.mean(values)),
+        "half_width": t_half_width(values),
+        "median": float(np.median(values)),
+        "per_seed": values,
+    }
 
 
 def fmt(s: dict) -> str:
@@ -196,7 +201,20 @@ def main() -> None:
     compute = sum(c["train_seconds"] + c["eval_seconds"] for c in cells.values())
     cmd = "experiments/meta_rl/navigation/run.py " + ("--smoke" if args.smoke else f"--steps {args.steps}")
     header = ["method", "seeds", *(f"return after {k} steps" for k in range(STEPS + 1))]
-    rows = [[label, len(ok[label]), *(fmt(s) for s in table[label])] for label in METHODS]
+    rows = [
+        [label, len(ok[label]), *(f"{fmt(s)} ({s['median']:.2f})" for s in table[label])] for label in METHODS
+    ]
+    # a trained policy that returns less before adaptation than the same seed's untrained policy collapsed
+    collapsed = [
+        f"{label} seed {s}"
+        for label in METHODS
+        if label != "random"
+        for s in ok[label]
+        if "mean" in cells["random", s] and cells[label, s]["mean"][0] < cells["random", s]["mean"][0]
+    ]
+    seed_rows = [
+        [label, s, *(f"{v:.2f}" for v in cells[label, s]["mean"])] for label in METHODS for s in ok[label]
+    ]
     crow = [
         [r["steps"], fmt(r), {1: "above 0", -1: "below 0", 0: "covers 0"}.get(r["sign"], "n/a")]
         for r in contrast
@@ -210,11 +228,13 @@ Mean undiscounted return over the held-out goals (model.params.trajectories epis
 count, horizon task.params.horizon: base.toml with the command's overrides),
 after 0-{STEPS} policy-gradient adaptation steps at the training step size; mean over seeds ± the 95%
 t-interval half-width over the seeds whose training finished (a run that stopped on a non-finite
-loss is listed below and left out).
+loss is listed below and left out), and in brackets the median over seeds. With 5 seeds one collapsed
+run dominates a mean: read the medians and the per-seed table below.
 
 {markdown_table(header, rows)}
 
-Failed runs: {"; ".join(failed) if failed else "none"}.
+Failed runs: {"; ".join(failed) if failed else "none"}. Collapsed runs (before adaptation, a lower
+return than the same seed's untrained policy): {", ".join(collapsed) if collapsed else "none"}.
 
 ## Claim: "MAML+L2F adapts faster than MAML on 2D navigation" (L2F, Section 4.3, Figure 5a)
 
@@ -223,6 +243,10 @@ Failed runs: {"; ".join(failed) if failed else "none"}.
 {markdown_table(["steps k", "difference (mean ± 95% CI)", "interval"], crow)}
 
 Met means the interval lies above 0 after each of 1, 2 and 3 steps.
+
+### Per seed (mean return over the held-out goals after 0-{STEPS} steps)
+
+{markdown_table(["method", "seed", *(f"{k} steps" for k in range(STEPS + 1))], seed_rows)}
 
 ![trajectories](figures/trajectories.png)
 
@@ -254,6 +278,7 @@ after 1 step (blue) and after {STEPS} steps (red).
             "goals": goals,
             "returns": table,
             "failed": failed,
+            "collapsed": collapsed,
             "claim": {
                 "statement": "MAML+L2F adapts faster than MAML",
                 "verdict": verdict,
