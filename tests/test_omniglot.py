@@ -44,6 +44,20 @@ def family(tfds_dir: str, *overrides: str):
     return make_family(cfg.task)
 
 
+def probe_and_model_nll(method, probe, params, b, phi, inner_steps=2):
+    """(the probe's mean query loss at its adapted phi, the model's query NLL at `params` after
+    `inner_steps` inner steps), as one jitted program (eager conv ops compile one by one)."""
+    from numpyro import handlers
+
+    @jax.jit
+    def nlls(params, b, phi):
+        tr = handlers.trace(handlers.substitute(method.model, params)).get_trace(b, inner_steps=inner_steps)
+        model_nll = -jnp.mean(tr["y"]["fn"].log_prob(tr["y"]["value"]))
+        return jnp.mean(jax.vmap(probe.query_loss)(phi, b.x_query, b.y_query)), model_nll
+
+    return nlls(params, b, phi)
+
+
 def test_builder_prepares_and_reads_the_shared_archives_without_tensorflow(tmp_path):
     """In a fresh process on this environment, where TensorFlow is not installed (checked), prepare
     both configs in an empty data directory and read them back through tfds.data_source."""
@@ -359,15 +373,7 @@ def test_finetune_probe_is_the_test_time_adaptation(tfds_dir):
     assert np.any(phi["head"]["w"])  # the head moved
     body = phi["block_0"]["w"]  # per task: the body did not move
     np.testing.assert_array_equal(body, np.broadcast_to(params["theta.block_0.w"], body.shape))
-    from numpyro import handlers
-
-    @jax.jit
-    def nlls(params, b, phi):
-        tr = handlers.trace(handlers.substitute(setup.method.model, params)).get_trace(b, inner_steps=2)
-        model_nll = -jnp.mean(tr["y"]["fn"].log_prob(tr["y"]["value"]))
-        return jnp.mean(jax.vmap(probe.query_loss)(phi, b.x_query, b.y_query)), model_nll
-
-    np.testing.assert_allclose(*nlls(params, b, phi), rtol=1e-5)
+    np.testing.assert_allclose(*probe_and_model_nll(setup.method, probe, params, b, phi), rtol=1e-5)
     mlp, params = _finetune_probe_setup(tfds_dir, "model.net.kind='mlp'", "model.net.hidden=[8]")
     probe = mlp.method.probe(params)
     assert probe.theta["head"]["w"].shape == (8, 5) and not np.any(probe.theta["head"]["w"])
@@ -388,8 +394,6 @@ def test_mr_maml_w_on_conv_encoder(tfds_dir):
 def test_mr_maml_w_probe_on_conv_encoder_is_the_model_at_the_posterior_mean(tfds_dir):
     """The landscape probe of MR-MAML(W) with conv blocks (batch-norm leaves beside the stochastic
     kernels): its adapted query loss is the model's NLL with every kernel at its posterior mean."""
-    from numpyro import handlers
-
     cfg = _small(tfds_dir, "model.method='mr_maml_w'", "model.inner_steps=2")
     setup = run.Setup.from_config(cfg)
     shapes = run.param_shapes(setup.method, setup.family)
@@ -401,14 +405,7 @@ def test_mr_maml_w_probe_on_conv_encoder_is_the_model_at_the_posterior_mean(tfds
     probe = setup.method.probe(params)
     phi = jax.jit(probe.adapt)(probe.theta, b.x_support, b.y_support)  # jitted: eager conv ops are slow
     at_mean = {**params, **{k[: -len(".loc")]: v for k, v in params.items() if k.endswith(".loc")}}
-
-    @jax.jit
-    def nlls(at_mean, b, phi):
-        tr = handlers.trace(handlers.substitute(setup.method.model, at_mean)).get_trace(b, inner_steps=2)
-        nll = -jnp.mean(tr["y"]["fn"].log_prob(tr["y"]["value"]))
-        return jnp.mean(jax.vmap(probe.query_loss)(phi, b.x_query, b.y_query)), nll
-
-    np.testing.assert_allclose(*nlls(at_mean, b, phi), rtol=1e-5)
+    np.testing.assert_allclose(*probe_and_model_nll(setup.method, probe, at_mean, b, phi), rtol=1e-5)
 
 
 def test_context_counts_classes_and_query_points(tfds_dir):
