@@ -130,10 +130,15 @@ def _recorded(folder: Path, cfg: config.Config) -> dict[str, Any] | None:
     return m if m.get("version") == run.METRICS_VERSION else None
 
 
+def _train_config(cell: Cell, base: Path) -> config.Config:
+    """The config of the cell's training run (without its evaluation overrides)."""
+    return registry.load_config(base, [*cell.overrides, f"seed={cell.seed}", f"name={cell.run_name}"])
+
+
 def _train(cell: Cell, base: Path, out_dir: Path, progress: bool) -> Outcome:
     """The cell's training run in runs/<run_name>, reused or resumed when its config is unchanged (or
     reused from its record in cells/<run_name>/ when runs/ is gone)."""
-    cfg = registry.load_config(base, [*cell.overrides, f"seed={cell.seed}", f"name={cell.run_name}"])
+    cfg = _train_config(cell, base)
     run_dir = out_dir / "runs" / cell.run_name
     record = out_dir / CELLS / cell.run_name
     done = run_dir / "metrics.json"
@@ -229,8 +234,7 @@ def evaluate_cell(cell: Cell, base: Path, out_dir: Path, progress: bool = True) 
     trained = _train(cell, base, out_dir, progress)
     if trained.metrics is None:
         return Outcome(cell, None, trained.seconds, error=trained.error)
-    own = registry.load_config(base, [*cell.overrides, f"seed={cell.seed}", f"name={cell.run_name}"])
-    if own == cfg:  # the training run's own evaluation: not repeated
+    if _train_config(cell, base) == cfg:  # the training run's own evaluation: not repeated
         _record(record, cfg, trained.metrics)
         return Outcome(cell, trained.metrics, trained.seconds, reused=trained.reused)
     if (eval_dir / "metrics.json").is_file() and _same_config(eval_dir / "config.toml", cfg):

@@ -22,18 +22,20 @@ def mixture_nll(means: np.ndarray, sd: float | np.ndarray, y: np.ndarray) -> np.
 
 def coverage(samples: np.ndarray, y: np.ndarray, levels: tuple[float, ...] = LEVELS) -> dict[float, float]:
     """Fraction of y inside the central `level` interval of the predictive samples (S, ...)."""
+    samples, y = np.asarray(samples), np.asarray(y)
     out = {}
     for level in levels:
-        lo, hi = np.quantile(np.asarray(samples), [(1 - level) / 2, (1 + level) / 2], axis=0)
-        out[level] = float(np.mean((np.asarray(y) >= lo) & (np.asarray(y) <= hi)))
+        lo, hi = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2], axis=0)
+        out[level] = float(np.mean((y >= lo) & (y <= hi)))
     return out
 
 
 def interval_width(samples: np.ndarray, levels: tuple[float, ...] = LEVELS) -> dict[float, float]:
     """Mean width of the central intervals (sharpness)."""
+    samples = np.asarray(samples)
     out = {}
     for level in levels:
-        lo, hi = np.quantile(np.asarray(samples), [(1 - level) / 2, (1 + level) / 2], axis=0)
+        lo, hi = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2], axis=0)
         out[level] = float(np.mean(hi - lo))
     return out
 
