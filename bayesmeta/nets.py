@@ -109,44 +109,59 @@ def conv_init(key: jax.Array, c_in: int, c_out: int) -> dict[str, jax.Array]:
 
 
 def patches3x3(x: jax.Array, stride: int) -> jax.Array:
-    """The 'SAME' 3x3 patches of x (n, h, w, c) at `stride`: (n, h', w', 9 c), features ordered
-    (kernel row, kernel column, channel) as an HWIO kernel; 9 strided slices of the zero-padded input."""
-    h, wd = x.shape[1:3]
+    """The 'SAME' 3x3 patches of x (c, n, h, w) at `stride`: (9 c, n, h', w'), features ordered (kernel
+    row, kernel column, channel) as an HWIO kernel's rows; 9 strided slices of the zero-padded input,
+    joined on the leading (channel) axis, where each is one contiguous block."""
+    h, wd = x.shape[-2:]
     ho, wo = -(-h // stride), -(-wd // stride)
     ph, pw = max((ho - 1) * stride + 3 - h, 0), max((wo - 1) * stride + 3 - wd, 0)
-    xp = jnp.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+    xp = jnp.pad(x, ((0, 0), (0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)))
     span_h, span_w = (ho - 1) * stride + 1, (wo - 1) * stride + 1
-    cols = [xp[:, i : i + span_h : stride, j : j + span_w : stride] for i in range(3) for j in range(3)]
-    return jnp.concatenate(cols, -1)
+    cols = [xp[:, :, i : i + span_h : stride, j : j + span_w : stride] for i in range(3) for j in range(3)]
+    return jnp.concatenate(cols, 0)
 
 
 def conv3x3(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
-    """'SAME' 3x3 convolution as image patches times a matrix, equal to lax.conv_general_dilated.
+    """'SAME' 3x3 convolution of x (c, n, h, w) by an HWIO kernel: the kernel matrix (c_out, 9 c) times
+    the patches (9 c, n h' w'), equal to lax.conv_general_dilated.
 
     On XLA's CPU backend a convolution inside a while loop (our lax.scan of SVI steps) ran 15-20x
     slower than the same step dispatched alone, and vmapping one over per-task kernels (MAML's adapted
     weights) gives a grouped convolution, slower still; patches times a matrix are plain (batched)
-    matmuls in both cases (XLA's own patch op also lowers to a grouped convolution)."""
-    return patches3x3(x, stride) @ w.reshape(-1, w.shape[-1])
+    matmuls in both cases (XLA's own patch op also lowers to a grouped convolution). Channels first
+    makes the patches 9 contiguous copies and every matmul a long row of positions, which cut the conv
+    MAML step's time by about a fifth against channels last (experiments/bench/omniglot)."""
+    p = patches3x3(x, stride)
+    return (w.reshape(-1, w.shape[-1]).T @ p.reshape(p.shape[0], -1)).reshape(-1, *p.shape[1:])
 
 
 def xla_conv3x3(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
-    """'SAME' 3x3 convolution by XLA's convolution op (the fast path on accelerators)."""
+    """'SAME' 3x3 convolution of x (c, n, h, w) by XLA's convolution op (the fast path on accelerators)."""
     return jax.lax.conv_general_dilated(
-        x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        x, w, (stride, stride), "SAME", dimension_numbers=("CNHW", "HWIO", "CNHW")
     )
 
 
 CONVOLUTIONS = {"patches": conv3x3, "xla": xla_conv3x3}
 
 
+def per_channel(v: jax.Array) -> jax.Array:
+    """A per-channel vector (c,) shaped to broadcast over channels-first images (c, n, h, w)."""
+    return v[:, None, None, None]
+
+
 def batch_norm(x: jax.Array, scale: jax.Array, offset: jax.Array, eps: float = 1e-5) -> jax.Array:
-    """Normalise each channel with the mean and variance of this set (all images and positions):
-    transductive batch norm, as MAML uses it inside the inner loop (no running averages)."""
-    axes = (-4, -3, -2)  # images, rows, columns of one set; leading axes (tasks) are kept apart
+    """Normalise each channel of x (c, n, h, w) with the mean and variance of this set (all images and
+    positions): transductive batch norm, as MAML uses it inside the inner loop (no running averages).
+    One pass, var = E[x^2] - E[x]^2 (clipped at 0), so that XLA fuses both moments into one reduction
+    and the backward pass stays short (a two-pass variance cost the conv MAML step about a sixth more:
+    experiments/bench/omniglot); float32 loses log10(1 + mean^2 / var) of its 7 digits to the
+    cancellation, about 2 at |mean| = 10 sd."""
+    axes = (-3, -2, -1)  # images, rows, columns of one set
     mean = jnp.mean(x, axis=axes, keepdims=True)
-    var = jnp.var(x, axis=axes, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + offset
+    var = jnp.maximum(jnp.mean(jnp.square(x), axis=axes, keepdims=True) - jnp.square(mean), 0.0)
+    inv = jax.lax.rsqrt(var + eps) * per_channel(scale)
+    return x * inv + (per_channel(offset) - mean * inv)
 
 
 @dataclass(frozen=True)
@@ -189,21 +204,23 @@ class Conv4:
         return (self.filters,) * self.blocks
 
     def block(self, p: dict, h: jax.Array, pair: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
-        """One block on images h (n, h, w, c): 3x3 conv, transductive batch norm, FiLM (gamma, beta per
-        channel; none by default), ReLU, downsampling."""
+        """One block on channels-first images h (c, n, h, w): 3x3 conv, transductive batch norm, FiLM
+        (gamma, beta per channel; none by default), ReLU, downsampling."""
         h = batch_norm(CONVOLUTIONS[self.conv](h, p["w"], self.stride), p["scale"], p["offset"])
-        h = jax.nn.relu(film(h, pair))
+        if pair is not None:
+            h = film(h, (per_channel(pair[0]), per_channel(pair[1])))
+        h = jax.nn.relu(h)
         if self.downsample == "maxpool":
-            h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "SAME")
+            h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "SAME")
         return h
 
     def features(self, params: dict, x: jax.Array, film_params: Film = None) -> jax.Array:
         """The (n, filters) representation fed to the head, for one set x (n, s*s); block i modulated
         by film_params[i] when given (module docstring)."""
-        h = x.reshape(x.shape[0], self.side, self.side, 1)
+        h = x.reshape(1, x.shape[0], self.side, self.side)  # channels first (conv3x3)
         for i in range(self.blocks):
             h = self.block(params[f"block_{i}"], h, None if film_params is None else film_params[i])
-        return jnp.mean(h, axis=(1, 2))
+        return jnp.mean(h, axis=(-2, -1)).T
 
     def apply(self, params: dict, x: jax.Array) -> jax.Array:
         return dense(params["head"], self.features(params, x))

@@ -204,13 +204,42 @@ def test_alphabet_split_and_config_errors(tfds_dir):
 
 
 def test_conv3x3_equals_xla_convolution():
-    x = jax.random.normal(jax.random.PRNGKey(0), (3, 9, 9, 4))
+    """Channels-first patches times the kernel matrix is XLA's 'SAME' convolution, odd and even sides."""
     w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 4, 5))
-    for stride in (1, 2):
-        ref = jax.lax.conv_general_dilated(
-            x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    for side in (8, 9):
+        x = jax.random.normal(jax.random.PRNGKey(0), (3, side, side, 4))  # NHWC
+        for stride in (1, 2):
+            ref = jax.lax.conv_general_dilated(
+                x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+            got = conv3x3(x.transpose(3, 0, 1, 2), w, stride).transpose(1, 2, 3, 0)
+            np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
+def _conv4_channels_last(net: Conv4, params: dict, x: jax.Array) -> jax.Array:
+    """Conv4's function written independently: NHWC, XLA's convolution, two-pass batch norm."""
+    h = x.reshape(x.shape[0], net.side, net.side, 1)
+    for i in range(net.blocks):
+        p = params[f"block_{i}"]
+        h = jax.lax.conv_general_dilated(
+            h, p["w"], (net.stride,) * 2, "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
-        np.testing.assert_allclose(conv3x3(x, w, stride), ref, atol=1e-4)
+        mean, var = h.mean((0, 1, 2)), h.var((0, 1, 2))
+        h = jax.nn.relu((h - mean) / jnp.sqrt(var + 1e-5) * p["scale"] + p["offset"])
+        if net.downsample == "maxpool":
+            h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "SAME")
+    return h.mean((1, 2)) @ params["head"]["w"] + params["head"]["b"]
+
+
+def test_conv4_equals_a_channels_last_reference():
+    """The channels-first net (one-pass batch norm) computes the textbook NHWC conv net, both downsamplings,
+    with non-trivial batch-norm scales and offsets."""
+    x = jax.random.uniform(jax.random.PRNGKey(1), (6, 784))
+    for down in ("stride", "maxpool"):
+        net = Conv4(784, 5, 8, downsample=down)
+        params = net.init(jax.random.PRNGKey(0))
+        params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.PRNGKey(2), a.shape), params)
+        np.testing.assert_allclose(net.apply(params, x), _conv4_channels_last(net, params, x), atol=1e-4)
 
 
 def test_xla_convolution_option_gives_the_same_network():
@@ -223,10 +252,13 @@ def test_xla_convolution_option_gives_the_same_network():
 
 
 def test_batch_norm_uses_the_statistics_of_the_current_set():
-    x = 3.0 + 2.0 * jax.random.normal(jax.random.PRNGKey(0), (6, 5, 5, 4))
+    x = 3.0 + 2.0 * jax.random.normal(jax.random.PRNGKey(0), (4, 6, 5, 5))  # (c, n, h, w)
     out = batch_norm(x, jnp.ones(4), jnp.zeros(4))
-    np.testing.assert_allclose(out.mean((0, 1, 2)), 0.0, atol=1e-5)
-    np.testing.assert_allclose(out.var((0, 1, 2)), 1.0, atol=1e-3)
+    np.testing.assert_allclose(out.mean((1, 2, 3)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(out.var((1, 2, 3)), 1.0, atol=1e-3)
+    # the one-pass variance holds its precision with the mean 10 sd away from 0
+    far = batch_norm(20.0 + x, 2.0 * jnp.ones(4), jnp.ones(4))
+    np.testing.assert_allclose(far, 2.0 * out + 1.0, atol=1e-3)
     net = Conv4(in_dim=28 * 28, out_dim=5, filters=8)
     params = net.init(jax.random.PRNGKey(0))
     imgs = jax.random.uniform(jax.random.PRNGKey(1), (10, 784))
