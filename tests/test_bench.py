@@ -57,3 +57,47 @@ def test_the_rl_benchmark_smoke_writes_positive_finite_rates(tmp_path):
         assert row["compile_s"] > 0 and row["memory_mib"] > 0, row
     md = (tmp_path / "RESULTS.md").read_text()
     assert md.count("\n|---") == 4 and "SMOKE TEST" in md and "- machine: " in md
+
+
+def _cost_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_cost", ROOT / "experiments" / "bench" / "cost" / "run.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_cost_model_recovers_known_scaling_exponents(tmp_path):
+    """Time ~ 3 x^1.5 and memory ~ 2 x^0.5 give exponents 1.5 and 0.5; the table lists every point and
+    the plot is written."""
+    cost = _cost_module()
+    xs = [2, 4, 8, 16]
+    assert math.isclose(cost.exponent(xs, [3 * x**1.5 for x in xs]), 1.5, rel_tol=1e-9)
+    pts = [
+        {
+            "compile_s": 1.0,
+            "seconds_per_step": 3e-3 * x**1.5,
+            "tasks_per_second": x / (3e-3 * x**1.5),
+            "memory_mib": 2 * x**0.5,
+            "temp_mib": x**0.5,
+            "gflop_per_step": 0.1 * x,
+            "gflops": 0.1 * x / (3e-3 * x**1.5),
+        }
+        for x in xs
+    ]
+    res = {
+        "meta-batch": {
+            "second order": {
+                "x": xs,
+                "points": pts,
+                "time_exponent": cost.exponent(xs, [p["seconds_per_step"] for p in pts]),
+                "memory_exponent": cost.exponent(xs, [p["memory_mib"] for p in pts]),
+            }
+        }
+    }
+    assert "| meta-batch | second order | 1.50 | 0.50 | 2-16 |" in cost.exponents(res)
+    assert cost.table(res, peak=10.0).count("| meta-batch |") == len(xs)
+    assert cost.plot(res, tmp_path / "cost.png").stat().st_size > 0
