@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
+import optax
 from jax import lax
 from jax.flatten_util import ravel_pytree
 from numpyro.handlers import scale
@@ -97,11 +98,27 @@ def support_objective(
     return jnp.mean(fits) + kl_unit * gaussian_kl(q, prior) / x.shape[0]
 
 
+def clip_norm(g: Any, c: float) -> Any:
+    """g scaled by min(1, c / ||g||) (global norm over the pytree); c = 0 leaves g as it is."""
+    if c == 0:
+        return g
+    norm = optax.global_norm(g)
+    return jax.tree.map(lambda a: a * jnp.minimum(1.0, c / jnp.maximum(norm, 1e-30)), g)
+
+
 def vi_steps(
-    objective: Any, q: dict, x: jax.Array, y: jax.Array, eps: Any, lr: float, first_order: bool = False
+    objective: Any,
+    q: dict,
+    x: jax.Array,
+    y: jax.Array,
+    eps: Any,
+    lr: float,
+    first_order: bool = False,
+    clip: float = 0.0,
 ) -> dict:
-    """q_{t+1} = q_t - lr grad_q objective(q_t, x, eps_t, y), t < steps (eps: leading steps axis), in a
-    lax.scan: stochastic gradient descent on one task's negative ELBO (Ravi & Beatson 2019, Alg. 1).
+    """q_{t+1} = q_t - lr clip(grad_q objective(q_t, x, eps_t, y)), t < steps (eps: leading steps axis),
+    in a lax.scan: stochastic gradient descent on one task's negative ELBO (Ravi & Beatson 2019, Alg. 1),
+    each gradient's global norm clipped at `clip` (0: not clipped).
 
     Not adapt.InnerLoop: its loss sees the same (x, y) at every step, so the draws could not change
     between steps, and with one draw (common random numbers) the support term cannot see s at all
@@ -109,7 +126,7 @@ def vi_steps(
     `first_order` stops the meta-gradient through the inner gradients, as in first-order MAML."""
 
     def step(q: dict, e: Any) -> tuple[dict, None]:
-        g = jax.grad(objective)(q, x, e, y)
+        g = clip_norm(jax.grad(objective)(q, x, e, y), clip)
         if first_order:
             g = lax.stop_gradient(g)
         return jax.tree.map(lambda a, b: a - lr * b, q, g), None
@@ -143,6 +160,13 @@ class NeuralPrior(Spec):
         )
         log_sd_init: float = opt(-2.0, doc="initial log sigma of the prior (every weight)")
         inner_samples: int = opt(1, ge=1, le=1000, doc="reparameterised draws of E_q in the inner ELBO")
+        inner_clip: float = opt(
+            0.0,
+            ge=0,
+            doc="global-norm clip of each inner-loop gradient, per task; 0 = off. Plain SGD on the "
+            "stochastic ELBO can blow up on a task with large targets (a 2-shot line near y = 15 on the "
+            "ambiguous family: log s rose by 6 in one step at inner_lr 0.01 and the loss went to inf)",
+        )
         warmup: int = opt(200, ge=1, le=100000, doc="NUTS warmup steps per chain (step size, diagonal mass)")
         chains: int = opt(1, ge=1, le=64, doc="NUTS chains per task; the S draws are split among them")
         thinning: int = opt(1, ge=1, le=1000, doc="keep every k-th NUTS transition after warmup")
@@ -241,7 +265,9 @@ class NeuralPrior(Spec):
                 return support_objective(net.apply, lik.loss, kl_unit, prior, q, x, e, y)
 
             return jax.vmap(
-                lambda x, y, e: vi_steps(objective, prior, x, y, e, cfg.inner_lr, cfg.first_order)
+                lambda x, y, e: vi_steps(
+                    objective, prior, x, y, e, cfg.inner_lr, cfg.first_order, p.inner_clip
+                )
             )(x, y, eps)
 
         adapt_q = jax.jit(adapt_q, static_argnums=4)
