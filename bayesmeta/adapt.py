@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
@@ -63,6 +64,14 @@ def learned_rates(fast: Params, kind: str, steps: int, init: float, prefix: str 
     return param_tree(prefix, lambda _: jax.tree.map(rates, fast))
 
 
+def clip_norm(g: Any, c: float) -> Any:
+    """g scaled by min(1, c / ||g||), the global norm over the pytree; c = 0 leaves g as it is."""
+    if c == 0:
+        return g
+    norm = optax.global_norm(g)
+    return jax.tree.map(lambda a: a * jnp.minimum(1.0, c / jnp.maximum(norm, 1e-30)), g)
+
+
 def gradient_descent(
     loss: TaskLoss,
     theta: Params,
@@ -74,8 +83,10 @@ def gradient_descent(
     adapt: str = "all",
     first_order: bool = False,
     remat: str = "none",
+    clip: float = 0.0,
 ) -> tuple[Params, jax.Array]:
-    """Adapt one task: `steps` steps of GD on loss(params, x, y) from theta; returns (phi, losses).
+    """Adapt one task: `steps` steps of GD on loss(params, x, y) from theta, each gradient clipped to
+    global norm `clip` (0: not clipped); returns (phi, losses).
 
     Second-order by default (the meta-gradient flows through the inner gradients); `first_order` stops
     the gradient through them, so d phi / d theta = I (first-order MAML). `remat` names a
@@ -86,6 +97,7 @@ def gradient_descent(
 
     def body(fast: Params, rates: Params) -> tuple[Params, jax.Array]:
         value, grads = jax.value_and_grad(lambda f: loss({**slow, **f}, x, y))(fast)
+        grads = clip_norm(grads, clip)
         if first_order:
             grads = lax.stop_gradient(grads)
         return jax.tree.map(lambda p, g, a: p - a * g, fast, grads, rates), value
@@ -141,23 +153,26 @@ def adapt_each(
 @dataclass(frozen=True)
 class InnerLoop:
     """The inner loop's settings, explicit: training steps, step size, which parameters adapt
-    ("all" or "head"), first order (no second derivatives), and the remat policy."""
+    ("all" or "head"), first order (no second derivatives), the remat policy and the gradient clip."""
 
     steps: int
     lr: float
     adapt: str = "all"
     first_order: bool = False
     remat: str = "none"
+    clip: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: Any, **overrides: Any) -> InnerLoop:
-        """From [model] (inner_steps, inner_lr, adapt, first_order, remat), with keyword overrides."""
+        """From [model] (inner_steps, inner_lr, adapt, first_order, remat, inner_clip), with keyword
+        overrides."""
         kw = {
             "steps": cfg.inner_steps,
             "lr": cfg.inner_lr,
             "adapt": cfg.adapt,
             "first_order": cfg.first_order,
             "remat": cfg.remat,
+            "clip": cfg.inner_clip,
         }
         return cls(**(kw | overrides))
 
@@ -184,6 +199,7 @@ class InnerLoop:
             "adapt": self.adapt,
             "first_order": self.first_order,
             "remat": self.remat,
+            "clip": self.clip,
         }
         lr = self.lr if lr is None else lr
         if not task_lr and fixed is None:

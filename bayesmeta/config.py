@@ -94,6 +94,13 @@ class ModelConfig:
     net: NetConfig = opt(NetConfig())
     inner_steps: int = opt(1, ge=0, doc="inner gradient steps during meta-training")
     inner_lr: float = opt(0.01, gt=0, doc="inner step size alpha")
+    inner_clip: float = opt(
+        0.0,
+        ge=0,
+        doc="clip each inner-loop gradient to this global norm, per task (0 = off): the inner loops of "
+        "bayesmeta.adapt (MAML and the methods built on it), BMAML's SVGD (per particle) and the neural "
+        "prior's VI steps; a task with large targets can make plain inner SGD blow up",
+    )
     first_order: bool = opt(False, doc="drop second derivatives of the inner loop")
     adapt: str = opt("all", choices=["all", "head"], doc="which parameters the inner loop adapts")
     remat: str = opt(

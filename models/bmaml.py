@@ -49,6 +49,7 @@ import numpyro.distributions as dist
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
+from bayesmeta.adapt import clip_norm
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Context, Method, Spec, no_guide
@@ -94,14 +95,22 @@ def svgd_direction(x: jax.Array, grads: jax.Array) -> jax.Array:
 
 
 def svgd(
-    log_p: LogDensity, x: jax.Array, steps: int, lr: float, first_order: bool = False, remat: str = "none"
+    log_p: LogDensity,
+    x: jax.Array,
+    steps: int,
+    lr: float,
+    first_order: bool = False,
+    remat: str = "none",
+    clip: float = 0.0,
 ) -> jax.Array:
     """`steps` SVGD steps x <- x + lr phi(x) on particles x (M, D) towards density exp(log_p), in
     lax.scan. `first_order` stops the gradient through phi (d x_n / d x_0 = I); `remat` names a
-    jax.checkpoint policy for the step."""
+    jax.checkpoint policy for the step; `clip` > 0 clips each particle's grad log p to that norm before
+    the kernel averages them (model.inner_clip)."""
 
     def body(x: jax.Array, _: None) -> tuple[jax.Array, None]:
-        phi = svgd_direction(x, jax.vmap(jax.grad(log_p))(x))
+        grads = jax.vmap(lambda xi: clip_norm(jax.grad(log_p)(xi), clip))(x)
+        phi = svgd_direction(x, grads)
         if first_order:
             phi = lax.stop_gradient(phi)
         return x + lr * phi, None
@@ -182,7 +191,9 @@ class BMAML(Spec):
             """SVGD on every task's set (T, n, ...) from x0 (M, D) or per-task x0 (T, M, D)."""
             axis = 0 if x0.ndim == 3 else None
             return jax.vmap(
-                lambda x0_i, xi, yi: svgd(log_target(xi, yi), x0_i, steps, lr, cfg.first_order, cfg.remat),
+                lambda x0_i, xi, yi: svgd(
+                    log_target(xi, yi), x0_i, steps, lr, cfg.first_order, cfg.remat, cfg.inner_clip
+                ),
                 in_axes=(axis, 0, 0),
             )(x0, x, y)
 

@@ -55,12 +55,12 @@ import jax
 import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
-import optax
 from jax import lax
 from jax.flatten_util import ravel_pytree
 from numpyro.handlers import scale
 from numpyro.infer.hmc import hmc
 
+from bayesmeta.adapt import clip_norm
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import Gaussian, make_likelihood
 from bayesmeta.method import Context, Method, Spec
@@ -96,14 +96,6 @@ def support_objective(
     negative ELBO (Ravi & Beatson 2019, eq. 4, on the inner loop's scale)."""
     fits = jax.vmap(lambda w: loss(apply(w, x), y))(reparam(q, eps))
     return jnp.mean(fits) + kl_unit * gaussian_kl(q, prior) / x.shape[0]
-
-
-def clip_norm(g: Any, c: float) -> Any:
-    """g scaled by min(1, c / ||g||) (global norm over the pytree); c = 0 leaves g as it is."""
-    if c == 0:
-        return g
-    norm = optax.global_norm(g)
-    return jax.tree.map(lambda a: a * jnp.minimum(1.0, c / jnp.maximum(norm, 1e-30)), g)
 
 
 def vi_steps(
@@ -160,13 +152,6 @@ class NeuralPrior(Spec):
         )
         log_sd_init: float = opt(-2.0, doc="initial log sigma of the prior (every weight)")
         inner_samples: int = opt(1, ge=1, le=1000, doc="reparameterised draws of E_q in the inner ELBO")
-        inner_clip: float = opt(
-            0.0,
-            ge=0,
-            doc="global-norm clip of each inner-loop gradient, per task; 0 = off. Plain SGD on the "
-            "stochastic ELBO can blow up on a task with large targets (a 2-shot line near y = 15 on the "
-            "ambiguous family: log s rose by 6 in one step at inner_lr 0.01 and the loss went to inf)",
-        )
         warmup: int = opt(200, ge=1, le=100000, doc="NUTS warmup steps per chain (step size, diagonal mass)")
         chains: int = opt(1, ge=1, le=64, doc="NUTS chains per task; the S draws are split among them")
         thinning: int = opt(1, ge=1, le=1000, doc="keep every k-th NUTS transition after warmup")
@@ -266,7 +251,7 @@ class NeuralPrior(Spec):
 
             return jax.vmap(
                 lambda x, y, e: vi_steps(
-                    objective, prior, x, y, e, cfg.inner_lr, cfg.first_order, p.inner_clip
+                    objective, prior, x, y, e, cfg.inner_lr, cfg.first_order, cfg.inner_clip
                 )
             )(x, y, eps)
 

@@ -287,3 +287,48 @@ def test_sqrt_segments_pad_without_changing_the_trajectory(steps):
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     for a, b in zip(jax.tree.leaves((p0, g0)), jax.tree.leaves((p1, g1)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_inner_clip_scales_the_gradient_to_its_norm_and_bounds_every_inner_step():
+    """clip_norm takes a gradient of norm 5 to norm c < 5 and leaves it for c = 0 or c >= 5; an inner loop
+    with clip c moves at most lr * c per step where the unclipped one (lr x curvature 10 > 2) diverges;
+    model.inner_clip reaches InnerLoop."""
+    from bayesmeta.adapt import InnerLoop, clip_norm
+
+    g = {"a": jnp.array([3.0]), "b": jnp.array([4.0])}
+    np.testing.assert_allclose(jnp.concatenate(list(clip_norm(g, 1.0).values())), [0.6, 0.8], rtol=1e-6)
+    for c in (0.0, 5.0, 50.0):
+        np.testing.assert_allclose(jnp.concatenate(list(clip_norm(g, c).values())), [3.0, 4.0])
+
+    def steep(p, x, y):  # curvature 10 per coordinate: GD at lr 0.3 multiplies the error by -2 per step
+        return 5.0 * jnp.sum(jnp.square(p["w"] - y))
+
+    theta, y = {"w": jnp.zeros(2)}, jnp.array([3.0, -4.0])
+    clipped, _ = gradient_descent(steep, theta, None, y, steps=6, lr=0.3, clip=1.0)
+    assert float(jnp.linalg.norm(clipped["w"])) <= 6 * 0.3 * 1.0 + 1e-5
+    free, losses = gradient_descent(steep, theta, None, y, steps=6, lr=0.3)
+    assert float(jnp.linalg.norm(free["w"] - y)) > 100 and losses[-1] > losses[0]
+    cfg = registry.load_config(None, ["model.inner_clip=2.5"])
+    assert InnerLoop.from_config(cfg.model).clip == 2.5
+
+
+def test_inner_clip_reaches_svgd_particles_and_the_vi_steps():
+    """BMAML's SVGD clips each particle's grad log p (one particle: the step is lr times the clipped
+    gradient); the neural prior's VI steps move at most lr * clip per step."""
+    from bayesmeta.models.bmaml import svgd
+    from bayesmeta.models.neural_prior import vi_steps
+
+    def log_p(z):  # grad log p = -100 z: norm 100 ||z||
+        return -50.0 * jnp.sum(jnp.square(z))
+
+    x0 = jnp.array([[3.0, 4.0]])  # one particle: SVGD is gradient ascent on log p
+    np.testing.assert_allclose(svgd(log_p, x0, 1, 0.1, clip=2.0), x0 - 0.1 * 2.0 * x0 / 5.0, rtol=1e-5)
+    np.testing.assert_allclose(svgd(log_p, x0, 1, 0.001), x0 - 0.001 * 100 * x0, rtol=1e-5)
+
+    def objective(q, x, e, y):
+        return 500.0 * jnp.sum(jnp.square(q["m"] - y))
+
+    q = vi_steps(
+        objective, {"m": jnp.zeros(3)}, None, jnp.array([1.0, -2.0, 3.0]), jnp.zeros((4, 1)), 0.01, clip=2.0
+    )
+    assert float(jnp.linalg.norm(q["m"])) <= 4 * 0.01 * 2.0 + 1e-6
