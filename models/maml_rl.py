@@ -114,6 +114,9 @@ class MAMLRL(Spec):
             return f"model.net.kind: the policy is an MLP, got {cfg.net.kind!r}"
         if cfg.adapt != "all":
             return f"model.adapt: policy-gradient steps adapt every parameter, got {cfg.adapt!r}"
+        if cfg.inner_clip != 0:
+            clip = cfg.inner_clip
+            return f"model.inner_clip: the policy-gradient inner loop does not clip; expected 0, got {clip:g}"
         if params.gamma_init >= 1:
             return f"model.params.gamma_init: expected < 1, got {params.gamma_init}"
         return None

@@ -203,3 +203,11 @@ def test_linear_baseline_retries_a_singular_solve_with_more_ridge():
     x = baseline_features(obs).reshape(-1, 8)
     w = jnp.linalg.solve(x.T @ x + 1e-5 * jnp.eye(8), x.T @ target.reshape(-1))
     np.testing.assert_allclose(linear_baseline(obs, target).reshape(-1), x @ w, rtol=1e-4, atol=1e-4)
+
+
+def test_an_inner_clip_is_refused_by_the_policy_gradient_inner_loop():
+    """model.inner_clip has no effect on the policy-gradient inner loop, so setting it is a config error
+    naming the key, not a silent no-op."""
+    base = Path(__file__).parents[1] / "experiments" / "meta_rl" / "navigation" / "base.toml"
+    with pytest.raises(ConfigError, match=r"model.inner_clip: the policy-gradient inner loop does not clip"):
+        registry.load_config(base, ["model.inner_clip=1.0"])
