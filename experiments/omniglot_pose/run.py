@@ -148,29 +148,19 @@ def _best(res, rows: dict[str, dict[str, tuple[str, ...]]]) -> dict[str, dict]:
 def select(out: Path, smoke: bool, extra: tuple[str, ...]) -> dict[str, dict]:
     """Stage 1, on the validation characters with seed 0: the learning rate of the rows without beta,
     then beta (weight decay) of each regularized row at its baseline's learning rate (LR_FROM)."""
-    title = "Omniglot pose: choosing the learning rate and beta on validation characters (alphabet Greek)"
+
+    def score(rows: dict[str, dict[str, tuple[str, ...]]]):
+        title = "Omniglot pose: choosing the learning rate and beta on validation characters (alphabet Greek)"
+        metrics = [METRIC, "angle_mse@0"]
+        return run_grid(
+            title, BASE, _cells(rows, extra), metrics, out / "selection", notes=SELECT_NOTES, progress=False
+        )
+
     first = {row: grid(row, smoke) for row in ROWS if row not in LR_FROM}
-    res = run_grid(
-        title,
-        BASE,
-        _cells(first, extra),
-        [METRIC, "angle_mse@0"],
-        out / "selection",
-        notes=SELECT_NOTES,
-        progress=False,
-    )
-    lrs = {row: float(c["setting"].split("=")[1]) for row, c in _best(res, first).items()}
+    lrs = {row: float(c["setting"].split("=")[1]) for row, c in _best(score(first), first).items()}
     second = {row: grid(row, smoke, lrs[base]) for row, base in LR_FROM.items() if base in lrs}
     every = first | second
-    res = run_grid(
-        title,
-        BASE,
-        _cells(every, extra),
-        [METRIC, "angle_mse@0"],
-        out / "selection",
-        notes=SELECT_NOTES,
-        progress=False,
-    )  # the first stage's runs are reused
+    res = score(every)  # the first stage's runs are reused
     choice = _best(res, every)
     (out / "selection" / "choice.json").write_text(json.dumps(choice, indent=1) + "\n")
     res.notes = (
