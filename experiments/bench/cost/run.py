@@ -146,8 +146,9 @@ def plot(res: dict[str, dict], path: Path) -> Path:
         for a in (ax, mem_ax):
             a.set_xscale("log")
             a.set_yscale("log")
-            a.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-            a.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            for axis in (a.xaxis, a.yaxis):
+                axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+                axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xticks(c["x"])
         ax.set(xlabel=factor, ylabel="ms per SVI step (solid)", title=factor)
         mem_ax.set_ylabel("XLA memory MiB (dashed)")
