@@ -156,7 +156,7 @@ def batch_norm(x: jax.Array, scale: jax.Array, offset: jax.Array, eps: float = 1
     positions): transductive batch norm, as MAML uses it inside the inner loop (no running averages).
     One pass, var = E[x^2] - E[x]^2 (clipped at 0), so that XLA fuses both moments into one reduction
     and the backward pass stays short (in a per-op profile of the standard-protocol MAML step, the
-    two-pass variance's extra elementwise passes were its largest cost after the patches); float32
+    two-pass variance's extra elementwise passes were among its larger non-matmul costs); float32
     loses log10(1 + mean^2 / var) of its 7 digits to the cancellation, about 2 at |mean| = 10 sd."""
     axes = (-3, -2, -1)  # images, rows, columns of one set
     mean = jnp.mean(x, axis=axes, keepdims=True)
