@@ -68,6 +68,25 @@ def load(method: str, meta_batch: int, filters: int, *extra: str) -> config.Conf
     )
 
 
+def engine(cfg: config.Config, mb: int):
+    """(setup, svi, the state before step 0, the data key, step 0's batch of mb tasks) of a config."""
+    setup = Setup.from_config(cfg)
+    svi = make_svi(setup.method, cfg.train)
+    state, data_key = initial_state(svi, setup.family, cfg.train, cfg.seed)
+    return setup, svi, state, data_key, setup.family.sample(jax.random.fold_in(data_key, 0), mb)
+
+
+def checked_hand_written(cfg: config.Config, setup: Setup, svi, state, batch):
+    """The hand-written second-order step at the engine state's parameters, (step, theta, opt_state),
+    after checking that its meta-loss equals the engine's on the batch (the same maths)."""
+    net = make_net(cfg.model.net, setup.family.x_dim, setup.family.y_dim)
+    opt, meta_loss, step = hand_written(cfg, net)
+    theta = tree_from_params("theta", net.init, svi.get_params(state))
+    engine_loss = float(jax.jit(svi.evaluate)(state, batch))
+    np.testing.assert_allclose(engine_loss, float(jax.jit(meta_loss)(theta, batch)), rtol=1e-4)
+    return step, theta, opt.init(theta)
+
+
 def standard(ways: int, shots: int, first_order: bool, filters: int, n: int, repeats: int, mb: int = 0):
     """One conv MAML configuration at the standard protocol: the engine's fixed-batch scan of n steps
     (and, second order, the hand-written step's) timed, with one step's compile time, FLOPs and memory."""
@@ -81,21 +100,12 @@ def standard(ways: int, shots: int, first_order: bool, filters: int, n: int, rep
         f"task.params.ways={ways}",
         f"model.first_order={str(first_order).lower()}",
     )
-    setup = Setup.from_config(cfg)
-    svi = make_svi(setup.method, cfg.train)
-    state, data_key = initial_state(svi, setup.family, cfg.train, cfg.seed)
-    batch = setup.family.sample(jax.random.fold_in(data_key, 0), mb)
+    setup, svi, state, _, batch = engine(cfg, mb)
     compile_s, one = compile_timed(svi.update, state, batch)
     _, fixed = compile_timed(scanned(svi.update, n), state, batch)
     runs = {"engine": (fixed, (state, batch))}
     if not first_order:
-        net = make_net(cfg.model.net, setup.family.x_dim, setup.family.y_dim)
-        opt, meta_loss, step = hand_written(cfg, net)
-        theta = tree_from_params("theta", net.init, svi.get_params(state))
-        opt_state = opt.init(theta)
-        np.testing.assert_allclose(
-            float(jax.jit(svi.evaluate)(state, batch)), float(jax.jit(meta_loss)(theta, batch)), rtol=1e-4
-        )
+        step, theta, opt_state = checked_hand_written(cfg, setup, svi, state, batch)
         _, hand = compile_timed(scanned(step, n), theta, opt_state, batch)
         runs["hand-written"] = (hand, (theta, opt_state, batch))
     for exe, a in runs.values():
@@ -322,10 +332,7 @@ def main() -> None:
     setups = {}
     for method in METHODS:
         cfg = load(method, mb, filters)
-        setup = Setup.from_config(cfg)
-        svi = make_svi(setup.method, cfg.train)
-        state, data_key = initial_state(svi, setup.family, cfg.train, cfg.seed)
-        batch = setup.family.sample(jax.random.fold_in(data_key, 0), mb)
+        setup, svi, state, data_key, batch = engine(cfg, mb)
         setups[method] = (setup, svi, state, batch)
         one_c, one = compile_timed(svi.update, state, batch)
         chunk = make_chunk(svi, setup.family, mb)
@@ -340,13 +347,7 @@ def main() -> None:
         }
         if method != "MAML":
             continue
-        net = make_net(cfg.model.net, setup.family.x_dim, setup.family.y_dim)
-        opt, meta_loss, step = hand_written(cfg, net)
-        theta = tree_from_params("theta", net.init, svi.get_params(state))
-        opt_state = opt.init(theta)
-        engine_loss = float(jax.jit(svi.evaluate)(state, batch))
-        hand_loss = float(jax.jit(meta_loss)(theta, batch))
-        np.testing.assert_allclose(engine_loss, hand_loss, rtol=1e-4)  # the same maths, checked
+        step, theta, opt_state = checked_hand_written(cfg, setup, svi, state, batch)
         one_c, one = compile_timed(step, theta, opt_state, batch)
         sampled_c, sampled = compile_timed(
             scanned(step, n, setup.family, mb, data_key), theta, opt_state, start
