@@ -86,3 +86,24 @@ def hand_written_maml(
         return optax.apply_updates(theta, updates), opt_state, value
 
     return meta_loss, step
+
+
+def dispatched_step(cfg: Any, calls: int, repeats: int) -> tuple[float, float, Any]:
+    """(compile seconds, best seconds per SVI step, the compiled step) of a config's training step on one
+    batch of its family from svi.init: `calls` steps dispatched back to back, minimum over `repeats`."""
+    from bayesmeta.fit import make_svi
+    from bayesmeta.run import Setup
+
+    setup = Setup.from_config(cfg)
+    batch = setup.family.sample(jax.random.PRNGKey(0), cfg.train.meta_batch)
+    svi = make_svi(setup.method, cfg.train)
+    state = jax.jit(svi.init)(jax.random.PRNGKey(1), batch)
+    compile_s, step = compile_timed(svi.update, state, batch)
+
+    def dispatch() -> jax.Array:
+        s, loss = state, None
+        for _ in range(calls):
+            s, loss = step(s, batch)
+        return loss
+
+    return compile_s, min(seconds(dispatch, repeats)) / calls, step

@@ -21,16 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from bayesmeta import config, registry
-from bayesmeta.bench import compile_timed, flops, gemm_gflops, memory_mib, seconds
+from bayesmeta.bench import dispatched_step, flops, gemm_gflops, memory_mib
 from bayesmeta.experiment import machine
-from bayesmeta.fit import make_svi
 from bayesmeta.io import write_json, write_text
 from bayesmeta.report import save_fig
-from bayesmeta.run import Setup
 from bayesmeta.tables import markdown_table
 
 HERE = Path(__file__).parent
@@ -65,19 +62,7 @@ def point(overrides: dict[str, int], variant: tuple[str, ...], calls: int, repea
     cfg: config.Config = registry.load_config(
         OMNIGLOT, [*(f"{k}={v}" for k, v in overrides.items()), "eval.task.queries=1", *variant]
     )
-    setup = Setup.from_config(cfg)
-    batch = setup.family.sample(jax.random.PRNGKey(0), cfg.train.meta_batch)
-    svi = make_svi(setup.method, cfg.train)
-    state = jax.jit(svi.init)(jax.random.PRNGKey(1), batch)
-    compile_s, step = compile_timed(svi.update, state, batch)
-
-    def dispatch() -> jax.Array:
-        s, loss = state, None
-        for _ in range(calls):
-            s, loss = step(s, batch)
-        return loss
-
-    t = min(seconds(dispatch, repeats)) / calls
+    compile_s, t, step = dispatched_step(cfg, calls, repeats)
     fl = flops(step) if cfg.model.inner_steps == 1 else None
     return {
         "compile_s": compile_s,

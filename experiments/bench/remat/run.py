@@ -20,14 +20,10 @@ import json
 import tempfile
 from pathlib import Path
 
-import jax
-
 from bayesmeta import config, registry
-from bayesmeta.bench import compile_timed, memory_mib, seconds
+from bayesmeta.bench import dispatched_step, memory_mib
 from bayesmeta.experiment import machine
-from bayesmeta.fit import make_svi
 from bayesmeta.io import write_json, write_text
-from bayesmeta.run import Setup
 from bayesmeta.tables import markdown_table
 
 HERE = Path(__file__).parent
@@ -65,19 +61,7 @@ def conv_config(inner_steps: int, policy: str, meta_batch: int, filters: int) ->
 
 
 def measure(cfg: config.Config, calls: int, repeats: int) -> dict[str, float]:
-    setup = Setup.from_config(cfg)
-    batch = setup.family.sample(jax.random.PRNGKey(0), cfg.train.meta_batch)
-    svi = make_svi(setup.method, cfg.train)
-    state = jax.jit(svi.init)(jax.random.PRNGKey(1), batch)
-    compile_s, step = compile_timed(svi.update, state, batch)
-
-    def dispatch() -> jax.Array:  # `calls` steps dispatched back to back
-        s = state
-        for _ in range(calls):
-            s, loss = step(s, batch)
-        return loss
-
-    best = min(seconds(dispatch, repeats)) / calls
+    compile_s, best, step = dispatched_step(cfg, calls, repeats)
     return {**memory_mib(step), "ms_per_step": best * 1e3, "compile_s": compile_s}
 
 
