@@ -45,8 +45,9 @@ Coverage is of the central intervals of the 20 draws of y; PIT KS is the Kolmogo
 the randomized PIT values from uniform (0 for a calibrated predictive). Tasks whose support loss rose
 under test-time adaptation (the divergence rule) are counted and left out of the means and of the
 calibration, and the exact columns are computed on the same remaining tasks. Reduced protocol for a
-2-core CPU: MLP 40-40, meta-batch 10, 15,000 iterations, 5 inner steps at 0.01, noise sd 0.3 (learned
-where the method's row says model.noise='learned').
+2-core CPU: MLP 40-40, meta-batch 10, 15,000 iterations, 5 inner steps at 0.01, inner gradients
+clipped per task at global norm 10 (model.inner_clip) in every method with an inner loop, noise sd 0.3
+(learned where the method's row says model.noise='learned').
 """
 
 
