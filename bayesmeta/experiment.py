@@ -876,16 +876,18 @@ def adapted_functions(
     """Each method's adapted function on one task per panel: for each panel (a label and config
     overrides choosing its tasks, e.g. `eval.task.params.families=['sine']`) one task of the evaluation
     family drawn with PRNGKey(key), the same for every method; each method's run of the lowest seed
-    restored, adapted to its support set with `inner_steps` steps, and its predictive mean (over the
-    run's eval.samples draws) on the family's dense grid. Returns {"x", "truth", "x_support", "y_support"} per
-    panel and {"f": {method: (G, y_dim)}}."""
+    whose run folder is present (a cell reused from its record has none) restored, adapted to its
+    support set with `inner_steps` steps, and its predictive mean (over the run's eval.samples draws) on
+    the family's dense grid. Returns {"x", "truth", "x_support", "y_support"} per panel and {"f": {method:
+    (G, y_dim)}}; a method with no run folder is left out of "f" (`unplotted` names them)."""
     import jax
 
     from bayesmeta.predict import predictive
 
     first: dict[str, Outcome] = {}
     for o in sorted((o for o in outcomes if o.metrics is not None), key=lambda o: o.cell.seed):
-        first.setdefault(o.cell.method, o)
+        if (out_dir / "runs" / o.cell.run_name / CHECKPOINT).is_file():
+            first.setdefault(o.cell.method, o)
     out: dict[str, Any] = {}
     for method, o in first.items():
         cfg = registry.load_config(
@@ -907,6 +909,12 @@ def adapted_functions(
                 "y_support": np.asarray(task.y_support[0]),
             }
     return out
+
+
+def unplotted(outcomes: list[Outcome], functions: dict[str, Any]) -> list[str]:
+    """The methods with a finished run that `adapted_functions` could not plot (no run folder here)."""
+    plotted = {m for panel in functions.values() for m in panel["f"]}
+    return sorted({o.cell.method for o in outcomes if o.metrics is not None} - plotted)
 
 
 def on_grid_line(x_points: np.ndarray, grid: np.ndarray) -> np.ndarray:

@@ -157,3 +157,18 @@ def test_two_jobs_run_a_grid_in_worker_processes_as_one_would(tmp_path):
     assert par.outcomes[1].metrics is None and "non-finite loss" in par.outcomes[1].error
     assert (tmp_path / "par" / "cells" / "ok-s-seed0" / "metrics.json").is_file()
     assert (tmp_path / "par" / "cells" / "bad-s-seed0" / "failed.json").is_file()
+
+
+def test_adapted_functions_draw_each_method_with_a_run_folder_and_name_the_rest(tmp_path):
+    """A cell reused from its record has no run folder to restore: its method is named, not drawn."""
+    from bayesmeta.experiment import adapted_functions, unplotted
+
+    small = (*SMALL, "train.steps=50", "eval.memorization_tasks=0", "eval.tasks=10")
+    cells = [Cell("A", "s", 0, small), Cell("B", "s", 0, small)]
+    res = run_grid("t", DEFAULT_CONFIG, cells, ["mse@10"], tmp_path, progress=False)
+    shutil.rmtree(tmp_path / "runs" / cells[1].run_name)
+    functions = adapted_functions(res.outcomes, DEFAULT_CONFIG, tmp_path, {"one task": ()}, 1)
+    panel = functions["one task"]
+    assert set(panel["f"]) == {"A"} and panel["f"]["A"].shape == panel["truth"].shape
+    assert np.all(np.isfinite(panel["f"]["A"]))
+    assert unplotted(res.outcomes, functions) == ["B"]

@@ -26,6 +26,7 @@ from bayesmeta.experiment import (
     plot_curves,
     product,
     run_grid,
+    unplotted,
 )
 from bayesmeta.stats import Published
 from bayesmeta.tasks.multimodal import FAMILIES
@@ -128,14 +129,24 @@ def main() -> None:
         + contrast_table(contrasts(res.outcomes, [c for c in table_contrasts() if c.method in labels]))
         + "\n### Held-out curves (curves.png)\n\n"
         + curve_table(res.outcomes, METRIC)
-        + f"\n\nadapted.png: each method's adapted function ({STEPS} steps, first seed) on one test task of"
-        " every family, against x1 (the surfaces on the diagonal x1 = x2, where their support points are"
-        " not drawn).\n"
     )
-    res.write()
     panels = {f: (f"eval.task.params.families=['{f}']",) for f in FAMILIES}
     functions = adapted_functions(res.outcomes, HERE / "base.toml", args.out, panels, STEPS)
-    plot_adapted(functions, args.out / "adapted.png", "adapted functions, one test task per family")
+    missing = unplotted(res.outcomes, functions)
+    if functions:
+        plot_adapted(functions, args.out / "adapted.png", "adapted functions, one test task per family")
+        res.notes += (
+            f"\n\nadapted.png: each method's adapted function ({STEPS} steps, lowest seed with a run folder)"
+            " on one test task of every family, against x1 (the surfaces on the diagonal x1 = x2, where"
+            " their support points are not drawn)."
+        )
+    if missing:
+        res.notes += (
+            f" Not in adapted.png: {', '.join(missing)} (finished cells reused from their records, whose"
+            " run folders are not in this checkout; rerun one seed of each to draw them)."
+        )
+    res.notes += "\n"
+    res.write()
 
 
 if __name__ == "__main__":
