@@ -98,6 +98,7 @@ def _record(folder: Path, cfg: config.Config, metrics: dict[str, Any]) -> None:
     calib = {
         s: {k: v for k, v in e.items() if k != "pit"} for s, e in (metrics.get("calibration") or {}).items()
     }
+    (folder / "failed.json").unlink(missing_ok=True)  # an earlier config's failure must not pair with cfg
     write_text(folder / "config.toml", config.dumps(cfg))
     write_json(folder / "metrics.json", metrics | ({"calibration": calib} if calib else {}))
 
@@ -105,6 +106,7 @@ def _record(folder: Path, cfg: config.Config, metrics: dict[str, Any]) -> None:
 def _record_failure(folder: Path, cfg: config.Config, error: str, seconds: float) -> None:
     """Keep a failed cell's config and error in out_dir/cells/<cell>/ (failed.json): a run that
     diverges does so again from the same seed, so later invocations report it without retraining."""
+    (folder / "metrics.json").unlink(missing_ok=True)  # an earlier config's result must not pair with cfg
     write_text(folder / "config.toml", config.dumps(cfg))
     write_json(folder / "failed.json", {"version": run.METRICS_VERSION, "error": error, "seconds": seconds})
 

@@ -172,3 +172,22 @@ def test_adapted_functions_draw_each_method_with_a_run_folder_and_name_the_rest(
     assert set(panel["f"]) == {"A"} and panel["f"]["A"].shape == panel["truth"].shape
     assert np.all(np.isfinite(panel["f"]["A"]))
     assert unplotted(res.outcomes, functions) == ["B"]
+
+
+def test_a_cells_record_never_pairs_one_configs_result_with_anothers(tmp_path):
+    """A rerun under a new config replaces the record whole: a failure removes the old metrics.json (else
+    it would read as the new config's result) and a success removes an old failed.json."""
+    small = (*SMALL, "train.steps=50", "eval.memorization_tasks=0", "eval.tasks=10")
+    record = tmp_path / "cells" / "c-s-seed0"
+    run_grid("t", DEFAULT_CONFIG, [Cell("c", "s", 0, small)], ["mse@10"], tmp_path, progress=False)
+    assert (record / "metrics.json").is_file()
+    failing = Cell("c", "s", 0, (*small, "train.lr=1e30"))
+    res = run_grid("t", DEFAULT_CONFIG, [failing], ["mse@10"], tmp_path, progress=False)
+    assert res.outcomes[0].error and not (record / "metrics.json").exists()
+    assert (record / "failed.json").is_file()
+    shutil.rmtree(tmp_path / "runs")
+    again = run_grid("t", DEFAULT_CONFIG, [failing], ["mse@10"], tmp_path, progress=False)
+    assert again.outcomes[0].reused and again.outcomes[0].metrics is None
+    fixed = Cell("c", "s", 0, (*small, "train.lr=2e-3"))
+    res = run_grid("t", DEFAULT_CONFIG, [fixed], ["mse@10"], tmp_path, progress=False)
+    assert res.outcomes[0].metrics is not None and not (record / "failed.json").exists()
