@@ -1,6 +1,7 @@
 """Ambiguous tasks: the probabilistic meta-learners of issue #14 on the sine/line mixture.
 
     .venv/bin/python experiments/ambiguous/run.py [--seeds 0 1 2 3 4] [--steps 15000] [--only LABEL ...]
+        [--settings 5-shot 2-shot] [--out DIR] [--extra OVERRIDE ...]
 
 Every method of experiments/probabilistic_methods.toml, and plain MAML (one function: mode coverage 0 by
 construction), 5-shot (the PLATIPUS figures) and a mode-rich 2-shot setting; 5 seeds; 300 test tasks;
@@ -63,32 +64,37 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--steps", type=int, default=15000)
     p.add_argument("--only", nargs="+", choices=list(METHODS), help="run only these methods")
+    p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    p.add_argument("--out", type=Path, default=HERE, help="where runs/, RESULTS.md and figures go")
+    p.add_argument("--extra", nargs="*", default=[], help="config overrides for every run (ablations)")
     args = p.parse_args()
+    out = args.out
     methods = {k: v for k, v in METHODS.items() if not args.only or k in args.only}
     labels = {m.replace(" + ", "+").replace(" ", "_"): over for m, over in methods.items()}
-    cells = product(labels, SETTINGS, args.seeds, (f"train.steps={args.steps}",))
+    settings = {k: SETTINGS[k] for k in args.settings}
+    cells = product(labels, settings, args.seeds, (f"train.steps={args.steps}", *args.extra))
     res = run_grid(
         "Ambiguous sine/line regression: accuracy, calibration and mode coverage",
         HERE / "base.toml",
         cells,
         METRICS,
-        HERE,
-        notes=NOTES,
+        out,
+        notes=NOTES + (f"\nAblation: every run also takes {' '.join(args.extra)}.\n" if args.extra else ""),
         progress=False,
         wide=True,
     )
-    plot_curves(res.outcomes, "mse@5", HERE / "curves.png")
+    plot_curves(res.outcomes, "mse@5", out / "curves.png")
     res.notes += "\n### Held-out curves (curves.png)\n\n" + curve_table(res.outcomes, "mse@5") + "\n"
     res.write()
     for cell in cells:
-        if cell.seed != args.seeds[0] or cell.setting != "5-shot":
+        if cell.seed != args.seeds[0] or cell.setting != args.settings[0]:
             continue
-        run_dir = HERE / "runs" / cell.name
+        run_dir = out / "runs" / cell.name
         if not (run_dir / CHECKPOINT).is_file():  # a cell reused from its record: keep its figures
-            print(f"{cell.name}: no run folder here; its committed figures are kept", file=sys.stderr)
+            print(f"{cell.name}: no run folder here, so no figures (committed ones kept)", file=sys.stderr)
             continue
         for support in SUPPORTS:
-            figures = HERE / "figures" / cell.method / support
+            figures = out / "figures" / cell.method / support
             shutil.rmtree(figures, ignore_errors=True)  # `sample` numbers its files: this run's is 001
             subprocess.run(
                 [
