@@ -44,6 +44,15 @@ class Cell:
         """The training run's name (shared by the evaluation settings of one trained model)."""
         return f"{self.method}-seed{self.seed}" if self.evaluation else self.name
 
+    def run_dir(self, out_dir: Path) -> Path:
+        """The training run's folder under an experiment's out_dir: runs/<run_name>."""
+        return out_dir / "runs" / self.run_name
+
+    def has_run(self, out_dir: Path) -> bool:
+        """Whether the training run's folder is here with a checkpoint (a cell reused from its record in
+        cells/ has none, e.g. on a fresh clone)."""
+        return (self.run_dir(out_dir) / CHECKPOINT).is_file()
+
 
 def product(
     methods: dict[str, tuple[str, ...]],
@@ -141,7 +150,7 @@ def _train(cell: Cell, base: Path, out_dir: Path, progress: bool) -> Outcome:
     """The cell's training run in runs/<run_name>, reused or resumed when its config is unchanged (or
     reused from its record in cells/<run_name>/ when runs/ is gone)."""
     cfg = _train_config(cell, base)
-    run_dir = out_dir / "runs" / cell.run_name
+    run_dir = cell.run_dir(out_dir)
     record = out_dir / CELLS / cell.run_name
     done = run_dir / "metrics.json"
     same = _same_config(run_dir / "config.toml", cfg)
@@ -171,7 +180,7 @@ def _train(cell: Cell, base: Path, out_dir: Path, progress: bool) -> Outcome:
 def _untrained(cell: Cell, base: Path, out_dir: Path) -> config.Config | None:
     """The training config of a cell that nothing finished, resumable or recorded covers, else None."""
     cfg = registry.load_config(base, [*cell.overrides, f"seed={cell.seed}", f"name={cell.run_name}"])
-    run_dir = out_dir / "runs" / cell.run_name
+    run_dir = cell.run_dir(out_dir)
     if _same_config(run_dir / "config.toml", cfg) and any(
         (run_dir / f).is_file() for f in ("metrics.json", CHECKPOINT)
     ):
@@ -228,7 +237,7 @@ def evaluate_cell(cell: Cell, base: Path, out_dir: Path, progress: bool = True) 
     name its own evaluation, which is not repeated."""
     overrides = [*cell.overrides, *cell.evaluation, f"seed={cell.seed}", f"name={cell.run_name}"]
     cfg = registry.load_config(base, overrides)
-    run_dir = out_dir / "runs" / cell.run_name
+    run_dir = cell.run_dir(out_dir)
     eval_dir = run_dir / "evals" / cell.setting
     record = out_dir / CELLS / cell.run_name / "evals" / cell.setting
     if not (eval_dir / "metrics.json").is_file() and (m := _recorded(record, cfg)) is not None:
@@ -888,14 +897,14 @@ def adapted_functions(
 
     first: dict[str, Outcome] = {}
     for o in sorted((o for o in outcomes if o.metrics is not None), key=lambda o: o.cell.seed):
-        if (out_dir / "runs" / o.cell.run_name / CHECKPOINT).is_file():
+        if o.cell.has_run(out_dir):
             first.setdefault(o.cell.method, o)
     out: dict[str, Any] = {}
     for method, o in first.items():
         cfg = registry.load_config(
             base, [*o.cell.overrides, f"seed={o.cell.seed}", f"name={o.cell.run_name}"]
         )
-        setup, result = run.restore(cfg, out_dir / "runs" / o.cell.run_name)
+        setup, result = run.restore(cfg, o.cell.run_dir(out_dir))
         draw = predictive(setup.eval_method, inner_steps, cfg.eval.samples, ("f",))
         for label, overrides in panels.items():
             fam = registry.make_family(registry.load_config(base, [*o.cell.overrides, *overrides]).eval.task)

@@ -22,7 +22,6 @@ import tomllib
 from pathlib import Path
 
 from bayesmeta.experiment import curve_table, plot_curves, product, run_grid
-from bayesmeta.fit import CHECKPOINT
 
 HERE = Path(__file__).parent
 TABLE = tomllib.loads((HERE.parent / "probabilistic_methods.toml").read_text())
@@ -89,8 +88,7 @@ def main() -> None:
     for cell in cells:
         if cell.seed != args.seeds[0] or cell.setting != args.settings[0]:
             continue
-        run_dir = out / "runs" / cell.name
-        if not (run_dir / CHECKPOINT).is_file():  # a cell reused from its record: keep its figures
+        if not cell.has_run(out):  # a cell reused from its record: keep its figures
             print(f"{cell.name}: no run folder here, so no figures (committed ones kept)", file=sys.stderr)
             continue
         for support in SUPPORTS:
@@ -102,7 +100,7 @@ def main() -> None:
                     "-m",
                     "bayesmeta.cli",
                     "sample",
-                    str(run_dir),
+                    str(cell.run_dir(out)),
                     "--support",
                     str(HERE / "supports" / f"{support}.csv"),
                     "--samples",

@@ -134,7 +134,7 @@ def spike_table(outcomes: list, out_dir: Path) -> str:
     for o in outcomes:
         if o.metrics is None:
             continue
-        path = out_dir / "runs" / o.cell.run_name / "inference.nc"
+        path = o.cell.run_dir(out_dir) / "inference.nc"
         with xr.open_datatree(path, engine="h5netcdf") as dt:
             loss = dt["sample_stats"]["loss"].values
         history = o.metrics.get("history", {}).get("mse@5", {})
