@@ -165,6 +165,15 @@ def batch_norm(x: jax.Array, scale: jax.Array, offset: jax.Array, eps: float = 1
     return x * inv + (per_channel(offset) - mean * inv)
 
 
+def max_pool2x2(h: jax.Array) -> jax.Array:
+    """2x2 max pooling at stride 2 of channels-first h (c, n, h, w), 'SAME' (odd sides padded with
+    -inf): a reshape and a max, whose gradient is elementwise, in place of reduce_window, whose
+    gradient (select-and-scatter) is slow on XLA's CPU backend inside a lax.scan."""
+    c, n, rows, cols = h.shape
+    h = jnp.pad(h, ((0, 0), (0, 0), (0, rows % 2), (0, cols % 2)), constant_values=-jnp.inf)
+    return h.reshape(c, n, -(-rows // 2), 2, -(-cols // 2), 2).max(axis=(3, 5))
+
+
 @dataclass(frozen=True)
 class Conv4:
     """x (n, s*s) grey images -> `blocks` x [3x3 conv, batch norm, ReLU, downsample] -> mean over
@@ -211,9 +220,7 @@ class Conv4:
         if pair is not None:
             h = film(h, (per_channel(pair[0]), per_channel(pair[1])))
         h = jax.nn.relu(h)
-        if self.downsample == "maxpool":
-            h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "SAME")
-        return h
+        return max_pool2x2(h) if self.downsample == "maxpool" else h
 
     def features(self, params: dict, x: jax.Array, film_params: Film = None) -> jax.Array:
         """The (n, filters) representation fed to the head, for one set x (n, s*s); block i modulated

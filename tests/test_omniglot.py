@@ -22,7 +22,7 @@ from bayesmeta.datasets import omniglot as data
 from bayesmeta.diagnostics.landscape import landscape_metrics
 from bayesmeta.models.baselines import global_labels
 from bayesmeta.models.protonet import prototype_logits
-from bayesmeta.nets import Conv4, batch_norm, conv3x3
+from bayesmeta.nets import Conv4, batch_norm, conv3x3, max_pool2x2
 from bayesmeta.registry import build_method, make_family
 from bayesmeta.tasks.omniglot import rotate
 
@@ -249,6 +249,22 @@ def test_xla_convolution_option_gives_the_same_network():
         a, b = (Conv4(784, 5, 8, downsample=down, conv=c) for c in ("patches", "xla"))
         params = a.init(jax.random.PRNGKey(0))
         np.testing.assert_allclose(a.apply(params, x), b.apply(params, x), atol=1e-4)
+
+
+def test_max_pool_and_its_gradient_equal_reduce_window():
+    """The reshape-and-max pooling is XLA's 'SAME' 2x2 reduce_window, value and gradient (tie-free
+    inputs: at a tie the two pick different, equally valid, subgradients), on odd and even sides."""
+    for shape in ((3, 2, 8, 8), (3, 2, 7, 5)):
+        x = jax.random.permutation(jax.random.PRNGKey(0), jnp.arange(np.prod(shape), dtype=jnp.float32))
+        x = x.reshape(shape) - x.size / 2  # negative values too: the padding must be -inf
+
+        def ref(h):
+            return jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "SAME")
+
+        np.testing.assert_array_equal(max_pool2x2(x), ref(x))
+        weights = jax.random.normal(jax.random.PRNGKey(1), ref(x).shape)
+        grads = [jax.grad(lambda h, f=f, v=weights: jnp.sum(v * f(h)))(x) for f in (max_pool2x2, ref)]
+        np.testing.assert_array_equal(*grads)
 
 
 def test_batch_norm_uses_the_statistics_of_the_current_set():
