@@ -326,6 +326,7 @@ def finish(setup: Setup, run_dir: Path, result: FitResult, progress: bool = True
         "eval_seconds": eval_seconds,
         "eval_tasks": cfg.eval.tasks,
         "final_loss": float(loss[-100:].mean()),
+        "largest_loss": {"value": float(loss.max()), "step": int(np.argmax(loss)) + 1},
         "metrics": ev.summary(),
         **dump_sections(results),
     }

@@ -46,6 +46,7 @@ def test_fit_evaluate_report_through_the_cli(tmp_path, capsys):
         stats = dt["sample_stats"]
         assert stats["loss"].shape == (200,) and list(stats["eval_step"].values) == [100, 200]
         assert "eval_mse@10" in stats.data_vars
+        loss = stats["loss"].values
         assert dt.attrs["method"] == "maml"
         # the stored predictive mean reproduces the reported metric
         f10 = pp["f"].sel(inner_steps=10).mean("draw").values[0]
@@ -54,6 +55,8 @@ def test_fit_evaluate_report_through_the_cli(tmp_path, capsys):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     np.testing.assert_allclose(metrics["metrics"]["mse@10"]["mean"], mse, rtol=1e-5)
     assert metrics["metrics"]["mse@10"]["n"] == 40
+    # the largest one-step loss and its (1-based) step, kept where cell records keep it
+    assert metrics["largest_loss"] == {"value": float(loss.max()), "step": int(np.argmax(loss)) + 1}
     for name in ("summary.md", "config.toml", "plots/training.png", "plots/predictions.png"):
         assert (run_dir / name).stat().st_size > 0
     assert "| mse@10 |" in (run_dir / "summary.md").read_text()
