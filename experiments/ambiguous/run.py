@@ -15,6 +15,7 @@ hand-written supports that a line and a sinusoid both fit (supports/two_points.c
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -102,7 +103,7 @@ def main() -> None:
                     "sample",
                     str(cell.run_dir(out)),
                     "--support",
-                    str(HERE / "supports" / f"{support}.csv"),
+                    os.path.relpath(HERE / "supports" / f"{support}.csv"),  # the figure's title shows it
                     "--samples",
                     "20",
                     "--out",
