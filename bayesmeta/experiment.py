@@ -822,6 +822,12 @@ def end_change(history: dict[str, float]) -> float | None:
     return float((third - last) / abs(third)) if third else None
 
 
+def ablation_note(extra: list[str]) -> str:
+    """The line a RESULTS.md's notes carry when every run of the grid took extra overrides (an
+    ablation beside the main table), or "" when it took none."""
+    return f"\nAblation: every run also takes {' '.join(extra)}.\n" if extra else ""
+
+
 def curve_table(outcomes: list[Outcome], metric: str) -> str:
     """Markdown: per run, the held-out `metric` at the end of training and its change over the last
     quarter of the curve (end_change), with a verdict: flat (|change| < 5%), still falling or rising."""

@@ -17,7 +17,7 @@ import argparse
 import tomllib
 from pathlib import Path
 
-from bayesmeta.experiment import curve_table, plot_curves, product, run_grid
+from bayesmeta.experiment import ablation_note, curve_table, plot_curves, product, run_grid
 
 HERE = Path(__file__).parent
 TABLE = tomllib.loads((HERE.parent / "probabilistic_methods.toml").read_text())
@@ -101,7 +101,7 @@ def main() -> None:
         cells,
         METRICS,
         out,
-        notes=NOTES + (f"\nAblation: every run also takes {' '.join(args.extra)}.\n" if args.extra else ""),
+        notes=NOTES + ablation_note(args.extra),
         progress=False,
         wide=True,
     )
