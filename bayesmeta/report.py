@@ -576,7 +576,7 @@ def plot_calibration(calib: dict[int, CalibrationAt], path: Path) -> Path:
 
 
 def plot_pit(calib: dict[int, CalibrationAt], path: Path) -> Path:
-    """ArviZ's PIT Delta-ECDF (arviz_plots.plot_ecdf_pit) of the randomized PIT values, one panel per
+    """ArviZ's PIT Delta-ECDF (arviz_plots.plot_ecdf_pit) of the PIT values F(y), one panel per
     test-time step count: the ECDF minus the uniform CDF, with ArviZ's default "pot_c" uniformity test
     (its p-value, and the points that drive a departure highlighted), which holds for dependent PIT
     values such as the query points of one task (the simultaneous-band "envelope" assumes independence)."""

@@ -26,7 +26,7 @@ from bayesmeta.diagnostics.calibration import (
     expected_calibration_error,
     interval_width,
     mixture_nll,
-    pit,
+    mixture_pit,
     pit_ks,
 )
 from bayesmeta.diagnostics.memorization import support_dependence
@@ -304,7 +304,7 @@ class Modes:
 class CalibrationAt:
     """A regression predictive's calibration at one test-time step count, over the tasks that did not
     diverge (their count `diverged_tasks`): NLL of the predictive mixture, MSE of its mean, coverage and
-    width of central intervals (level -> value), the randomized PIT and its KS distance to uniform, and
+    width of central intervals (level -> value), the PIT F(y) and its KS distance to uniform, and
     where the family declares them, mode coverage (Hypotheses) and the exact predictive (ExactPredictive)
     with the learner's MSE ratio and NLL gap to it."""
 
@@ -417,14 +417,16 @@ class Calibration(Section):
             if not keep.any():  # every task diverged: the metrics say so; nothing to calibrate
                 continue
             draws = {k: np.asarray(v)[:, keep] for k, v in ev.draws[s].items()}
-            f, y_draws = draws["f"], draws["y"]
-            noise_sd = setup.eval_method.likelihood.at(run.params, draws).sd  # learned, or per draw/point
-            u = pit(y_draws, y[keep], jax.random.fold_in(jax.random.PRNGKey(8), s))  # randomized PIT
+            f = draws["f"]
+            noise_sd = np.asarray(
+                setup.eval_method.likelihood.at(run.params, draws).sd
+            )  # learned, or per draw
+            u = mixture_pit(f, noise_sd, y[keep])  # the noise integrated exactly: no sampling of y
             out[s] = CalibrationAt(
-                nll=float(np.mean(mixture_nll(f, np.asarray(noise_sd), y[keep]))),
+                nll=float(np.mean(mixture_nll(f, noise_sd, y[keep]))),
                 mse=float(np.mean(np.square(np.mean(f, 0) - y[keep]))),
-                coverage=coverage(y_draws, y[keep]),
-                width=interval_width(y_draws),
+                coverage=coverage(u),
+                width=interval_width(f, noise_sd),
                 pit=np.asarray(u).ravel().tolist(),
                 pit_ks=pit_ks(u),
                 diverged_tasks=int((~keep).sum()),
@@ -447,11 +449,13 @@ class Calibration(Section):
         return (
             "## Calibration of the posterior predictive\n\n"
             + calibration_table(result)
-            + "\nCoverage: fraction of query targets inside the central interval of the predictive "
-            "samples of y (nominal in the header). Mode coverage: fraction of tasks whose sampled "
-            "functions include both a sine-like and a line-like one; ambiguous tasks are those whose "
-            "support set both hypotheses fit within 2 noise sds (their count in brackets). The randomized "
-            "PIT of the query targets, uniform for a calibrated predictive, is drawn as ArviZ's PIT "
+            + "\nThe predictive is the mixture of the sampled functions with their Gaussian noise, "
+            "(1/S) sum_s N(f_s, sd_s^2). Coverage: fraction of query targets inside its central interval "
+            "(nominal in the header), read from their PIT F(y); width: the interval's mean width. Mode "
+            "coverage: fraction of tasks whose sampled functions include both a sine-like and a "
+            "line-like one; ambiguous tasks are those whose "
+            "support set both hypotheses fit within 2 noise sds (their count in brackets). The PIT of the "
+            "query targets, uniform for a calibrated predictive, is drawn as ArviZ's PIT "
             "Delta-ECDF with its uniformity test in plots/pit.png.\n\n"
         )
 

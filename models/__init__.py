@@ -1,6 +1,7 @@
 """Method families, one file each. `METHODS` maps a config name to a spec with `Params` and `build`."""
 
 from bayesmeta.models import (
+    alpaca,
     baselines,
     bmaml,
     cnp,
@@ -40,6 +41,7 @@ METHODS = {
     "llama": llama.LLAMA,
     "bmaml": bmaml.BMAML,
     "versa": versa.VERSA,
+    "alpaca": alpaca.ALPaCA,
     "neural_prior": neural_prior.NeuralPrior,
     "l2f": l2f.L2F,
     "maml_rl": maml_rl.MAMLRL,

@@ -14,64 +14,62 @@ from bayesmeta.diagnostics.calibration import (
     expected_calibration_error,
     interval_width,
     mixture_nll,
+    mixture_pit,
+    mixture_quantile,
     mode_coverage,
-    pit,
     pit_ks,
     sine_like,
 )
 from bayesmeta.registry import make_family
 
 
-def _draws(sd_pred, n=20000, s=400, seed=0):
-    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
-    samples = sd_pred * jax.random.normal(k1, (s, n))
-    y = jax.random.normal(k2, (n,))
-    return samples, y
+def _exact_draws(s=20, n=20000, seed=0, sd_f=0.8, noise=0.6):
+    """An exact predictive drawn as the engine draws one: per point a posterior over f, N(0, sd_f^2),
+    S sampled functions f_s and Gaussian noise; y comes from the same predictive, N(0, sd_f^2 + noise^2)."""
+    rng = np.random.default_rng(seed)
+    f = sd_f * rng.normal(size=(s, n))
+    y = np.sqrt(sd_f**2 + noise**2) * rng.normal(size=n)
+    return f, noise, y
 
 
-def test_calibrated_predictive_covers_at_nominal_and_has_uniform_pit():
-    samples, y = _draws(1.0)
-    for level, cov in coverage(samples, y).items():
-        assert cov == pytest.approx(level, abs=0.015)
-    u = np.asarray(pit(samples, y, jax.random.PRNGKey(1)))
-    counts, _ = np.histogram(u, bins=10, range=(0, 1))
-    assert stats.chisquare(counts).pvalue > 1e-3
-    for level, width in interval_width(samples).items():
-        assert width == pytest.approx(2 * stats.norm.ppf((1 + level) / 2), rel=0.03)
-
-
-def test_pit_of_few_draws_is_continuous_and_uniform():
-    """With S = 20 draws the fraction of draws below y takes only 21 values, which a 20-bin histogram
-    or a KS test reads as miscalibration; the randomized PIT of the same calibrated draws is U(0, 1)."""
-    samples, y = _draws(1.0, s=20)
-    u = np.asarray(pit(samples, y, jax.random.PRNGKey(1)))
-    assert len(np.unique(u)) > 0.99 * u.size  # not restricted to S + 1 levels
+def test_exact_predictive_covers_at_nominal():
+    """Draws of an exact predictive: the PIT F(y) of the mixture is U(0, 1) and its coverage nominal
+    (S = 200 function draws). With S = 20 the mixture still covers within 3 points of nominal at 0.9,
+    where the sample quantiles of 20 sampled y cover (S - 1) l / (S + 1), 0.81."""
+    f, noise, y = _exact_draws(s=200)
+    u = mixture_pit(f, noise, y)
     assert stats.kstest(u, "uniform").pvalue > 1e-3
-    assert stats.chisquare(np.histogram(u, bins=20, range=(0, 1))[0]).pvalue > 1e-3
-    fraction = np.asarray(jnp.mean(samples < y, axis=0))
-    assert len(np.unique(fraction)) == 21 and stats.kstest(fraction, "uniform").pvalue < 1e-6
+    for level, cov in coverage(u).items():
+        assert cov == pytest.approx(level, abs=0.012)
+    f, noise, y = _exact_draws(s=20)
+    assert coverage(mixture_pit(f, noise, y))[0.9] == pytest.approx(0.9, abs=0.03)
+    y_draws = f + noise * np.random.default_rng(1).normal(size=f.shape)
+    lo, hi = np.quantile(y_draws, [0.05, 0.95], axis=0)
+    assert np.mean((y >= lo) & (y <= hi)) == pytest.approx(19 * 0.9 / 21, abs=0.012)
 
 
-def test_pit_breaks_ties_of_a_discrete_predictive_uniformly():
-    """Draws and observations from the same 4-valued distribution: most draws tie with y, and the
-    randomized PIT is still U(0, 1); an overdispersed predictive gives a hump-shaped PIT instead."""
-    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(2), 3)
-    samples = jax.random.binomial(k1, 3, 0.5, (10, 20000))
-    y = jax.random.binomial(k2, 3, 0.5, (20000,))
-    u = np.asarray(pit(samples, y, k3))
-    assert stats.kstest(u, "uniform").pvalue > 1e-3
-    wide = jax.random.binomial(k1, 9, 0.5, (10, 20000)) - 3  # same mean, 3x the variance
-    u_wide = np.asarray(pit(wide, y, k3))
-    assert np.mean(np.abs(u_wide - 0.5) < 0.25) > 0.6  # mass in the middle: the predictive is too wide
+def test_mixture_quantiles_invert_its_cdf_and_give_known_widths():
+    """One component: the width of N(m, s^2)'s central interval, 2 z s; two: F(Q(q)) = q."""
+    means = np.array([[0.3, -1.0]])
+    for level, width in interval_width(means, 0.5).items():
+        assert width == pytest.approx(2 * 0.5 * stats.norm.ppf((1 + level) / 2), rel=1e-6)
+    two = np.array([[0.0, 2.0], [3.0, 2.5]])
+    sd = np.array([[0.5, 0.1], [1.0, 0.3]])
+    for q in (0.05, 0.5, 0.9):
+        x = mixture_quantile(two, sd, q)
+        np.testing.assert_allclose(mixture_pit(two, sd, x), q, atol=1e-9)
 
 
 def test_overconfident_predictive_undercovers_by_the_known_amount():
-    """Predictive N(0, 0.5^2) for data N(0, 1): the central level-l interval covers 2 Phi(0.5 z_l) - 1."""
-    samples, y = _draws(0.5)
-    for level, cov in coverage(samples, y).items():
+    """Predictive N(0, 0.5^2) for data N(0, 1): the central level-l interval covers 2 Phi(0.5 z_l) - 1,
+    and its PIT piles up at 0 and 1 (a U shape)."""
+    y = np.random.default_rng(2).normal(size=20000)
+    u = mixture_pit(np.zeros((20, 1)), 0.5, y)
+    for level, cov in coverage(u).items():
         expected = 2 * stats.norm.cdf(0.5 * stats.norm.ppf((1 + level) / 2)) - 1
-        assert cov == pytest.approx(expected, abs=0.015)
+        assert cov == pytest.approx(expected, abs=0.012)
         assert cov < level - 0.1
+    assert np.mean(np.abs(u - 0.5) > 0.4) > 0.4  # 20% for a calibrated one
 
 
 def test_mixture_nll_matches_the_exact_density():

@@ -4,10 +4,9 @@ run in NumPy (each is one pass over the draws, and eager JAX would compile a pro
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy.special import logsumexp
+from scipy.special import logsumexp, ndtr
 
 LEVELS = (0.5, 0.8, 0.9, 0.95)
 
@@ -20,37 +19,51 @@ def mixture_nll(means: np.ndarray, sd: float | np.ndarray, y: np.ndarray) -> np.
     return -(logsumexp(logp, axis=0) - np.log(means.shape[0]))
 
 
-def coverage(samples: np.ndarray, y: np.ndarray, levels: tuple[float, ...] = LEVELS) -> dict[float, float]:
-    """Fraction of y inside the central `level` interval of the predictive samples (S, ...)."""
-    samples, y = np.asarray(samples), np.asarray(y)
-    out = {}
-    for level in levels:
-        lo, hi = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2], axis=0)
-        out[level] = float(np.mean((y >= lo) & (y <= hi)))
-    return out
+def mixture_pit(means: np.ndarray, sd: float | np.ndarray, y: np.ndarray) -> np.ndarray:
+    """u = F(y) = (1/S) sum_s Phi((y - mean_s) / sd_s): the probability integral transform of y under
+    the predictive of S sampled functions (means (S, ...)) with Gaussian observation noise (sd a number
+    or broadcasting with means), the mixture the engine's draws stand for. The noise is integrated
+    exactly, so u is U(0, 1) for a calibrated predictive whatever S (Gneiting et al. 2007); ranks of S
+    sampled y would be too, but the central interval between the sample quantiles of S sampled y covers
+    only about (S - 1) l / (S + 1) at level l even when the predictive is exact (order statistics:
+    0.81 at a nominal 0.9 for S = 20)."""
+    means, sd, y = np.asarray(means), np.asarray(sd), np.asarray(y)
+    return np.mean(ndtr((y - means) / sd), axis=0)
 
 
-def interval_width(samples: np.ndarray, levels: tuple[float, ...] = LEVELS) -> dict[float, float]:
-    """Mean width of the central intervals (sharpness)."""
-    samples = np.asarray(samples)
-    out = {}
-    for level in levels:
-        lo, hi = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2], axis=0)
-        out[level] = float(np.mean(hi - lo))
-    return out
+def coverage(u: np.ndarray, levels: tuple[float, ...] = LEVELS) -> dict[float, float]:
+    """Fraction of observations inside the predictive's central `level` interval, from their PIT
+    values u: y lies in [F^-1((1 - l) / 2), F^-1((1 + l) / 2)] exactly when |u - 1/2| <= l / 2."""
+    u = np.asarray(u)
+    return {level: float(np.mean(np.abs(u - 0.5) <= level / 2)) for level in levels}
 
 
-def pit(samples: np.ndarray, y: np.ndarray, key: jax.Array) -> np.ndarray:
-    """Randomized probability integral transform of each observation among S predictive samples (S, ...):
-    u = (#{samples < y} + V (#{samples == y} + 1)) / (S + 1), V ~ U(0, 1). y's rank among the S + 1
-    exchangeable values, ties broken at random (as ArviZ's PIT breaks them) and spread over its cell,
-    so u is exactly U(0, 1) for a calibrated predictive, continuous even for few samples (the plain
-    fraction of samples below y takes only S + 1 values)."""
-    samples, y = np.asarray(samples), np.asarray(y)
-    below = np.sum(samples < y, axis=0)
-    ties = np.sum(samples == y, axis=0)
-    v = np.asarray(jax.random.uniform(key, below.shape))
-    return (below + v * (ties + 1)) / (samples.shape[0] + 1)
+def mixture_quantile(means: np.ndarray, sd: float | np.ndarray, q: float, iters: int = 50) -> np.ndarray:
+    """F^-1(q) per point of the mixture (1/S) sum_s N(mean_s, sd_s^2) (means (S, ...)), by bisection on
+    its CDF between min_s (mean_s - 10 sd_s) and max_s (mean_s + 10 sd_s); 50 halvings of that bracket
+    leave an error far below float32 resolution of the data."""
+    means, sd = np.asarray(means, np.float64), np.asarray(sd, np.float64)
+    lo, hi = np.min(means - 10 * sd, axis=0), np.max(means + 10 * sd, axis=0)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        below = np.mean(ndtr((mid - means) / sd), axis=0) < q
+        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+def interval_width(
+    means: np.ndarray, sd: float | np.ndarray, levels: tuple[float, ...] = LEVELS
+) -> dict[float, float]:
+    """Mean width of the mixture predictive's central intervals, F^-1((1 + l) / 2) - F^-1((1 - l) / 2)
+    (sharpness)."""
+    return {
+        level: float(
+            np.mean(
+                mixture_quantile(means, sd, (1 + level) / 2) - mixture_quantile(means, sd, (1 - level) / 2)
+            )
+        )
+        for level in levels
+    }
 
 
 def pit_ks(u: np.ndarray) -> float:
