@@ -125,7 +125,7 @@ def _recorded_failure(folder: Path, cfg: config.Config) -> dict[str, Any] | None
     if not (folder / "failed.json").is_file() or not _same_config(folder / "config.toml", cfg):
         return None
     f = json.loads((folder / "failed.json").read_text())
-    return f if f.get("version") == run.METRICS_VERSION else None
+    return f if run.up_to_date(f) else None
 
 
 def _failure(e: NonFiniteError, out_dir: Path) -> str:
@@ -138,7 +138,7 @@ def _recorded(folder: Path, cfg: config.Config) -> dict[str, Any] | None:
     if not (folder / "metrics.json").is_file() or not _same_config(folder / "config.toml", cfg):
         return None
     m = json.loads((folder / "metrics.json").read_text())
-    return m if m.get("version") == run.METRICS_VERSION else None
+    return m if run.up_to_date(m) else None
 
 
 def _train_config(cell: Cell, base: Path) -> config.Config:
@@ -160,7 +160,7 @@ def _train(cell: Cell, base: Path, out_dir: Path, progress: bool) -> Outcome:
         return Outcome(cell, None, f["seconds"], reused=True, error=f["error"])
     if done.is_file() and same:
         m = json.loads(done.read_text())
-        if m.get("version") != run.METRICS_VERSION:  # evaluated by older code: re-evaluate, keep training
+        if not run.up_to_date(m):  # evaluated by older code: re-evaluate, keep training
             setup, result = run.restore(cfg, run_dir)
             m = run.finish(setup, run_dir, result, progress=progress)
         _record(record, cfg, m)
@@ -250,7 +250,7 @@ def evaluate_cell(cell: Cell, base: Path, out_dir: Path, progress: bool = True) 
         return Outcome(cell, trained.metrics, trained.seconds, reused=trained.reused)
     if (eval_dir / "metrics.json").is_file() and _same_config(eval_dir / "config.toml", cfg):
         m = json.loads((eval_dir / "metrics.json").read_text())
-        if m.get("version") == run.METRICS_VERSION:
+        if run.up_to_date(m):
             _record(record, cfg, m)
             return Outcome(cell, m, m["eval_seconds"], reused=True)
     t0 = time.perf_counter()

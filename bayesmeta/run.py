@@ -48,8 +48,22 @@ from bayesmeta.tasks import Classification, DenseGrid, Environment, Family, Grou
 GRID_POINTS = 200
 # metrics.json's schema: raised whenever evaluation changes what it measures, so that experiment grids
 # re-evaluate finished runs from their checkpoints instead of reusing numbers of older code
-# (4: calibration's pit is the randomized PIT, continuous on [0, 1])
-METRICS_VERSION = 4
+# (4: calibration's pit is the randomized PIT, continuous on [0, 1]; 5: calibration reads the
+# predictive mixture, its PIT F(y) and the coverage and widths of its central intervals)
+METRICS_VERSION = 5
+CHANGED_SECTION = {5: "calibration"}
+"""Versions that changed one section's numbers only: metrics.json of an earlier version without that
+section (a classification run has no calibration) still holds (`up_to_date`)."""
+
+
+def up_to_date(metrics: dict[str, Any]) -> bool:
+    """Whether a metrics.json (or a recorded failure) measures what the current code would: its version
+    is current, or every later version changed only a section it does not have."""
+    v = metrics.get("version")
+    if not isinstance(v, int) or v > METRICS_VERSION:
+        return False
+    later = range(v + 1, METRICS_VERSION + 1)
+    return all(u in CHANGED_SECTION and not metrics.get(CHANGED_SECTION[u]) for u in later)
 
 
 @dataclass

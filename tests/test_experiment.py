@@ -191,3 +191,16 @@ def test_a_cells_record_never_pairs_one_configs_result_with_anothers(tmp_path):
     fixed = Cell("c", "s", 0, (*small, "train.lr=2e-3"))
     res = run_grid("t", DEFAULT_CONFIG, [fixed], ["mse@10"], tmp_path, progress=False)
     assert res.outcomes[0].metrics is not None and not (record / "failed.json").exists()
+
+
+def test_an_older_record_holds_unless_a_later_version_changed_a_section_it_has():
+    """Version 5 changed only calibration: a version-4 record without it (classification) is reused,
+    one with it is not, a recorded failure is; version 3 (before 4 changed the PIT) never is."""
+    from bayesmeta.run import METRICS_VERSION, up_to_date
+
+    assert up_to_date({"version": METRICS_VERSION, "calibration": {"5": {"nll": 1.0}}})
+    assert up_to_date({"version": 4, "calibration": {}, "metrics": {"accuracy@1": {}}})
+    assert not up_to_date({"version": 4, "calibration": {"5": {"nll": 1.0}}})
+    assert up_to_date({"version": 4, "error": "non-finite loss", "seconds": 1.0})
+    assert not up_to_date({"version": 3})
+    assert not up_to_date({}) and not up_to_date({"version": METRICS_VERSION + 1})
