@@ -44,9 +44,10 @@ METRICS = [
 ]
 NOTES = """
 Protocol (issue #14): metrics at 5 test-time inner steps (methods without an inner loop ignore the
-count): MSE of the predictive mean; predictive NLL of the 20-draw mixture; coverage of the central
-intervals of the 20 draws of y and the 90% width; PIT KS, the Kolmogorov-Smirnov distance of the
-randomized PIT from uniform; mode coverage, the fraction of tasks whose 20 sampled functions include
+count): MSE of the predictive mean; predictive NLL of the 20-draw mixture (the sampled functions with
+their Gaussian noise); coverage of that mixture's central intervals, read from the PIT F(y) of each
+query target, and the 90% width; PIT KS, the Kolmogorov-Smirnov distance of the PIT values from
+uniform; mode coverage, the fraction of tasks whose 20 sampled functions include
 both a sine-like and a line-like one, over all tasks and over the ambiguous ones (support points
 fitted within 2 noise sds by both a line and a sinusoid; every 2-shot task is ambiguous). Tasks whose
 support loss rose under test-time adaptation (the divergence rule) are counted in the last column and
