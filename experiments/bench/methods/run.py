@@ -54,6 +54,7 @@ CASES = {
     "PLATIPUS (sine/line, 5 steps)": (*AMB, "model.method='platipus'"),
     "BMAML, M=5 (sine/line, 5 steps)": (*AMB, "model.method='bmaml'", "model.params.particles=5"),
     "VERSA (sine/line)": (*AMB, "model.method='versa'"),
+    "ALPaCA (sine/line)": (*AMB, "model.method='alpaca'"),
     "NP (sine/line)": (*AMB, "model.method='np'"),
     "HSML (sine/line, 5 steps)": (*AMB, "model.method='hsml'"),
     "ARML (sine/line, 5 steps)": (*AMB, "model.method='arml'"),
