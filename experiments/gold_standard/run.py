@@ -66,26 +66,37 @@ REFERENCE = "Neural prior (NUTS)"  # exact inference under a learned prior: not 
 
 
 def target_table(rows: list[dict]) -> str:
-    """Per target: the learner closest to it (means over seeds; a mean one seed dominates is not
-    used), its value with the seeds' sd, and met or missed; the NUTS reference's value beside it."""
-    out = [
-        "| target | closest learner | its mean (sd over seeds) | verdict | NUTS under its learned prior |",
-        "|---|---|---|---|---|",
-    ]
-    for metric, label, met in TARGETS:
-        rs = [r for r in rows if r["metric"] == metric and r["mean"] is not None]
-        learners = [r for r in rs if r["method"] != REFERENCE and not r["dominated"]]
-        goal = 0.9 if "coverage" in metric else 0.0
-        best = min(learners, key=lambda r: abs(r["mean"] - goal))
-        ref = next((r for r in rs if r["method"] == REFERENCE), None)
-        ref_text = f"{ref['mean']:.3f}" if ref else "not run"
-        verdict = "met" if met(best["mean"]) else "missed"
-        value = f"{best['mean']:.3f} ({best['sd'] or 0:.3f})"
-        out.append(f"| {label} | {best['method']} | {value} | {verdict} | {ref_text} |")
-    dominated = sorted({r["method"] for r in rows if r["dominated"]})
-    if dominated:
-        out.append(f"\nLeft out as dominated by one seed or task: {', '.join(dominated)}.")
-    return "\n".join(out) + "\n"
+    """Issue #14's target is one learner meeting all three conditions at once (a predictive can be
+    calibrated by being wide, or sharp by being over-confident): per learner, its mean (sd over seeds)
+    on each, which it meets, and the verdict; the NUTS reference is listed, not judged. A mean that one
+    seed or task dominates meets nothing."""
+    by = {(r["method"], r["metric"]): r for r in rows}
+    learners = list(dict.fromkeys(r["method"] for r in rows))
+    head = " | ".join(label for _, label, _ in TARGETS)
+    out = [f"| learner | {head} | conditions met |", "|---|" + "---|" * (len(TARGETS) + 1)]
+    winners = []
+    for m in learners:
+        cells, met = [], 0
+        for metric, _, ok in TARGETS:
+            r = by.get((m, metric))
+            if r is None or r["mean"] is None:
+                cells.append("n/a")
+                continue
+            good = ok(r["mean"]) and not r["dominated"]
+            met += good
+            cells.append(f"{r['mean']:.3f} ({r['sd'] or 0:.3f}){' ✓' if good else ''}")
+        reference = m == REFERENCE
+        out.append(
+            f"| {m}{' (reference)' if reference else ''} | {' | '.join(cells)} | {met} of {len(TARGETS)} |"
+        )
+        if met == len(TARGETS) and not reference:
+            winners.append(m)
+    verdict = (
+        f"**Met** by {', '.join(winners)}: all three conditions at once."
+        if winners
+        else "**Missed**: no learner meets all three conditions at once."
+    )
+    return "\n".join(out) + f"\n\n{verdict}\n"
 
 
 def main() -> None:
