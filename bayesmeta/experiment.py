@@ -10,6 +10,7 @@ import re
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -820,6 +821,50 @@ def end_change(history: dict[str, float]) -> float | None:
     q = len(values) // 4
     third, last = np.mean(values[-2 * q : -q]), np.mean(values[-q:])
     return float((third - last) / abs(third)) if third else None
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One condition of a target: `met(mean)` on a metric's mean over seeds, named by `label`."""
+
+    metric: str
+    label: str
+    met: Callable[[float], bool]
+
+
+def joint_target_table(
+    rows: list[dict], conditions: tuple[Condition, ...], reference: str | None = None
+) -> str:
+    """Markdown: a target that one method must meet in all its conditions at once, in one setting (a
+    predictive can be calibrated by being wide, or sharp by being over-confident). Per (method,
+    setting): its mean (sd over seeds) on each condition's metric, ticked where met, and how many it
+    meets; then one verdict naming the methods that meet all. A mean that one seed or task dominates
+    meets nothing; the `reference` method is listed but not judged."""
+    by = {(r["method"], r["setting"], r["metric"]): r for r in rows}
+    pairs = list(dict.fromkeys((r["method"], r["setting"]) for r in rows))
+    head = " | ".join(c.label for c in conditions)
+    out = [f"| method | setting | {head} | conditions met |", "|---|---|" + "---|" * (len(conditions) + 1)]
+    winners = []
+    for m, setting in pairs:
+        cells, met = [], 0
+        for c in conditions:
+            r = by.get((m, setting, c.metric))
+            if r is None or r["mean"] is None:
+                cells.append("n/a")
+                continue
+            good = c.met(r["mean"]) and not r["dominated"]
+            met += good
+            cells.append(f"{r['mean']:.3f} ({r['sd'] or 0:.3f}){' ✓' if good else ''}")
+        name = f"{m} (reference)" if m == reference else m
+        out.append(f"| {name} | {setting} | {' | '.join(cells)} | {met} of {len(conditions)} |")
+        if met == len(conditions) and m != reference:
+            winners.append(f"{m} ({setting})")
+    verdict = (
+        f"**Met** by {', '.join(winners)}: every condition at once."
+        if winners
+        else "**Missed**: no method meets every condition at once."
+    )
+    return "\n".join(out) + f"\n\n{verdict}\n"
 
 
 def ablation_note(extra: list[str]) -> str:

@@ -204,3 +204,37 @@ def test_an_older_record_holds_unless_a_later_version_changed_a_section_it_has()
     assert up_to_date({"version": 4, "error": "non-finite loss", "seconds": 1.0})
     assert not up_to_date({"version": 3})
     assert not up_to_date({}) and not up_to_date({"version": METRICS_VERSION + 1})
+
+
+def test_a_joint_target_is_met_only_by_one_method_meeting_every_condition():
+    """A wide predictive (coverage met, NLL not) and a sharp one (NLL met, coverage not) each meet one
+    condition: missed; a method meeting both is named; a dominated mean and the reference never count."""
+    from bayesmeta.experiment import Condition, joint_target_table
+
+    def row(method, metric, mean, dominated=False):
+        return {
+            "method": method,
+            "setting": "s",
+            "metric": metric,
+            "mean": mean,
+            "sd": 0.0,
+            "dominated": dominated,
+        }
+
+    conds = (
+        Condition("nll", "nll <= 0.1", lambda v: v <= 0.1),
+        Condition("cov", "cov >= 0.9", lambda v: v >= 0.9),
+    )
+    split = [
+        row("wide", "nll", 0.5),
+        row("wide", "cov", 0.95),
+        row("sharp", "nll", 0.05),
+        row("sharp", "cov", 0.6),
+    ]
+    table = joint_target_table(split, conds)
+    assert "**Missed**" in table and "| wide | s | 0.500 (0.000) | 0.950 (0.000) ✓ | 1 of 2 |" in table
+    ref = [row("ref", "nll", 0.0), row("ref", "cov", 0.95)]
+    dominated = [row("dom", "nll", 0.0, dominated=True), row("dom", "cov", 0.95)]
+    assert "**Missed**" in joint_target_table(split + ref + dominated, conds, reference="ref")
+    good = [row("good", "nll", 0.08), row("good", "cov", 0.91)]
+    assert "**Met** by good (s)" in joint_target_table(split + good, conds)

@@ -17,7 +17,15 @@ import argparse
 import tomllib
 from pathlib import Path
 
-from bayesmeta.experiment import ablation_note, curve_table, plot_curves, product, run_grid
+from bayesmeta.experiment import (
+    Condition,
+    ablation_note,
+    curve_table,
+    joint_target_table,
+    plot_curves,
+    product,
+    run_grid,
+)
 
 HERE = Path(__file__).parent
 TABLE = tomllib.loads((HERE.parent / "probabilistic_methods.toml").read_text())
@@ -56,47 +64,13 @@ clipped per task at global norm 100 (model.inner_clip) in every method with an i
 """
 
 
-# issue #14's targets for the best learner: (metric, label, is it met by this per-method mean)
+# issue #14's target: one learner meeting all three at once (bayesmeta.experiment.joint_target_table)
 TARGETS = (
-    (f"calibration/{S}/vs_exact/nll_gap", "NLL within 0.05 nats of the exact", lambda v: v <= 0.05),
-    (f"calibration/{S}/coverage/0.9", "90% coverage in [0.88, 0.92]", lambda v: 0.88 <= v <= 0.92),
-    (f"calibration/{S}/vs_exact/mse_ratio", "MSE at most 1.15x the exact's", lambda v: v <= 1.15),
+    Condition(f"calibration/{S}/vs_exact/nll_gap", "NLL within 0.05 nats of the exact", lambda v: v <= 0.05),
+    Condition(f"calibration/{S}/coverage/0.9", "90% coverage in [0.88, 0.92]", lambda v: 0.88 <= v <= 0.92),
+    Condition(f"calibration/{S}/vs_exact/mse_ratio", "MSE at most 1.15x the exact's", lambda v: v <= 1.15),
 )
 REFERENCE = "Neural prior (NUTS)"  # exact inference under a learned prior: not a learner of the target
-
-
-def target_table(rows: list[dict]) -> str:
-    """Issue #14's target is one learner meeting all three conditions at once (a predictive can be
-    calibrated by being wide, or sharp by being over-confident): per learner, its mean (sd over seeds)
-    on each, which it meets, and the verdict; the NUTS reference is listed, not judged. A mean that one
-    seed or task dominates meets nothing."""
-    by = {(r["method"], r["metric"]): r for r in rows}
-    learners = list(dict.fromkeys(r["method"] for r in rows))
-    head = " | ".join(label for _, label, _ in TARGETS)
-    out = [f"| learner | {head} | conditions met |", "|---|" + "---|" * (len(TARGETS) + 1)]
-    winners = []
-    for m in learners:
-        cells, met = [], 0
-        for metric, _, ok in TARGETS:
-            r = by.get((m, metric))
-            if r is None or r["mean"] is None:
-                cells.append("n/a")
-                continue
-            good = ok(r["mean"]) and not r["dominated"]
-            met += good
-            cells.append(f"{r['mean']:.3f} ({r['sd'] or 0:.3f}){' ✓' if good else ''}")
-        reference = m == REFERENCE
-        out.append(
-            f"| {m}{' (reference)' if reference else ''} | {' | '.join(cells)} | {met} of {len(TARGETS)} |"
-        )
-        if met == len(TARGETS) and not reference:
-            winners.append(m)
-    verdict = (
-        f"**Met** by {', '.join(winners)}: all three conditions at once."
-        if winners
-        else "**Missed**: no learner meets all three conditions at once."
-    )
-    return "\n".join(out) + f"\n\n{verdict}\n"
 
 
 def main() -> None:
@@ -121,7 +95,9 @@ def main() -> None:
         wide=True,
     )
     plot_curves(res.outcomes, "mse@5", out / "curves.png")
-    res.notes += "\n### Targets (issue #14), computed from the table above\n\n" + target_table(res.rows)
+    res.notes += "\n### Targets (issue #14), computed from the table above\n\n" + joint_target_table(
+        res.rows, TARGETS, REFERENCE
+    )
     res.notes += "\n### Held-out curves (curves.png)\n\n" + curve_table(res.outcomes, "mse@5") + "\n"
     res.write()
 
