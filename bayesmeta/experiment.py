@@ -837,9 +837,9 @@ def joint_target_table(
 ) -> str:
     """Markdown: a target that one method must meet in all its conditions at once, in one setting (a
     predictive can be calibrated by being wide, or sharp by being over-confident). Per (method,
-    setting): its mean (sd over seeds) on each condition's metric, ticked where met, and how many it
-    meets; then one verdict naming the methods that meet all. A mean that one seed or task dominates
-    meets nothing; the `reference` method is listed but not judged."""
+    setting): its mean (sd over seeds, or "one seed") on each condition's metric, ticked where met, and
+    how many it meets; then one verdict naming the methods that meet all. A mean that one seed or task
+    dominates meets nothing; the `reference` method is listed but not judged."""
     by = {(r["method"], r["setting"], r["metric"]): r for r in rows}
     pairs = list(dict.fromkeys((r["method"], r["setting"]) for r in rows))
     head = " | ".join(c.label for c in conditions)
@@ -854,7 +854,8 @@ def joint_target_table(
                 continue
             good = c.met(r["mean"]) and not r["dominated"]
             met += good
-            cells.append(f"{r['mean']:.3f} ({r['sd'] or 0:.3f}){' ✓' if good else ''}")
+            spread = "one seed" if r["sd"] is None else f"{r['sd']:.3f}"
+            cells.append(f"{r['mean']:.3f} ({spread}){' ✓' if good else ''}")
         name = f"{m} (reference)" if m == reference else m
         out.append(f"| {name} | {setting} | {' | '.join(cells)} | {met} of {len(conditions)} |")
         if met == len(conditions) and m != reference:
