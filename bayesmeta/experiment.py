@@ -895,7 +895,13 @@ def curve_table(outcomes: list[Outcome], metric: str) -> str:
         )
         rows.append([o.cell.name, _fmt(last), "n/a" if change is None else f"{change:+.1%}", word])
     return markdown_table(
-        ["run", f"held-out {metric} at the end", "change over the last quarter", "curve"], rows
+        [
+            "run",
+            f"held-out {metric} at the end (one predictive draw)",
+            "change over the last quarter",
+            "curve",
+        ],
+        rows,
     )
 
 

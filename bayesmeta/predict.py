@@ -173,7 +173,8 @@ def evaluate(
 def quick_metric(
     method: Method, likelihood: Any, batch: TaskBatch, inner_steps: int
 ) -> Callable[[dict], dict[str, float]]:
-    """params -> {metric@steps: mean over the batch}: the cheap evaluation run during training."""
+    """params -> {metric@steps: mean over the batch}: the cheap evaluation run during training, of one
+    predictive draw (for a method with a posterior its MSE includes the draw's spread about the mean)."""
     run = predictive(method, inner_steps, 1, sites=("f",))
     key = jax.random.PRNGKey(0)
 
