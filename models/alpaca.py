@@ -6,7 +6,7 @@ Sharma & Pavone 2018, "Meta-Learning Priors for Efficient Online Bayesian Regres
     y = W^T phi(x) + N(0, s^2 I)
 
 Given a support set (Phi, Y) the posterior over W is conjugate and exact (Bayesian linear regression,
-Bishop 2006, 3.3; ALPaCA eq. 6-7):
+Bishop 2006, 3.3; the update ALPaCA uses):
 
     Lambda_n = Lambda0 + Phi^T Phi,   K_n = Lambda_n^-1 (Phi^T Y + Lambda0 K0),
     y* | x*, D ~ N(K_n^T phi(x*), s^2 (1 + phi(x*)^T Lambda_n^-1 phi(x*)) I).
@@ -53,7 +53,8 @@ def conjugate_posterior(
 ) -> tuple[jax.Array, jax.Array]:
     """(K_n, L_n): the posterior mean K_n = Lambda_n^-1 (Phi^T Y + Lambda0 K0) (d + 1, m) and the
     Cholesky factor L_n of Lambda_n = Lambda0 + Phi^T Phi, for one task's support (phi (n, d + 1),
-    y (n, m)) under the prior MN(K0, (L0 L0^T)^-1, s^2 I); s cancels from both (ALPaCA eq. 6-7)."""
+    y (n, m)) under the prior MN(K0, (L0 L0^T)^-1, s^2 I); s cancels from both, since the prior's
+    covariance scales with the noise as in ALPaCA's matrix-normal prior."""
     lam0 = l0 @ l0.T
     ln = jnp.linalg.cholesky(lam0 + phi.T @ phi)
     kn = jax.scipy.linalg.cho_solve((ln, True), phi.T @ y + lam0 @ k0)
