@@ -32,7 +32,7 @@ import numpyro.distributions as dist
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Context, Method, Spec, no_guide
-from bayesmeta.nets import make_net
+from bayesmeta.nets import embedding, make_net
 from bayesmeta.sites import observe, param_tree
 from bayesmeta.tasks import TaskBatch
 
@@ -103,10 +103,10 @@ class ALPaCA(Spec):
     def build(cfg: ModelConfig, p: Params, x_dim: int, y_dim: int, context: Context | None = None) -> Method:
         net = make_net(cfg.net, x_dim, y_dim)
         lik = make_likelihood(cfg)
-        d = jax.eval_shape(net.init, jax.random.PRNGKey(0))["head"]["w"].shape[0]
+        body_init, d = embedding(net, x_dim)
 
         def init(key: jax.Array) -> dict:
-            body = {k: v for k, v in net.init(key).items() if k != "head"}
+            body = body_init(key)
             raw = jnp.diag(jnp.full((d + 1,), -jnp.log(p.prior_scale), jnp.float32))
             return {"body": body, "prior_mean": jnp.zeros((d + 1, y_dim), jnp.float32), "prior_factor": raw}
 

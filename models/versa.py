@@ -34,7 +34,7 @@ import numpyro.distributions as dist
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Context, Method, Spec, no_guide
-from bayesmeta.nets import MLP, make_net
+from bayesmeta.nets import MLP, embedding, make_net
 from bayesmeta.sites import SD_FLOOR, observe, param_tree
 from bayesmeta.tasks import TaskBatch
 
@@ -103,7 +103,7 @@ class VERSA(Spec):
         net = make_net(cfg.net, x_dim, y_dim)
         lik = make_likelihood(cfg)
         classify = cfg.likelihood == "categorical"
-        d = jax.eval_shape(net.init, jax.random.PRNGKey(0))["head"]["w"].shape[0]
+        body_init, d = embedding(net, x_dim)
         act = cfg.net.activation
         amort = MLP(d, 2 * (d + 1), p.amort_hidden, act)  # per class: class mean -> (mu_c, rho_c)
         embed = MLP(d + y_dim, p.r_dim, p.amort_hidden, act)  # regression: [h(x), y] -> e
@@ -111,7 +111,7 @@ class VERSA(Spec):
 
         def init(key: jax.Array) -> dict:
             k1, k2, k3 = jax.random.split(key, 3)
-            body = {k: v for k, v in net.init(k1).items() if k != "head"}
+            body = body_init(k1)
             if classify:
                 return {"body": body, "amort": amort.init(k2)}
             return {"body": body, "embed": embed.init(k2), "amort": pooled.init(k3)}
