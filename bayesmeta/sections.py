@@ -418,9 +418,8 @@ class Calibration(Section):
                 continue
             draws = {k: np.asarray(v)[:, keep] for k, v in ev.draws[s].items()}
             f = draws["f"]
-            noise_sd = np.asarray(
-                setup.eval_method.likelihood.at(run.params, draws).sd
-            )  # learned, or per draw
+            likelihood = setup.eval_method.likelihood.at(run.params, draws)
+            noise_sd = np.asarray(likelihood.sd)  # fixed, learned, or per draw and point
             u = mixture_pit(f, noise_sd, y[keep])  # the noise integrated exactly: no sampling of y
             out[s] = CalibrationAt(
                 nll=float(np.mean(mixture_nll(f, noise_sd, y[keep]))),
