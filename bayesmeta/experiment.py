@@ -15,13 +15,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from bayesmeta import config, registry, run
+from bayesmeta.diagnostics import reference
 from bayesmeta.fit import CHECKPOINT, NonFiniteError
 from bayesmeta.io import run_lock, write_json, write_text
+from bayesmeta.predict import eval_tasks
 from bayesmeta.stats import Published, contrast_verdict, verdict
 from bayesmeta.tables import markdown_table
+from bayesmeta.tasks.base import PriorDraws
 
 
 @dataclass(frozen=True)
@@ -833,13 +838,15 @@ class Condition:
 
 
 def joint_target_table(
-    rows: list[dict], conditions: tuple[Condition, ...], reference: str | None = None
+    rows: list[dict], conditions: tuple[Condition, ...], reference: str | tuple[str, ...] = ()
 ) -> str:
     """Markdown: a target that one method must meet in all its conditions at once, in one setting (a
     predictive can be calibrated by being wide, or sharp by being over-confident). Per (method,
     setting): its mean (sd over seeds, or "one seed") on each condition's metric, ticked where met, and
     how many it meets; then one verdict naming the methods that meet all. A mean that one seed or task
-    dominates meets nothing; the `reference` method is listed but not judged."""
+    dominates meets nothing; the `reference` methods are listed but not judged, and a row's "spread"
+    (e.g. "exact") replaces the sd over seeds."""
+    references = (reference,) if isinstance(reference, str) else reference
     by = {(r["method"], r["setting"], r["metric"]): r for r in rows}
     pairs = list(dict.fromkeys((r["method"], r["setting"]) for r in rows))
     head = " | ".join(c.label for c in conditions)
@@ -854,11 +861,11 @@ def joint_target_table(
                 continue
             good = c.met(r["mean"]) and not r["dominated"]
             met += good
-            spread = "one seed" if r["sd"] is None else f"{r['sd']:.3f}"
+            spread = r.get("spread") or ("one seed" if r["sd"] is None else f"{r['sd']:.3f}")
             cells.append(f"{r['mean']:.3f} ({spread}){' ✓' if good else ''}")
-        name = f"{m} (reference)" if m == reference else m
+        name = f"{m} (reference)" if m in references else m
         out.append(f"| {name} | {setting} | {' | '.join(cells)} | {met} of {len(conditions)} |")
-        if met == len(conditions) and m != reference:
+        if met == len(conditions) and m not in references:
             winners.append(f"{m} ({setting})")
     verdict = (
         f"**Met** by {', '.join(winners)}: every condition at once."
@@ -866,6 +873,71 @@ def joint_target_table(
         else "**Missed**: no method meets every condition at once."
     )
     return "\n".join(out) + f"\n\n{verdict}\n"
+
+
+def exact_reference(base: Path, overrides: tuple[str, ...], draws: int = 2**18) -> reference.Reference:
+    """The exact posterior predictive of the config's evaluation family (a PriorDraws family), by
+    importance sampling with `draws` prior functions per task, on the evaluation tasks every cell of
+    that config is tested on, with its eval.samples draws for mode coverage."""
+    cfg = registry.load_config(base, list(overrides))
+    setup = run.Setup.from_config(cfg)
+    if not isinstance(setup.eval_family, PriorDraws):
+        raise config.ConfigError(
+            f"eval.task: family {cfg.eval.task.family!r} cannot sample its prior (PriorDraws)"
+        )
+    batches = eval_tasks(setup.eval_family, setup.eval_key, cfg.eval.tasks, cfg.eval.batch)
+    tasks = jax.tree.map(lambda *a: jnp.concatenate(a), *batches)
+    mode_tasks = cfg.eval.memorization_tasks or 100  # as sections.mode_coverage
+    key = jax.random.fold_in(setup.eval_key, 10**6 + 2)
+    return reference.importance_reference(
+        setup.eval_family, tasks, cfg.eval.samples, key, draws, mode_tasks=mode_tasks
+    )
+
+
+def reference_rows(label: str, setting: str, metrics: dict[str, float | None]) -> list[dict]:
+    """Rows in aggregate's shape for an exact reference's metrics (no seeds: its spread reads "exact"),
+    to stand beside the learners in joint_target_table."""
+    return [
+        {
+            "method": label,
+            "setting": setting,
+            "metric": k,
+            "mean": v,
+            "sd": None,
+            "spread": "exact",
+            "dominated": False,
+        }
+        for k, v in metrics.items()
+    ]
+
+
+def reference_table(refs: dict[str, reference.Reference]) -> str:
+    """Markdown: per setting, the importance-sampled exact predictive's calibration numbers, mode
+    coverage and the sampler's effective sample size per task (median and smallest)."""
+    head = ["setting", "NLL", "MSE", "cov 50%", "cov 90%", "cov 95%", "width 90%", "PIT KS"]
+    head += ["mode coverage", "mode coverage, ambiguous (n)", "draws", "ESS median / min"]
+    rows = []
+    for setting, r in refs.items():
+        amb = (
+            "n/a"
+            if r.mode_coverage_ambiguous is None
+            else f"{r.mode_coverage_ambiguous:.3f} ({r.n_ambiguous})"
+        )
+        rows.append(
+            [
+                setting,
+                f"{r.nll:.3f}",
+                f"{r.mse:.3f}",
+                *(f"{r.coverage[level]:.3f}" for level in (0.5, 0.9, 0.95)),
+                f"{r.width[0.9]:.3f}",
+                f"{r.pit_ks:.3f}",
+                "n/a" if r.mode_coverage is None else f"{r.mode_coverage:.3f}",
+                amb,
+                f"{r.draws:,}",
+                f"{r.ess_median:.0f} / {r.ess_min:.0f}",
+            ]
+        )
+    return markdown_table(head, rows)
 
 
 def ablation_note(extra: list[str]) -> str:

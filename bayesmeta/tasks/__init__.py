@@ -18,6 +18,7 @@ from bayesmeta.tasks.base import (
     GroundTruth,
     Groups,
     Hypotheses,
+    PriorDraws,
     TaskBatch,
     TaskMetrics,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "GroundTruth",
     "Groups",
     "Hypotheses",
+    "PriorDraws",
     "TaskBatch",
     "TaskMetrics",
 ]

@@ -45,17 +45,33 @@ class SineLine(Regression1D):
         line = col("slope") * x + col("intercept")
         return jnp.where(col("sine") > 0, sine, line)
 
+    def latents(self, keys: tuple[jax.Array, ...], n: int) -> dict[str, jax.Array]:
+        """n draws of the task latents from the prior (the kind and both kinds' parameters), one key each."""
+        p = self.params
+        kk, ka, kp, ks, ki = keys
+        return {
+            "sine": jax.random.bernoulli(kk, p.p_sine, (n,)).astype(jnp.int32),
+            "amplitude": uniform(ka, (n,), p.amplitude),
+            "phase": uniform(kp, (n,), p.phase),
+            "slope": uniform(ks, (n,), p.slope),
+            "intercept": uniform(ki, (n,), p.intercept),
+        }
+
     def sample(self, key: jax.Array, n_tasks: int) -> TaskBatch:
         p = self.params
-        kk, ka, kp, ks, ki, kx, ke = jax.random.split(key, 7)
-        info = {
-            "sine": jax.random.bernoulli(kk, p.p_sine, (n_tasks,)).astype(jnp.int32),
-            "amplitude": uniform(ka, (n_tasks,), p.amplitude),
-            "phase": uniform(kp, (n_tasks,), p.phase),
-            "slope": uniform(ks, (n_tasks,), p.slope),
-            "intercept": uniform(ki, (n_tasks,), p.intercept),
-        }
+        *kl, kx, ke = jax.random.split(key, 7)
+        info = self.latents(tuple(kl), n_tasks)
         return regression_batch(kx, ke, self.truth, info, self.shots, self.queries, p.x_range, p.noise_sd)
+
+    def prior_functions(self, key: jax.Array, n: int, x: jax.Array) -> jax.Array:
+        """n functions of the task prior at the inputs x (m, 1): (n, m, 1)."""
+        return self.truth(
+            self.latents(tuple(jax.random.split(key, 5)), n), jnp.broadcast_to(x, (n, *x.shape))
+        )
+
+    def observation_sd(self) -> float:
+        """The sd of the Gaussian observation noise."""
+        return self.params.noise_sd
 
     def ambiguous(self, batch: TaskBatch) -> np.ndarray:
         """Support sets that both hypotheses explain: least-squares line and sinusoid fits to the support

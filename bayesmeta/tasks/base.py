@@ -39,8 +39,8 @@ class Family(Protocol):
     sample(key, n_tasks) -> TaskBatch: jittable, deterministic in key, static shapes.
 
     What a family can do beyond this it declares by the capability protocols below (GroundTruth,
-    Counterfactual, TaskMetrics, DenseGrid, ExactPredictive, Hypotheses, Classification, Groups); the
-    engine's diagnostics use them.
+    Counterfactual, TaskMetrics, DenseGrid, ExactPredictive, PriorDraws, Hypotheses, Classification,
+    Groups); the engine's diagnostics use them.
     """
 
     Params: ClassVar[type]
@@ -117,6 +117,21 @@ class Hypotheses(Protocol):
 
     def ambiguous(self, batch: TaskBatch) -> Any:
         """(T,) bool: the support sets that more than one hypothesis explains."""
+        ...
+
+
+@runtime_checkable
+class PriorDraws(Protocol):
+    """y = f(x) + N(0, sd^2) with f drawn from a task prior the family can sample: the exact posterior
+    predictive given a support set is within reach of self-normalised importance sampling
+    (bayesmeta.diagnostics.reference), for families whose predictive has no closed form."""
+
+    def prior_functions(self, key: jax.Array, n: int, x: jax.Array) -> jax.Array:
+        """n noise-free functions drawn from the task prior, at the inputs x (m, x_dim): (n, m, y_dim)."""
+        ...
+
+    def observation_sd(self) -> float:
+        """The sd of the Gaussian observation noise."""
         ...
 
 

@@ -45,11 +45,24 @@ class BasisRegression(Regression1D):
     def truth(self, info: dict[str, jax.Array], x: jax.Array) -> jax.Array:
         return jnp.einsum("tnk,tk->tn", features(x), info["w"])[..., None]
 
+    def prior_weights(self, key: jax.Array, n: int) -> jax.Array:
+        """n draws of w ~ N(mu0, diag(s0^2)): (n, 4)."""
+        p = self.params
+        return jnp.asarray(p.prior_mean) + jnp.asarray(p.prior_sd) * jax.random.normal(key, (n, 4))
+
     def sample(self, key: jax.Array, n_tasks: int) -> TaskBatch:
         p = self.params
         kw, kx, ke = jax.random.split(key, 3)
-        w = jnp.asarray(p.prior_mean) + jnp.asarray(p.prior_sd) * jax.random.normal(kw, (n_tasks, 4))
-        return regression_batch(kx, ke, self.truth, {"w": w}, self.shots, self.queries, p.x_range, p.noise_sd)
+        info = {"w": self.prior_weights(kw, n_tasks)}
+        return regression_batch(kx, ke, self.truth, info, self.shots, self.queries, p.x_range, p.noise_sd)
+
+    def prior_functions(self, key: jax.Array, n: int, x: jax.Array) -> jax.Array:
+        """n functions phi(x)^T w of the prior at the inputs x (m, 1): (n, m, 1)."""
+        return jnp.einsum("mk,nk->nm", features(x), self.prior_weights(key, n))[..., None]
+
+    def observation_sd(self) -> float:
+        """The sd of the Gaussian observation noise."""
+        return self.params.noise_sd
 
     def exact_predictive(self, batch: TaskBatch) -> tuple[jax.Array, jax.Array]:
         """Mean and sd (T, Q, 1) of the exact posterior predictive of y at the query inputs."""

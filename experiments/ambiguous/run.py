@@ -4,12 +4,13 @@
         [--settings 5-shot 2-shot] [--out DIR] [--extra OVERRIDE ...]
 
 Every method of experiments/probabilistic_methods.toml, and plain MAML (one function: mode coverage 0 by
-construction), 5-shot (the PLATIPUS figures) and a mode-rich 2-shot setting; 5 seeds; 300 test tasks;
-20 posterior predictive draws per task. Writes RESULTS.md / results.json and the held-out curves
-(curves.png) here, and figures of `bayesmeta sample` of each method's first-seed 5-shot run on two
-hand-written supports that a line and a sinusoid both fit (supports/two_points.csv: (-1, -1.68),
-(1, 1.68), fitted by y = 1.68 x and y = 2 sin x; supports/three_points.csv: (-2, -1.819), (0, 0),
-(2, 1.819), fitted by y = 0.91 x and y = 2 sin x) in figures/<method>/<support>/sample_001.png.
+construction), 5-shot (the PLATIPUS figures) and a mode-rich 2-shot setting; 5 seeds; 300 test tasks; 20
+posterior predictive draws per task; beside them the family's exact posterior predictive on the same
+tasks, by importance sampling from the true task prior. Writes RESULTS.md / results.json and the held-out
+curves (curves.png) here, and figures of `bayesmeta sample` of each method's first-seed 5-shot run on two
+hand-written supports that a line and a sinusoid both fit (supports/two_points.csv: (-1, -1.68), (1,
+1.68), fitted by y = 1.68 x and y = 2 sin x; supports/three_points.csv: (-2, -1.819), (0, 0), (2, 1.819),
+fitted by y = 0.91 x and y = 2 sin x) in figures/<method>/<support>/sample_001.png.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ from bayesmeta.experiment import (
     Condition,
     ablation_note,
     curve_table,
+    exact_reference,
     joint_target_table,
     plot_curves,
     product,
+    reference_rows,
+    reference_table,
     run_grid,
 )
 
@@ -61,7 +65,9 @@ TARGETS = (
         f"calibration/{S}/coverage/0.9", "90% coverage within 3 points of 0.9", lambda v: abs(v - 0.9) <= 0.03
     ),
 )
-REFERENCE = "Neural_prior_(NUTS)"  # exact inference under a learned prior: not a learner of the target
+DRAWS = 2**18  # prior draws per task for the exact reference (2**16 gives the same numbers to 0.005)
+EXACT = "Exact Bayes (importance sampling)"  # the family's own posterior predictive, on the same tasks
+REFERENCE = ("Neural_prior_(NUTS)", EXACT)  # exact inference under a learned prior, and under the true one
 NOTES = """
 Protocol (issue #14): metrics at 5 test-time inner steps (methods without an inner loop ignore the
 count): MSE of the predictive mean; predictive NLL of the 20-draw mixture (the sampled functions with
@@ -105,8 +111,30 @@ def main() -> None:
         wide=True,
     )
     plot_curves(res.outcomes, "mse@5", out / "curves.png")
+    exact = {setting: exact_reference(HERE / "base.toml", over, DRAWS) for setting, over in settings.items()}
+    res.notes += (
+        f"\n### {EXACT}: the family's exact posterior predictive\n\n"
+        "On the same test tasks: the true task prior (half sinusoids, half lines, the ranges of base.toml) "
+        f"sampled {DRAWS:,} times per task and weighted by the support likelihood "
+        "(bayesmeta.diagnostics.reference; the NLL, MSE and PIT from all draws, widths and mode coverage "
+        "from a systematic resample). Its mode coverage is the probability that 20 posterior draws "
+        "include both kinds, computed from the posterior's mass on each kind: what a learner with the "
+        "exact posterior would score.\n\n" + reference_table(exact) + "\n"
+    )
+    exact_rows = [
+        row
+        for setting, ref in exact.items()
+        for row in reference_rows(
+            EXACT,
+            setting,
+            {
+                f"calibration/{S}/mode_coverage_ambiguous": ref.mode_coverage_ambiguous,
+                f"calibration/{S}/coverage/0.9": ref.coverage[0.9],
+            },
+        )
+    ]
     res.notes += "\n### Target (issue #14), computed from the table above\n\n" + joint_target_table(
-        res.rows, TARGETS, REFERENCE
+        res.rows + exact_rows, TARGETS, REFERENCE
     )
     res.notes += "\n### Held-out curves (curves.png)\n\n" + curve_table(res.outcomes, "mse@5") + "\n"
     res.write()
