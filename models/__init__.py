@@ -42,6 +42,7 @@ METHODS = {
     "bmaml": bmaml.BMAML,
     "versa": versa.VERSA,
     "alpaca": alpaca.ALPaCA,
+    "alpaca_mixture": alpaca.MixtureALPaCA,
     "neural_prior": neural_prior.NeuralPrior,
     "l2f": l2f.L2F,
     "maml_rl": maml_rl.MAMLRL,

@@ -58,6 +58,7 @@ CASES = {
     "BMAML, M=5 (sine/line, 5 steps)": (*AMB, "model.method='bmaml'", "model.params.particles=5"),
     "VERSA (sine/line)": (*AMB, "model.method='versa'"),
     "ALPaCA (sine/line)": (*AMB, "model.method='alpaca'"),
+    "ALPaCA mixture, K=2 (sine/line)": (*AMB, "model.method='alpaca_mixture'"),
     "NP (sine/line)": (*AMB, "model.method='np'"),
     "HSML (sine/line, 5 steps)": (*AMB, "model.method='hsml'"),
     "ARML (sine/line, 5 steps)": (*AMB, "model.method='arml'"),
