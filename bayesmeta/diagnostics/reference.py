@@ -7,7 +7,7 @@ against on families whose predictive has no closed form (the sine/line mixture).
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -38,9 +38,6 @@ class Reference:
     keep: int
     ess_median: float
     ess_min: float
-
-    def dump(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def systematic_resample(key: jax.Array, w: jax.Array, n: int) -> jax.Array:
