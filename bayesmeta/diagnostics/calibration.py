@@ -11,30 +11,16 @@ from scipy.special import logsumexp, ndtr
 LEVELS = (0.5, 0.8, 0.9, 0.95)
 
 
-def _weights(means: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
-    """The mixture weights broadcast against means (S, ...): 1/S each unless given as (S, ...) leading
-    axes of means (e.g. (S,), or (S, T) per task), each summing to 1 over S."""
-    if weights is None:
-        return np.full((means.shape[0],) + (1,) * (means.ndim - 1), 1.0 / means.shape[0])
-    w = np.asarray(weights, np.float64)
-    return w.reshape(w.shape + (1,) * (means.ndim - w.ndim))
-
-
-def mixture_nll(
-    means: np.ndarray, sd: float | np.ndarray, y: np.ndarray, weights: np.ndarray | None = None
-) -> np.ndarray:
-    """Per-point -log sum_s w_s N(y; mean_s, sd^2): the predictive NLL of S sampled functions
-    (means (S, ...), y (...)) with Gaussian observation noise, weights w_s = 1/S unless given."""
+def mixture_nll(means: np.ndarray, sd: float | np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-point -log (1/S) sum_s N(y; mean_s, sd^2): the predictive NLL of S sampled functions
+    (means (S, ...), y (...)) with Gaussian observation noise."""
     means, sd, y = np.asarray(means), np.asarray(sd), np.asarray(y)
     logp = -0.5 * np.square((y - means) / sd) - np.log(sd) - 0.5 * np.log(2 * np.pi)
-    return -logsumexp(logp, axis=0, b=_weights(means, weights))
+    return -(logsumexp(logp, axis=0) - np.log(means.shape[0]))
 
 
-def mixture_pit(
-    means: np.ndarray, sd: float | np.ndarray, y: np.ndarray, weights: np.ndarray | None = None
-) -> np.ndarray:
-    """u = F(y) = sum_s w_s Phi((y - mean_s) / sd_s) (w_s = 1/S unless given): the probability
-    integral transform of y under
+def mixture_pit(means: np.ndarray, sd: float | np.ndarray, y: np.ndarray) -> np.ndarray:
+    """u = F(y) = (1/S) sum_s Phi((y - mean_s) / sd_s): the probability integral transform of y under
     the predictive of S sampled functions (means (S, ...)) with Gaussian observation noise (sd a number
     or broadcasting with means), the mixture the engine's draws stand for. The noise is integrated
     exactly, so u is U(0, 1) for a calibrated predictive whatever S (Gneiting et al. 2007); ranks of S
@@ -42,7 +28,7 @@ def mixture_pit(
     only about (S - 1) l / (S + 1) at level l even when the predictive is exact (order statistics:
     0.81 at a nominal 0.9 for S = 20)."""
     means, sd, y = np.asarray(means), np.asarray(sd), np.asarray(y)
-    return np.sum(_weights(means, weights) * ndtr((y - means) / sd), axis=0)
+    return np.mean(ndtr((y - means) / sd), axis=0)
 
 
 def coverage(u: np.ndarray, levels: tuple[float, ...] = LEVELS) -> dict[float, float]:
@@ -52,36 +38,32 @@ def coverage(u: np.ndarray, levels: tuple[float, ...] = LEVELS) -> dict[float, f
     return {level: float(np.mean(np.abs(u - 0.5) <= level / 2)) for level in levels}
 
 
-def mixture_quantile(
-    means: np.ndarray, sd: float | np.ndarray, q: float, iters: int = 50, weights: np.ndarray | None = None
-) -> np.ndarray:
-    """F^-1(q) per point of the mixture sum_s w_s N(mean_s, sd_s^2) (means (S, ...); w_s = 1/S unless
-    given), by bisection on
+def mixture_quantile(means: np.ndarray, sd: float | np.ndarray, q: float, iters: int = 50) -> np.ndarray:
+    """F^-1(q) per point of the mixture (1/S) sum_s N(mean_s, sd_s^2) (means (S, ...)), by bisection on
     its CDF between min_s (mean_s - 10 sd_s) and max_s (mean_s + 10 sd_s); 50 halvings of that bracket
     leave an error far below float32 resolution of the data."""
     means, sd = np.asarray(means, np.float64), np.asarray(sd, np.float64)
-    w = _weights(means, weights)
     lo, hi = np.min(means - 10 * sd, axis=0), np.max(means + 10 * sd, axis=0)
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
-        below = np.sum(w * ndtr((mid - means) / sd), axis=0) < q
+        below = np.mean(ndtr((mid - means) / sd), axis=0) < q
         lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
     return 0.5 * (lo + hi)
 
 
 def interval_width(
-    means: np.ndarray,
-    sd: float | np.ndarray,
-    levels: tuple[float, ...] = LEVELS,
-    weights: np.ndarray | None = None,
+    means: np.ndarray, sd: float | np.ndarray, levels: tuple[float, ...] = LEVELS
 ) -> dict[float, float]:
     """Mean width of the mixture predictive's central intervals, F^-1((1 + l) / 2) - F^-1((1 - l) / 2)
     (sharpness)."""
-
-    def q(p: float) -> np.ndarray:
-        return mixture_quantile(means, sd, p, weights=weights)
-
-    return {level: float(np.mean(q((1 + level) / 2) - q((1 - level) / 2))) for level in levels}
+    return {
+        level: float(
+            np.mean(
+                mixture_quantile(means, sd, (1 + level) / 2) - mixture_quantile(means, sd, (1 - level) / 2)
+            )
+        )
+        for level in levels
+    }
 
 
 def pit_ks(u: np.ndarray) -> float:
