@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NamedTuple, Protocol, runtime_checkable
+
+Requires = Mapping[str, tuple[str, ...]]  # a method's supported [model] settings: {dotted key: values}
 
 
 class Probe(NamedTuple):
@@ -97,11 +99,15 @@ class MethodSpec(Protocol):
 
     Params: a frozen dataclass of the method's options ([model.params]), fields declared with
       bayesmeta.config.opt (default, bounds, doc); the docs and the resolved config list them.
+    requires: the [model] settings the method supports, as {dotted key under model: allowed values}
+      (e.g. {"net.kind": ("mlp",)}); the registry refuses any other value, naming the key, and the
+      options reference lists them. {} accepts every setting.
     check(cfg, params) -> a one-line config problem with the options (e.g. "model.params.x: ...") or None.
     build(cfg, params, x_dim, y_dim, context) -> Method.
     """
 
     Params: ClassVar[type]
+    requires: ClassVar[Requires]
 
     def check(self, cfg: Any, params: Any) -> str | None: ...
 
@@ -109,11 +115,14 @@ class MethodSpec(Protocol):
 
 
 class Spec:
-    """A base for method specs: no options and nothing to check unless the subclass says otherwise."""
+    """A base for method specs: no options, no required settings and nothing to check unless the
+    subclass says otherwise."""
 
     @dataclass(frozen=True)
     class Params:
         pass
+
+    requires: ClassVar[Requires] = {}
 
     @staticmethod
     def check(cfg: Any, params: Any) -> str | None:

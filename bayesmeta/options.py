@@ -75,5 +75,11 @@ def options_markdown() -> str:
     out.append("## Methods (`model.method`, `[model.params]`)\n")
     for name in sorted(methods.builtins()):
         spec = methods.get(name)
-        out += [f"### `{name}`\n", _summary(spec) + "\n", fields_table(spec.Params, "model.params.")]
+        out += [f"### `{name}`\n", _summary(spec) + "\n"]
+        if spec.requires:
+            only = "; ".join(
+                f"`model.{k}` {' or '.join(repr(v) for v in vs)}" for k, vs in spec.requires.items()
+            )
+            out.append(f"Supports only: {only}.\n")
+        out.append(fields_table(spec.Params, "model.params."))
     return "\n".join(out)

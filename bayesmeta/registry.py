@@ -15,6 +15,7 @@ family's and the method's own options and writes their defaults into the resolve
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import import_module
@@ -137,8 +138,28 @@ def _family_problem(cls: Any) -> str | None:
 
 def _method_problem(spec: Any) -> str | None:
     if not isinstance(spec, MethodSpec):
-        return "it lacks Params, check or build (see bayesmeta.method.MethodSpec)"
+        return "it lacks Params, requires, check or build (see bayesmeta.method.MethodSpec)"
+    for key, allowed in spec.requires.items():
+        choices = _setting_choices(key)
+        if choices is None:
+            return f"its requires names {key!r}, which is not a [model] setting with choices"
+        if not allowed or set(allowed) - set(choices):
+            return f"its requires gives {key!r} {list(allowed)}; expected some of {list(choices)}"
     return _params_problem(spec)
+
+
+def _setting_choices(key: str) -> list[str] | None:
+    """The allowed values of a [model] setting with choices (e.g. 'net.kind'), None if there is none."""
+    *path, name = key.split(".")
+    try:
+        owner = functools.reduce(getattr, path, ModelConfig())
+    except AttributeError:
+        return None
+    found = (
+        [f for f in dataclasses.fields(owner) if f.name == name] if dataclasses.is_dataclass(owner) else []
+    )
+    choices = found[0].metadata.get("choices") if found else None
+    return list(choices() if callable(choices) else choices) if choices else None
 
 
 def _builtin_families() -> Mapping[str, Any]:
@@ -163,11 +184,22 @@ def method_spec(name: str) -> MethodSpec:
     return methods.get(name)
 
 
+def unsupported(cfg: ModelConfig, requires: Mapping[str, tuple[str, ...]]) -> str | None:
+    """The first [model] setting outside a method's declared `requires`, as a one-line problem."""
+    for key, allowed in requires.items():
+        value = functools.reduce(getattr, key.split("."), cfg)
+        if value not in allowed:
+            choices = ", ".join(repr(a) for a in allowed)
+            return f"model.{key}: method {cfg.method!r} supports {choices}; got {value!r}"
+    return None
+
+
 def method_params(cfg: ModelConfig) -> Any:
-    """Validate [model.params] against the method's Params, then the method's own cross-checks."""
+    """Validate [model.params] against the method's Params, its declared `requires`, then the method's
+    own cross-checks."""
     spec = method_spec(cfg.method)
     params = parse_params(spec.Params, cfg.params, "model")
-    problem = spec.check(cfg, params)
+    problem = unsupported(cfg, spec.requires) or spec.check(cfg, params)
     if problem:
         raise ConfigError(problem)
     return params

@@ -31,6 +31,7 @@ keep both and weigh them by how well each explains the support set.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,7 @@ import numpyro.distributions as dist
 
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
-from bayesmeta.method import Context, Method, Spec, no_guide
+from bayesmeta.method import Context, Method, Requires, Spec, no_guide
 from bayesmeta.nets import embedding, make_net
 from bayesmeta.sites import observe, param_tree
 from bayesmeta.tasks import TaskBatch
@@ -113,15 +114,8 @@ class ALPaCA(Spec):
             doc="initial prior sd of the head's weights in units of the noise sd (Lambda0 = I / scale^2)",
         )
 
-    @staticmethod
-    def check(cfg: ModelConfig, params: Params) -> str | None:
-        if cfg.likelihood != "gaussian":
-            return "model.likelihood: alpaca's conjugate head is for regression; use 'gaussian'"
-        if cfg.noise == "heteroscedastic":
-            return (
-                "model.noise: alpaca's posterior needs one noise sd for all points; use 'fixed' or 'learned'"
-            )
-        return None
+    # a conjugate regression head, whose posterior needs one noise sd for all points
+    requires: ClassVar[Requires] = {"likelihood": ("gaussian",), "noise": ("fixed", "learned")}
 
     @staticmethod
     def build(cfg: ModelConfig, p: Params, x_dim: int, y_dim: int, context: Context | None = None) -> Method:
@@ -175,7 +169,7 @@ class MixtureALPaCA(Spec):
             doc="initial prior sd of the head's weights in units of the noise sd (Lambda0 = I / scale^2)",
         )
 
-    check = staticmethod(ALPaCA.check)
+    requires: ClassVar[Requires] = ALPaCA.requires
 
     @staticmethod
     def build(cfg: ModelConfig, p: Params, x_dim: int, y_dim: int, context: Context | None = None) -> Method:

@@ -20,6 +20,7 @@ It has no parameters to fit: evaluate it without training.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 from bayesmeta.adapt import InnerLoop
 from bayesmeta.config import ModelConfig
 from bayesmeta.likelihoods import make_likelihood
-from bayesmeta.method import Context, Method, Probe, Spec, no_guide
+from bayesmeta.method import Context, Method, Probe, Requires, Spec, no_guide
 from bayesmeta.nets import make_net
 from bayesmeta.sites import observe, param_tree, tree_from_params
 from bayesmeta.tasks import TaskBatch
@@ -40,11 +41,7 @@ class Classifier(Spec):
     class Params:
         pass
 
-    @staticmethod
-    def check(cfg: ModelConfig, params: object) -> str | None:
-        if cfg.likelihood != "categorical":
-            return f"model.likelihood: method {cfg.method!r} classifies; expected 'categorical'"
-        return None
+    requires: ClassVar[Requires] = {"likelihood": ("categorical",)}
 
 
 def global_labels(classes: jax.Array, y: jax.Array) -> jax.Array:
@@ -56,9 +53,7 @@ class FineTune(Classifier):
     """Pre-train on all meta-training classes (or, for regression, all training points), fine-tune on
     each task's support set."""
 
-    @staticmethod
-    def check(cfg: ModelConfig, params: object) -> str | None:
-        return None
+    requires: ClassVar[Requires] = {}  # classification and regression
 
     @staticmethod
     def build(cfg: ModelConfig, params: object, x_dim: int, y_dim: int, context: Context) -> Method:

@@ -41,6 +41,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +53,7 @@ from jax.flatten_util import ravel_pytree
 from bayesmeta.adapt import clip_norm
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
-from bayesmeta.method import Context, Method, Spec, no_guide
+from bayesmeta.method import Context, Method, Requires, Spec, no_guide
 from bayesmeta.nets import make_net
 from bayesmeta.sites import observe, param_tree, tree_from_params
 from bayesmeta.tasks import TaskBatch
@@ -146,15 +147,13 @@ class BMAML(Spec):
             0.0, ge=0, doc="sd of the N(0, s^2) prior in the per-task SVGD target (scaled by 1/|D|); 0 = none"
         )
 
-    @staticmethod
-    def check(cfg: ModelConfig, params: Params) -> str | None:
-        if cfg.adapt != "all":
-            return "model.adapt: bmaml's particles are whole networks; set it to 'all'"
-        if cfg.remat == "sqrt":
-            return "model.remat: bmaml takes 'none' or a jax.checkpoint policy, not 'sqrt'"
-        if cfg.noise != "fixed":
-            return "model.noise: bmaml trains by the chaser loss, which has no likelihood to fit an sd to"
-        return None
+    # particles are whole networks; the chaser loss has no likelihood to fit an sd to; 'sqrt' remat
+    # does not apply to the SVGD loop (a jax.checkpoint policy does)
+    requires: ClassVar[Requires] = {
+        "adapt": ("all",),
+        "noise": ("fixed",),
+        "remat": ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"),
+    }
 
     @staticmethod
     def build(cfg: ModelConfig, p: Params, x_dim: int, y_dim: int, context: Context) -> Method:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpyro
 
 from bayesmeta.config import ConfigError, ModelConfig, opt
-from bayesmeta.method import Context, Method, Spec, no_guide
+from bayesmeta.method import Context, Method, Requires, Spec, no_guide
 from bayesmeta.models.l2f import attenuate, attenuator, attenuator_init, layer_means
 from bayesmeta.nets import make_net
 from bayesmeta.rl.navigation import GaussianPolicy, PolicyGradient, mean_return
@@ -107,13 +107,11 @@ class MAMLRL(Spec):
         gamma_init: float = opt(0.9, gt=0, doc="L2F only: gamma at initialisation, in (0, 1)")
 
     l2f: ClassVar[bool] = False
+    # the policy is an MLP and its policy-gradient steps adapt every parameter
+    requires: ClassVar[Requires] = {"net.kind": ("mlp",), "adapt": ("all",)}
 
     @staticmethod
     def check(cfg: ModelConfig, params: Params) -> str | None:
-        if cfg.net.kind != "mlp":
-            return f"model.net.kind: the policy is an MLP, got {cfg.net.kind!r}"
-        if cfg.adapt != "all":
-            return f"model.adapt: policy-gradient steps adapt every parameter, got {cfg.adapt!r}"
         if cfg.inner_clip != 0:
             clip = cfg.inner_clip
             return f"model.inner_clip: the policy-gradient inner loop does not clip; expected 0, got {clip:g}"

@@ -207,7 +207,7 @@ class MANN(Classifier):
     def check(cfg: ModelConfig, params: Params) -> str | None:
         if params.heads > params.slots:
             return "model.params.heads: at most model.params.slots"
-        return Classifier.check(cfg, params)
+        return None
 
     @staticmethod
     def build(cfg: ModelConfig, params: Params, x_dim: int, y_dim: int, context: Context) -> Method:

@@ -25,6 +25,7 @@ The reference transforms after the bias, (h W + b) T, without a bias after T; so
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,7 @@ from jax import lax
 from bayesmeta.adapt import InnerLoop, split
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
-from bayesmeta.method import Context, Method, Spec, no_guide
+from bayesmeta.method import Context, Method, Requires, Spec, no_guide
 from bayesmeta.nets import ACTIVATIONS, MLP, dense, make_net
 from bayesmeta.sites import observe, param_tree
 from bayesmeta.tasks import TaskBatch
@@ -100,11 +101,7 @@ class MTNet(Spec):
             doc="masks at prediction: drawn (the reference) or 1[zeta > 0]",
         )
 
-    @staticmethod
-    def check(cfg: ModelConfig, params: Params) -> str | None:
-        if cfg.net.kind != "mlp":
-            return f"model.net.kind: mtnet transforms the layers of an MLP, got {cfg.net.kind!r}"
-        return None
+    requires: ClassVar[Requires] = {"net.kind": ("mlp",)}  # T and the masks act on an MLP's layers
 
     @staticmethod
     def build(

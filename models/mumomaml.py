@@ -23,6 +23,7 @@ and uses a 100-100-100 network on its 1-D regression; the network here is `model
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ from jax import lax
 from bayesmeta.adapt import InnerLoop
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
-from bayesmeta.method import Context, Method, Spec, no_guide
+from bayesmeta.method import Context, Method, Requires, Spec, no_guide
 from bayesmeta.nets import ACTIVATIONS, MLP, dense, dense_init, lstm_cell, make_net
 from bayesmeta.sites import observe, param_tree
 from bayesmeta.tasks import TaskBatch
@@ -116,13 +117,8 @@ class MUMOMAML(Spec):
         )
         encoder_layers: int = opt(2, ge=1, doc="encoder layers (2 in the reference)")
 
-    @staticmethod
-    def check(cfg: ModelConfig, params: Params) -> str | None:
-        if cfg.net.kind != "mlp":
-            return f"model.net.kind: mumomaml modulates the hidden layers of an MLP, got {cfg.net.kind!r}"
-        if cfg.likelihood != "gaussian":
-            return "model.likelihood: mumomaml encodes (x, y) pairs of regression tasks; use 'gaussian'"
-        return None
+    # FiLM on an MLP's hidden layers, from an encoder of (x, y) regression pairs
+    requires: ClassVar[Requires] = {"net.kind": ("mlp",), "likelihood": ("gaussian",)}
 
     @staticmethod
     def build(

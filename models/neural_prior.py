@@ -49,7 +49,7 @@ metric does run the sampler).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +63,7 @@ from numpyro.infer.hmc import hmc
 from bayesmeta.adapt import clip_norm
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import Gaussian, make_likelihood
-from bayesmeta.method import Context, Method, Spec
+from bayesmeta.method import Context, Method, Requires, Spec
 from bayesmeta.nets import make_net
 from bayesmeta.sites import observe, param_tree, site_names, tree_from_params
 from bayesmeta.tasks import TaskBatch
@@ -165,19 +165,14 @@ class NeuralPrior(Spec):
         )
         target_accept: float = opt(0.8, gt=0, le=0.999, doc="target acceptance of step-size adaptation")
 
-    @staticmethod
-    def check(cfg: ModelConfig, params: Any) -> str | None:
-        if cfg.likelihood != "gaussian":
-            return "model.likelihood: neural_prior needs 'gaussian' (NUTS over a regression net's weights)"
-        if cfg.noise != "fixed":
-            return "model.noise: neural_prior's NUTS potential uses the fixed model.noise_sd; set 'fixed'"
-        if cfg.adapt != "all":
-            return "model.adapt: neural_prior adapts q over all weights; expected 'all'"
-        if cfg.remat != "none":
-            return (
-                "model.remat: neural_prior's inner loop (vi_steps) has no rematerialisation; expected 'none'"
-            )
-        return None
+    # NUTS over a regression net's weights with the fixed model.noise_sd in its potential; q over all
+    # weights; the VI inner loop has no rematerialisation
+    requires: ClassVar[Requires] = {
+        "likelihood": ("gaussian",),
+        "noise": ("fixed",),
+        "adapt": ("all",),
+        "remat": ("none",),
+    }
 
     @staticmethod
     def build(cfg: ModelConfig, p: Params, x_dim: int, y_dim: int, context: Context) -> Method:

@@ -26,6 +26,7 @@ z ~ p(z | C) decoded at the query inputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +36,7 @@ from numpyro.handlers import scale
 
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
-from bayesmeta.method import Context, Method, Spec
+from bayesmeta.method import Context, Method, Requires, Spec
 from bayesmeta.nets import MLP
 from bayesmeta.sites import observe, param_tree
 from bayesmeta.tasks import TaskBatch
@@ -77,11 +78,7 @@ class NP(Spec):
             "K query points per task, the exact ELBO",
         )
 
-    @staticmethod
-    def check(cfg: ModelConfig, params: Params) -> str | None:
-        if cfg.likelihood != "gaussian":
-            return "model.likelihood: the neural process is a regression model; expected 'gaussian'"
-        return None
+    requires: ClassVar[Requires] = {"likelihood": ("gaussian",)}
 
     @staticmethod
     def build(cfg: ModelConfig, p: Params, x_dim: int, y_dim: int, context: Context) -> Method:

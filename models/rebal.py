@@ -16,6 +16,7 @@ so ReBAL reads exactly the support set GrBAL's gradient step reads.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ from jax import lax
 
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
-from bayesmeta.method import Context, Method, Spec, no_guide
+from bayesmeta.method import Context, Method, Requires, Spec, no_guide
 from bayesmeta.nets import MLP, lstm_cell, lstm_init
 from bayesmeta.sites import observe, param_tree
 from bayesmeta.tasks import TaskBatch
@@ -48,13 +49,8 @@ class ReBAL(Spec):
     class Params:
         hidden: int = opt(32, ge=1, doc="LSTM units: the size of the task state h_M the model reads")
 
-    @staticmethod
-    def check(cfg: ModelConfig, params: Params) -> str | None:
-        if cfg.net.kind != "mlp":
-            return f"model.net.kind: rebal's dynamics model is an MLP, got {cfg.net.kind!r}"
-        if cfg.likelihood != "gaussian":
-            return "model.likelihood: rebal reads (x, y) transitions of regression tasks; use 'gaussian'"
-        return None
+    # an MLP dynamics model of (x, y) regression transitions
+    requires: ClassVar[Requires] = {"net.kind": ("mlp",), "likelihood": ("gaussian",)}
 
     @staticmethod
     def build(

@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +77,7 @@ from numpyro import handlers
 from bayesmeta.adapt import InnerLoop
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
-from bayesmeta.method import Method, Probe, Spec, no_guide
+from bayesmeta.method import Method, Probe, Requires, Spec, no_guide
 from bayesmeta.models.maml import LEARNED_LR, LEARNED_LR_DOC, check_rates, inner_rates
 from bayesmeta.nets import dense, make_net
 from bayesmeta.sites import observe, param_tree, tree_from_params
@@ -340,17 +340,15 @@ class GatedParams:
     lr_init: float | None = opt(None, gt=0, doc="initial learned inner rate; default model.inner_lr")
 
 
-def check_gated(cfg: ModelConfig, p: GatedParams, name: str) -> str | None:
-    if cfg.likelihood != "gaussian":
-        return (
-            f"model.likelihood: {name} is implemented for regression only (gaussian), got {cfg.likelihood!r}"
-        )
+def check_gated(cfg: ModelConfig, p: GatedParams) -> str | None:
     return check_rates(cfg, p.learned_lr)
 
 
 @dataclass(frozen=True)
 class HSML(Spec):
     """HSML: a pooling autoencoder's task representation, softly clustered level by level, gates theta."""
+
+    requires: ClassVar[Requires] = {"likelihood": ("gaussian",)}  # implemented for regression only
 
     @dataclass(frozen=True)
     class Params(GatedParams):
@@ -365,7 +363,7 @@ class HSML(Spec):
     def check(cfg: ModelConfig, p: Params) -> str | None:
         if not p.clusters:
             return "model.params.clusters: expected at least one level, got []"
-        return check_gated(cfg, p, "hsml")
+        return check_gated(cfg, p)
 
     @staticmethod
     def build(cfg: ModelConfig, p: Params, x_dim: int, y_dim: int, context: object = None) -> Method:
@@ -395,6 +393,8 @@ class HSML(Spec):
 class ARML(Spec):
     """ARML: the support's prototype graph joined to a meta-knowledge graph; a GCN's output gates theta."""
 
+    requires: ClassVar[Requires] = {"likelihood": ("gaussian",)}  # implemented for regression only
+
     @dataclass(frozen=True)
     class Params(GatedParams):
         vertices: int = opt(
@@ -409,7 +409,7 @@ class ARML(Spec):
 
     @staticmethod
     def check(cfg: ModelConfig, p: Params) -> str | None:
-        return check_gated(cfg, p, "arml")
+        return check_gated(cfg, p)
 
     @staticmethod
     def build(cfg: ModelConfig, p: Params, x_dim: int, y_dim: int, context: object = None) -> Method:

@@ -25,6 +25,7 @@ local reparameterization of the logits), so one draw is one function over all qu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,7 @@ import numpyro.distributions as dist
 
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
-from bayesmeta.method import Context, Method, Spec, no_guide
+from bayesmeta.method import Context, Method, Requires, Spec, no_guide
 from bayesmeta.nets import MLP, embedding, make_net
 from bayesmeta.sites import SD_FLOOR, observe, param_tree
 from bayesmeta.tasks import TaskBatch
@@ -92,11 +93,8 @@ class VERSA(Spec):
             -3.0, doc="offset of the head's sd: sd = eps + softplus(network output + rho_init)"
         )
 
-    @staticmethod
-    def check(cfg: ModelConfig, params: Params) -> str | None:
-        if cfg.noise == "heteroscedastic":
-            return "model.noise: versa's head is a Bayesian linear map to the mean; use 'fixed' or 'learned'"
-        return None
+    # the head is a Bayesian linear map to the mean, under one noise sd
+    requires: ClassVar[Requires] = {"noise": ("fixed", "learned")}
 
     @staticmethod
     def build(cfg: ModelConfig, p: Params, x_dim: int, y_dim: int, context: Context) -> Method:

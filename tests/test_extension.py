@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tomllib
 from dataclasses import dataclass
+from typing import ClassVar
 
 import jax
 import numpy as np
@@ -17,6 +19,7 @@ import bayesmeta.io
 from bayesmeta import registry
 from bayesmeta.cli import main
 from bayesmeta.config import ConfigError
+from bayesmeta.method import Requires, Spec
 from bayesmeta.tasks import Classification, DenseGrid, ExactPredictive, Family, GroundTruth, Hypotheses
 from tests import plugin_example
 
@@ -91,6 +94,22 @@ class NoSample:
         return None
 
 
+class BadRequires(Spec):
+    requires: ClassVar[Requires] = {"net.depth": ("4",)}
+
+    @staticmethod
+    def build(*args: object) -> None:
+        return None
+
+
+class TypoRequires(Spec):
+    requires: ClassVar[Requires] = {"likelihood": ("gausian",)}
+
+    @staticmethod
+    def build(*args: object) -> None:
+        return None
+
+
 class NoParams:
     @staticmethod
     def build(*args: object) -> None:
@@ -104,8 +123,14 @@ class NoParams:
 def test_objects_that_break_the_protocols_are_refused_in_one_line():
     with pytest.raises(TypeError, match="lacks sample"):
         registry.register_family("broken", NoSample)
-    with pytest.raises(TypeError, match="Params, check or build"):
+    with pytest.raises(TypeError, match="Params, requires, check or build"):
         registry.register_method("broken", NoParams)
+    with pytest.raises(
+        TypeError, match=r"its requires names 'net.depth', which is not a \[model\] setting with choices"
+    ):
+        registry.register_method("broken", BadRequires)
+    with pytest.raises(TypeError, match=r"its requires gives 'likelihood' \['gausian'\]; expected some of"):
+        registry.register_method("broken", TypoRequires)
     cases = {
         "task.family='tests.no_such_module:X'": "task.family: cannot import 'tests.no_such_module'",
         "task.family='tests.plugin_example:Missing'": "has no attribute 'Missing'",
@@ -119,6 +144,43 @@ def test_objects_that_break_the_protocols_are_refused_in_one_line():
     for override, message in cases.items():
         with pytest.raises(ConfigError, match=message):
             registry.load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ("model.method='mtnet'", "model.net.kind='conv4'"),
+            "model.net.kind: method 'mtnet' supports 'mlp'; got 'conv4'",
+        ),
+        (
+            ("model.method='protonet'", "model.likelihood='gaussian'"),
+            "model.likelihood: method 'protonet' supports 'categorical'",
+        ),
+        (
+            ("model.method='alpaca'", "model.noise='heteroscedastic'"),
+            "model.noise: method 'alpaca' supports 'fixed', 'learned'",
+        ),
+        (
+            ("model.method='arml'", "model.likelihood='categorical'"),
+            "model.likelihood: method 'arml' supports 'gaussian'",
+        ),
+        (
+            ("model.method='bmaml'", "model.remat='sqrt'"),
+            "model.remat: method 'bmaml' supports 'none', 'nothing_saveable'",
+        ),
+    ],
+)
+def test_a_setting_outside_what_a_method_declares_is_refused_naming_the_key_and_the_choices(
+    overrides, message
+):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        registry.load_config(None, list(overrides))
+
+
+def test_every_built_in_method_passes_the_protocol_check_a_plugin_gets():
+    for name in registry.methods.builtins():
+        assert registry._method_problem(registry.methods.get(name)) is None, name
 
 
 def test_an_installed_plugin_is_found_by_its_entry_point(tmp_path, monkeypatch):

@@ -240,7 +240,7 @@ def test_predictions_ignore_the_support_order(built):
 
 
 def test_config_checks():
-    with pytest.raises(ConfigError, match="regression only"):
+    with pytest.raises(ConfigError, match=r"model\.likelihood: method 'arml' supports 'gaussian'"):
         setup("model.method='arml'", "model.likelihood='categorical'")
     with pytest.raises(ConfigError, match="clusters"):
         setup("model.method='hsml'", "model.params.clusters=[]")
