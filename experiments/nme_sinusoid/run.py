@@ -4,14 +4,12 @@
     .venv/bin/python experiments/nme_sinusoid/run.py sweep  [--seeds 0 1 2]
     .venv/bin/python experiments/nme_sinusoid/run.py ablation [--seeds 0 1]
     .venv/bin/python experiments/nme_sinusoid/run.py eq2   [--seeds 0 1 2 3 4]
-    .venv/bin/python experiments/nme_sinusoid/run.py verdicts   # re-render table's verdicts, no training
 
 `table` trains the six methods of Table 1 (reference-faithful settings, and the MR-MAML rows again
 with an ordinary persistent Adam) and tests them 5- and 10-shot on 100 test tasks; `sweep` is the
 beta sweep of MR-MAML(W) (Figure 6) with its plot; `ablation` varies one choice at a time on
 *validation* tasks (a different task seed from the test tasks); `eq2` compares the two MR-CNP(A)
-bottlenecks beside CNP; `verdicts` recomputes the table's (and the sweep's and ablation's) verdicts and
-contrasts from their committed results.json (for tables whose runs predate the verdict rule).
+bottlenecks beside CNP.
 Each model is trained once per seed and tested at both shot counts (runs/<row>-seed<s>/evals/).
 `--jobs 2` trains two runs at once (one per core).
 Each writes RESULTS.md and results.json into its folder; runs are reused when their config is
@@ -30,7 +28,6 @@ from bayesmeta.experiment import (
     contrasts,
     plot_sweep,
     product,
-    rerender_verdicts,
     run_grid,
 )
 from bayesmeta.stats import Published
@@ -379,34 +376,12 @@ def ablation(seeds: list[int]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["table", "sweep", "ablation", "eq2", "verdicts"])
+    p.add_argument("what", choices=["table", "sweep", "ablation", "eq2"])
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--only", nargs="+", choices=list(TABLE_METHODS), help="table: only these rows")
     p.add_argument("--out", type=Path, default=HERE, help="table: where runs/, cells/ and RESULTS.md go")
     p.add_argument("--jobs", type=int, default=1, help="table: training runs at once (one per core)")
     args = p.parse_args()
-    if args.what == "verdicts":
-        rerender_verdicts(
-            HERE,
-            {(m, s, METRIC): v for s, row in PUBLISHED.items() for m, v in row.items()},
-            table_contrasts(),
-            notes=TABLE_NOTES + CONTRAST_NOTES,
-            caveat="a mean that one task dominates is not flagged in these runs: the median column is robust",
-        )
-        rerender_verdicts(
-            HERE / "beta_sweep",
-            {},
-            notes=SWEEP_NOTES,
-            caveat="the means of 1e21 to 1e27 come from tasks whose 100 head steps blew up to a huge finite "
-            "MSE, which the support-loss rule would count as diverged: read the median column",
-        )
-        rerender_verdicts(
-            HERE / "ablation",
-            {},
-            notes=ABLATION_NOTES,
-            caveat="a mean that one task dominates is not flagged in these runs: the median column is robust",
-        )
-        return
     default = {"table": [0, 1, 2, 3, 4], "sweep": [0, 1, 2], "ablation": [0, 1], "eq2": [0, 1, 2, 3, 4]}
     seeds = args.seeds or default[args.what]
     if args.what == "table":
