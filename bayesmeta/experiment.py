@@ -439,12 +439,22 @@ def contrast_table(rows: list[dict[str, Any]], scale: float = 1.0, unit: str = "
     return markdown_table(header, rows_md) + "\n"
 
 
+def cpu_model() -> str:
+    """The CPU's model name as Linux reports it (/proc/cpuinfo), or 'model unknown'."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "model unknown"
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else "model unknown"
+
+
 def machine() -> str:
     import jax
 
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (
-        f"{platform.machine()} CPU, {os.cpu_count()} cores, {mem:.0f} GiB RAM, "
+        f"{platform.machine()} CPU ({cpu_model()}), {os.cpu_count()} cores, {mem:.0f} GiB RAM, "
         f"Python {platform.python_version()}, JAX {jax.__version__} ({jax.default_backend()})"
     )
 

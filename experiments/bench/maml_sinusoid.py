@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from bayesmeta import config, registry
-from bayesmeta.bench import hand_written_maml
+from bayesmeta.bench import gemm_gflops, hand_written_maml
 from bayesmeta.experiment import machine
 from bayesmeta.fit import make_chunk, make_svi
 from bayesmeta.io import write_json, write_text
@@ -160,6 +160,7 @@ def main() -> None:
         f"peak RSS {peak_mib:.0f} MiB; XLA temp buffers of one step {temp_kib:.0f} KiB",
         sep="\n",
     )
+    gemm = max(gemm_gflops((1024, 2048)).values())
     cmd = f".venv/bin/python experiments/bench/maml_sinusoid.py --steps {args.steps} --repeats {args.repeats}"
     write_text(
         HERE / "RESULTS.md",
@@ -168,7 +169,10 @@ def main() -> None:
             "second-order, MLP 1-40-40-1, Adam. Median of "
             f"{args.repeats} repeats of {args.steps} steps; compile time is lowering + XLA compilation.\n\n"
             f"{table}\n\n{summary}.\n\nPeak RSS of the process {peak_mib:.0f} MiB; XLA temporary buffers of "
-            f"one engine step {temp_kib:.0f} KiB.\n\n- command: `{cmd}`\n- machine: {machine()}\n"
+            f"one engine step {temp_kib:.0f} KiB. Best float32 GEMM of this machine in the same run "
+            f"{gemm:.1f} GFLOP/s (jitted square matmuls of 1024 and 2048), to compare runs across machines "
+            "and days."
+            f"\n\n- command: `{cmd}`\n- machine: {machine()}\n"
             "- single steps are one dispatch each on a fixed batch; scanned chunks also sample their tasks "
             "on device, as `bayesmeta fit` does\n"
         ),
@@ -182,6 +186,7 @@ def main() -> None:
             "ratio_scanned": ratio_chunk,
             "peak_rss_mib": peak_mib,
             "xla_temp_kib": temp_kib,
+            "gemm_gflops": gemm,
             "configurations": {
                 k: {
                     "compile_seconds": c,
