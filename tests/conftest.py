@@ -54,3 +54,19 @@ def small_cfg():
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(XLA_CACHE["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def temp_files_in_pytest_tree(tmp_path_factory):
+    """Send tempfile's folders (and the TMPDIR of CLI subprocesses) into pytest's own temporary tree,
+    which pytest prunes: TFDS leaves an empty 'tmp...tfds' folder in the temp dir each time it builds
+    a new dataset's info (DatasetInfo.initialize_from_bucket), and smoke runs write to temp folders."""
+    old_dir, old_env = tempfile.tempdir, os.environ.get("TMPDIR")
+    path = str(tmp_path_factory.mktemp("tempfile"))
+    tempfile.tempdir, os.environ["TMPDIR"] = path, path
+    yield
+    tempfile.tempdir = old_dir
+    if old_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = old_env
