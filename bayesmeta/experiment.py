@@ -3,6 +3,8 @@ folder's RESULTS.md and results.json (mean and sd over seeds, with the command, 
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import os
 import platform
@@ -885,11 +887,37 @@ def joint_target_table(
     return "\n".join(out) + f"\n\n{verdict}\n"
 
 
-def exact_reference(base: Path, overrides: tuple[str, ...], draws: int = 2**18) -> reference.Reference:
+def exact_reference(
+    base: Path, overrides: tuple[str, ...], draws: int = 2**18, cache: Path | None = None
+) -> reference.Reference:
     """The exact posterior predictive of the config's evaluation family (a PriorDraws family), by
     importance sampling with `draws` prior functions per task, on the evaluation tasks every cell of
-    that config is tested on, with its eval.samples draws for mode coverage."""
+    that config is tested on, with its eval.samples draws for mode coverage. With `cache` (a JSON
+    file), a result is stored under a hash of the resolved config, the draws and the sampler's source,
+    and read back while they are unchanged (delete the file to recompute)."""
     cfg = registry.load_config(base, list(overrides))
+    key = hashlib.sha256(f"{config.dumps(cfg)}\n{draws}\n{inspect.getsource(reference)}".encode()).hexdigest()
+    try:
+        return reference.Reference.from_dict(_read_cache(cache)[key])
+    except (KeyError, TypeError, ValueError, AttributeError):  # not cached, or an entry we cannot read
+        pass
+    ref = _exact_reference(cfg, draws)
+    if cache is not None:
+        write_json(cache, _read_cache(cache) | {key: asdict(ref)})
+    return ref
+
+
+def _read_cache(path: Path | None) -> dict:
+    """A JSON object of cached results; empty when the file is missing or unreadable (recomputed)."""
+    try:
+        data = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _exact_reference(cfg: config.Config, draws: int) -> reference.Reference:
+    """exact_reference's computation, uncached."""
     setup = run.Setup.from_config(cfg)
     if not isinstance(setup.eval_family, PriorDraws):
         raise config.ConfigError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import jax
@@ -91,8 +92,19 @@ def test_exact_reference_reads_the_experiment_config_and_refuses_a_family_withou
 
     base = Path(__file__).parents[1] / "experiments" / "ambiguous" / "base.toml"
     small = ("task.shots=2", "eval.tasks=20", "eval.batch=20", "eval.memorization_tasks=10")
-    ref = exact_reference(base, small, draws=2**12)
+    cache = tmp_path / "exact.json"
+    ref = exact_reference(base, small, draws=2**12, cache=cache)
     assert ref.n_ambiguous == 10 and ref.draws == 2**12
+    assert exact_reference(base, small, draws=2**12, cache=cache) == ref  # read back, floats as keys
+    stored = json.loads(cache.read_text())
+    (key,) = stored
+    cache.write_text(json.dumps({key: stored[key] | {"nll": 123.0}}))  # a hit is read, not recomputed
+    assert exact_reference(base, small, draws=2**12, cache=cache).nll == 123.0
+    assert exact_reference(base, small, draws=2**11, cache=cache).draws == 2**11  # another key
+    for bad in ("{not json", json.dumps({key: {"nll": 1.0}})):  # unreadable: recomputed and rewritten
+        cache.write_text(bad)
+        assert exact_reference(base, small, draws=2**12, cache=cache) == ref
+    assert len(json.loads(cache.read_text())) == 1
     assert "| 2-shot |" in reference_table({"2-shot": ref})
     with pytest.raises(ConfigError, match=r"eval\.task: family 'sinusoid' cannot sample its prior"):
         exact_reference(base, (*small, "task.family='sinusoid'", "task.params={}"), draws=2**10)

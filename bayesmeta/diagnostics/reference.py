@@ -39,6 +39,12 @@ class Reference:
     ess_median: float
     ess_min: float
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Reference:
+        """From dataclasses.asdict's form after a JSON round trip (the levels' keys became strings)."""
+        levels = {k: {float(q): v for q, v in d[k].items()} for k in ("coverage", "width")}
+        return cls(**(d | levels))
+
 
 def systematic_resample(key: jax.Array, w: jax.Array, n: int) -> jax.Array:
     """n indices into the normalised weights w, draw i where the cumulative weight passes (i + u) / n,
