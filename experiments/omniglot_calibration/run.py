@@ -37,7 +37,8 @@ Protocol: 5-way 1-shot training episodes (1 query per class) from the 180 charac
 the minimal background sets; 2,500 meta-iterations, Adam 1e-3 (the reduced protocol of
 experiments/omniglot); test on 600 episodes of the held-out alphabets with 15 queries per class.
 MAML: second order, 1 inner step of 0.4 in training, {S} at test. PLATIPUS and BMAML use the same
-inner loop; BMAML's meta-batch is 8 (5 particles cost about 5 MAMLs per task). ECE: the mean
+inner loop; BMAML's meta-batch is 8 (5 particles cost several MAMLs per task: 9.5x on the sine/line
+row of experiments/bench/methods). ECE: the mean
 |accuracy - confidence| over 15 equal-width confidence bins weighted by their counts; the target is
 ECE <= {TARGET_ECE} for the best Bayesian method.
 """
