@@ -893,15 +893,18 @@ def exact_reference(
     """The exact posterior predictive of the config's evaluation family (a PriorDraws family), by
     importance sampling with `draws` prior functions per task, on the evaluation tasks every cell of
     that config is tested on, with its eval.samples draws for mode coverage. With `cache` (a JSON
-    file), a result is stored under a hash of the resolved config, the draws and the sampler's source,
-    and read back while they are unchanged (delete the file to recompute)."""
+    file), a result is stored under a hash of the resolved config, the draws and the source of the
+    sampler and of the family, and read back while they are unchanged (delete the file to recompute)."""
     cfg = registry.load_config(base, list(overrides))
-    key = hashlib.sha256(f"{config.dumps(cfg)}\n{draws}\n{inspect.getsource(reference)}".encode()).hexdigest()
+    setup = run.Setup.from_config(cfg)
+    family_source = inspect.getsource(sys.modules[type(setup.eval_family).__module__])
+    text = f"{config.dumps(cfg)}\n{draws}\n{inspect.getsource(reference)}\n{family_source}"
+    key = hashlib.sha256(text.encode()).hexdigest()
     try:
         return reference.Reference.from_dict(_read_cache(cache)[key])
     except (KeyError, TypeError, ValueError, AttributeError):  # not cached, or an entry we cannot read
         pass
-    ref = _exact_reference(cfg, draws)
+    ref = _exact_reference(cfg, setup, draws)
     if cache is not None:
         write_json(cache, _read_cache(cache) | {key: asdict(ref)})
     return ref
@@ -916,9 +919,8 @@ def _read_cache(path: Path | None) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _exact_reference(cfg: config.Config, draws: int) -> reference.Reference:
+def _exact_reference(cfg: config.Config, setup: run.Setup, draws: int) -> reference.Reference:
     """exact_reference's computation, uncached."""
-    setup = run.Setup.from_config(cfg)
     if not isinstance(setup.eval_family, PriorDraws):
         raise config.ConfigError(
             f"eval.task: family {cfg.eval.task.family!r} cannot sample its prior (PriorDraws)"
