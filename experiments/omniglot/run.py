@@ -109,18 +109,6 @@ TEST_STEPS = {
 }
 
 
-SMOKE = (  # a few steps of every cell, to check the wiring (not results)
-    "train.steps=4",
-    "train.log_every=2",
-    "train.eval_every=4",
-    "train.checkpoint_every=4",
-    "train.eval_tasks=4",
-    "train.meta_batch=2",
-    "eval.tasks=4",
-    "eval.batch=4",
-)
-
-
 def held_out(ways: int, shots: int) -> tuple[str, ...]:
     return (
         "eval.task.params.split='test'",
@@ -208,7 +196,7 @@ def steps(method: str) -> tuple[str, ...]:
     return (f"eval.inner_steps={sorted({1, n})}",)
 
 
-SMOKE = (
+SMOKE = (  # a few steps of every cell, to check the wiring (not results)
     "train.steps=4",
     "train.log_every=2",
     "train.eval_every=4",
