@@ -3,13 +3,25 @@ XLA's own memory and FLOP accounts of a compiled computation, and the machine's 
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+
+
+def load_script(path: Path, name: str) -> ModuleType:
+    """A script (e.g. another benchmark's run.py, which is not in a package) imported as module `name`,
+    so one benchmark can reuse another's settings and timing functions."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def compile_timed(fn: Callable, *args: Any, static_argnums: tuple[int, ...] = ()) -> tuple[float, Any]:

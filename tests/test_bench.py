@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bayesmeta.bench import load_script
+
 ROOT = Path(__file__).parents[1]
 # the smoke checks the pipeline, not the speed: XLA's cheapest compile (the programs are the same)
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -60,14 +62,7 @@ def test_the_rl_benchmark_smoke_writes_positive_finite_rates(tmp_path):
 
 
 def _cost_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "bench_cost", ROOT / "experiments" / "bench" / "cost" / "run.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(ROOT / "experiments" / "bench" / "cost" / "run.py", "bench_cost")
 
 
 def test_the_cost_model_recovers_known_scaling_exponents(tmp_path):

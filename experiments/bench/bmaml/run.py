@@ -12,19 +12,12 @@ memory. Writes RESULTS.md and results.json beside this file.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import time
 from pathlib import Path
 
+from bayesmeta.bench import load_script
+
 HERE = Path(__file__).parent
-
-
-def methods_bench():
-    """experiments/bench/methods/run.py as a module (its sine/line settings and `measure`)."""
-    spec = importlib.util.spec_from_file_location("bench_methods", HERE.parent / "methods" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main() -> None:
@@ -35,7 +28,7 @@ def main() -> None:
     from bayesmeta.io import write_json, write_text
     from bayesmeta.tables import markdown_table
 
-    bench = methods_bench()
+    bench = load_script(HERE.parent / "methods" / "run.py", "bench_methods")  # AMB and `measure`
     bmaml = (*bench.AMB, "model.method='bmaml'")
     cases = {
         "MAML": (*bench.AMB, "model.method='maml'"),

@@ -13,13 +13,14 @@ this file. Needs an otherwise idle machine: the rows are compared with one anoth
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bayesmeta.bench import load_script
 
 HERE = Path(__file__).parent
 FLAGS = {
@@ -34,18 +35,9 @@ FLAGS = {
 }
 
 
-def omniglot_bench():
-    """The module experiments/bench/omniglot/run.py (its `standard` step timing and GEMM helper)."""
-    path = HERE.parent / "omniglot" / "run.py"
-    spec = importlib.util.spec_from_file_location("bench_omniglot", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def child(steps: int, repeats: int) -> None:
     """Time the step under this process's XLA_FLAGS; print one JSON line."""
-    bench = omniglot_bench()
+    bench = load_script(HERE.parent / "omniglot" / "run.py", "bench_omniglot")  # its `standard` timing
     gemm = max(bench.gemm_gflops((1024, 2048), repeats).values())
     row = bench.standard(5, 1, False, 64, steps, repeats)
     print(json.dumps(row | {"gemm_gflops": gemm}))
