@@ -1140,28 +1140,24 @@ def plot_adapted(functions: dict[str, Any], path: Path, title: str = "") -> Path
 
 def plot_reliability_grid(outcomes: list[Outcome], steps: int, path: Path) -> Path:
     """One reliability diagram per method (its first seed's run; metrics.json reliability entry at
-    `steps` test-time steps): accuracy against confidence per bin, with the run's ECE in the title."""
+    `steps` test-time steps): accuracy against confidence per bin, with the run's ECE in the title,
+    over the share of predictions per bin."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    from bayesmeta.report import save_fig
+    from bayesmeta.report import draw_reliability, reliability_axes, save_fig
 
     first: dict[str, Outcome] = {}
     for o in outcomes:
         if o.metrics is not None and str(steps) in (o.metrics.get("reliability") or {}):
             first.setdefault(o.cell.method, o)
-    fig, axes = plt.subplots(1, max(1, len(first)), figsize=(3.2 * max(1, len(first)), 3.3), squeeze=False)
-    for ax, (method, o) in zip(axes[0], first.items(), strict=False):
+    fig, axes = reliability_axes(max(1, len(first)), 3.2, 4.3)
+    for column, (method, o) in enumerate(first.items()):
         e = o.metrics["reliability"][str(steps)]
-        edges, count = np.asarray(e["diagram"]["edges"]), np.asarray(e["diagram"]["count"])
-        used = count > 0
-        acc = np.asarray(e["diagram"]["accuracy"], dtype=float)[used]
-        ax.bar(edges[:-1][used], acc, width=np.diff(edges)[used], align="edge", edgecolor="k", alpha=0.7)
-        ax.plot([0, 1], [0, 1], color="0.5", ls="--")
-        ax.set(title=f"{method}\nECE {e['ece']:.3f} (seed {o.cell.seed})", xlim=(0, 1), ylim=(0, 1))
-        ax.set_xlabel("confidence")
+        draw_reliability(axes[0][column], axes[1][column], e["diagram"])
+        axes[0][column].set_title(f"{method}\nECE {e['ece']:.3f} (seed {o.cell.seed})")
     axes[0][0].set_ylabel("accuracy")
+    axes[1][0].set_ylabel("share")
     fig.tight_layout()
     return save_fig(fig, path)

@@ -593,28 +593,43 @@ def plot_pit(calib: dict[int, CalibrationAt], path: Path) -> Path:
     return save_fig(pc.viz["figure"].item(), path)
 
 
-def plot_reliability(diagram: dict[str, Any], ece: float, path: Path) -> Path:
-    """Reliability diagram of a classifier: accuracy against confidence per bin (from
-    diagnostics.calibration.expected_calibration_error), bar widths the bins, with the ECE."""
+def draw_reliability(ax: Any, ax_share: Any, diagram: dict[str, Any]) -> None:
+    """A reliability diagram on ax (accuracy against confidence per bin of diagnostics.calibration.
+    expected_calibration_error, bar widths the bins, the diagonal for calibration) and below it, on
+    ax_share, each bin's share of the predictions (log scale, Guo et al. 2017's confidence histogram),
+    so that a bar resting on a handful of predictions reads as such."""
+    edges, count = np.asarray(diagram["edges"]), np.asarray(diagram["count"])
+    used = count > 0
+    left, width = edges[:-1][used], np.diff(edges)[used]
+    acc = np.asarray(diagram["accuracy"], dtype=float)[used]
+    ax.bar(left, acc, width=width, align="edge", edgecolor="k", alpha=0.7, label="accuracy")
+    ax.plot([0, 1], [0, 1], color="0.5", ls="--", label="calibrated")
+    ax.set(xlim=(0, 1), ylim=(0, 1))
+    ax_share.bar(left, count[used] / count.sum(), width=width, align="edge", color="0.6", edgecolor="k")
+    ax_share.set(yscale="log", xlim=(0, 1), xlabel="confidence")
+
+
+def reliability_axes(columns: int, width: float, height: float) -> tuple[Any, Any]:
+    """(figure, axes (2, columns)): per column a reliability panel over a shorter share panel."""
     import matplotlib.pyplot as plt
 
-    edges = np.asarray(diagram["edges"])
-    used = np.asarray(diagram["count"]) > 0
-    fig, ax = plt.subplots(figsize=(4.5, 4.2))
-    ax.bar(
-        edges[:-1][used],
-        np.asarray(diagram["accuracy"])[used],
-        width=np.diff(edges)[used],
-        align="edge",
-        edgecolor="k",
-        alpha=0.7,
-        label="accuracy",
+    return plt.subplots(
+        2,
+        columns,
+        figsize=(width * columns, height),
+        squeeze=False,
+        sharex="col",
+        gridspec_kw={"height_ratios": [3, 1]},
     )
-    ax.plot([0, 1], [0, 1], color="0.5", ls="--", label="calibrated")
-    ax.set(
-        xlabel="confidence", ylabel="accuracy", title=f"reliability (ECE {ece:.3f})", xlim=(0, 1), ylim=(0, 1)
-    )
-    ax.legend()
+
+
+def plot_reliability(diagram: dict[str, Any], ece: float, path: Path) -> Path:
+    """Reliability diagram of a classifier with its ECE, and the share of predictions per bin."""
+    fig, axes = reliability_axes(1, 4.5, 5.4)
+    draw_reliability(axes[0][0], axes[1][0], diagram)
+    axes[0][0].set(ylabel="accuracy", title=f"reliability (ECE {ece:.3f})")
+    axes[1][0].set_ylabel("share")
+    axes[0][0].legend()
     return save_fig(fig, path)
 
 
