@@ -498,7 +498,8 @@ def plot_training(dt: xr.DataTree, path: Path) -> Path:
 
 
 def plot_predictions(dt: xr.DataTree, path: Path) -> Path | None:
-    """Adapted predictions against the true function and the support points on test tasks (1-D x)."""
+    """Adapted predictions against the true function and the support points on test tasks (1-D x): the
+    mean of the predictive draws of f and, with several draws, their central 90% band."""
     if "predictions" not in dt.children:
         return None
     import matplotlib.pyplot as plt
@@ -523,7 +524,7 @@ def plot_predictions(dt: xr.DataTree, path: Path) -> Path | None:
             ax.plot(x[t], draws.mean(0), color=f"C{j}", lw=1.2, label=f"{s} steps")
             if draws.shape[0] > 1:
                 lo, hi = np.quantile(draws, [0.05, 0.95], axis=0)
-                ax.fill_between(x[t], lo, hi, color=f"C{j}", alpha=0.2)
+                ax.fill_between(x[t], lo, hi, color=f"C{j}", alpha=0.2, label=f"90% of f draws, {s} steps")
         ax.scatter(xs[t], ys[t], color="C3", s=14, zorder=3, label="support")
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"{dt.attrs.get('method', '')}: adapted predictions on test tasks")
