@@ -1060,35 +1060,55 @@ def adapted_functions(
     whose run folder is present (a cell reused from its record has none) restored, adapted to its
     support set with `inner_steps` steps, and its predictive mean (over the run's eval.samples draws) on
     the family's dense grid. Returns {"x", "truth", "x_support", "y_support"} per panel and {"f": {method:
-    (G, y_dim)}}; a method with no run folder is left out of "f" (`unplotted` names them)."""
+    (G, y_dim)}}. Each method's curves are also stored beside its cell record (cells/<cell>/adapted.json,
+    under a hash of the panels, steps and key) and read from there when its run folder is gone, so a
+    figure regenerates on a fresh clone; a method with neither is left out of "f" (`unplotted` names
+    them)."""
+    tag = hashlib.sha256(json.dumps([panels, inner_steps, key], sort_keys=True).encode()).hexdigest()
+    first: dict[str, tuple[Outcome, dict | None]] = {}
+    for o in sorted((o for o in outcomes if o.metrics is not None), key=lambda o: o.cell.seed):
+        stored = _read_cache(out_dir / CELLS / o.cell.name / "adapted.json").get(tag)
+        if o.cell.method not in first and (o.cell.has_run(out_dir) or stored is not None):
+            first[o.cell.method] = (o, None if o.cell.has_run(out_dir) else stored)
+    out: dict[str, Any] = {}
+    for method, (o, stored) in first.items():
+        panels_of_run = stored or _adapted_panels(o, base, out_dir, panels, inner_steps, key)
+        if stored is None:
+            path = out_dir / CELLS / o.cell.name / "adapted.json"
+            if path.parent.is_dir():
+                write_json(path, _read_cache(path) | {tag: panels_of_run})
+        for label, values in panels_of_run.items():
+            panel = out.setdefault(label, {"f": {}})
+            panel["f"][method] = np.asarray(values["f"])
+            panel |= {k: np.asarray(v) for k, v in values.items() if k != "f"}
+    return out
+
+
+def _adapted_panels(
+    o: Outcome, base: Path, out_dir: Path, panels: dict[str, tuple[str, ...]], inner_steps: int, key: int
+) -> dict[str, dict[str, list]]:
+    """adapted_functions for one run folder: per panel its grid, truth, support and the predictive mean
+    (as lists, for the cell's adapted.json)."""
     import jax
 
     from bayesmeta.predict import predictive
 
-    first: dict[str, Outcome] = {}
-    for o in sorted((o for o in outcomes if o.metrics is not None), key=lambda o: o.cell.seed):
-        if o.cell.has_run(out_dir):
-            first.setdefault(o.cell.method, o)
-    out: dict[str, Any] = {}
-    for method, o in first.items():
-        cfg = registry.load_config(
-            base, [*o.cell.overrides, f"seed={o.cell.seed}", f"name={o.cell.run_name}"]
-        )
-        setup, result = run.restore(cfg, o.cell.run_dir(out_dir))
-        draw = predictive(setup.eval_method, inner_steps, cfg.eval.samples, ("f",))
-        for label, overrides in panels.items():
-            fam = registry.make_family(registry.load_config(base, [*o.cell.overrides, *overrides]).eval.task)
-            task = fam.sample(jax.random.PRNGKey(key), 1)
-            grid = fam.grid(task.info, run.GRID_POINTS)
-            f = draw(result.params, task._replace(x_query=grid, y_query=None), jax.random.PRNGKey(1))["f"]
-            panel = out.setdefault(label, {"f": {}})
-            panel["f"][method] = np.asarray(f.mean(0)[0])
-            panel |= {
-                "x": np.asarray(grid[0]),
-                "truth": np.asarray(fam.truth(task.info, grid)[0]),
-                "x_support": np.asarray(task.x_support[0]),
-                "y_support": np.asarray(task.y_support[0]),
-            }
+    cfg = registry.load_config(base, [*o.cell.overrides, f"seed={o.cell.seed}", f"name={o.cell.run_name}"])
+    setup, result = run.restore(cfg, o.cell.run_dir(out_dir))
+    draw = predictive(setup.eval_method, inner_steps, cfg.eval.samples, ("f",))
+    out = {}
+    for label, overrides in panels.items():
+        fam = registry.make_family(registry.load_config(base, [*o.cell.overrides, *overrides]).eval.task)
+        task = fam.sample(jax.random.PRNGKey(key), 1)
+        grid = fam.grid(task.info, run.GRID_POINTS)
+        f = draw(result.params, task._replace(x_query=grid, y_query=None), jax.random.PRNGKey(1))["f"]
+        out[label] = {
+            "f": np.asarray(f.mean(0)[0]).tolist(),
+            "x": np.asarray(grid[0]).tolist(),
+            "truth": np.asarray(fam.truth(task.info, grid)[0]).tolist(),
+            "x_support": np.asarray(task.x_support[0]).tolist(),
+            "y_support": np.asarray(task.y_support[0]).tolist(),
+        }
     return out
 
 

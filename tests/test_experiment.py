@@ -160,7 +160,8 @@ def test_two_jobs_run_a_grid_in_worker_processes_as_one_would(tmp_path):
 
 
 def test_adapted_functions_draw_each_method_with_a_run_folder_and_name_the_rest(tmp_path):
-    """A cell reused from its record has no run folder to restore: its method is named, not drawn."""
+    """A cell reused from its record has no run folder to restore: its method is named, not drawn,
+    unless its record keeps the curves of an earlier drawing (as on a fresh clone of a finished grid)."""
     from bayesmeta.experiment import adapted_functions, unplotted
 
     small = (*SMALL, "train.steps=50", "eval.memorization_tasks=0", "eval.tasks=10")
@@ -172,6 +173,11 @@ def test_adapted_functions_draw_each_method_with_a_run_folder_and_name_the_rest(
     assert set(panel["f"]) == {"A"} and panel["f"]["A"].shape == panel["truth"].shape
     assert np.all(np.isfinite(panel["f"]["A"]))
     assert unplotted(res.outcomes, functions) == ["B"]
+    shutil.rmtree(tmp_path / "runs" / cells[0].run_name)  # A now has only its record's adapted.json
+    again = adapted_functions(res.outcomes, DEFAULT_CONFIG, tmp_path, {"one task": ()}, 1)
+    np.testing.assert_allclose(again["one task"]["f"]["A"], panel["f"]["A"], rtol=1e-6)
+    np.testing.assert_allclose(again["one task"]["truth"], panel["truth"], rtol=1e-6)
+    assert adapted_functions(res.outcomes, DEFAULT_CONFIG, tmp_path, {"one task": ()}, 5) == {}  # other steps
 
 
 def test_a_cells_record_never_pairs_one_configs_result_with_anothers(tmp_path):
