@@ -25,7 +25,7 @@ from pathlib import Path
 import jax
 
 from bayesmeta import registry
-from bayesmeta.bench import compile_timed, memory_mib, seconds
+from bayesmeta.bench import compile_timed, gemm_gflops, memory_mib, seconds
 from bayesmeta.experiment import machine
 from bayesmeta.fit import make_chunk, make_svi
 from bayesmeta.io import write_json, write_text
@@ -155,6 +155,7 @@ def main() -> None:
         f"{NUTS_DRAWS} draws each): compile {nuts['compile_s']:.1f} s, "
         f"{nuts['tasks_per_s']:.2f} tasks per second."
     )
+    gemm = max(gemm_gflops((1024, 2048)).values())
     minutes = (time.perf_counter() - began) / 60
     print(table)
     cmd = f".venv/bin/python experiments/bench/methods/run.py --repeats {args.repeats}"
@@ -165,12 +166,20 @@ def main() -> None:
             "One scanned chunk of SVI steps with tasks sampled on device, as `bayesmeta fit` runs it "
             f"({CHUNK} steps; {CONV_CHUNK} for the conv4 Omniglot rows); minimum over {args.repeats} "
             f"repeats.\n\n{table}\n\n- command: `{cmd}` ({minutes:.1f} min)\n"
-            f"- machine: {machine()}\n"
+            f"- machine: {machine()}; best float32 GEMM in the same run {gemm:.1f} GFLOP/s (jitted square "
+            "matmuls of 1024 and 2048), to compare runs across machines and days\n"
         ),
     )
     write_json(
         HERE / "results.json",
-        {"command": cmd, "machine": machine(), "minutes": minutes, "results": res, "nuts_predictive": nuts},
+        {
+            "command": cmd,
+            "machine": machine(),
+            "gemm_gflops": gemm,
+            "minutes": minutes,
+            "results": res,
+            "nuts_predictive": nuts,
+        },
     )
 
 
