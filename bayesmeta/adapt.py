@@ -68,7 +68,7 @@ def clip_norm(g: Any, c: float) -> Any:
     """g scaled by min(1, c / ||g||), the global norm over the pytree; c = 0 leaves g as it is."""
     if c == 0:
         return g
-    norm = optax.global_norm(g)
+    norm = optax.tree.norm(g)
     return jax.tree.map(lambda a: a * jnp.minimum(1.0, c / jnp.maximum(norm, 1e-30)), g)
 
 
