@@ -1061,13 +1061,18 @@ def adapted_functions(
     support set with `inner_steps` steps, and its predictive mean (over the run's eval.samples draws) on
     the family's dense grid. Returns {"x", "truth", "x_support", "y_support"} per panel and {"f": {method:
     (G, y_dim)}}. Each method's curves are also stored beside its cell record (cells/<cell>/adapted.json,
-    under a hash of the panels, steps and key) and read from there when its run folder is gone, so a
+    under a hash of the cell's overrides and seed, the panels, steps and key) and read from there when
+    its run folder is gone, so a
     figure regenerates on a fresh clone; a method with neither is left out of "f" (`unplotted` names
     them)."""
-    tag = hashlib.sha256(json.dumps([panels, inner_steps, key], sort_keys=True).encode()).hexdigest()
+
+    def tag(o: Outcome) -> str:
+        what = [list(o.cell.overrides), o.cell.seed, panels, inner_steps, key]
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
     first: dict[str, tuple[Outcome, dict | None]] = {}
     for o in sorted((o for o in outcomes if o.metrics is not None), key=lambda o: o.cell.seed):
-        stored = _read_cache(out_dir / CELLS / o.cell.name / "adapted.json").get(tag)
+        stored = _read_cache(out_dir / CELLS / o.cell.name / "adapted.json").get(tag(o))
         if o.cell.method not in first and (o.cell.has_run(out_dir) or stored is not None):
             first[o.cell.method] = (o, None if o.cell.has_run(out_dir) else stored)
     out: dict[str, Any] = {}
@@ -1076,7 +1081,7 @@ def adapted_functions(
         if stored is None:
             path = out_dir / CELLS / o.cell.name / "adapted.json"
             if path.parent.is_dir():
-                write_json(path, _read_cache(path) | {tag: panels_of_run})
+                write_json(path, _read_cache(path) | {tag(o): panels_of_run})
         for label, values in panels_of_run.items():
             panel = out.setdefault(label, {"f": {}})
             panel["f"][method] = np.asarray(values["f"])
