@@ -77,6 +77,28 @@ def gemm_gflops(sizes: tuple[int, ...] = (256, 512, 1024, 2048), repeats: int = 
     return out
 
 
+def best_gemm_gflops(repeats: int = 5) -> float:
+    """The machine's float32 matmul rate: the best of gemm_gflops at sizes 1024 and 2048, recorded beside
+    a benchmark's numbers so that runs on different machines and days can be compared."""
+    return max(gemm_gflops((1024, 2048), repeats).values())
+
+
+def write_results(
+    out_dir: Path, title: str, intro: str, table: str, command: str, minutes: float, data: dict
+):
+    """A benchmark's RESULTS.md (title, intro, table, then its command, machine and wall time) and
+    results.json ({"command", "machine"} and `data`), each written atomically."""
+    from bayesmeta.experiment import machine
+    from bayesmeta.io import write_json, write_text
+
+    write_text(
+        out_dir / "RESULTS.md",
+        f"# {title}\n\n{intro}\n\n{table}\n\n- command: `{command}`\n- machine: {machine()}\n"
+        f"- time: {minutes:.1f} min\n",
+    )
+    write_json(out_dir / "results.json", {"command": command, "machine": machine(), **data})
+
+
 def hand_written_maml(
     loss: Callable, alpha: float, opt: optax.GradientTransformation
 ) -> tuple[Callable, Callable]:

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from bayesmeta import config, registry
-from bayesmeta.bench import gemm_gflops, hand_written_maml
+from bayesmeta.bench import best_gemm_gflops, hand_written_maml
 from bayesmeta.experiment import machine
 from bayesmeta.fit import make_chunk, make_svi
 from bayesmeta.io import write_json, write_text
@@ -160,7 +160,7 @@ def main() -> None:
         f"peak RSS {peak_mib:.0f} MiB; XLA temp buffers of one step {temp_kib:.0f} KiB",
         sep="\n",
     )
-    gemm = max(gemm_gflops((1024, 2048)).values())
+    gemm = best_gemm_gflops()
     cmd = f".venv/bin/python experiments/bench/maml_sinusoid.py --steps {args.steps} --repeats {args.repeats}"
     write_text(
         HERE / "RESULTS.md",

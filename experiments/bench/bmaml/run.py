@@ -15,7 +15,7 @@ import argparse
 import time
 from pathlib import Path
 
-from bayesmeta.bench import load_script
+from bayesmeta.bench import load_script, write_results
 
 HERE = Path(__file__).parent
 
@@ -24,8 +24,6 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
-    from bayesmeta.experiment import machine
-    from bayesmeta.io import write_json, write_text
     from bayesmeta.tables import markdown_table
 
     bench = load_script(HERE.parent / "methods" / "run.py", "bench_methods")  # AMB and `measure`
@@ -59,16 +57,13 @@ def main() -> None:
     head = ["configuration", "ms per step", "of MAML's", "XLA temp MiB"]
     command = f".venv/bin/python experiments/bench/bmaml/run.py --repeats {args.repeats}"
     minutes = (time.perf_counter() - started) / 60
-    write_text(
-        HERE / "RESULTS.md",
-        "# Benchmark: BMAML's training step against MAML's\n\n"
+    intro = (
         "Sine/line, meta-batch 25, 5-shot with 10 queries, 5 inner steps, MLP 40-40; a scanned chunk of "
         f"200 SVI steps, minimum over {args.repeats} repeats. BMAML: M particles, 5 SVGD steps on the "
-        "support (second order unless stated), s = 1 leader step on support + query.\n\n"
-        f"{markdown_table(head, table)}\n\n- command: `{command}`\n- machine: {machine()}\n"
-        f"- time: {minutes:.1f} min\n",
+        "support (second order unless stated), s = 1 leader step on support + query."
     )
-    write_json(HERE / "results.json", {"command": command, "machine": machine(), "rows": rows})
+    title = "Benchmark: BMAML's training step against MAML's"
+    write_results(HERE, title, intro, markdown_table(head, table), command, minutes, {"rows": rows})
 
 
 if __name__ == "__main__":

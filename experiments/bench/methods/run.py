@@ -25,7 +25,7 @@ from pathlib import Path
 import jax
 
 from bayesmeta import registry
-from bayesmeta.bench import compile_timed, gemm_gflops, memory_mib, seconds
+from bayesmeta.bench import best_gemm_gflops, compile_timed, memory_mib, seconds
 from bayesmeta.experiment import machine
 from bayesmeta.fit import make_chunk, make_svi
 from bayesmeta.io import write_json, write_text
@@ -155,7 +155,7 @@ def main() -> None:
         f"{NUTS_DRAWS} draws each): compile {nuts['compile_s']:.1f} s, "
         f"{nuts['tasks_per_s']:.2f} tasks per second."
     )
-    gemm = max(gemm_gflops((1024, 2048)).values())
+    gemm = best_gemm_gflops()
     minutes = (time.perf_counter() - began) / 60
     print(table)
     cmd = f".venv/bin/python experiments/bench/methods/run.py --repeats {args.repeats}"

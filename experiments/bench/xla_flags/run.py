@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from bayesmeta.bench import load_script
+from bayesmeta.bench import best_gemm_gflops, load_script, write_results
 
 HERE = Path(__file__).parent
 FLAGS = {
@@ -38,7 +38,7 @@ FLAGS = {
 def child(steps: int, repeats: int) -> None:
     """Time the step under this process's XLA_FLAGS; print one JSON line."""
     bench = load_script(HERE.parent / "omniglot" / "run.py", "bench_omniglot")  # its `standard` timing
-    gemm = max(bench.gemm_gflops((1024, 2048), repeats).values())
+    gemm = best_gemm_gflops(repeats)
     row = bench.standard(5, 1, False, 64, steps, repeats)
     print(json.dumps(row | {"gemm_gflops": gemm}))
 
@@ -52,8 +52,6 @@ def main() -> None:
     if args.child:
         child(args.steps, args.repeats)
         return
-    from bayesmeta.experiment import machine
-    from bayesmeta.io import write_json, write_text
     from bayesmeta.tables import markdown_table
 
     started = time.perf_counter()
@@ -89,17 +87,14 @@ def main() -> None:
     minutes = (time.perf_counter() - started) / 60
     command = ".venv/bin/python experiments/bench/xla_flags/run.py"
     command += f" --steps {args.steps} --repeats {args.repeats}"
-    write_text(
-        HERE / "RESULTS.md",
-        "# Benchmark: XLA's CPU library paths on the conv MAML step\n\n"
+    intro = (
         "Second-order conv MAML, 5-way 1-shot, 15 queries per class, meta-batch 32, conv4 with 64 filters "
         "(patches convolution), one inner step; a fresh process per XLA_FLAGS setting; minimum over "
         f"{args.repeats} repeats of {args.steps} steps; GEMM: the best jitted float32 square matmul "
-        "(1024, 2048) measured in the same process. Issue #15's target is 50% of the GEMM rate.\n\n"
-        f"{markdown_table(head, table)}\n\n- command: `{command}`\n- machine: {machine()}\n"
-        f"- time: {minutes:.1f} min\n",
+        "(1024, 2048) measured in the same process. Issue #15's target is 50% of the GEMM rate."
     )
-    write_json(HERE / "results.json", {"command": command, "machine": machine(), "rows": rows})
+    title = "Benchmark: XLA's CPU library paths on the conv MAML step"
+    write_results(HERE, title, intro, markdown_table(head, table), command, minutes, {"rows": rows})
 
 
 if __name__ == "__main__":
