@@ -264,7 +264,7 @@ def evaluate_cell(cell: Cell, base: Path, out_dir: Path, progress: bool = True) 
     t0 = time.perf_counter()
     with run_lock(run_dir, "bayesmeta experiment"):  # run.finish publishes eval_dir's config.toml too
         setup, result = run.restore(cfg, run_dir)
-        metrics = run.finish(setup, eval_dir, result, progress=progress)
+        metrics = run.finish(setup, eval_dir, result, progress=progress, fit_dir=run_dir)
     _record(record, cfg, metrics)
     return Outcome(cell, metrics, time.perf_counter() - t0)
 

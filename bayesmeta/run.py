@@ -157,6 +157,7 @@ def landscape_monitor(setup: Setup, metric: Any) -> Any:
 
 
 RESULTS = ("metrics.json", INFERENCE, "summary.md", "posterior_summary.csv", "plots")  # made by finish
+CACHE = "cache"  # finish's fit-level results (sections.Section.fit_level), by a hash of what they read
 
 
 def train(
@@ -306,9 +307,13 @@ def log_likelihood(setup: Setup, params: dict, ev: Evaluation) -> dict[int, np.n
     return out
 
 
-def finish(setup: Setup, run_dir: Path, result: FitResult, progress: bool = True) -> dict:
+def finish(
+    setup: Setup, run_dir: Path, result: FitResult, progress: bool = True, fit_dir: Path | None = None
+) -> dict:
     """Evaluate on held-out tasks and write inference.nc, metrics.json, summary.md, plots and the
-    config evaluated under, all or nothing (io.publish): a failure leaves the previous files."""
+    config evaluated under, all or nothing (io.publish): a failure leaves the previous files. Results
+    that depend on the fit alone (the PAC-Bayes bound) are kept in <fit_dir>/cache/ (fit_dir: the
+    training run's folder, default run_dir) and reused by later evaluations of the same fit."""
     cfg = setup.cfg
     t0 = time.perf_counter()
     batches = eval_tasks(setup.eval_family, setup.eval_key, cfg.eval.tasks, cfg.eval.batch)
@@ -325,7 +330,7 @@ def finish(setup: Setup, run_dir: Path, result: FitResult, progress: bool = True
         extra_metrics=setup.eval_family.task_metrics if isinstance(setup.eval_family, TaskMetrics) else None,
     )
     grid = grid_predictions(setup, result.params, ev.tasks)
-    results = compute_sections(Evaluated(setup, result.params, ev, result))
+    results = compute_sections(Evaluated(setup, result.params, ev, result), (fit_dir or run_dir) / CACHE)
     eval_seconds = time.perf_counter() - t0
     loss = np.asarray(result.trace.loss)
     metrics = {

@@ -10,6 +10,9 @@ SECTIONS and name no family feature: a new diagnostic is a new section.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -19,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 
+from bayesmeta import config as config_mod
 from bayesmeta.bounds import Bound, clipped_squared_error, pac_bayes_bound
 from bayesmeta.diagnostics.calibration import (
     LEVELS,
@@ -31,6 +35,7 @@ from bayesmeta.diagnostics.calibration import (
 )
 from bayesmeta.diagnostics.memorization import support_dependence
 from bayesmeta.fit import run_keys, step_tasks
+from bayesmeta.io import write_json
 from bayesmeta.likelihoods import Categorical, Gaussian
 from bayesmeta.predict import predictive
 from bayesmeta.stats import summarize
@@ -68,6 +73,10 @@ class Section:
 
     key: ClassVar[str]
     empty: ClassVar[Any] = None
+    # The settings (dotted config paths) the result reads besides the fitted parameters, for a section
+    # that does not read the held-out evaluation: computed once per fit, then reused from the cache
+    # folder by every later evaluation of the same parameters (see `compute_sections`).
+    fit_level: ClassVar[tuple[str, ...] | None] = None
 
     def applies(self, setup: Setup) -> bool:
         raise NotImplementedError
@@ -759,6 +768,20 @@ class PACBayes(Section):
     inference.nc as the group pac_bayes and in words as the tree's attr pac_bayes."""
 
     key = "pac_bayes"
+    # the training tasks (regenerated from seed, task, train), the predictive (model, eval.samples,
+    # eval.batch: its chunks and keys) and the bound's own settings; not the held-out tasks
+    fit_level = (
+        "seed",
+        "task",
+        "model",
+        "train.steps",
+        "train.meta_batch",
+        "eval.samples",
+        "eval.batch",
+        "eval.bound_tasks",
+        "eval.bound_delta",
+        "eval.bound_clip",
+    )
     empty: ClassVar[Any] = None
 
     def applies(self, setup: Setup) -> bool:
@@ -796,12 +819,46 @@ SECTIONS: tuple[Section, ...] = (
 )
 
 
-def compute_sections(run: Evaluated) -> dict[str, Any]:
-    """Every section's typed result by its key (absent when the section does not apply)."""
+def fit_key(section: Section, cfg: Any, params: dict) -> str:
+    """sha256 of what a fit-level section's result is a function of: its module's source, the
+    settings it names (`Section.fit_level`) and the fitted parameters' values."""
+    settings = config_mod.to_dict(cfg)
+    h = hashlib.sha256(Path(sys.modules[type(section).__module__].__file__).read_bytes())
+    for path in section.fit_level or ():
+        value: Any = settings
+        for part in path.split("."):
+            value = value[part]
+        h.update(json.dumps([path, value], sort_keys=True, default=str).encode())
+    for name in sorted(params):
+        a = np.asarray(params[name])
+        h.update(f"{name}{a.dtype}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _cached(section: Section, run: Evaluated, cache: Path) -> Any:
+    """A fit-level section's result from cache/<key>-<hash>.json, computed and written there (atomically)
+    when absent or unreadable."""
+    path = cache / f"{section.key}-{fit_key(section, run.setup.cfg, run.params)[:20]}.json"
+    try:
+        return section.load(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        result = section.compute(run)
+        if result is not None:
+            write_json(path, section.dump(result))
+        return result
+
+
+def compute_sections(run: Evaluated, cache: Path | None = None) -> dict[str, Any]:
+    """Every section's typed result by its key (absent when the section does not apply). A fit-level
+    section (`Section.fit_level`) is taken from `cache` (a folder) when it holds the result for these
+    parameters and settings, and stored there otherwise, so evaluating one fit on several held-out
+    settings computes it once."""
     out = {}
     for s in SECTIONS:
         if s.applies(run.setup):
-            result = s.compute(run)
+            use_cache = cache is not None and s.fit_level is not None
+            result = _cached(s, run, cache) if use_cache else s.compute(run)
             if result is not None:
                 out[s.key] = result
     return out

@@ -24,7 +24,7 @@ from bayesmeta.fit import fresh_adam
 from bayesmeta.likelihoods import Gaussian
 from bayesmeta.method import Method, no_guide
 from bayesmeta.registry import build_method, make_family
-from bayesmeta.sections import bound
+from bayesmeta.sections import Section, bound
 from bayesmeta.sites import SD_FLOOR, observe, posterior_sd
 
 BETA0 = 1e-9  # numpyro.handlers.scale needs a positive scale, so the baseline is a negligible beta
@@ -282,6 +282,8 @@ def test_each_method_learns_and_writes_its_posterior(method, extra, tmp_path, sm
             assert "## Posterior of the stochastic meta-parameters" in (tmp_path / "summary.md").read_text()
             assert (tmp_path / "posterior_summary.csv").read_text().startswith(",mean,sd")
             b = metrics["pac_bayes"]
+            (cached,) = (tmp_path / "cache").glob("pac_bayes-*.json")  # kept for later evaluations
+            assert json.loads(cached.read_text()) == b
             assert float(dt["pac_bayes"]["bound"]) == pytest.approx(b["bound"])
             assert dt["pac_bayes"]["bound"].attrs["delta"] == b["delta"]
             assert dt["pac_bayes"]["bound"].attrs["vacuous"] == str(b["vacuous"]).lower()
@@ -350,3 +352,45 @@ def test_mr_cnp_a_bottleneck_carries_the_kl_on_the_chosen_inputs(where, points):
     assert tr["w"]["value"].shape == (3, points, 5)
     with pytest.raises(config.ConfigError, match=r"model\.params\.bottleneck"):
         registry.load_config(None, [*NME, "model.method='mr_cnp_w'", "model.params.bottleneck='query'"])
+
+
+class _Counting(Section):
+    """A fit-level section that counts its computations."""
+
+    key = "counting"
+    fit_level = ("eval.bound_tasks",)
+    calls = 0
+
+    def compute(self, run):
+        _Counting.calls += 1
+        return {"value": float(np.sum(run.params["w"])), "computed": _Counting.calls}
+
+    def dump(self, result):
+        return dict(result)
+
+    def load(self, entry):
+        return dict(entry)
+
+
+def test_a_fit_level_result_is_computed_once_per_parameters_and_settings_it_reads(tmp_path):
+    """_cached: the same parameters and read settings load the stored result (another unread setting
+    too); other parameters, another read setting or an unreadable entry compute it anew."""
+    from types import SimpleNamespace
+
+    from bayesmeta.sections import _cached
+
+    def run_at(w, *overrides):
+        cfg = registry.load_config(None, list(overrides))
+        return SimpleNamespace(setup=SimpleNamespace(cfg=cfg), params={"w": np.asarray(w, np.float32)})
+
+    section, cache = _Counting(), tmp_path / "cache"
+    first = _cached(section, run_at([1.0, 2.0]), cache)
+    assert first == {"value": 3.0, "computed": 1}
+    assert _cached(section, run_at([1.0, 2.0], "eval.tasks=7"), cache) == first
+    assert _cached(section, run_at([1.0, 2.5]), cache)["computed"] == 2
+    assert _cached(section, run_at([1.0, 2.0], "eval.bound_tasks=99"), cache)["computed"] == 3
+    assert len(list(cache.glob("counting-*.json"))) == 3
+    for entry in cache.glob("counting-*.json"):
+        entry.write_text("{not json")
+    assert _cached(section, run_at([1.0, 2.0]), cache) == {"value": 3.0, "computed": 4}
+    assert _cached(section, run_at([1.0, 2.0]), cache)["computed"] == 4
