@@ -135,6 +135,14 @@ class TrainConfig:
     )
     optimizer: str = opt("adam", choices=["adam", "adamw", "sgd"])
     lr: float = opt(1e-3, gt=0)
+    lr_schedule: str = opt(
+        "constant",
+        choices=["constant", "step", "cosine"],
+        doc="the meta learning rate over training: 'step' multiplies it by lr_decay every lr_decay_every "
+        "steps (Snell et al. 2017 halve Adam's every 2,000 episodes); 'cosine' decays it to 0 at train.steps",
+    )
+    lr_decay: float = opt(0.5, gt=0, le=1, doc="the 'step' schedule's factor")
+    lr_decay_every: int = opt(2000, ge=1, doc="the 'step' schedule's interval in steps")
     grad_clip: float = opt(0.0, ge=0, doc="global-norm gradient clipping; 0 = off")
     weight_decay: float = opt(1e-4, ge=0, doc="decoupled weight decay of adamw (ignored by adam and sgd)")
     fresh_adam: str = opt(

@@ -44,30 +44,42 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or does not match the configured model."""
 
 
-def fresh_adam(lr: float, eps: float = 1e-7) -> optax.GradientTransformation:
+def fresh_adam(lr: float | optax.Schedule, eps: float = 1e-7) -> optax.GradientTransformation:
     """The first step of a newly built Adam, every step: -lr g / (|g| + eps), a sign-like update.
 
     This is what re-creating Keras's Adam at every iteration does (the reference MR-MAML notebook).
     """
     return optax.chain(
-        optax.stateless(lambda g, _: jax.tree.map(lambda x: x / (jnp.abs(x) + eps), g)), optax.scale(-lr)
+        optax.stateless(lambda g, _: jax.tree.map(lambda x: x / (jnp.abs(x) + eps), g)),
+        optax.scale_by_learning_rate(lr),
     )
 
 
+def learning_rate(cfg: TrainConfig) -> float | optax.Schedule:
+    """train.lr under train.lr_schedule: a constant; 'step', lr * lr_decay^floor(t / lr_decay_every);
+    'cosine', lr (1 + cos(pi t / steps)) / 2 (Loshchilov & Hutter 2017)."""
+    if cfg.lr_schedule == "step":
+        return optax.exponential_decay(cfg.lr, cfg.lr_decay_every, cfg.lr_decay, staircase=True)
+    if cfg.lr_schedule == "cosine":
+        return optax.cosine_decay_schedule(cfg.lr, cfg.steps)
+    return cfg.lr
+
+
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """optax chain: optional global-norm clipping, then Adam / AdamW / SGD at a constant rate, with the
-    parameters named by `fresh_adam` updated by `fresh_adam` instead."""
+    """optax chain: optional global-norm clipping, then Adam / AdamW / SGD at the scheduled rate
+    (`learning_rate`), with the parameters named by `fresh_adam` updated by `fresh_adam` instead."""
+    lr = learning_rate(cfg)
     if cfg.optimizer == "adamw":
-        opt = optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
+        opt = optax.adamw(lr, weight_decay=cfg.weight_decay)
     else:
-        opt = {"adam": optax.adam, "sgd": optax.sgd}[cfg.optimizer](cfg.lr)
+        opt = {"adam": optax.adam, "sgd": optax.sgd}[cfg.optimizer](lr)
     if cfg.fresh_adam:
         prefix = cfg.fresh_adam
 
         def labels(params: dict) -> dict:
             return {k: "fresh" if prefix == "all" or k.startswith(prefix) else "kept" for k in params}
 
-        opt = optax.multi_transform({"fresh": fresh_adam(cfg.lr), "kept": opt}, labels)
+        opt = optax.multi_transform({"fresh": fresh_adam(lr), "kept": opt}, labels)
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt) if cfg.grad_clip else opt
 
 

@@ -9,11 +9,12 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from bayesmeta import run
+from bayesmeta import registry, run
 from bayesmeta.cli import main
-from bayesmeta.fit import CHECKPOINT, CheckpointError, fit
+from bayesmeta.fit import CHECKPOINT, CheckpointError, fit, learning_rate, make_optimizer
 from bayesmeta.predict import eval_tasks, evaluate, predictive
 
 
@@ -225,3 +226,33 @@ def test_a_diverging_seed_stops_alone_and_keeps_its_checkpoint(small_cfg, tmp_pa
     np.testing.assert_allclose(a.trace.loss, alone.trace.loss, rtol=2e-4, atol=1e-6)
     with np.load(path) as z:
         assert int(z["step"]) == 100
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_the_step_schedule_scales_each_update_by_the_decay_at_its_interval(optimizer):
+    """train.lr_schedule='step': with a constant gradient, SGD's update (and Adam's, whose normalised
+    step is then the rate) is -lr, -lr, -lr/2, -lr/2, -lr/4 at lr_decay 0.5 every 2 steps."""
+    step = ["train.lr=0.1", "train.lr_schedule='step'", "train.lr_decay_every=2"]
+    cfg = registry.load_config(None, [f"train.optimizer='{optimizer}'", *step])
+    opt = make_optimizer(cfg.train)
+    params = {"w": jnp.zeros(3)}
+    state, sizes = opt.init(params), []
+    for _ in range(5):
+        upd, state = opt.update({"w": jnp.ones(3)}, state, params)
+        sizes.append(float(upd["w"][0]))
+    np.testing.assert_allclose(sizes, [-0.1, -0.1, -0.05, -0.05, -0.025], rtol=1e-4)
+
+
+def test_the_cosine_schedule_ends_at_zero_and_constant_keeps_the_optimizer_state():
+    """'cosine' is lr at step 0, lr / 2 halfway and 0 at train.steps; the default 'constant' passes the
+    rate as a number, so the optimizer state (and every checkpoint written before schedules) is as
+    plain Adam's."""
+    cfg = registry.load_config(None, ["train.lr=0.2", "train.steps=100", "train.lr_schedule='cosine'"])
+    rate = learning_rate(cfg.train)
+    np.testing.assert_allclose([rate(0), rate(50), rate(100)], [0.2, 0.1, 0.0], atol=1e-7)
+    plain = registry.load_config(None, []).train
+    params = {"w": jnp.zeros(3)}
+    assert learning_rate(plain) == plain.lr
+    assert jax.tree.structure(make_optimizer(plain).init(params)) == jax.tree.structure(
+        optax.adam(plain.lr).init(params)
+    )
