@@ -62,6 +62,14 @@ METHODS = {
         "task.params.distort=true",
         *train(20, 1, 5, 1, 2000),
     ),
+    # distortions with three times the episodes and Snell et al.'s rate halving every 2,000 of them
+    "ProtoNet, distortions, 6,000 episodes": (
+        "model.method='protonet'",
+        "model.net.downsample='maxpool'",
+        "task.params.distort=true",
+        "train.lr_schedule='step'",
+        *train(20, 1, 5, 1, 6000),
+    ),
     # the metric learners of issue #17, trained as ProtoNet (20-way episodes, 5 queries per class)
     "TADAM": ("model.method='tadam'", "model.net.downsample='maxpool'", *train(20, 1, 5, 1, 2000)),
     "matching networks": (
