@@ -95,7 +95,9 @@ class FineTune(Classifier):
 
             return Probe(start, adapt, loss, loss, task_net.features)
 
-        return Method(name="finetune", model=model, guide=no_guide, probe=probe, likelihood=lik)
+        return Method(
+            name="finetune", model=model, guide=no_guide, probe=probe, likelihood=lik, deterministic=True
+        )
 
 
 def _finetune_regression(cfg: ModelConfig, x_dim: int, y_dim: int) -> Method:
@@ -124,7 +126,9 @@ def _finetune_regression(cfg: ModelConfig, x_dim: int, y_dim: int) -> Method:
 
         return Probe(tree_from_params("theta", net.init, params), adapt, loss, loss, net.features)
 
-    return Method(name="finetune", model=model, guide=no_guide, probe=probe, likelihood=lik)
+    return Method(
+        name="finetune", model=model, guide=no_guide, probe=probe, likelihood=lik, deterministic=True
+    )
 
 
 class NearestNeighbour(Classifier):
@@ -144,4 +148,4 @@ class NearestNeighbour(Classifier):
             out = jax.vmap(logits)(batch.x_support, batch.y_support, batch.x_query)
             observe(lik, out, batch.y_query)
 
-        return Method(name="nearest", model=model, guide=no_guide, likelihood=lik)
+        return Method(name="nearest", model=model, guide=no_guide, likelihood=lik, deterministic=True)

@@ -130,4 +130,6 @@ class L2F(Spec):
             theta = tree_from_params("theta", net.init, params)
             return Probe(theta, fitted, task_loss, task_loss, net.features)
 
-        return Method(name="l2f", model=model, guide=no_guide, probe=probe, likelihood=lik)
+        return Method(
+            name="l2f", model=model, guide=no_guide, probe=probe, likelihood=lik, deterministic=True
+        )
