@@ -113,10 +113,6 @@ class Gaussian:
         """Per-task loss of the predictive mean on a set: its MSE (the inner loop's loss)."""
         return self.task_metrics(mean, y)["mse"]
 
-    def given_f(self, f: jax.Array) -> dist.Distribution:
-        """p(y | f) per point: N(f, sd^2) over the outputs (sd as `at` gives it)."""
-        return dist.Normal(f, self.sd).to_event(1)
-
     def log_prob(self, f: jax.Array, y: jax.Array) -> jax.Array:
         """Pointwise log p(y | f) = sum_d log N(y_d; f_d, sd^2), shape f.shape[:-1] (one value per point;
         sd a number or an array broadcasting with f, as `at` gives it); a diverged task's non-finite f
@@ -164,10 +160,6 @@ class Categorical:
     def task_loss(self, mean: jax.Array, y: jax.Array) -> jax.Array:
         """Per-task loss of the predictive class probabilities on a set: their NLL (cross-entropy)."""
         return self.task_metrics(mean, y)["nll"]
-
-    def given_f(self, f: jax.Array) -> dist.Distribution:
-        """p(y | f) per point: Categorical with the class probabilities f (the site "f")."""
-        return dist.Categorical(probs=f)
 
     def log_prob(self, f: jax.Array, y: jax.Array) -> jax.Array:
         """Pointwise log p(y | f) = log f_y for class probabilities f (the site "f"), one value per point."""

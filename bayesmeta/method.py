@@ -60,11 +60,6 @@ class Method:
       protocol on labelled held-out episodes (batch.y_query given), which the engine summarizes over
       tasks into metrics.json `episode_metrics.<name>` and a table in summary.md (e.g. a sequence
       learner's accuracy at the n-th presentation of a class).
-    deterministic: at prediction (training=False) the model draws nothing but y: no latent sample site
-      and no numpyro.prng_key, so "f" and the likelihood's draw sites are functions of (params, batch).
-      The engine then runs the model once per batch and draws only y S times (`predict.predictive`),
-      instead of S identical runs of the inner loop; tests/test_predict.py checks every method that
-      declares it against S runs of numpyro's Predictive.
     """
 
     name: str
@@ -80,7 +75,6 @@ class Method:
     sampler: Callable[..., dict] | None = None
     draw_check: bool = False
     episode_metrics: Callable[..., dict] | None = None
-    deterministic: bool = False
 
 
 def no_guide(*args: object, **kwargs: object) -> None:

@@ -35,28 +35,10 @@ def predictive(
         raise ValueError(f"blown_up: expected 'keep' or 'reject', got {blown_up!r}")
     want = (*sites, DRAW_CHECK) if method.draw_check else sites
 
-    def once(params: dict, batch: TaskBatch, key: jax.Array) -> dict:
-        """A deterministic method (Method.deterministic): "f" and the draw sites from one run of the
-        model, broadcast to S draws; y drawn S times from the likelihood at f."""
-        kept = [s for s in want if s != "y"]
-        one = Predictive(
-            partial(method.model, inner_steps=inner_steps, training=False),
-            params=params,
-            num_samples=1,
-            return_sites=list({"f", *kept}),
-        )(key, batch)
-        out = {s: jnp.broadcast_to(one[s], (num_samples, *one[s].shape[1:])) for s in kept}
-        if "y" in want:
-            lik = method.likelihood.at(params, one)
-            out["y"] = lik.given_f(one["f"]).sample(jax.random.fold_in(key, 1), (num_samples,))[:, 0]
-        return out
-
     def run(params: dict, batch: TaskBatch, key: jax.Array) -> dict:
         batch = batch._replace(y_query=None)
         if method.sampler is not None:
             out = method.sampler(params, batch, key, inner_steps, num_samples)
-        elif method.deterministic:
-            out = once(params, batch, key)
         else:
             out = Predictive(
                 partial(method.model, inner_steps=inner_steps, training=False),

@@ -95,9 +95,7 @@ class FineTune(Classifier):
 
             return Probe(start, adapt, loss, loss, task_net.features)
 
-        return Method(
-            name="finetune", model=model, guide=no_guide, probe=probe, likelihood=lik, deterministic=True
-        )
+        return Method(name="finetune", model=model, guide=no_guide, probe=probe, likelihood=lik)
 
 
 def _finetune_regression(cfg: ModelConfig, x_dim: int, y_dim: int) -> Method:
@@ -126,9 +124,7 @@ def _finetune_regression(cfg: ModelConfig, x_dim: int, y_dim: int) -> Method:
 
         return Probe(tree_from_params("theta", net.init, params), adapt, loss, loss, net.features)
 
-    return Method(
-        name="finetune", model=model, guide=no_guide, probe=probe, likelihood=lik, deterministic=True
-    )
+    return Method(name="finetune", model=model, guide=no_guide, probe=probe, likelihood=lik)
 
 
 class NearestNeighbour(Classifier):
@@ -148,4 +144,4 @@ class NearestNeighbour(Classifier):
             out = jax.vmap(logits)(batch.x_support, batch.y_support, batch.x_query)
             observe(lik, out, batch.y_query)
 
-        return Method(name="nearest", model=model, guide=no_guide, likelihood=lik, deterministic=True)
+        return Method(name="nearest", model=model, guide=no_guide, likelihood=lik)

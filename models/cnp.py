@@ -121,7 +121,7 @@ def build_cnp(cfg: ModelConfig, p: CNPParams, x_dim: int, y_dim: int, name: str)
             kl_weight=p.beta,
             likelihood=lik,
         )
-    return Method(name, model, guide, elbo="meanfield", likelihood=lik, deterministic=p.variant == "none")
+    return Method(name, model, guide, elbo="meanfield", likelihood=lik)
 
 
 def _spec(name: str, **defaults: object) -> type:

@@ -130,6 +130,4 @@ class L2F(Spec):
             theta = tree_from_params("theta", net.init, params)
             return Probe(theta, fitted, task_loss, task_loss, net.features)
 
-        return Method(
-            name="l2f", model=model, guide=no_guide, probe=probe, likelihood=lik, deterministic=True
-        )
+        return Method(name="l2f", model=model, guide=no_guide, probe=probe, likelihood=lik)

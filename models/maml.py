@@ -108,7 +108,7 @@ def build_maml(
         return Probe(theta, adapt, task_loss, task_loss, net.features)
 
     name = "fomaml" if first_order else "maml"
-    return Method(name=name, model=model, guide=no_guide, probe=probe, likelihood=lik, deterministic=True)
+    return Method(name=name, model=model, guide=no_guide, probe=probe, likelihood=lik)
 
 
 LEARNED_LR = ["none", "per_layer_step", "meta_sgd"]

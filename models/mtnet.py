@@ -149,10 +149,4 @@ class MTNet(Spec):
             out = jax.vmap(lambda ph, x: transformed_apply(net, ph, transform, x))(phi, batch.x_query)
             observe(lik, out, batch.y_query)
 
-        return Method(
-            name="mtnet",
-            model=model,
-            guide=no_guide,
-            likelihood=lik,
-            deterministic=not (p.masks and p.test_masks == "sample"),
-        )
+        return Method(name="mtnet", model=model, guide=no_guide, likelihood=lik)

@@ -179,4 +179,4 @@ class MUMOMAML(Spec):
             )
             observe(lik, out, batch.y_query)
 
-        return Method(name="mumomaml", model=model, guide=no_guide, likelihood=lik, deterministic=True)
+        return Method(name="mumomaml", model=model, guide=no_guide, likelihood=lik)

@@ -69,4 +69,4 @@ class ReBAL(Spec):
             ctx = jnp.broadcast_to(state[:, None, :], (*xq.shape[:2], h))
             observe(lik, net.apply(theta, jnp.concatenate([xq, ctx], -1)), batch.y_query)
 
-        return Method(name="rebal", model=model, guide=no_guide, likelihood=lik, deterministic=True)
+        return Method(name="rebal", model=model, guide=no_guide, likelihood=lik)

@@ -173,4 +173,4 @@ class SNAIL(Classifier):
             )
             observe(lik, out, batch.y_query)
 
-        return Method(name="snail", model=model, guide=no_guide, likelihood=lik, deterministic=not p.shuffle)
+        return Method(name="snail", model=model, guide=no_guide, likelihood=lik)

@@ -151,4 +151,4 @@ class TAML(Spec):
                 numpyro.factor("taml", -p.lam * reg)
             observe(lik, jax.vmap(net.apply)(phi, batch.x_query), batch.y_query)
 
-        return Method(name="taml", model=model, guide=no_guide, likelihood=lik, deterministic=True)
+        return Method(name="taml", model=model, guide=no_guide, likelihood=lik)

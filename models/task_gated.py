@@ -314,7 +314,7 @@ def build_gated(
         theta = tree_from_params("theta", net.init, params)
         return Probe(theta, fitted, task_loss, task_loss, net.features)
 
-    return Method(name=name, model=model, guide=no_guide, probe=probe, likelihood=lik, deterministic=True)
+    return Method(name=name, model=model, guide=no_guide, probe=probe, likelihood=lik)
 
 
 @dataclass(frozen=True)
