@@ -110,6 +110,8 @@ def gradient_descent(
     # one copy of theta per task first (per-task batched GEMMs, and a reduction of their gradients).
     first = body if remat == "none" else jax.checkpoint(body, policy=_policy(remat))
     fast, first_loss = first(fast, jax.tree.map(lambda r: r[0], rates))
+    if steps == 1:  # no empty scan: XLA would still compile its body
+        return {**slow, **fast}, first_loss[None]
     rest = jax.tree.map(lambda r: r[1:], rates)
     if remat == "sqrt":
         fast, losses = _segmented_scan(body, fast, rest, steps - 1)
