@@ -122,6 +122,31 @@ def test_an_evaluation_equal_to_the_training_runs_own_is_not_repeated(tmp_path):
     assert (tmp_path / "cells" / own.run_name / "evals" / "own" / "metrics.json").is_file()
 
 
+def test_evaluations_on_other_held_out_settings_reuse_the_fits_bound(tmp_path):
+    """The PAC-Bayes bound reads the training tasks only: an MR-MAML(W) fit writes it to its run's
+    cache, and a later grid's evaluation of that fit on another held-out setting takes it from there
+    (a value planted in the entry comes back; no second entry)."""
+    small = (
+        *SMALL,
+        "task.family='nme_sinusoid'",
+        "model.method='mr_maml_w'",
+        "train.steps=50",
+        "eval.memorization_tasks=0",
+        "eval.bound_tasks=20",
+        "eval.tasks=20",
+    )
+    k3, k7 = (Cell("mr", f"k{k}", 0, small, evaluation=(f"eval.task.shots={k}",)) for k in (3, 7))
+    first = run_grid("t", DEFAULT_CONFIG, [k3], ["mse@10"], tmp_path, progress=False).outcomes[0]
+    run_dir = tmp_path / "runs" / k3.run_name  # trained, evaluated as trained, then on k3
+    (entry,) = (run_dir / "cache").glob("pac_bayes-*.json")
+    own = json.loads((run_dir / "metrics.json").read_text())["pac_bayes"]
+    assert json.loads(entry.read_text()) == own == first.metrics["pac_bayes"]
+    entry.write_text(json.dumps(own | {"bound": 0.5}))  # a mark: only a reuse can report it
+    later = run_grid("t", DEFAULT_CONFIG, [k7], ["mse@10"], tmp_path, progress=False).outcomes[0]
+    assert later.metrics["pac_bayes"]["bound"] == 0.5 and later.metrics["eval_tasks"] == 20
+    assert len(list((run_dir / "cache").glob("pac_bayes-*.json"))) == 1
+
+
 def test_seeds_of_one_configuration_train_together_and_a_failing_pair_is_reported(tmp_path, capsys):
     """run_grid trains the untrained seeds of each configuration as lanes of one computation: both
     seeds of "ok" finish and are recorded, both of "bad" fail with the step named, and a second
