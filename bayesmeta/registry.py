@@ -240,5 +240,16 @@ def _table(params: Any) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """config.load (the schema), then the family's and the method's options validated and completed."""
-    return with_options(config_mod.load(path, overrides))
+    """config.load (the schema), then the family's and the method's options validated and completed. A
+    problem of the file itself (it fails without the overrides too) names the file, e.g. a truncated
+    run config whose last value was cut short."""
+    try:
+        return with_options(config_mod.load(path, overrides))
+    except ConfigError as e:
+        if path is None or str(e).startswith(str(path)):
+            raise
+        try:
+            with_options(config_mod.load(path))
+        except ConfigError as alone:
+            raise ConfigError(f"{path}: {alone}") from None
+        raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import pytest
 
 from bayesmeta import config, registry
 from bayesmeta.cli import main
+from bayesmeta.config import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -89,3 +91,16 @@ def test_resolved_config_round_trips(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text(config.dumps(cfg))
     assert registry.load_config(path) == cfg
+
+
+def test_a_problem_of_the_file_names_the_file_and_one_of_an_override_does_not(tmp_path):
+    """registry.load_config: a value the file itself gets wrong is reported with the file's path (a
+    truncated run config can end in a valid but wrong value); a bad override on a good file is not."""
+    bad = tmp_path / "config.toml"
+    bad.write_text("[train]\nlr = 0.0\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad))}: train\.lr: expected a number > 0"):
+        registry.load_config(bad)
+    good = tmp_path / "good.toml"
+    good.write_text("[train]\nlr = 0.01\n")
+    with pytest.raises(ConfigError, match=r"^train\.lr: expected a number > 0"):
+        registry.load_config(good, ["train.lr=0"])
