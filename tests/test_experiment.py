@@ -134,15 +134,21 @@ def test_evaluations_on_other_held_out_settings_reuse_the_fits_bound(tmp_path):
         "eval.memorization_tasks=0",
         "eval.bound_tasks=20",
         "eval.tasks=20",
+        "eval.plot_tasks=0",
+        "eval.samples=2",
+        "eval.posterior_draws=5",
+        "eval.inner_steps=[1]",
+        "model.net.hidden=[8]",
     )
-    k3, k7 = (Cell("mr", f"k{k}", 0, small, evaluation=(f"eval.task.shots={k}",)) for k in (3, 7))
-    first = run_grid("t", DEFAULT_CONFIG, [k3], ["mse@10"], tmp_path, progress=False).outcomes[0]
-    run_dir = tmp_path / "runs" / k3.run_name  # trained, evaluated as trained, then on k3
+    own = Cell("mr", "own", 0, small, evaluation=("eval.tasks=20",))  # the training run's own evaluation
+    k7 = Cell("mr", "k7", 0, small, evaluation=("eval.task.shots=7",))
+    first = run_grid("t", DEFAULT_CONFIG, [own], ["mse@1"], tmp_path, progress=False).outcomes[0]
+    run_dir = tmp_path / "runs" / own.run_name
     (entry,) = (run_dir / "cache").glob("pac_bayes-*.json")
     own = json.loads((run_dir / "metrics.json").read_text())["pac_bayes"]
     assert json.loads(entry.read_text()) == own == first.metrics["pac_bayes"]
     entry.write_text(json.dumps(own | {"bound": 0.5}))  # a mark: only a reuse can report it
-    later = run_grid("t", DEFAULT_CONFIG, [k7], ["mse@10"], tmp_path, progress=False).outcomes[0]
+    later = run_grid("t", DEFAULT_CONFIG, [k7], ["mse@1"], tmp_path, progress=False).outcomes[0]
     assert later.metrics["pac_bayes"]["bound"] == 0.5 and later.metrics["eval_tasks"] == 20
     assert len(list((run_dir / "cache").glob("pac_bayes-*.json"))) == 1
 
