@@ -383,6 +383,7 @@ def test_a_fit_level_result_is_computed_once_per_parameters_and_settings_it_read
         cfg = registry.load_config(None, list(overrides))
         return SimpleNamespace(setup=SimpleNamespace(cfg=cfg), params={"w": np.asarray(w, np.float32)})
 
+    _Counting.calls = 0  # the count starts here, however often the test runs in one process
     section, cache = _Counting(), tmp_path / "cache"
     first = _cached(section, run_at([1.0, 2.0]), cache)
     assert first == {"value": 3.0, "computed": 1}
