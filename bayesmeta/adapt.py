@@ -107,7 +107,7 @@ def gradient_descent(
         # One step runs without a scan: under vmap over tasks theta stays shared, so the step's forward
         # and backward are one GEMM over every task's points, where a scan carry is first broadcast to
         # one copy of theta per task (experiments/bench/maml_sinusoid.py: the engine's step went from
-        # 1.17-1.25x the hand-written one to 1.00-1.07x). Longer loops keep the single scan: peeling
+        # 1.21-1.24x the hand-written one to 1.00-1.07x). Longer loops keep the single scan: peeling
         # their first step off was no faster in ad-hoc timings and compiled the step's body twice.
         if remat != "none":  # "sqrt" of one step: the step itself, rematerialised
             policy = "nothing_saveable" if remat == "sqrt" else remat
