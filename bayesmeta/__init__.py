@@ -1,10 +1,15 @@
 """bayesmeta: meta-learning as hierarchical Bayesian inference (NumPyro models, one SVI engine)."""
 
-from bayesmeta.api import Run, open_run
-from bayesmeta.config import Config, ConfigError
-from bayesmeta.registry import load_config as load
-from bayesmeta.registry import register_family, register_method
-from bayesmeta.run import Setup, train
+from bayesmeta.heap import retain_freed_memory
+
+retain_freed_memory()  # before JAX's CPU backend starts its threads (bayesmeta.heap)
+
+
+from bayesmeta.api import Run, open_run  # noqa: E402
+from bayesmeta.config import Config, ConfigError  # noqa: E402
+from bayesmeta.registry import load_config as load  # noqa: E402
+from bayesmeta.registry import register_family, register_method  # noqa: E402
+from bayesmeta.run import Setup, train  # noqa: E402
 
 __all__ = [
     "Config",
