@@ -20,12 +20,14 @@ ENV = "BAYESMETA_RETAIN_MEMORY"
 
 
 def retain_freed_memory() -> bool:
-    """mallopt(M_ARENA_MAX = 1, M_MMAP_MAX = 0, M_TRIM_THRESHOLD = 2^31 - 1, M_TOP_PAD = 64 MiB) on
-    glibc: every allocation comes from the one main heap and freed memory stays in it for reuse (the
-    process keeps its peak memory). Must run before XLA's threads first allocate (bayesmeta's import
-    does it). A no-op returning False off glibc or with BAYESMETA_RETAIN_MEMORY=0."""
+    """mallopt(M_ARENA_MAX = 1, M_MMAP_MAX = 0, M_TRIM_THRESHOLD = M_TOP_PAD = 2^31 - 1) on glibc:
+    every allocation comes from the one main heap and freed memory stays in it for reuse, so the
+    process keeps its peak memory. mallopt's int caps the trim threshold at 2 GiB, and Eigen's
+    multi-threaded matmuls free more than that at the heap's top at times; the equal top pad makes
+    such a trim keep 2 GiB. Must run before XLA's threads first allocate (bayesmeta's import does it).
+    A no-op returning False off glibc or with BAYESMETA_RETAIN_MEMORY=0."""
     if os.environ.get(ENV, "1") == "0" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    settings = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 64 << 20))
+    settings = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 2**31 - 1))
     return all(libc.mallopt(param, value) == 1 for param, value in settings)

@@ -56,6 +56,9 @@ class Method:
       its `draw_sites`); `likelihood.at(params, draws)` is the observation model of y given a draw's f
       at fitted parameters and predictive draws (a learned noise sd; a heteroscedastic head's per-point
       sd), from which the engine computes calibration and the pointwise log-likelihood.
+    inner_loop: False for a method whose prediction does not depend on `inner_steps` (it reads the support
+      set in one pass: metric, memory, graph and conditional-process learners); the evaluation then
+      computes one step count and copies it to the others (tests check the declaration).
     episode_metrics: (params, batch, key) -> {name: (T,) per-task values}, metrics of the method's own
       protocol on labelled held-out episodes (batch.y_query given), which the engine summarizes over
       tasks into metrics.json `episode_metrics.<name>` and a table in summary.md (e.g. a sequence
@@ -74,6 +77,7 @@ class Method:
     probe: Callable[[dict], Probe] | None = None
     sampler: Callable[..., dict] | None = None
     draw_check: bool = False
+    inner_loop: bool = True
     episode_metrics: Callable[..., dict] | None = None
 
 

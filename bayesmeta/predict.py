@@ -138,16 +138,21 @@ def evaluate(
     draws: dict[int, dict[str, list]] = {}
     support: dict[int, list] = {}
     steps = (0, *(s for s in inner_steps if s != 0))
-    total = len(batches) * len(steps)
+    predicted = [s for s in steps if s in inner_steps]
+    if not method.inner_loop:  # every step count predicts alike: compute the first, copy it to the others
+        predicted = predicted[:1]
+    computed = steps if method.inner_loop else tuple(dict.fromkeys((0, *predicted)))
+    total = len(batches) * len(computed)
     with tqdm(total=total, desc="evaluate", disable=not progress or total < 2) as bar:
-        for s in steps:
+        for s in computed:
             run = predictive(method, s, num_samples, ("y", "f", *likelihood.draw_sites), blown_up)
             loss = support_loss(method, likelihood, s, num_samples)
             for i, batch in enumerate(batches):
                 k = jax.random.fold_in(key, i)
-                support.setdefault(s, []).append(np.asarray(loss(params, batch, k)))
+                if method.inner_loop or s == 0:
+                    support.setdefault(s, []).append(np.asarray(loss(params, batch, k)))
                 bar.update()
-                if s not in inner_steps:
+                if s not in predicted:
                     continue
                 out = run(params, batch, k)
                 mean = jnp.mean(out["f"], axis=0)
@@ -160,6 +165,11 @@ def evaluate(
                     per_task.setdefault(s, {}).setdefault(name, []).append(np.asarray(v))
                 for site, v in out.items():
                     draws.setdefault(s, {}).setdefault(site, []).append(np.asarray(v))
+    for s in steps:  # the copies (identical results: the same computation on the same keys)
+        support.setdefault(s, support[0])
+        if s in inner_steps and predicted:
+            per_task.setdefault(s, per_task[predicted[0]])
+            draws.setdefault(s, draws[predicted[0]])
     cat = partial(np.concatenate, axis=0)
     tasks = jax.tree.map(lambda *a: np.concatenate(a, 0), *batches)
     return Evaluation(

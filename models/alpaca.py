@@ -152,7 +152,7 @@ class ALPaCA(Spec):
             heads = jax.vmap(posterior_heads, (0, 0, None, 0))(kn, ln, sd, eps)
             observe(out_lik, jnp.einsum("tnk,tkm->tnm", phi_q, heads), y)
 
-        return Method("alpaca", model, no_guide, likelihood=lik)
+        return Method("alpaca", model, no_guide, likelihood=lik, inner_loop=False)
 
 
 @dataclass(frozen=True)
@@ -222,4 +222,4 @@ class MixtureALPaCA(Spec):
             heads = jax.vmap(posterior_heads, (0, 0, None, 0))(pick(kn), pick(ln), sd, eps)
             observe(out_lik, jnp.einsum("tnk,tkm->tnm", phi_q, heads), y)
 
-        return Method("alpaca_mixture", model, no_guide, likelihood=lik)
+        return Method("alpaca_mixture", model, no_guide, likelihood=lik, inner_loop=False)

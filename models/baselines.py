@@ -144,4 +144,4 @@ class NearestNeighbour(Classifier):
             out = jax.vmap(logits)(batch.x_support, batch.y_support, batch.x_query)
             observe(lik, out, batch.y_query)
 
-        return Method(name="nearest", model=model, guide=no_guide, likelihood=lik)
+        return Method(name="nearest", model=model, guide=no_guide, likelihood=lik, inner_loop=False)

@@ -120,8 +120,9 @@ def build_cnp(cfg: ModelConfig, p: CNPParams, x_dim: int, y_dim: int, name: str)
             kl=lambda params: gaussian_weights_kl(params, "xpath"),
             kl_weight=p.beta,
             likelihood=lik,
+            inner_loop=False,
         )
-    return Method(name, model, guide, elbo="meanfield", likelihood=lik)
+    return Method(name, model, guide, elbo="meanfield", likelihood=lik, inner_loop=False)
 
 
 def _spec(name: str, **defaults: object) -> type:

@@ -127,4 +127,4 @@ class GNN(Classifier):
             )
             observe(lik, out, batch.y_query)
 
-        return Method(name="gnn", model=model, guide=no_guide, likelihood=lik)
+        return Method(name="gnn", model=model, guide=no_guide, likelihood=lik, inner_loop=False)

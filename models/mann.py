@@ -257,4 +257,11 @@ class MANN(Classifier):
             keep = tuple(k for k in INSTANCES if k <= per_class)
             return jax.vmap(lambda lo, yy: instance_accuracy(lo, yy, y_dim, keep))(logits, y)
 
-        return Method(name="mann", model=model, guide=no_guide, likelihood=lik, episode_metrics=by_instance)
+        return Method(
+            name="mann",
+            model=model,
+            guide=no_guide,
+            likelihood=lik,
+            episode_metrics=by_instance,
+            inner_loop=False,
+        )

@@ -129,4 +129,4 @@ class MatchingNetworks(Classifier):
             )
             observe(lik, out, batch.y_query)
 
-        return Method(name="matching", model=model, guide=no_guide, likelihood=lik)
+        return Method(name="matching", model=model, guide=no_guide, likelihood=lik, inner_loop=False)

@@ -133,4 +133,6 @@ class NP(Spec):
             y = jnp.concatenate([batch.y_support, batch.y_query], 1)
             sample_z(*latent(phi, x, y), kl_weight(p, batch.x_query.shape[1]))
 
-        return Method("np", model, guide, elbo="meanfield", predict_with_guide=False, likelihood=lik)
+        return Method(
+            "np", model, guide, elbo="meanfield", predict_with_guide=False, likelihood=lik, inner_loop=False
+        )

@@ -51,4 +51,4 @@ class ProtoNet(Classifier):
             logits = jax.vmap(prototype_logits, (0, 0, 0, None))(z_s, batch.y_support, z_q, y_dim)
             observe(lik, logits, batch.y_query)
 
-        return Method(name="protonet", model=model, guide=no_guide, likelihood=lik)
+        return Method(name="protonet", model=model, guide=no_guide, likelihood=lik, inner_loop=False)

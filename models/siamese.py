@@ -110,4 +110,4 @@ class Siamese(Classifier):
             out = jax.vmap(nearest_match_logits, (0, 0, None))(logit, batch.y_support, y_dim)
             observe(lik, out, batch.y_query)
 
-        return Method(name="siamese", model=model, guide=no_guide, likelihood=lik)
+        return Method(name="siamese", model=model, guide=no_guide, likelihood=lik, inner_loop=False)

@@ -173,4 +173,4 @@ class SNAIL(Classifier):
             )
             observe(lik, out, batch.y_query)
 
-        return Method(name="snail", model=model, guide=no_guide, likelihood=lik)
+        return Method(name="snail", model=model, guide=no_guide, likelihood=lik, inner_loop=False)

@@ -118,4 +118,4 @@ class TADAM(Classifier):
                 numpyro.factor("film_l2", -p.film_l2 * film_penalty(tenp))
             observe(lik, alpha * out, batch.y_query)
 
-        return Method(name="tadam", model=model, guide=no_guide, likelihood=lik)
+        return Method(name="tadam", model=model, guide=no_guide, likelihood=lik, inner_loop=False)

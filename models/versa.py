@@ -151,4 +151,4 @@ class VERSA(Spec):
                 eps = numpyro.sample("head_eps", dist.Normal(0.0, 1.0).expand(loc.shape[1:]).to_event(2))
             observe(lik, jax.vmap(head_outputs)(loc + sd * eps, h_q), y)
 
-        return Method("versa", model, no_guide, likelihood=lik)
+        return Method("versa", model, no_guide, likelihood=lik, inner_loop=False)

@@ -1,0 +1,89 @@
+"""Method.inner_loop: a method that declares no inner loop predicts the same at every step count (so
+the declaration is true), and the evaluation then computes one step count and copies it, with the same
+results as computing each."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import optax
+import pytest
+from numpyro.infer import SVI, Trace_ELBO
+
+from bayesmeta import registry
+from bayesmeta.predict import evaluate, predictive
+from bayesmeta.run import Setup
+from tests.clusters import BASE as CLUSTERS
+
+SMALL = {  # the methods that declare inner_loop=False, each on a small task family it accepts
+    "protonet": (*CLUSTERS, "model.method='protonet'"),
+    "tadam": (*CLUSTERS, "model.method='tadam'"),
+    "matching": (*CLUSTERS, "model.method='matching'"),
+    "siamese": (*CLUSTERS, "model.method='siamese'"),
+    "nearest": (*CLUSTERS, "model.method='nearest'"),
+    "gnn": (
+        *CLUSTERS,
+        "model.method='gnn'",
+        "model.params.width=8",
+        "model.params.layers=1",
+        "model.params.edge_hidden=[1.0]",
+    ),
+    "mann": (*CLUSTERS, "model.method='mann'", "model.params.units=8", "model.params.slots=8"),
+    "snail": (*CLUSTERS, "model.method='snail'", "model.params.keys=[4]", "model.params.values=[4]"),
+    "cnp": ("model.method='cnp'",),
+    "mr_cnp_w": ("model.method='mr_cnp_w'",),
+    "mr_cnp_a": ("model.method='mr_cnp_a'",),
+    "np": ("model.method='np'",),
+    "versa": ("model.method='versa'",),
+    "alpaca": ("model.method='alpaca'",),
+    "alpaca_mixture": ("model.method='alpaca_mixture'",),
+}
+
+
+def built(overrides: tuple[str, ...]):
+    """(setup, a batch of 2 tasks, the method's initial parameters) for a config."""
+    setup = Setup.from_config(registry.load_config(None, ["model.net.hidden=[8]", *overrides]))
+    batch = setup.family.sample(jax.random.PRNGKey(1), 2)
+    svi = SVI(setup.method.model, setup.method.guide, optax.sgd(0.0), Trace_ELBO())
+    return setup, batch, svi.get_params(jax.jit(svi.init)(jax.random.PRNGKey(0), batch))
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_a_declared_method_predicts_the_same_at_every_step_count(name):
+    setup, batch, params = built(SMALL[name])
+    assert setup.method.inner_loop is False
+    both = jax.jit(lambda p, b, k: [predictive(setup.method, s, 1, ("f",))(p, b, k)["f"] for s in (1, 3)])
+    one, three = both(params, batch, jax.random.PRNGKey(2))
+    np.testing.assert_array_equal(np.asarray(one), np.asarray(three))
+
+
+def test_evaluation_without_an_inner_loop_computes_once_with_the_same_results():
+    """ProtoNet evaluated at steps (1, 3): with its declaration the model is traced for the support loss
+    at 0 and one prediction (2 traces), without it at 0, 1, 3 and both predictions (5), and every
+    result is the same."""
+    setup, batch, params = built(SMALL["protonet"])
+    traces = []
+
+    def counted(method):
+        def model(*args, **kwargs):
+            traces.append(kwargs.get("inner_steps"))
+            return method.model(*args, **kwargs)
+
+        return dataclasses.replace(method, model=model)
+
+    out = {}
+    for declared in (False, True):
+        traces.clear()
+        method = counted(dataclasses.replace(setup.method, inner_loop=declared))
+        out[declared] = evaluate(method, setup.likelihood, params, [batch], (1, 3), 2, jax.random.PRNGKey(5))
+        assert len(traces) == (5 if declared else 2), traces
+    declared, each = out[False], out[True]
+    for s in (0, 1, 3):
+        np.testing.assert_array_equal(declared.support_loss[s], each.support_loss[s])
+    for s in (1, 3):
+        for name, v in each.per_task[s].items():
+            np.testing.assert_array_equal(declared.per_task[s][name], v)
+        for site, v in each.draws[s].items():
+            np.testing.assert_array_equal(declared.draws[s][site], v)
