@@ -1,9 +1,9 @@
 """Keep freed memory in the process heap, so that XLA's buffers are not page-faulted in at every step.
 
-XLA's CPU backend allocates each execution's temporaries afresh (about 900 MiB for two steps of conv
+XLA's CPU backend allocates each execution's temporaries afresh (about 0.8 GiB for a step of conv
 MAML at the standard protocol). glibc serves allocations above 32 MiB by mmap and unmaps them when
-they are freed, so each execution touches its buffers page by page again: some 200,000 minor page
-faults per call, all in the kernel's time. With one arena, no mmap and no trimming, freed buffers are
+they are freed, so each execution touches its buffers page by page again: some 150,000 minor page
+faults per step, all in the kernel's time. With one arena, no mmap and no trimming, freed buffers are
 reused as they are. experiments/bench/heap measures the effect on the Omniglot training steps.
 """
 

@@ -1,12 +1,12 @@
 """Benchmark: the Omniglot training steps with and without bayesmeta.heap's retained heap.
 
-    .venv/bin/python experiments/bench/heap/run.py [--repeats 5] [--steps 2]
+    .venv/bin/python experiments/bench/heap/run.py [--repeats 5] [--steps 2] [--warmup 10]
 
 Each row times one Omniglot training step configuration in a fresh process, with
 BAYESMETA_RETAIN_MEMORY=0 (glibc's defaults: XLA's buffers above 32 MiB are mmapped at every execution
 and unmapped after it) and =1 (bayesmeta's default: one arena, no mmap, no trimming). The step is the
 engine's: a lax.scan of `--steps` SVI updates with tasks sampled on device, as `bayesmeta fit` trains;
-mean over `--repeats` calls after a warm-up call. Per step: wall ms, minor page faults, user and
+mean over `--repeats` calls after `--warmup` untimed ones. Per step: wall ms, minor page faults, user and
 system CPU seconds.
 "One thread" runs as the experiments' grids do (XLA_FLAGS=--xla_cpu_multi_thread_eigen=false, one
 run per core); "two threads" is XLA's default. Writes RESULTS.md and results.json beside this file.
@@ -44,7 +44,7 @@ CONFIGS = {  # label -> (bench omniglot method, meta-batch, overrides)
 THREADS = {"one thread": "--xla_cpu_multi_thread_eigen=false", "two threads": ""}
 
 
-def child(label: str, steps: int, repeats: int) -> None:
+def child(label: str, steps: int, repeats: int, warmup: int) -> None:
     """Time one configuration's sampled training scan in this process; print one JSON line."""
     import jax
 
@@ -56,7 +56,8 @@ def child(label: str, steps: int, repeats: int) -> None:
     setup, svi, state, data_key, _ = bench.engine(cfg, mb)
     start = jax.numpy.int32(0)
     _, exe = compile_timed(bench.scanned(svi.update, steps, setup.family, mb, data_key), state, start)
-    jax.block_until_ready(exe(state, start))  # warm-up: the first call faults the heap in either way
+    for w in range(warmup):  # the retained heap grows to its working size in the first few calls
+        jax.block_until_ready(exe(state, start + steps * (repeats + 1 + w)))
     rows = []
     for r in range(repeats):
         before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -79,10 +80,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=2, help="SVI steps per timed call")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=10, help="untimed calls first")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(args.child, args.steps, args.repeats)
+        child(args.child, args.steps, args.repeats, args.warmup)
         return
     from bayesmeta.bench import write_results
     from bayesmeta.tables import markdown_table
@@ -95,7 +97,7 @@ def main() -> None:
             for retain in ("0", "1"):
                 env = os.environ | {"XLA_FLAGS": flags, "BAYESMETA_RETAIN_MEMORY": retain}
                 cmd = [sys.executable, __file__, f"--child={label}", f"--steps={args.steps}"]
-                cmd.append(f"--repeats={args.repeats}")
+                cmd += [f"--repeats={args.repeats}", f"--warmup={args.warmup}"]
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 lines = done.stdout.strip().splitlines()
                 if done.returncode or not lines:
@@ -131,12 +133,14 @@ def main() -> None:
         "Each training step in a fresh process, without (*off*: BAYESMETA_RETAIN_MEMORY=0, glibc's "
         "defaults) and with (*on*: bayesmeta's default) the retained heap of `bayesmeta.heap`: one "
         f"arena, no mmap, no trimming. A `lax.scan` of {args.steps} SVI steps with tasks sampled on "
-        f"device, mean over {args.repeats} calls after a warm-up call; CPU seconds and faults from "
+        f"device, mean over {args.repeats} calls after {args.warmup} untimed ones (the retained heap grows "
+        "to its working size in the first few); CPU seconds and faults from "
         "getrusage over the timed call. *One thread*: XLA_FLAGS=--xla_cpu_multi_thread_eigen=false, "
         "as the experiment grids run one run per core; *two threads*: XLA's default."
     )
     minutes = (time.perf_counter() - started) / 60
-    command = f".venv/bin/python experiments/bench/heap/run.py --steps {args.steps} --repeats {args.repeats}"
+    command = ".venv/bin/python experiments/bench/heap/run.py"
+    command += f" --steps {args.steps} --repeats {args.repeats} --warmup {args.warmup}"
     title = "Benchmark: the retained heap (bayesmeta.heap) on the Omniglot training steps"
     write_results(HERE, title, intro, markdown_table(head, table), command, minutes, {"rows": rows})
 
