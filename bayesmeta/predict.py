@@ -165,7 +165,7 @@ def evaluate(
                     per_task.setdefault(s, {}).setdefault(name, []).append(np.asarray(v))
                 for site, v in out.items():
                     draws.setdefault(s, {}).setdefault(site, []).append(np.asarray(v))
-    for s in steps:  # the copies (identical results: the same computation on the same keys)
+    for s in steps if batches else ():  # the copies (identical: the same computation on the same keys)
         support.setdefault(s, support[0])
         if s in inner_steps and predicted:
             per_task.setdefault(s, per_task[predicted[0]])
