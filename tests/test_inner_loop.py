@@ -42,38 +42,41 @@ SMALL = {  # the methods that declare inner_loop=False, each on a small task fam
 }
 
 
+def setup_and_svi(overrides: tuple[str, ...]):
+    """(Setup, an SVI over the method's model and guide) for a small config."""
+    setup = Setup.from_config(registry.load_config(None, ["model.net.hidden=[8]", *overrides]))
+    return setup, SVI(setup.method.model, setup.method.guide, optax.sgd(0.0), Trace_ELBO())
+
+
 def built(overrides: tuple[str, ...]):
     """(setup, a batch of 2 tasks, the method's initial parameters) for a config."""
-    setup = Setup.from_config(registry.load_config(None, ["model.net.hidden=[8]", *overrides]))
+    setup, svi = setup_and_svi(overrides)
     batch = setup.family.sample(jax.random.PRNGKey(1), 2)
-    svi = SVI(setup.method.model, setup.method.guide, optax.sgd(0.0), Trace_ELBO())
     return setup, batch, svi.get_params(jax.jit(svi.init)(jax.random.PRNGKey(0), batch))
 
 
-def lowered(overrides: tuple[str, ...], steps: int) -> tuple[bool, str]:
-    """(the method's inner_loop, the StableHLO text of its jitted predictive at `steps` test-time steps)
-    for a config, lowered at abstract shapes: nothing is compiled or run."""
-    setup = Setup.from_config(registry.load_config(None, ["model.net.hidden=[8]", *overrides]))
+def lowered(overrides: tuple[str, ...]) -> tuple[bool, str, str]:
+    """(the method's inner_loop, the StableHLO texts of its jitted predictive at 1 and at 3 test-time
+    steps) for a config, lowered at abstract shapes: nothing is compiled or run."""
+    setup, svi = setup_and_svi(overrides)
     key = jax.random.PRNGKey(0)
     batch = jax.eval_shape(lambda k: setup.family.sample(k, 2), key)
-    svi = SVI(setup.method.model, setup.method.guide, optax.sgd(0.0), Trace_ELBO())
     params = jax.eval_shape(lambda k, b: svi.get_params(svi.init(k, b)), key, batch)
-    return setup.method.inner_loop, predictive(setup.method, steps, 1, ("f",)).lower(
-        params, batch, key
-    ).as_text()
+    one, three = (predictive(setup.method, s, 1, ("f",)).lower(params, batch, key).as_text() for s in (1, 3))
+    return setup.method.inner_loop, one, three
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_a_declared_method_predicts_the_same_at_every_step_count(name):
     """Its predictive at 1 and at 3 steps lowers to the same program: on the same inputs, the same draws."""
-    (declared, one), (_, three) = (lowered(SMALL[name], s) for s in (1, 3))
+    declared, one, three = lowered(SMALL[name])
     assert declared is False
     assert one == three
 
 
 def test_the_check_tells_an_inner_loop_apart():
     """MAML's predictive, whose inner loop runs the steps, lowers to different programs at 1 and 3."""
-    (maml, one), (_, three) = (lowered(("model.method='maml'",), s) for s in (1, 3))
+    maml, one, three = lowered(("model.method='maml'",))
     assert maml is True and one != three
 
 
