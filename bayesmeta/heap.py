@@ -4,7 +4,10 @@ XLA's CPU backend allocates each execution's temporaries afresh (about 0.8 GiB f
 MAML at the standard protocol). glibc serves allocations above 32 MiB by mmap and unmaps them when
 they are freed, so each execution touches its buffers page by page again: some 150,000 minor page
 faults per step, all in the kernel's time. With one arena, no mmap and no trimming, freed buffers are
-reused as they are. experiments/bench/heap measures the effect on the Omniglot training steps.
+reused as they are. The one arena has a price: XLA's compiles, which allocate from several threads,
+take 60-75% longer. experiments/bench/heap measures both on the Omniglot training steps (idle machine:
+steps 4-14% faster, compiles 3.5-5.4 s -> 5.7-8.6 s), so it is opt-in (BAYESMETA_RETAIN_MEMORY=1),
+for long runs whose time is in the steps rather than in compiles.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ def retain_freed_memory() -> bool:
     process keeps its peak memory. mallopt's int caps the trim threshold at 2 GiB, and Eigen's
     multi-threaded matmuls free more than that at the heap's top at times; the equal top pad makes
     such a trim keep 2 GiB. Must run before XLA's threads first allocate (bayesmeta's import does it).
-    A no-op returning False off glibc or with BAYESMETA_RETAIN_MEMORY=0."""
-    if os.environ.get(ENV, "1") == "0" or platform.libc_ver()[0] != "glibc":
+    Only with BAYESMETA_RETAIN_MEMORY=1 and on glibc; otherwise a no-op returning False."""
+    if os.environ.get(ENV, "0") != "1" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     settings = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 2**31 - 1))

@@ -4,10 +4,10 @@
 
 Each row times one Omniglot training step configuration in a fresh process, with
 BAYESMETA_RETAIN_MEMORY=0 (glibc's defaults: XLA's buffers above 32 MiB are mmapped at every execution
-and unmapped after it) and =1 (bayesmeta's default: one arena, no mmap, no trimming). The step is the
+and unmapped after it; bayesmeta's default) and =1 (one arena, no mmap, no trimming). The step is the
 engine's: a lax.scan of `--steps` SVI updates with tasks sampled on device, as `bayesmeta fit` trains;
 mean over `--repeats` calls after `--warmup` untimed ones. Per step: wall ms, minor page faults, user and
-system CPU seconds.
+system CPU seconds; per process: peak RSS and the seconds to lower and compile the scan.
 "One thread" runs as the experiments' grids do (XLA_FLAGS=--xla_cpu_multi_thread_eigen=false, one
 run per core); "two threads" is XLA's default. Writes RESULTS.md and results.json beside this file.
 """
@@ -55,7 +55,7 @@ def child(label: str, steps: int, repeats: int, warmup: int) -> None:
     cfg = bench.load(method, mb, 64, *over)
     setup, svi, state, data_key, _ = bench.engine(cfg, mb)
     start = jax.numpy.int32(0)
-    _, exe = compile_timed(bench.scanned(svi.update, steps, setup.family, mb, data_key), state, start)
+    compile_s, exe = compile_timed(bench.scanned(svi.update, steps, setup.family, mb, data_key), state, start)
     for w in range(warmup):  # the retained heap grows to its working size in the first few calls
         jax.block_until_ready(exe(state, start + steps * (repeats + 1 + w)))
     rows = []
@@ -73,7 +73,7 @@ def child(label: str, steps: int, repeats: int, warmup: int) -> None:
         )
     mean = {k: sum(r[k] for r in rows) / repeats for k in rows[0]}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps(mean | {"max_rss_mib": peak, "calls": rows}))
+    print(json.dumps(mean | {"compile_s": compile_s, "max_rss_mib": peak, "calls": rows}))
 
 
 def main() -> None:
@@ -117,6 +117,7 @@ def main() -> None:
                     f"{off['user_s_per_step']:.2f} / {on['user_s_per_step']:.2f}",
                     f"{off['sys_s_per_step']:.2f} / {on['sys_s_per_step']:.2f}",
                     f"{off['max_rss_mib']:,.0f} / {on['max_rss_mib']:,.0f}",
+                    f"{off['compile_s']:.1f} / {on['compile_s']:.1f}",
                 ]
             )
     head = [
@@ -128,14 +129,16 @@ def main() -> None:
         "user CPU s per step, off / on",
         "system CPU s per step, off / on",
         "peak RSS MiB, off / on",
+        "compile s, off / on",
     ]
     intro = (
         "Each training step in a fresh process, without (*off*: BAYESMETA_RETAIN_MEMORY=0, glibc's "
-        "defaults) and with (*on*: bayesmeta's default) the retained heap of `bayesmeta.heap`: one "
+        "defaults, bayesmeta's default) and with (*on*: =1) the retained heap of `bayesmeta.heap`: one "
         f"arena, no mmap, no trimming. A `lax.scan` of {args.steps} SVI steps with tasks sampled on "
         f"device, mean over {args.repeats} calls after {args.warmup} untimed ones (the retained heap grows "
         "to its working size in the first few); CPU seconds and faults from "
-        "getrusage over the timed call. *One thread*: XLA_FLAGS=--xla_cpu_multi_thread_eigen=false, "
+        "getrusage over the timed call; compile: seconds to lower and compile the scan in that process. "
+        "*One thread*: XLA_FLAGS=--xla_cpu_multi_thread_eigen=false, "
         "as the experiment grids run one run per core; *two threads*: XLA's default."
     )
     minutes = (time.perf_counter() - started) / 60
