@@ -8,7 +8,6 @@ import inspect
 import json
 import os
 import platform
-import re
 import shlex
 import sys
 import time
@@ -490,7 +489,7 @@ class Results:
         header = ["method", "setting", *metrics, "diverged tasks (support loss rose)", "seeds"]
         return markdown_table(header, lines) + "\n"
 
-    def long_table(self, legend: bool = True) -> str:
+    def long_table(self) -> str:
         def ci(v: float | None) -> str:
             return "n/a" if v is None else f"± {v:.4f}"
 
@@ -527,7 +526,7 @@ class Results:
             ]
             for r in self.rows
         ]
-        return markdown_table(header, body) + "\n" + (VERDICT_LEGEND if legend else "")
+        return markdown_table(header, body) + "\n" + VERDICT_LEGEND
 
     def write(self) -> None:
         seeds = sorted({o.cell.seed for o in self.outcomes})
@@ -750,82 +749,6 @@ def plot_sweep(
         )
         ax.legend()
     return save_fig(fig, path)
-
-
-def rerender_verdicts(
-    out_dir: Path,
-    published: dict,
-    contrasts_wanted: list[Contrast] | None = None,
-    scale: float = 1.0,
-    unit: str = "",
-    caveat: str = "accuracy is bounded, so no task can dominate a mean",
-    notes: str | None = None,
-) -> None:
-    """Recompute the verdict column of a committed RESULTS.md / results.json from its rows (per-seed
-    means and 95% CIs over tasks), for experiments whose runs predate the verdict rule and are too
-    long to rerun in one session. The table says that its runs counted only non-finite tasks as
-    diverged (the support-loss rule was not measured), and the contrasts are paired by seed."""
-    data = json.loads((out_dir / "results.json").read_text())
-    rows = []
-    for r in data["results"]:
-        pub = _published(published.get((r["method"], r["setting"], r["metric"])))
-        word, tol = verdict(r["metric"], r["per_seed"], r.get("ci95_tasks"), pub)
-        # runs of older code measured no dominance: a mean over 100 x its median is taken as dominated
-        dominated = bool(r["mean"] is not None and r["median"] and r["mean"] > 100 * abs(r["median"]))
-        if dominated and pub is not None and not pub.baseline:
-            word, tol = "no verdict (a mean one task dominates)", None
-        rows.append(
-            {k: v for k, v in r.items() if k not in ("mean_finite", "sd_finite")}
-            | {
-                "published": None if pub is None else pub.value,
-                "published_sd": None if pub is None else pub.sd,
-                "failure_baseline": bool(pub and pub.baseline),
-                "verdict": word,
-                "tolerance": tol,
-                # runs of older code measured no dominance: a mean over 100 x its median is taken as one
-                "dominated": bool(
-                    r["mean"] is not None and r["median"] and r["mean"] > 100 * abs(r["median"])
-                ),
-                "sd": r["sd"] if r["n"] > 1 else None,
-                "sd_median": r["sd_median"] if r["n"] > 1 else None,
-            }
-        )
-    res = Results(data["title"], out_dir, rows, [], data["wall_seconds"])
-    table = res.long_table(legend=False).replace(
-        "| diverged tasks (support loss rose) |", "| non-finite tasks (support-loss rule not run) |"
-    )
-    md = re.sub(
-        r"\n?<!-- verdicts -->.*?<!-- /verdicts -->\n", "", (out_dir / "RESULTS.md").read_text(), flags=re.S
-    )
-    lines = md.splitlines(keepends=True)
-    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
-    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
-    note = (
-        f"\nVerdicts recomputed from results.json by `{res.command}` on "
-        f"{time.strftime('%Y-%m-%d', time.gmtime())}; these runs predate the divergence rule, so only "
-        f"non-finite tasks were counted as diverged ({caveat}); a mean above 100 x its median is taken as "
-        "dominated by one task and not shown (†). "
-        "Verdict: *matches* when ours is within the combined 95% interval (our t-interval over seeds, or "
-        "over tasks with one seed, and 1.96 x the paper's sd where it gives one); otherwise *better* or "
-        "*worse*; *inconclusive* when ours is within it but it is as wide as the published value; a paper's "
-        "failure baseline is judged through its contrast.\n"
-    )
-    extra = ""
-    if contrasts_wanted:
-        means = {
-            (r["method"], r["setting"], r["metric"], seed): v
-            for r in rows
-            for seed, v in zip(r["seeds"], r["per_seed"], strict=True)
-        }
-        extra = "\n" + contrast_table(paired(means, contrasts_wanted), scale, unit)
-    block = f"\n<!-- verdicts -->{note}{extra}<!-- /verdicts -->\n"
-    md = "".join(lines[:start]) + table + block + "".join(lines[end:])
-    if notes is not None:  # the script's current notes replace the ones written with the runs
-        md = re.sub(
-            r"## Notes\n\n.*?\n## Runs", lambda _: f"## Notes\n\n{notes.strip()}\n\n## Runs", md, flags=re.S
-        )
-    write_text(out_dir / "RESULTS.md", md)
-    write_json(out_dir / "results.json", data | {"results": rows})
 
 
 def end_change(history: dict[str, float]) -> float | None:

@@ -41,29 +41,6 @@ def test_grid_reports_failed_runs_and_reuses_finished_ones(tmp_path):
     assert not fourth.outcomes[0].reused and (tmp_path / "runs").exists()
 
 
-def test_verdicts_are_rerendered_from_results_json_idempotently(tmp_path):
-    """rerender_verdicts recomputes the verdict column from a committed results.json (per-seed means
-    and CIs) and replaces its own block and the notes on a second call instead of stacking them."""
-    from bayesmeta.experiment import Contrast, rerender_verdicts
-    from bayesmeta.stats import Published
-
-    small = (*SMALL, "train.steps=100", "eval.memorization_tasks=0")
-    cells = [Cell("a", "s", 0, small), Cell("b", "s", 0, (*small, "model.inner_lr=0.02"))]
-    run_grid("t", DEFAULT_CONFIG, cells, ["mse@10"], tmp_path, progress=False, notes="old notes")
-    mean = json.loads((tmp_path / "results.json").read_text())["results"][0]["mean"]
-    published = {("a", "s", "mse@10"): Published(mean * 100, baseline=False)}
-    wanted = [Contrast("s", "a", "b", "mse@10")]
-    rerender_verdicts(tmp_path, published, wanted, notes="new notes")
-    first = (tmp_path / "RESULTS.md").read_text()
-    rerender_verdicts(tmp_path, published, wanted, notes="new notes")
-    assert (tmp_path / "RESULTS.md").read_text() == first
-    assert "| a | s | mse@10 |" in first and "| better |" in first  # 100x below the published error
-    assert "new notes" in first and "old notes" not in first
-    assert first.count("<!-- verdicts -->") == 1 and "b minus a" in first and "one seed" in first
-    rows = json.loads((tmp_path / "results.json").read_text())["results"]
-    assert rows[0]["verdict"] == "better" and rows[1]["verdict"] == "n/a"
-
-
 def test_a_curve_is_flat_only_when_its_last_quarter_stops_changing(tmp_path):
     from bayesmeta.experiment import Cell, Outcome, curve_table, end_change, plot_curves
 

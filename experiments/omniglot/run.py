@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bayesmeta.experiment import Cell, Contrast, contrast_table, contrasts, rerender_verdicts, run_grid
+from bayesmeta.experiment import Cell, Contrast, contrast_table, contrasts, run_grid
 from bayesmeta.stats import Published
 
 HERE = Path(__file__).parent
@@ -549,12 +549,7 @@ held-out accuracy falls towards chance (0.05).
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "what",
-        choices=["table", "nme", "nme-ablation", "instances", "verdicts"],
-        help="verdicts: recompute the verdicts of the committed nme results, which predate the "
-        "divergence rule (no training)",
-    )
+    p.add_argument("what", choices=["table", "nme", "nme-ablation", "instances"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--only", nargs="+", help="method labels to run (default: all)")
     p.add_argument("--shots", type=int, nargs="+", help="nme: the shot settings to run (default: 1 and 5)")
@@ -578,9 +573,7 @@ def main() -> None:
         out = Path(tempfile.mkdtemp(prefix="omniglot_nme_smoke_"))
         extra = SMOKE
         print(f"smoke run in {out}")
-    if args.what == "verdicts":
-        rerender_verdicts(HERE / "nme", nme_published(), nme_contrasts(), 100, " pt", notes=NME_NOTES)
-    elif args.what == "nme":
+    if args.what == "nme":
         nme(args.seeds, args.only, args.shots, args.protocol, extra, out)
     elif args.what == "nme-ablation":
         nme_ablation(args.seeds, extra, out)
