@@ -625,15 +625,21 @@ def _fmt(v: float | None) -> str:
 CACHE = Path.home() / ".cache" / "bayesmeta" / "xla"
 
 
+CACHE_BYTES = 4 << 30
+
+
 def compilation_cache() -> None:
-    """Use XLA's persistent compilation cache (JAX_COMPILATION_CACHE_DIR, else ~/.cache/bayesmeta/xla)
-    unless one is configured: every seed of a configuration compiles to one program (the data key is
-    an argument of the training chunk), so a grid's later seeds load it instead of compiling."""
+    """Use XLA's persistent compilation cache in ~/.cache/bayesmeta/xla unless one is configured: every
+    seed of a configuration compiles to one program (the data key is an argument of the training
+    chunk), so a grid's later seeds load it instead of compiling. The cache is bounded (least recently
+    used entries go beyond CACHE_BYTES), which also makes JAX hold a file lock around each read and
+    write: the worker processes of a grid, and concurrent experiments, share the folder."""
     import jax
 
     if not jax.config.jax_compilation_cache_dir:
-        folder = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(CACHE))
-        jax.config.update("jax_compilation_cache_dir", folder)
+        jax.config.update("jax_compilation_cache_dir", str(CACHE))
+        if jax.config.jax_compilation_cache_max_size < 0:
+            jax.config.update("jax_compilation_cache_max_size", CACHE_BYTES)
 
 
 def run_cells(cells: list[Cell], base: Path, out_dir: Path, progress: bool = False) -> list[Outcome]:

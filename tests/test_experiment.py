@@ -252,3 +252,42 @@ def test_a_joint_target_is_met_only_by_one_method_meeting_every_condition():
     assert "**Missed**" in joint_target_table(split + ref + dominated, conds, reference="ref")
     good = [row("good", "nll", 0.08), row("good", "cov", 0.91)]
     assert "**Met** by good (s)" in joint_target_table(split + good, conds)
+
+
+CACHE_PROBE = """
+import jax, jax.numpy as jnp
+from bayesmeta.experiment import compilation_cache
+compilation_cache()
+jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()
+print(jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size)
+"""
+
+
+def _cache_probe(tmp_path, **env: str) -> tuple[str, int]:
+    import os
+    import subprocess
+    import sys
+
+    keep = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    # every program is cached, however fast it compiled (the probe's one is tiny)
+    env = keep | {"HOME": str(tmp_path), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"} | env
+    done = subprocess.run(
+        [sys.executable, "-c", CACHE_PROBE], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    folder, size = done.stdout.split()
+    return folder, int(size)
+
+
+def test_the_default_compilation_cache_is_bounded_and_locked(tmp_path):
+    """Without a configured cache, experiments use ~/.cache/bayesmeta/xla with a size bound, which makes
+    JAX lock the folder and record each entry's last use (the files of its LRU cache); a cache the user
+    configured is left as it is."""
+    folder, size = _cache_probe(tmp_path)
+    assert folder == str(tmp_path / ".cache" / "bayesmeta" / "xla") and size > 0
+    names = [p.name for p in (tmp_path / ".cache" / "bayesmeta" / "xla").iterdir()]
+    assert ".lockfile" in names and any(n.endswith("-cache") for n in names), names
+    assert any(n.endswith("-atime") for n in names), names
+    own = tmp_path / "own"
+    assert _cache_probe(tmp_path, JAX_COMPILATION_CACHE_DIR=str(own)) == (str(own), -1)
+    assert not (own / ".lockfile").exists() and any(own.iterdir())
