@@ -623,9 +623,7 @@ def _fmt(v: float | None) -> str:
 
 
 CACHE = Path.home() / ".cache" / "bayesmeta" / "xla"
-
-
-CACHE_BYTES = 4 << 30
+CACHE_BYTES = 4 << 30  # the cache's bound; least recently used programs are dropped beyond it
 
 
 def compilation_cache() -> None:
