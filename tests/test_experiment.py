@@ -4,7 +4,10 @@ reported and the grid goes on."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -264,10 +267,6 @@ print(jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max
 
 
 def _cache_probe(tmp_path, **env: str) -> tuple[str, int]:
-    import os
-    import subprocess
-    import sys
-
     keep = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
     # every program is cached, however fast it compiled (the probe's one is tiny)
     env = keep | {"HOME": str(tmp_path), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"} | env
