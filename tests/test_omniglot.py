@@ -7,7 +7,9 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -134,6 +136,21 @@ def test_prepared_dataset_survives_a_corrupt_archive(tmp_path, monkeypatch):
     d = str(tmp_path / "tfds")
     n = len(data.prepare("runs", str(good), d).as_data_source("runs"))
     assert len(data.prepare("runs", str(bad), d).as_data_source("runs")) == n == 800
+
+
+def test_concurrent_preparations_take_turns(tmp_path):
+    """Two preparations of one config at once (two experiments started on a fresh machine) both
+    return the prepared dataset; without the lock the second's rename into place fails."""
+    d, start = str(tmp_path / "tfds"), threading.Barrier(2)
+    data.builder_class()  # threads stand in for processes, which each register the class once
+
+    def prepare() -> int:
+        start.wait()
+        return len(data.prepare("runs", str(SHARED), d).as_data_source("runs"))
+
+    with ThreadPoolExecutor(2) as pool:
+        sizes = [f.result() for f in [pool.submit(prepare) for _ in range(2)]]
+    assert sizes == [800, 800]
 
 
 def test_rotate_matches_numpy():

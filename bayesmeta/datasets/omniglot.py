@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+from filelock import FileLock
 
 ARCHIVES = {
     "small1": "images_background_small1.zip",
@@ -246,7 +247,8 @@ def data_dir(configured: str = "") -> str | None:
 def prepare(config: str, archives: str = "", data: str = "") -> object:
     """The prepared TFDS builder for config "minimal" | "full" | "runs", preparing it from the archives
     when it is not there yet. A prepared dataset is reused without reading the archives, so a missing
-    or corrupt archive can never damage it; archives are checked before anything is written."""
+    or corrupt archive can never damage it; archives are checked before anything is written. Processes
+    preparing the same config at once take turns under a file lock, and all get the one prepared copy."""
     if config not in SPLITS:
         raise ValueError(f"config: expected one of {sorted(SPLITS)}, got {config!r}")
     cls = builder_class()
@@ -255,15 +257,20 @@ def prepare(config: str, archives: str = "", data: str = "") -> object:
         return builder
     dirs = search_dirs(archives)
     paths = {split: find_archive(split, dirs) for split in SPLITS[config]}
-    builder = cls(config=config, data_dir=data_dir(data), file_format="array_record", archives=paths)
-    import tensorflow_datasets as tfds
+    lock = Path(builder.data_dir).parent.with_suffix(".lock")  # <data>/bayesmeta_omniglot/<config>.lock
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(lock, thread_local=False):  # one process prepares; the others wait, then reuse it
+        builder = cls(config=config, data_dir=data_dir(data), file_format="array_record", archives=paths)
+        if builder.is_prepared():
+            return builder
+        import tensorflow_datasets as tfds
 
-    tfds.display_progress_bar(sys.stderr.isatty())  # bars on a terminal, not in logs or captured output
-    try:
-        builder.download_and_prepare()
-    except BaseException:
-        _remove_partial(Path(builder.data_dir))
-        raise
+        tfds.display_progress_bar(sys.stderr.isatty())  # bars on a terminal, not in logs or output
+        try:
+            builder.download_and_prepare()
+        except BaseException:
+            _remove_partial(Path(builder.data_dir))
+            raise
     return builder
 
 
