@@ -25,6 +25,7 @@ from bayesmeta.diagnostics import reference
 from bayesmeta.fit import CHECKPOINT, NonFiniteError
 from bayesmeta.io import run_lock, write_json, write_text
 from bayesmeta.predict import eval_tasks
+from bayesmeta.provenance import cpu_model
 from bayesmeta.stats import Published, contrast_verdict, verdict
 from bayesmeta.tables import markdown_table
 from bayesmeta.tasks.base import PriorDraws
@@ -438,16 +439,6 @@ def contrast_table(rows: list[dict[str, Any]], scale: float = 1.0, unit: str = "
         "verdict",
     ]
     return markdown_table(header, rows_md) + "\n"
-
-
-def cpu_model() -> str:
-    """The CPU's model name as Linux reports it (/proc/cpuinfo), or 'model unknown'."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return "model unknown"
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else "model unknown"
 
 
 def machine() -> str:

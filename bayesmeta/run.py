@@ -34,6 +34,7 @@ from bayesmeta.io import publish, run_lock, write_text
 from bayesmeta.likelihoods import Gaussian
 from bayesmeta.method import Context, Method
 from bayesmeta.predict import Evaluation, eval_tasks, evaluate, predictive, quick_metric
+from bayesmeta.provenance import environment
 from bayesmeta.registry import build_method, make_family
 from bayesmeta.report import INFERENCE, build_datatree, save_datatree, write_report
 from bayesmeta.sections import (
@@ -346,6 +347,7 @@ def finish(
         "eval_tasks": cfg.eval.tasks,
         "final_loss": float(loss[-100:].mean()),
         "largest_loss": {"value": float(loss.max()), "step": int(np.argmax(loss)) + 1},
+        "environment": environment(),
         "metrics": ev.summary(),
         **dump_sections(results),
     }

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
+import numpyro
 import pytest
 import xarray as xr
 
+from bayesmeta import provenance
 from bayesmeta.cli import main
 from tests.conftest import SMALL
 
@@ -57,6 +60,10 @@ def test_fit_evaluate_report_through_the_cli(tmp_path, capsys):
     assert metrics["metrics"]["mse@10"]["n"] == 40
     # the largest one-step loss and its (1-based) step, kept where cell records keep it
     assert metrics["largest_loss"] == {"value": float(loss.max()), "step": int(np.argmax(loss)) + 1}
+    # where the floats came from: a record that does not reproduce is told apart from a code change
+    env = metrics["environment"]
+    assert env["jax"] == jax.__version__ and env["numpyro"] == numpyro.__version__
+    assert env["cpu"] == provenance.cpu_model() and set(env["cpu_features"]) <= set(provenance.ISA)
     for name in ("summary.md", "config.toml", "plots/training.png", "plots/predictions.png"):
         assert (run_dir / name).stat().st_size > 0
     assert "| mse@10 |" in (run_dir / "summary.md").read_text()
@@ -80,3 +87,12 @@ def test_markdown_table_escapes_pipes_and_checks_row_widths():
     assert markdown_table(["a", "b"], [[1, "x|y"]]) == "| a | b |\n|---|---|\n| 1 | x\\|y |"
     with pytest.raises(ValueError, match="a row has 1 cells, the header 2"):
         markdown_table(["a", "b"], [[1]])
+
+
+def test_cpu_features_are_read_from_the_flags(monkeypatch):
+    info = {"model name": "Some CPU", "flags": "fpu sse2 avx2 fma avx512f avx512bw"}
+    monkeypatch.setattr(provenance, "_cpuinfo", lambda: info)
+    assert provenance.cpu_features() == ["avx2", "fma", "avx512f"]
+    assert provenance.cpu_model() == "Some CPU"
+    monkeypatch.setattr(provenance, "_cpuinfo", dict)
+    assert provenance.cpu_features() == [] and provenance.cpu_model() == "model unknown"
