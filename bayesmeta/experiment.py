@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ import numpy as np
 from bayesmeta import config, registry, run
 from bayesmeta.diagnostics import reference
 from bayesmeta.fit import CHECKPOINT, NonFiniteError
-from bayesmeta.io import run_lock, write_json, write_text
+from bayesmeta.io import atomic_write, run_lock, write_json, write_text
 from bayesmeta.predict import eval_tasks
 from bayesmeta.provenance import cpu_model
 from bayesmeta.stats import Published, contrast_verdict, verdict
@@ -118,6 +119,46 @@ def _record(folder: Path, cfg: config.Config, metrics: dict[str, Any]) -> None:
     (folder / "failed.json").unlink(missing_ok=True)  # an earlier config's failure must not pair with cfg
     write_text(folder / "config.toml", config.dumps(cfg))
     write_json(folder / "metrics.json", metrics | ({"calibration": calib} if calib else {}))
+    shutil.rmtree(folder / PARKED, ignore_errors=True)  # finished: nothing left to resume
+
+
+PARKED = "parked"  # cells/<run>/parked/: an unfinished run's config.toml and checkpoint, to resume elsewhere
+
+
+def park(out_dir: Path) -> list[str]:
+    """Copy every unfinished run of out_dir/runs/ that has a checkpoint (its config.toml and
+    checkpoint/state.npz) into its record folder, cells/<run>/parked/, so that a run longer than one
+    sitting continues on another machine (resume is bit-identical: tests/test_fit.py); returns the runs
+    parked. Stop the grid first (Ctrl-C checkpoints a run at its current step)."""
+    parked = []
+    for run_dir in sorted((out_dir / "runs").glob("*")):
+        unfinished = (run_dir / CHECKPOINT).is_file() and not (run_dir / "metrics.json").is_file()
+        if not (unfinished and (run_dir / "config.toml").is_file()):
+            continue
+        with run_lock(run_dir, "bayesmeta park"):  # not while a grid is still writing it
+            blob = (run_dir / CHECKPOINT).read_bytes()
+            to = out_dir / CELLS / run_dir.name / PARKED
+            atomic_write(to / "state.npz", lambda f, b=blob: f.write(b))
+            write_text(to / "config.toml", (run_dir / "config.toml").read_text())
+        parked.append(run_dir.name)
+    return parked
+
+
+def _unpark(record: Path, run_dir: Path, cfg: config.Config) -> bool:
+    """Put a parked checkpoint made with this config into run_dir (when run_dir has none of it) to
+    resume from; whether run_dir now has one to resume."""
+    if _same_config(run_dir / "config.toml", cfg) and (run_dir / CHECKPOINT).is_file():
+        return True
+    parked = record / PARKED
+    if not (_same_config(parked / "config.toml", cfg) and (parked / "state.npz").is_file()):
+        return False
+    blob = (parked / "state.npz").read_bytes()
+    with run_lock(run_dir, "bayesmeta experiment (resuming a parked run)"):
+        (run_dir / "metrics.json").unlink(missing_ok=True)  # another config's results, as a fresh start
+        write_text(run_dir / "config.toml", (parked / "config.toml").read_text())
+        atomic_write(run_dir / CHECKPOINT, lambda f: f.write(blob))
+    print(f"resuming {run_dir.name} from its parked checkpoint", file=sys.stderr, flush=True)
+    return True
 
 
 def _record_failure(folder: Path, cfg: config.Config, error: str, seconds: float) -> None:
@@ -126,6 +167,7 @@ def _record_failure(folder: Path, cfg: config.Config, error: str, seconds: float
     (folder / "metrics.json").unlink(missing_ok=True)  # an earlier config's result must not pair with cfg
     write_text(folder / "config.toml", config.dumps(cfg))
     write_json(folder / "failed.json", {"version": run.METRICS_VERSION, "error": error, "seconds": seconds})
+    shutil.rmtree(folder / PARKED, ignore_errors=True)
 
 
 def _recorded_failure(folder: Path, cfg: config.Config) -> dict[str, Any] | None:
@@ -174,7 +216,7 @@ def _train(cell: Cell, base: Path, out_dir: Path, progress: bool) -> Outcome:
         _record(record, cfg, m)
         return Outcome(cell, m, m["train_seconds"] + m["eval_seconds"], reused=True)
     t0 = time.perf_counter()
-    resume = same and (run_dir / CHECKPOINT).is_file()
+    resume = _unpark(record, run_dir, cfg)
     try:
         _, metrics = run.train(cfg, run_dir, resume=resume, progress=progress)
     except NonFiniteError as e:  # recorded as a failed run; the grid goes on
@@ -194,6 +236,8 @@ def _untrained(cell: Cell, base: Path, out_dir: Path) -> config.Config | None:
     ):
         return None
     record = out_dir / CELLS / cell.run_name
+    if _same_config(record / PARKED / "config.toml", cfg):
+        return None  # resumed from its parked checkpoint by _train
     if cell.evaluation:
         overrides = [*cell.overrides, *cell.evaluation, f"seed={cell.seed}", f"name={cell.run_name}"]
         evaluated = registry.load_config(base, overrides)

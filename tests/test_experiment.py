@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 
+from bayesmeta import experiment, run
 from bayesmeta.config import DEFAULT_CONFIG
 from bayesmeta.experiment import Cell, run_grid
 from tests.conftest import SMALL
@@ -208,6 +209,27 @@ def test_a_cells_record_never_pairs_one_configs_result_with_anothers(tmp_path):
     fixed = Cell("c", "s", 0, (*small, "train.lr=2e-3"))
     res = run_grid("t", DEFAULT_CONFIG, [fixed], ["mse@10"], tmp_path, progress=False)
     assert res.outcomes[0].metrics is not None and not (record / "failed.json").exists()
+
+
+def test_a_parked_run_resumes_on_a_fresh_clone_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """An unfinished run parked into its record (checkpoint and config) resumes where runs/ is gone and
+    ends where the run without the interruption ends; the finished record drops the parked copy."""
+    small = (*SMALL, "eval.memorization_tasks=0", "eval.tasks=10")  # 200 steps, a checkpoint every 100
+    cell = Cell("c", "s", 0, small)
+    whole = run_grid("t", DEFAULT_CONFIG, [cell], ["mse@10"], tmp_path / "a", progress=False)
+    out = tmp_path / "b"
+    run.train(experiment._train_config(cell, DEFAULT_CONFIG), cell.run_dir(out), until=100, progress=False)
+    assert experiment.park(out) == ["c-s-seed0"]
+    shutil.rmtree(out / "runs")
+    train, resumed = run.train, []
+    monkeypatch.setattr(run, "train", lambda *a, **k: resumed.append(k["resume"]) or train(*a, **k))
+    res = run_grid("t", DEFAULT_CONFIG, [cell], ["mse@10"], out, progress=False)
+    metrics = res.outcomes[0].metrics
+    assert resumed == [True] and not res.outcomes[0].reused and metrics["steps"] == 200
+    assert metrics["final_loss"] == whole.outcomes[0].metrics["final_loss"]
+    assert metrics["metrics"] == whole.outcomes[0].metrics["metrics"]
+    assert not (out / "cells" / "c-s-seed0" / "parked").exists()
+    assert experiment.park(out) == []  # a finished run is not parked
 
 
 def test_an_older_record_holds_unless_a_later_version_changed_a_section_it_has():
