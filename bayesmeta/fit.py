@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -306,6 +308,22 @@ def load_checkpoint(run_dir: Path, template: Any, resume: bool = True) -> tuple[
     return state, int(data["step"]), Trace.from_arrays(data["loss"], str(data["meta"]))
 
 
+def interrupt_on_sigterm() -> Callable[[], None]:
+    """Make SIGTERM (a batch scheduler's or a machine's stop) raise KeyboardInterrupt, so training
+    checkpoints its current step as on Ctrl-C; returns the function that restores the handler. Outside
+    the main thread, or where the program set its own handler, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return lambda: None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum} (SIGTERM)")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @dataclass
 class Lane:
     """One run of those trained together: its seed, folder, record and fate."""
@@ -350,7 +368,8 @@ def fit(
 ) -> FitResult:
     """Meta-train `method` on tasks from `family` by SVI for cfg.steps steps (or up to `until`).
 
-    Checkpoints (to run_dir) every cfg.checkpoint_every steps, at the end and on KeyboardInterrupt;
+    Checkpoints (to run_dir) every cfg.checkpoint_every steps, at the end and on KeyboardInterrupt
+    (Ctrl-C, or SIGTERM while training);
     `resume` continues from the checkpoint and ends in the same parameters as an uninterrupted run.
     A non-finite loss or parameter raises NonFiniteError naming the step, after saving the last good
     state. `evaluate(params) -> metrics` runs every cfg.eval_every steps, `diagnose(params) -> values`
@@ -454,6 +473,7 @@ def fit_seeds(
                 save_checkpoint(lane.run_dir, _lane(host, i, batched), at, lane.trace)
                 lane.last_saved = at
 
+    restore_sigterm = interrupt_on_sigterm()
     try:
         while step < total and any(lane.error is None for lane in lanes):
             n = min(cfg.log_every - step % cfg.log_every, total - step)
@@ -519,6 +539,7 @@ def fit_seeds(
         checkpoint(to_host(state), step, unsaved)
         raise
     finally:
+        restore_sigterm()
         bar.close()
     clock()
     state = to_host(state)

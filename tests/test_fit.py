@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +85,29 @@ def test_keyboard_interrupt_checkpoints_and_resume_matches(small_cfg, tmp_path):
     full = fit(setup.method, setup.family, cfg.train, seed=0, progress=False)
     for k in full.params:
         np.testing.assert_array_equal(full.params[k], resumed.params[k])
+
+
+def test_sigterm_checkpoints_the_current_step_like_ctrl_c(small_cfg, tmp_path):
+    """A stop by SIGTERM (a scheduler's, a machine's) during training checkpoints the step it came at,
+    and the default handler is back afterwards."""
+    cfg = small_cfg("train.checkpoint_every=200")
+    setup = run.Setup.from_config(cfg)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as in a plain process (not a test worker's)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fit(
+                setup.method,
+                setup.family,
+                cfg.train,
+                seed=0,
+                run_dir=tmp_path / "a",
+                evaluate=lambda params: os.kill(os.getpid(), signal.SIGTERM) or {},
+                progress=False,
+            )
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert run.restore(cfg, tmp_path / "a")[1].step == 100  # the first evaluation's step
 
 
 def test_nan_guard_names_the_step_and_keeps_the_last_good_checkpoint(small_cfg, tmp_path, capsys):
