@@ -49,7 +49,10 @@ mean_k AG^q(c_k), t_i = mean_k AG^t(c_hat_k) (lines 1143-1147, which write the m
 1/N^tr), with autoencoder losses L_q, L_t; z_i = t_i (+) q_i; the algorithm is survey lines 1170-1184.
 Where we differ from the paper and its code (huaxiuyao/ARML):
   - the code's q_i is a GRU autoencoder over the per-point embeddings e_j (order-dependent) and its t_i a
-    GRU over the prototypes; we use the paper's eq. 8-9, pooling autoencoders over the prototypes;
+    GRU over the prototypes; we use pooling autoencoders, q_i over the prototypes as the paper's eq. 8
+    (`q_from = "prototypes"`, the default) or over the e_j as the code (`"points"`): with K = 2 the
+    prototypes are two weighted means of the linear e_j, so q_i then sees the support set only through
+    them, while HSML's pooled representation passes every point through a ReLU net;
   - the paper's scale factors gamma_r, gamma_o are folded into W_r, W_o (the code has none); the graph
     edges have zero self-weight as in the code, and D^-1 (A + I) is the code's row normalisation;
   - the GCN weights are Glorot-initialised (the code: truncated normal, sd 1); AG^q and AG^t are the
@@ -258,6 +261,22 @@ def gcn_names(n: int) -> list[str]:
     return [f"layer_{i:02d}" for i in range(n)]
 
 
+def arml_representation(
+    nets: dict, x: jax.Array, y: jax.Array, k: int, var: float, gnn_layers: int, q_from: str
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(z_i = t_i (+) q_i, L_q + L_t, A_S) of one task's support set (x, y): t_i pools the GCN's
+    prototype rows C_hat (ARML eq. 9); q_i pools the prototypes C (`q_from = "prototypes"`, the paper's
+    eq. 8) or the support points' embeddings e_j (`"points"`, huaxiuyao/ARML's regression code)."""
+    pairs = pair_features(x, y)
+    c = prototypes(nets["embed"], nets["assign"], pairs)
+    a_g = relation_graph(nets["vertex_rel"], nets["vertices"])
+    a, h, a_s = super_graph(c, relation_graph(nets["proto_rel"], c), nets["vertices"], a_g, var)
+    c_hat = gcn([nets["gcn"][n] for n in gcn_names(gnn_layers)], a, h)[:k]
+    q, loss_q = pooled_autoencoder(nets["ae_q"], c if q_from == "prototypes" else dense(nets["embed"], pairs))
+    t, loss_t = pooled_autoencoder(nets["ae_t"], c_hat)
+    return jnp.concatenate([t, q]), loss_q + loss_t, a_s
+
+
 def arml_spec(n_in: int, d: int, k: int, vertices: int, ae_hidden: int, gnn_layers: int) -> dict:
     """ARML's networks: pair embedding, prototype assignment, the two relation maps, the vertices, the
     autoencoders AG^q and AG^t, and the GCN layers."""
@@ -406,6 +425,12 @@ class ARML(Spec):
         gnn_layers: int = opt(
             1, ge=1, doc="graph convolution layers on the super-graph (1 in huaxiuyao/ARML)"
         )
+        q_from: str = opt(
+            "prototypes",
+            choices=["prototypes", "points"],
+            doc="what q_i pools: the prototypes (the paper's eq. 8) or the support points' embeddings e_j "
+            "(huaxiuyao/ARML's regression code, there through a GRU)",
+        )
 
     @staticmethod
     def check(cfg: ModelConfig, p: Params) -> str | None:
@@ -419,18 +444,9 @@ class ARML(Spec):
 
         def represent(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
             nets = param_tree("arml", lambda key: materialize(key, spec))
-            a_g = relation_graph(nets["vertex_rel"], nets["vertices"])  # the same for every task
-            layers = [nets["gcn"][n] for n in gcn_names(p.gnn_layers)]
 
             def one(xi: jax.Array, yi: jax.Array) -> tuple:
-                c = prototypes(nets["embed"], nets["assign"], pair_features(xi, yi))
-                a, h, a_s = super_graph(
-                    c, relation_graph(nets["proto_rel"], c), nets["vertices"], a_g, p.cluster_var
-                )
-                c_hat = gcn(layers, a, h)[:k]
-                q, loss_q = pooled_autoencoder(nets["ae_q"], c)
-                t, loss_t = pooled_autoencoder(nets["ae_t"], c_hat)
-                return jnp.concatenate([t, q]), loss_q + loss_t, a_s
+                return arml_representation(nets, xi, yi, k, p.cluster_var, p.gnn_layers, p.q_from)
 
             z, recon, a_s = jax.vmap(one)(x, y)
             numpyro.deterministic("vertex_assign", a_s)  # (T, K, G): each prototype's weights on the vertices

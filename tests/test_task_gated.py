@@ -199,6 +199,30 @@ def test_arml_graph_and_propagation_ignore_the_support_order(built):
     assert np.std(np.asarray(c_hat), 0).max() > 1e-4  # the tasks differ
 
 
+def test_arml_q_pools_the_prototypes_or_the_points(built):
+    """q_i (z's second half) pools the prototypes (the paper's eq. 8) or, with q_from = "points", the
+    support points' embeddings e_j (the reference's regression code), by hand; t_i is the same either
+    way, and both ignore the support order."""
+    _, batch, params = built["arml"]
+    nets = sub_tree(params, "arml")
+    embed, enc = jax.tree.map(np.asarray, (nets["embed"], nets["ae_q"]["encoder"]))
+
+    def z(x, y, q_from):
+        return np.asarray(tg.arml_representation(nets, x, y, 2, 2.0, 1, q_from)[0])
+
+    x, y = batch.x_support[0], batch.y_support[0]
+    points, protos = z(x, y, "points"), z(x, y, "prototypes")
+    d = points.shape[0] // 2
+    np.testing.assert_allclose(points[:d], protos[:d], rtol=1e-6)
+    e = np.concatenate([x, y], -1) @ embed["w"] + embed["b"]
+    hidden = np.maximum(e @ enc["layer_0"]["w"] + enc["layer_0"]["b"], 0)
+    h = np.maximum(hidden @ enc["head"]["w"] + enc["head"]["b"], 0)  # the encoder ends in a ReLU
+    np.testing.assert_allclose(points[d:], h.mean(0), rtol=1e-5, atol=1e-6)
+    assert np.abs(points[d:] - protos[d:]).max() > 1e-3
+    xp, yp = permuted(batch)
+    np.testing.assert_allclose(z(xp[0], yp[0], "points"), points, rtol=1e-5, atol=1e-6)
+
+
 def test_gcn_layer_by_hand():
     """Two nodes, one edge of weight 0.5: D^-1 (A + I) = [[2/3, 1/3], [1/3, 2/3]]."""
     layer = {"w": jnp.array([[2.0]]), "b": jnp.array([0.1])}
