@@ -24,7 +24,7 @@ import numpy as np
 from bayesmeta import config, registry, run
 from bayesmeta.diagnostics import reference
 from bayesmeta.fit import CHECKPOINT, NonFiniteError
-from bayesmeta.io import atomic_write, run_lock, write_json, write_text
+from bayesmeta.io import RunLockedError, atomic_write, run_lock, write_json, write_text
 from bayesmeta.predict import eval_tasks
 from bayesmeta.provenance import cpu_model
 from bayesmeta.stats import Published, contrast_verdict, verdict
@@ -129,17 +129,22 @@ def park(out_dir: Path) -> list[str]:
     """Copy every unfinished run of out_dir/runs/ that has a checkpoint (its config.toml and
     checkpoint/state.npz) into its record folder, cells/<run>/parked/, so that a run longer than one
     sitting continues on another machine (resume is bit-identical: tests/test_fit.py); returns the runs
-    parked. Stop the grid first (Ctrl-C checkpoints a run at its current step)."""
+    parked. Stop the grid first (Ctrl-C checkpoints a run at its current step): a run whose folder is
+    locked by a process still training it is left out, with a message."""
     parked = []
     for run_dir in sorted((out_dir / "runs").glob("*")):
         unfinished = (run_dir / CHECKPOINT).is_file() and not (run_dir / "metrics.json").is_file()
         if not (unfinished and (run_dir / "config.toml").is_file()):
             continue
-        with run_lock(run_dir, "bayesmeta park"):  # not while a grid is still writing it
-            blob = (run_dir / CHECKPOINT).read_bytes()
-            to = out_dir / CELLS / run_dir.name / PARKED
-            atomic_write(to / "state.npz", lambda f, b=blob: f.write(b))
-            write_text(to / "config.toml", (run_dir / "config.toml").read_text())
+        try:
+            with run_lock(run_dir, "bayesmeta park"):  # not while a grid is still writing it
+                blob = (run_dir / CHECKPOINT).read_bytes()
+                to = out_dir / CELLS / run_dir.name / PARKED
+                atomic_write(to / "state.npz", lambda f, b=blob: f.write(b))
+                write_text(to / "config.toml", (run_dir / "config.toml").read_text())
+        except RunLockedError as e:
+            print(f"not parked: {e}", file=sys.stderr, flush=True)
+            continue
         parked.append(run_dir.name)
     return parked
 

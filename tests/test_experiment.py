@@ -11,10 +11,12 @@ import sys
 
 import numpy as np
 import pytest
+from filelock import FileLock
 
 from bayesmeta import experiment, run
 from bayesmeta.config import DEFAULT_CONFIG
 from bayesmeta.experiment import Cell, run_grid
+from bayesmeta.io import LOCK
 from tests.conftest import SMALL
 
 
@@ -219,6 +221,8 @@ def test_a_parked_run_resumes_on_a_fresh_clone_to_the_uninterrupted_result(tmp_p
     whole = run_grid("t", DEFAULT_CONFIG, [cell], ["mse@10"], tmp_path / "a", progress=False)
     out = tmp_path / "b"
     run.train(experiment._train_config(cell, DEFAULT_CONFIG), cell.run_dir(out), until=100, progress=False)
+    with FileLock(cell.run_dir(out) / LOCK):  # another process training it (run_lock is re-entrant)
+        assert experiment.park(out) == []  # a run in use is left alone
     assert experiment.park(out) == ["c-s-seed0"]
     shutil.rmtree(out / "runs")
     train, resumed = run.train, []
