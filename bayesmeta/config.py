@@ -74,6 +74,12 @@ class NetConfig:
     kind: str = opt("mlp", choices=["mlp", "conv4"], doc="MLP, or 4 conv blocks for square images")
     hidden: tuple[int, ...] = opt((40, 40), ge=1, doc="MLP hidden layer widths")
     activation: str = opt("relu", choices=["relu", "tanh", "elu"], doc="MLP activation")
+    init_sd: float = opt(
+        0.0,
+        ge=0,
+        doc="MLP weights at init: Glorot-normal (0) or N(0, init_sd^2) truncated at 2 sd (0.01 in the MAML, "
+        "HSML and ARML reference code); biases zero",
+    )
     filters: int = opt(64, ge=1, doc="conv4 filters per block")
     downsample: str = opt("stride", choices=["stride", "maxpool"], doc="conv4: stride-2 convs or max pooling")
     conv: str = opt(

@@ -23,9 +23,13 @@ from bayesmeta.config import NetConfig
 ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh, "elu": jax.nn.elu}
 
 
-def dense_init(key: jax.Array, n_in: int, n_out: int) -> dict[str, jax.Array]:
-    """Glorot-normal weights, zero bias."""
-    w = jax.nn.initializers.glorot_normal()(key, (n_in, n_out), jnp.float32)
+def dense_init(key: jax.Array, n_in: int, n_out: int, sd: float = 0.0) -> dict[str, jax.Array]:
+    """Glorot-normal weights (sd = 0) or N(0, sd^2) truncated at 2 sd (TensorFlow's truncated_normal, the
+    MAML, HSML and ARML reference code's sd 0.01), zero bias."""
+    if sd > 0:
+        w = jax.nn.initializers.truncated_normal(sd)(key, (n_in, n_out), jnp.float32)
+    else:
+        w = jax.nn.initializers.glorot_normal()(key, (n_in, n_out), jnp.float32)
     return {"w": w, "b": jnp.zeros((n_out,), jnp.float32)}
 
 
@@ -73,6 +77,7 @@ class MLP:
     out_dim: int
     hidden: tuple[int, ...] = (40, 40)
     activation: str = "relu"
+    init_sd: float = 0.0  # 0: Glorot-normal weights; else truncated N(0, init_sd^2) (dense_init)
 
     @property
     def layer_names(self) -> tuple[str, ...]:
@@ -82,7 +87,7 @@ class MLP:
         sizes = (self.in_dim, *self.hidden, self.out_dim)
         keys = jax.random.split(key, len(sizes) - 1)
         return {
-            name: dense_init(k, a, b)
+            name: dense_init(k, a, b, self.init_sd)
             for name, k, a, b in zip(self.layer_names, keys, sizes[:-1], sizes[1:], strict=True)
         }
 
@@ -237,7 +242,7 @@ class Conv4:
 def make_net(cfg: NetConfig, in_dim: int, out_dim: int) -> MLP | Conv4:
     if cfg.kind == "conv4":
         return Conv4(in_dim, out_dim, cfg.filters, downsample=cfg.downsample, conv=cfg.conv)
-    return MLP(in_dim=in_dim, out_dim=out_dim, hidden=cfg.hidden, activation=cfg.activation)
+    return MLP(in_dim, out_dim, cfg.hidden, cfg.activation, cfg.init_sd)
 
 
 def embedding(net: MLP | Conv4, x_dim: int) -> tuple[Callable[[jax.Array], dict], int]:

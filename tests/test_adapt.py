@@ -358,3 +358,18 @@ def test_one_inner_step_is_the_hand_written_step_and_its_meta_gradient(remat):
     hand = jax.grad(lambda p: loss(by_hand(p), y[:, None] * x, y))(w)
     for k in w:
         np.testing.assert_allclose(meta[k], hand[k], rtol=1e-5)
+
+
+def test_reference_init_is_a_normal_truncated_at_two_sd():
+    """model.net.init_sd = 0.01: the reference code's tf.truncated_normal(stddev=0.01), every weight
+    within 2 sd and the sd of a normal truncated there (0.880 sd); biases zero; 0 keeps Glorot."""
+    cfg = registry.load_config(None, ["model.net.init_sd=0.01", "model.net.hidden=[200, 200]"])
+    from bayesmeta.nets import make_net
+
+    params = make_net(cfg.model.net, 1, 1).init(jax.random.PRNGKey(0))
+    w = np.asarray(params["layer_1"]["w"])
+    assert np.abs(w).max() <= 0.02 and abs(w.std() / 0.01 - 0.880) < 0.01
+    assert not np.any(np.asarray(params["layer_1"]["b"]))
+    glorot = make_net(registry.load_config(None, ["model.net.hidden=[200, 200]"]).model.net, 1, 1)
+    glorot_sd = np.sqrt(2 / (200 + 200))
+    assert abs(np.asarray(glorot.init(jax.random.PRNGKey(0))["layer_1"]["w"]).std() / glorot_sd - 1) < 0.02
