@@ -8,8 +8,10 @@ and unmapped after it; bayesmeta's default) and =1 (one arena, no mmap, no trimm
 engine's: a lax.scan of `--steps` SVI updates with tasks sampled on device, as `bayesmeta fit` trains;
 mean over `--repeats` calls after `--warmup` untimed ones. Per step: wall ms, minor page faults, user and
 system CPU seconds; per process: peak RSS and the seconds to lower and compile the scan.
-"One thread" runs as the experiments' grids do (XLA_FLAGS=--xla_cpu_multi_thread_eigen=false, one
-run per core); "two threads" is XLA's default. Writes RESULTS.md and results.json beside this file.
+"One thread" sets XLA_FLAGS=--xla_cpu_multi_thread_eigen=false (XLA's own thread pool still runs
+parallel loops on both cores); "one thread on one core" also pins the process to core 0
+(sched_setaffinity), as the experiment grids run one run per core; "two threads" is XLA's default.
+Writes RESULTS.md and results.json beside this file.
 """
 
 from __future__ import annotations
@@ -41,7 +43,11 @@ CONFIGS = {  # label -> (bench omniglot method, meta-batch, overrides)
         ("task.queries=5", "task.shots=1", "task.params.ways=20"),
     ),
 }
-THREADS = {"one thread": "--xla_cpu_multi_thread_eigen=false", "two threads": ""}
+THREADS = {  # label -> (XLA_FLAGS, the cores the process may run on; None: all)
+    "one thread": ("--xla_cpu_multi_thread_eigen=false", None),
+    "one thread on one core": ("--xla_cpu_multi_thread_eigen=false", (0,)),
+    "two threads": ("", None),
+}
 
 
 def child(label: str, steps: int, repeats: int, warmup: int) -> None:
@@ -82,7 +88,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=10, help="untimed calls first")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--cores", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.cores:  # before JAX starts its threads: they inherit the affinity
+        os.sched_setaffinity(0, {int(c) for c in args.cores.split(",")})
     if args.child:
         child(args.child, args.steps, args.repeats, args.warmup)
         return
@@ -92,11 +101,12 @@ def main() -> None:
     started = time.perf_counter()
     rows, table = [], []
     for label in CONFIGS:
-        for threads, flags in THREADS.items():
+        for threads, (flags, cores) in THREADS.items():
             per = {}
             for retain in ("0", "1"):
                 env = os.environ | {"XLA_FLAGS": flags, "BAYESMETA_RETAIN_MEMORY": retain}
                 cmd = [sys.executable, __file__, f"--child={label}", f"--steps={args.steps}"]
+                cmd += [f"--cores={','.join(map(str, cores))}"] if cores else []
                 cmd += [f"--repeats={args.repeats}", f"--warmup={args.warmup}"]
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 lines = done.stdout.strip().splitlines()
@@ -138,8 +148,9 @@ def main() -> None:
         f"device, mean over {args.repeats} calls after {args.warmup} untimed ones (the retained heap grows "
         "to its working size in the first few); CPU seconds and faults from "
         "getrusage over the timed call; compile: seconds to lower and compile the scan in that process. "
-        "*One thread*: XLA_FLAGS=--xla_cpu_multi_thread_eigen=false, "
-        "as the experiment grids run one run per core; *two threads*: XLA's default."
+        "*One thread*: XLA_FLAGS=--xla_cpu_multi_thread_eigen=false (XLA's thread pool still runs "
+        "parallel loops on both cores); *on one core*: that process pinned to core 0, as "
+        "the experiment grids run one run per core; *two threads*: XLA's default."
     )
     minutes = (time.perf_counter() - started) / 60
     command = ".venv/bin/python experiments/bench/heap/run.py"
