@@ -705,6 +705,24 @@ def _run_parallel(cells: list[Cell], base: Path, out_dir: Path, jobs: int) -> li
     return [done[cell] for cell in cells]
 
 
+def _run_cells(cells: list[Cell], base: Path, out_dir: Path, progress: bool, lanes: int, jobs: int) -> list:
+    """Every cell's outcome, trained (lanes of seeds together, or `jobs` worker processes) or reused."""
+    together = train_together(cells, base, out_dir, progress, lanes) if lanes > 1 else {}
+    if jobs > 1 and not together:
+        return _run_parallel(cells, base, out_dir, jobs)
+    outcomes = []
+    for i, cell in enumerate(cells):
+        print(f"[{i + 1}/{len(cells)}] {cell.name}", file=sys.stderr, flush=True)
+        trained = together.get(cell.run_name)
+        if trained is not None and not cell.evaluation:
+            outcomes.append(trained)
+        elif trained is not None and trained.error:
+            outcomes.append(Outcome(cell, None, trained.seconds, error=trained.error))
+        else:
+            outcomes.append(run_cell(cell, base, out_dir, progress))
+    return outcomes
+
+
 def run_grid(
     title: str,
     base: Path,
@@ -723,23 +741,16 @@ def run_grid(
     `jobs` > 1 trains that many runs at once in worker processes (on a CPU, one per core: XLA runs a
     small model's step on one core). `lanes` > 1 trains untrained runs that differ only in seed that
     many at a time as lanes of one vmapped computation (train_together), which pays on an accelerator
-    a small model leaves idle; on a CPU it is no faster (experiments/bench/seeds)."""
+    a small model leaves idle; on a CPU it is no faster (experiments/bench/seeds). Interrupted (Ctrl-C,
+    SIGTERM), it parks the unfinished runs into their records (park) before it stops."""
     t0 = time.perf_counter()
     compilation_cache()
-    together = train_together(cells, base, out_dir, progress, lanes) if lanes > 1 else {}
-    if jobs > 1 and not together:
-        outcomes = _run_parallel(cells, base, out_dir, jobs)
-    else:
-        outcomes = []
-        for i, cell in enumerate(cells):
-            print(f"[{i + 1}/{len(cells)}] {cell.name}", file=sys.stderr, flush=True)
-            trained = together.get(cell.run_name)
-            if trained is not None and not cell.evaluation:
-                outcomes.append(trained)
-            elif trained is not None and trained.error:
-                outcomes.append(Outcome(cell, None, trained.seconds, error=trained.error))
-            else:
-                outcomes.append(run_cell(cell, base, out_dir, progress))
+    try:
+        outcomes = _run_cells(cells, base, out_dir, progress, lanes, jobs)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the run in training checkpointed; keep it with the records
+        for name in park(out_dir):
+            print(f"parked {name} in {out_dir / CELLS / name / PARKED}", file=sys.stderr, flush=True)
+        raise
     res = Results(
         title,
         out_dir,

@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/park.py experiments/omniglot_fixes/compare [DIR ...]
 
-Stop the grid first (Ctrl-C: the run checkpoints at its current step). For each folder below DIR
+A grid stopped by Ctrl-C or SIGTERM parks its runs itself; this is for one stopped otherwise (a
+killed process keeps the checkpoint of its last train.checkpoint_every steps). For each folder below DIR
 holding an experiment's runs/, every run with a checkpoint and no results gets its config.toml and
 checkpoint copied into the experiment's cells/<run>/parked/; commit them with the records. Started
 again where runs/ is gone, the grid resumes such a run from there (bayesmeta.experiment.park).

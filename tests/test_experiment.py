@@ -16,6 +16,7 @@ from filelock import FileLock
 from bayesmeta import experiment, run
 from bayesmeta.config import DEFAULT_CONFIG
 from bayesmeta.experiment import Cell, run_grid
+from bayesmeta.fit import CHECKPOINT
 from bayesmeta.io import LOCK
 from tests.conftest import SMALL
 
@@ -214,25 +215,34 @@ def test_a_cells_record_never_pairs_one_configs_result_with_anothers(tmp_path):
 
 
 def test_a_parked_run_resumes_on_a_fresh_clone_to_the_uninterrupted_result(tmp_path, monkeypatch):
-    """An unfinished run parked into its record (checkpoint and config) resumes where runs/ is gone and
-    ends where the run without the interruption ends; the finished record drops the parked copy."""
+    """A grid interrupted mid-run parks it into its record (checkpoint and config); where runs/ is gone
+    the run resumes from there and ends where the run without the interruption ends; the finished
+    record drops the parked copy."""
     small = (*SMALL, "eval.memorization_tasks=0", "eval.tasks=10")  # 200 steps, a checkpoint every 100
     cell = Cell("c", "s", 0, small)
     whole = run_grid("t", DEFAULT_CONFIG, [cell], ["mse@10"], tmp_path / "a", progress=False)
-    out = tmp_path / "b"
-    run.train(experiment._train_config(cell, DEFAULT_CONFIG), cell.run_dir(out), until=100, progress=False)
+    out, train = tmp_path / "b", run.train
+
+    def interrupted(*a, **k):  # Ctrl-C after step 100 (fit checkpoints there, as on any interrupt)
+        train(*a, **k, until=100)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid("t", DEFAULT_CONFIG, [cell], ["mse@10"], out, progress=False)
+    parked = out / "cells" / "c-s-seed0" / "parked"
+    assert (parked / "state.npz").read_bytes() == (cell.run_dir(out) / CHECKPOINT).read_bytes()
     with FileLock(cell.run_dir(out) / LOCK):  # another process training it (run_lock is re-entrant)
         assert experiment.park(out) == []  # a run in use is left alone
-    assert experiment.park(out) == ["c-s-seed0"]
     shutil.rmtree(out / "runs")
-    train, resumed = run.train, []
+    resumed = []
     monkeypatch.setattr(run, "train", lambda *a, **k: resumed.append(k["resume"]) or train(*a, **k))
     res = run_grid("t", DEFAULT_CONFIG, [cell], ["mse@10"], out, progress=False)
     metrics = res.outcomes[0].metrics
     assert resumed == [True] and not res.outcomes[0].reused and metrics["steps"] == 200
     assert metrics["final_loss"] == whole.outcomes[0].metrics["final_loss"]
     assert metrics["metrics"] == whole.outcomes[0].metrics["metrics"]
-    assert not (out / "cells" / "c-s-seed0" / "parked").exists()
+    assert not parked.exists()
     assert experiment.park(out) == []  # a finished run is not parked
 
 
