@@ -73,7 +73,14 @@ TABLE = {
     "ARML, q of points": (0.44, 0.03),  # the same published run: its code pools the points
 }
 SAME_AS_MAML = {"MAML, init sd 0.01"}  # MAML under another setting: no published contrast with MAML
-PUBLISHED = {(m, "10-shot", METRIC): Published(v, round(ci / 1.96, 3)) for m, (v, ci) in TABLE.items()}
+
+
+def label(method: str) -> str:
+    """The method's name in cell and run folders (no spaces)."""
+    return method.replace(" ", "_")
+
+
+PUBLISHED = {(label(m), "10-shot", METRIC): Published(v, round(ci / 1.96, 3)) for m, (v, ci) in TABLE.items()}
 NOTES = f"""
 Protocol (issue #16; the public ARML code, github.com/huaxiuyao/ARML, 2D_bash/2D_10shot.sh and main.py):
 tasks from the `multimodal` family (six function families drawn uniformly, x ~ U[-5, 5]^2 with the 1-D
@@ -105,7 +112,7 @@ def table_contrasts() -> list[Contrast]:
         Contrast(
             "10-shot",
             "MAML",
-            m,
+            label(m),
             METRIC,
             round(TABLE[m][0] - TABLE["MAML"][0], 2) if m in TABLE and m not in SAME_AS_MAML else None,
         )
@@ -123,7 +130,7 @@ def main() -> None:
     p.add_argument("--extra", nargs="*", default=[], help="config overrides for every run (smoke tests)")
     args = p.parse_args()
     methods = {k: v for k, v in METHODS.items() if not args.only or k in args.only}
-    labels = {m.replace(" ", "_"): over for m, over in methods.items()}
+    labels = {label(m): over for m, over in methods.items()}
     cells = product(labels, {"10-shot": ()}, args.seeds, (f"train.steps={args.steps}", *args.extra))
     res = run_grid(
         "ARML's 2-D regression: task-structured meta-learners, 10-shot MSE",
