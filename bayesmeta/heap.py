@@ -5,9 +5,10 @@ MAML at the standard protocol). glibc serves allocations above 32 MiB by mmap an
 they are freed, so each execution touches its buffers page by page again: some 150,000 minor page
 faults per step, all in the kernel's time. With one arena, no mmap and no trimming, freed buffers are
 reused as they are. The one arena has a price: XLA's compiles, which allocate from several threads,
-take 57-74% longer. experiments/bench/heap measures both on the Omniglot training steps (idle machine:
-steps 4-14% faster, compiles 3.5-5.4 s -> 5.7-8.6 s), so it is opt-in (BAYESMETA_RETAIN_MEMORY=1),
-for long runs whose time is in the steps rather than in compiles.
+can take longer. experiments/bench/heap measures both on the Omniglot training steps; the effect
+depends on the machine (2026-12-05: steps 16-25% faster on both cores, -10% to +9% pinned to one
+core, compiles up to 36% longer; the machine before: steps 4-14% faster, compiles 57-74% longer), so
+it is opt-in (BAYESMETA_RETAIN_MEMORY=1), for long runs whose time is in the steps.
 """
 
 from __future__ import annotations
