@@ -24,7 +24,7 @@ import numpy as np
 from bayesmeta import config, registry, run
 from bayesmeta.diagnostics import reference
 from bayesmeta.fit import CHECKPOINT, NonFiniteError
-from bayesmeta.io import RunLockedError, atomic_write, run_lock, write_json, write_text
+from bayesmeta.io import RunLockedError, copy_file, run_lock, write_json, write_text
 from bayesmeta.predict import eval_tasks
 from bayesmeta.provenance import cpu_model
 from bayesmeta.stats import Published, contrast_verdict, verdict
@@ -138,10 +138,9 @@ def park(out_dir: Path) -> list[str]:
             continue
         try:
             with run_lock(run_dir, "bayesmeta park"):  # not while a grid is still writing it
-                blob = (run_dir / CHECKPOINT).read_bytes()
                 to = out_dir / CELLS / run_dir.name / PARKED
-                atomic_write(to / "state.npz", lambda f, b=blob: f.write(b))
-                write_text(to / "config.toml", (run_dir / "config.toml").read_text())
+                copy_file(run_dir / CHECKPOINT, to / "state.npz")
+                copy_file(run_dir / "config.toml", to / "config.toml")
         except RunLockedError as e:
             print(f"not parked: {e}", file=sys.stderr, flush=True)
             continue
@@ -149,19 +148,18 @@ def park(out_dir: Path) -> list[str]:
     return parked
 
 
-def _unpark(record: Path, run_dir: Path, cfg: config.Config) -> bool:
-    """Put a parked checkpoint made with this config into run_dir (when run_dir has none of it) to
-    resume from; whether run_dir now has one to resume."""
-    if _same_config(run_dir / "config.toml", cfg) and (run_dir / CHECKPOINT).is_file():
+def _unpark(record: Path, run_dir: Path, cfg: config.Config, same: bool) -> bool:
+    """Put a parked checkpoint made with this config into run_dir (unless run_dir holds this config,
+    `same`, and a checkpoint) to resume from; whether run_dir now has one to resume."""
+    if same and (run_dir / CHECKPOINT).is_file():
         return True
     parked = record / PARKED
     if not (_same_config(parked / "config.toml", cfg) and (parked / "state.npz").is_file()):
         return False
-    blob = (parked / "state.npz").read_bytes()
     with run_lock(run_dir, "bayesmeta experiment (resuming a parked run)"):
         (run_dir / "metrics.json").unlink(missing_ok=True)  # another config's results, as a fresh start
-        write_text(run_dir / "config.toml", (parked / "config.toml").read_text())
-        atomic_write(run_dir / CHECKPOINT, lambda f: f.write(blob))
+        copy_file(parked / "config.toml", run_dir / "config.toml")
+        copy_file(parked / "state.npz", run_dir / CHECKPOINT)
     print(f"resuming {run_dir.name} from its parked checkpoint", file=sys.stderr, flush=True)
     return True
 
@@ -221,7 +219,7 @@ def _train(cell: Cell, base: Path, out_dir: Path, progress: bool) -> Outcome:
         _record(record, cfg, m)
         return Outcome(cell, m, m["train_seconds"] + m["eval_seconds"], reused=True)
     t0 = time.perf_counter()
-    resume = _unpark(record, run_dir, cfg)
+    resume = _unpark(record, run_dir, cfg, same)
     try:
         _, metrics = run.train(cfg, run_dir, resume=resume, progress=progress)
     except NonFiniteError as e:  # recorded as a failed run; the grid goes on

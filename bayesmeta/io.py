@@ -87,6 +87,12 @@ def write_new(
     return path(n)
 
 
+def copy_file(src: str | Path, dst: str | Path) -> Path:
+    """Copy src's bytes to dst atomically (atomic_write): a reader of dst never sees a partial copy."""
+    data = Path(src).read_bytes()
+    return atomic_write(dst, lambda f: f.write(data))
+
+
 def write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode()))
 

@@ -7,6 +7,7 @@ can be told apart from a code change by comparing this."""
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -14,8 +15,9 @@ PACKAGES = ("jax", "jaxlib", "numpyro", "optax", "numpy")
 ISA = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")  # the x86 extensions XLA's CPU codegen uses
 
 
+@lru_cache(maxsize=1)
 def _cpuinfo() -> dict[str, str]:
-    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
+    """The first processor's fields of /proc/cpuinfo ({} where there is none), read once."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:

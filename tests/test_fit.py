@@ -57,6 +57,12 @@ def test_resume_ends_in_the_same_parameters(small_cfg, tmp_path):
     assert full.trace.eval_step == resumed.trace.eval_step == [100, 200]
 
 
+def interrupted_fit(setup, cfg, run_dir, evaluate) -> None:
+    """fit until `evaluate` (called at the first evaluation) interrupts it: KeyboardInterrupt expected."""
+    with pytest.raises(KeyboardInterrupt):
+        fit(setup.method, setup.family, cfg.train, seed=0, run_dir=run_dir, evaluate=evaluate, progress=False)
+
+
 def test_keyboard_interrupt_checkpoints_and_resume_matches(small_cfg, tmp_path):
     cfg = small_cfg("train.checkpoint_every=200")
     setup = run.Setup.from_config(cfg)
@@ -66,16 +72,7 @@ def test_keyboard_interrupt_checkpoints_and_resume_matches(small_cfg, tmp_path):
         calls.append(1)
         raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        fit(
-            setup.method,
-            setup.family,
-            cfg.train,
-            seed=0,
-            run_dir=tmp_path / "a",
-            evaluate=interrupt,
-            progress=False,
-        )
+    interrupted_fit(setup, cfg, tmp_path / "a", interrupt)
     assert calls and (tmp_path / "a" / CHECKPOINT).is_file()
     _, checkpointed = run.restore(cfg, tmp_path / "a")
     assert checkpointed.step == 100  # the interrupt came at the first evaluation, before the first checkpoint
@@ -94,16 +91,7 @@ def test_sigterm_checkpoints_the_current_step_like_ctrl_c(small_cfg, tmp_path):
     setup = run.Setup.from_config(cfg)
     previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as in a plain process (not a test worker's)
     try:
-        with pytest.raises(KeyboardInterrupt):
-            fit(
-                setup.method,
-                setup.family,
-                cfg.train,
-                seed=0,
-                run_dir=tmp_path / "a",
-                evaluate=lambda params: os.kill(os.getpid(), signal.SIGTERM) or {},
-                progress=False,
-            )
+        interrupted_fit(setup, cfg, tmp_path / "a", lambda params: os.kill(os.getpid(), signal.SIGTERM) or {})
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, previous)
