@@ -86,7 +86,8 @@ class NetConfig:
         "patches",
         choices=["patches", "xla"],
         doc="conv4: patches x matmul (fast on CPU, also inside lax.scan and per-task kernels) or XLA's "
-        "convolution (for accelerators)",
+        "convolution (for accelerators); a method without an inner loop predicts with XLA's (forward only, "
+        "faster on CPU too)",
     )
 
 

@@ -99,14 +99,20 @@ def eval_tasks(family: Family, key: jax.Array, n_tasks: int, chunk: int) -> list
 @dataclass
 class Evaluation:
     """Per-task metrics (name -> (T,)), predictive draws, and the support loss after s steps
-    (key 0: before adaptation) per test-time step count."""
+    (key 0: before adaptation) per test-time step count; for a method without an inner loop, which
+    adapts nothing, no support loss but `unfinite`, the tasks whose predictions are not finite."""
 
     per_task: dict[int, dict[str, np.ndarray]]
     draws: dict[int, dict[str, np.ndarray]]
     tasks: TaskBatch
     support_loss: dict[int, np.ndarray]
+    unfinite: np.ndarray | None = None
 
     def diverged(self, s: int) -> np.ndarray:
+        """Issue #12's rule: the adapted support loss rose or is not finite; without an inner loop
+        nothing adapts, and a task diverged only when its predictions are not finite."""
+        if self.unfinite is not None:
+            return self.unfinite
         return diverged_tasks(self.support_loss[0], self.support_loss[s])
 
     def summary(self) -> dict[str, dict[str, Any]]:
@@ -131,7 +137,8 @@ def evaluate(
 ) -> Evaluation:
     """Adapt and predict every batch for each test-time step count; draws of "y", "f" and the
     likelihood's own draw sites (a heteroscedastic sd), metrics of the predictive mean, and the support
-    loss before and after adaptation (for the divergence rule); for methods that check
+    loss before and after adaptation (for the divergence rule; a method without an inner loop predicts
+    once, for every step count, and no support loss is computed); for methods that check
     their draws, the fraction of each task's draws that blew up ("blown_up_draws", counted before any
     rejection); `extra_metrics(mean, y)` adds a family's own per-task metrics (tasks.TaskMetrics)."""
     per_task: dict[int, dict[str, list]] = {}
@@ -139,23 +146,27 @@ def evaluate(
     support: dict[int, list] = {}
     steps = (0, *(s for s in inner_steps if s != 0))
     predicted = [s for s in steps if s in inner_steps]
-    if not method.inner_loop:  # every step count predicts alike: compute the first, copy it to the others
+    adapts = method.inner_loop or not predicted
+    if not adapts:  # every step count predicts alike: compute the first, copy it to the others
         predicted = predicted[:1]
-    computed = steps if method.inner_loop else tuple(dict.fromkeys((0, *predicted)))
+    computed = steps if adapts else tuple(predicted)
+    unfinite: list[np.ndarray] = []
     total = len(batches) * len(computed)
     with tqdm(total=total, desc="evaluate", disable=not progress or total < 2) as bar:
         for s in computed:
             run = predictive(method, s, num_samples, ("y", "f", *likelihood.draw_sites), blown_up)
-            loss = support_loss(method, likelihood, s, num_samples)
+            loss = support_loss(method, likelihood, s, num_samples) if adapts else None
             for i, batch in enumerate(batches):
                 k = jax.random.fold_in(key, i)
-                if method.inner_loop or s == 0:
+                if adapts:
                     support.setdefault(s, []).append(np.asarray(loss(params, batch, k)))
                 bar.update()
                 if s not in predicted:
                     continue
                 out = run(params, batch, k)
                 mean = jnp.mean(out["f"], axis=0)
+                if not adapts:
+                    unfinite.append(np.asarray(~jnp.all(jnp.isfinite(mean.reshape(len(mean), -1)), 1)))
                 metrics = likelihood.task_metrics(mean, batch.y_query)
                 if extra_metrics is not None:
                     metrics |= extra_metrics(mean, batch.y_query)
@@ -166,7 +177,8 @@ def evaluate(
                 for site, v in out.items():
                     draws.setdefault(s, {}).setdefault(site, []).append(np.asarray(v))
     for s in steps if batches else ():  # the copies (identical: the same computation on the same keys)
-        support.setdefault(s, support[0])
+        if adapts:
+            support.setdefault(s, support[0])
         if s in inner_steps and predicted:
             per_task.setdefault(s, per_task[predicted[0]])
             draws.setdefault(s, draws[predicted[0]])
@@ -177,6 +189,7 @@ def evaluate(
         draws={s: {k: np.concatenate(v, axis=1) for k, v in m.items()} for s, m in draws.items()},
         tasks=tasks,
         support_loss={s: cat(v) for s, v in support.items()},
+        unfinite=None if adapts else cat(unfinite) if unfinite else np.zeros(0, bool),
     )
 
 

@@ -81,9 +81,9 @@ def test_the_check_tells_an_inner_loop_apart():
 
 
 def test_evaluation_without_an_inner_loop_computes_once_with_the_same_results():
-    """ProtoNet evaluated at steps (1, 3): with its declaration the model is traced for the support loss
-    at 0 and one prediction (2 traces), without it at 0, 1, 3 and both predictions (5), and every
-    result is the same."""
+    """ProtoNet evaluated at steps (1, 3): with its declaration the model is traced for one prediction
+    (no support loss: nothing adapts), without it for the support loss at 0, 1, 3 and both predictions
+    (5), and every result, the divergence counts included, is the same."""
     setup, batch, params = built(SMALL["protonet"])
     traces = []
 
@@ -99,12 +99,23 @@ def test_evaluation_without_an_inner_loop_computes_once_with_the_same_results():
         traces.clear()
         method = counted(dataclasses.replace(setup.method, inner_loop=declared))
         out[declared] = evaluate(method, setup.likelihood, params, [batch], (1, 3), 2, jax.random.PRNGKey(5))
-        assert len(traces) == (5 if declared else 2), traces
+        assert len(traces) == (5 if declared else 1), traces
     declared, each = out[False], out[True]
-    for s in (0, 1, 3):
-        np.testing.assert_array_equal(declared.support_loss[s], each.support_loss[s])
+    assert declared.support_loss == {}
     for s in (1, 3):
+        np.testing.assert_array_equal(declared.diverged(s), each.diverged(s))
+        assert not declared.diverged(s).any()
         for name, v in each.per_task[s].items():
             np.testing.assert_array_equal(declared.per_task[s][name], v)
         for site, v in each.draws[s].items():
             np.testing.assert_array_equal(declared.draws[s][site], v)
+
+
+def test_without_an_inner_loop_a_task_with_predictions_not_finite_is_diverged():
+    """ProtoNet with one task's support images set to NaN: that task, and only it, counts as diverged,
+    at every step count (its support loss is not computed, its predictions are not finite)."""
+    setup, batch, params = built(SMALL["protonet"])
+    bad = batch._replace(x_support=batch.x_support.at[1].set(np.nan))
+    ev = evaluate(setup.method, setup.likelihood, params, [bad], (1, 3), 2, jax.random.PRNGKey(5))
+    for s in (1, 3):
+        np.testing.assert_array_equal(ev.diverged(s), [False, True])

@@ -15,8 +15,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
-from numpyro.infer import Predictive
+from numpyro.infer import SVI, Predictive, Trace_ELBO
 
 from bayesmeta import config, registry, run
 from bayesmeta.config import ConfigError
@@ -25,6 +26,7 @@ from bayesmeta.diagnostics.landscape import landscape_metrics
 from bayesmeta.models.baselines import global_labels
 from bayesmeta.models.protonet import prototype_logits
 from bayesmeta.nets import Conv4, batch_norm, conv3x3, max_pool2x2
+from bayesmeta.predict import predictive
 from bayesmeta.registry import build_method, make_family
 from bayesmeta.tasks.omniglot import rotate
 
@@ -385,6 +387,24 @@ def test_protonet_learns_and_evaluates_at_another_way(tfds_dir, tmp_path):
     setup = run.restore(cfg, tmp_path / "proto")[0]
     assert (setup.family.y_dim, setup.eval_family.y_dim) == (5, 10)
     assert setup.eval_method is not setup.method  # built for 10 outputs, same parameters
+
+
+def test_a_method_without_an_inner_loop_predicts_with_xlas_convolution(tfds_dir):
+    """run.forward_only: ProtoNet trains with the patches but evaluates with XLA's convolution op (only
+    its program has one), with the same predictions; MAML, whose evaluation differentiates, keeps the
+    patches in both."""
+    cfg = _small(tfds_dir, "model.method='protonet'", "model.net.downsample='maxpool'")
+    setup = run.Setup.from_config(cfg)
+    batch = setup.family.sample(jax.random.PRNGKey(1), 2)
+    svi = SVI(setup.method.model, setup.method.guide, optax.sgd(0.0), Trace_ELBO())
+    params = svi.get_params(jax.jit(svi.init)(jax.random.PRNGKey(0), batch))
+    key = jax.random.PRNGKey(2)
+    train, test = (predictive(m, 1, 1, ("f",)) for m in (setup.method, setup.eval_method))
+    assert "convolution" not in train.lower(params, batch, key).as_text()
+    assert "convolution" in test.lower(params, batch, key).as_text()
+    np.testing.assert_allclose(train(params, batch, key)["f"], test(params, batch, key)["f"], atol=1e-4)
+    maml = run.Setup.from_config(_small(tfds_dir))
+    assert maml.eval_method is maml.method and maml.cfg.model.net.conv == "patches"
 
 
 def test_maml_cannot_be_evaluated_at_another_way(tfds_dir):
