@@ -635,7 +635,8 @@ def compute_seconds(outcomes: list[Outcome]) -> float:
 
 VERDICT_LEGEND = (
     "\nMeans are over the tasks that did not diverge (a task diverged when its adapted support loss "
-    "ended above its value before adaptation, or is not finite); a mean with one task carrying more than "
+    "ended above its value before adaptation, or is not finite; without an inner loop nothing adapts, and "
+    "a task diverged when its predictions are not finite); a mean with one task carrying more than "
     "a quarter of its sum is not shown (†) and gets no verdict. Verdict: *matches* when ours is within the "
     "combined 95% interval (our t-interval over seeds, or over tasks with one seed, and 1.96 x the "
     "paper's sd where it gives one); otherwise *better* or *worse*; *inconclusive* when ours is within "

@@ -690,7 +690,8 @@ def summary_markdown(
         "## Held-out tasks (metric@test-time inner steps)\n\n"
         f"{rows}\n\n"
         "A task diverged when its adapted support loss ended above its value before adaptation, or "
-        "is not finite; the mean and its 95% CI are over the other tasks, the median over all of them "
+        "is not finite (a method without an inner loop adapts nothing: when its predictions are not finite); "
+        "the mean and its 95% CI are over the other tasks, the median over all of them "
         f"(metrics.json: `mean`, `ci95`, `n_diverged`, `median`, `mean_all`). A mean whose largest "
         f"task carries more than {DOMINANCE:.0%} of the sum is reported by its median.\n\n"
     )
