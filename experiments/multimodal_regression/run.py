@@ -170,7 +170,8 @@ def main() -> None:
     if functions:
         plot_adapted(functions, args.out / "adapted.png", "adapted functions, one test task per family")
         res.notes += (
-            f"\n\nadapted.png: each method's adapted function ({STEPS} steps, lowest seed with a run folder)"
+            f"\n\nadapted.png: each method's adapted function ({STEPS} steps, its lowest seed with a run"
+            " folder or stored curves)"
             " on one test task of every family, against x1 (the surfaces on the diagonal x1 = x2, where"
             " their support points are not drawn)."
         )
