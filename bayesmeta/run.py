@@ -116,7 +116,7 @@ class Setup:
 def forward_only(model: config_mod.ModelConfig) -> config_mod.ModelConfig:
     """The model config a method without an inner loop predicts with: conv4's patches (the training
     path: their gradients are plain matmuls) become XLA's convolution, whose forward pass alone runs
-    about 1.4x faster on CPU (experiments/bench/evaluation); the parameters are the same."""
+    1.6-1.7x faster on CPU (experiments/bench/evaluation/conv.py); the parameters are the same."""
     if model.net.kind != "conv4" or model.net.conv != "patches":
         return model
     return dataclasses.replace(model, net=dataclasses.replace(model.net, conv="xla"))
