@@ -28,16 +28,18 @@ hierarchical clustering (eq. 3-4): level 0 is the one node g_i; level l + 1 has 
 every node j of level l is assigned to them by p_{j->k} = softmax_k(-||h_j - c_k||^2 / (2 sigma^2)), and
 h^{l+1}_k = sum_j p_{j->k} tanh(W_k h^l_j + b_k); a root sums tanh(W_r h^L_k + b_r) over the last level.
 z_i = g_i (+) h_i^root (eq. 5). Where we differ from the paper and its code (huaxiuyao/HSML):
-  - the code's default (and regression script) aggregator is a GRU autoencoder, whose representation
-    depends on the order of the support set; we use the pooling aggregator (the paper's eq. 1, and the
-    code's `task_embedding_type = mean`), which does not, and drop that code path's extra dense layer
-    after the pooling;
+  - the code's default (and regression script) aggregator is a GRU autoencoder over a linear embedding
+    of the pairs, whose representation depends on the order of the support set; by default we use the
+    pooling aggregator (the paper's eq. 1, and the code's `task_embedding_type = mean`), which does not,
+    and drop that code path's extra dense layer after the pooling; `aggregator = "gru"` follows the code
+    (gru_autoencoder: the mean of the encoder's states, the sequence reconstructed in reverse);
   - the code assigns level 1 -> 2 by a learned linear score (tree_type 1); we use the Gaussian kernel
     to learned centres at every level, as the paper's eq. 3 (the code's tree_type 2 is similar); the
     transform W_k, b_k belongs to the receiving cluster k, as in the code;
-  - the reconstruction loss is the mean over points and coordinates (the code: 0.5 x that mean; the paper:
-    a sum); the code clips meta-gradients to [-3, 3] (here: train.grad_clip, a global norm, off by
-    default);
+  - the reconstruction loss is the mean over points and coordinates (the code's pooling path: 0.5 x that
+    mean, its default GRU path: that mean; the paper: a sum); the code's pooling path clips
+    meta-gradients to [-3, 3] (its GRU path, which the regression scripts run, does not; here:
+    train.grad_clip, a global norm, off by default);
   - the net is Glorot-initialised as everywhere in bayesmeta (the code: truncated normal, sd 0.01), and
     the representation's networks Glorot-normal, untruncated (materialize: one random draw).
 
@@ -52,7 +54,8 @@ mean_k AG^q(c_k), t_i = mean_k AG^t(c_hat_k) (lines 1143-1147, which write the m
 1/N^tr), with autoencoder losses L_q, L_t; z_i = t_i (+) q_i; the algorithm is survey lines 1170-1184.
 Where we differ from the paper and its code (huaxiuyao/ARML):
   - the code's q_i is a GRU autoencoder over the per-point embeddings e_j (order-dependent) and its t_i a
-    GRU over the prototypes; we use pooling autoencoders, q_i over the prototypes as the paper's eq. 8
+    GRU over the prototypes (`aggregator = "gru"`, with `q_from = "points"`); by default we use pooling
+    autoencoders, q_i over the prototypes as the paper's eq. 8
     (`q_from = "prototypes"`, the default) or over the e_j as the code (`"points"`): with K = 2 the
     prototypes are two weighted means of the linear e_j, so q_i then sees the support set only through
     them, while HSML's pooled representation passes every point through a ReLU net;
@@ -100,10 +103,11 @@ def pair_features(x: jax.Array, y: jax.Array) -> jax.Array:
 
 @dataclass(frozen=True)
 class Init:
-    """A parameter's initial value: N(0, sd^2) entries of `shape` (zeros when sd = 0)."""
+    """A parameter's initial value: N(mean, sd^2) entries of `shape` (the constant mean when sd = 0)."""
 
     shape: tuple[int, ...]
     sd: float = 0.0
+    mean: float = 0.0
 
 
 def materialize(key: jax.Array, spec: Any) -> Any:
@@ -116,7 +120,9 @@ def materialize(key: jax.Array, spec: Any) -> Any:
     out, at = [], 0
     for leaf, n in zip(leaves, sizes, strict=True):
         out.append(
-            leaf.sd * flat[at : at + n].reshape(leaf.shape) if n else jnp.zeros(leaf.shape, jnp.float32)
+            leaf.mean + leaf.sd * flat[at : at + n].reshape(leaf.shape)
+            if n
+            else jnp.full(leaf.shape, leaf.mean, jnp.float32)
         )
         at += n
     return jax.tree.unflatten(treedef, out)
@@ -155,6 +161,58 @@ def pooled_autoencoder(ae: dict, v: jax.Array) -> tuple[jax.Array, jax.Array]:
     aggregator and its reconstruction loss (HSML eq. 1-2; ARML eq. 8-9); enc ends in a ReLU."""
     h = jax.nn.relu(mlp(ae["encoder"], v))
     return jnp.mean(h, 0), jnp.mean(jnp.square(v - mlp(ae["decoder"], h)))
+
+
+def gru_spec(n_in: int, h: int) -> dict:
+    """A GRU cell's weights as TF1's GRUCell initialises them: Glorot gates and candidate (drawn
+    normal here, uniform there: the same variance), gate biases 1, candidate bias 0."""
+    return {
+        "gates": {"w": glorot(n_in + h, 2 * h), "b": Init((2 * h,), mean=1.0)},
+        "candidate": {"w": glorot(n_in + h, h), "b": Init((h,))},
+    }
+
+
+def gru_cell(p: dict, x: jax.Array, h: jax.Array) -> jax.Array:
+    """h' = u h + (1 - u) tanh([x, r h] W_c + b_c), [r, u] = sigmoid([x, h] W_g + b_g): TF1's GRUCell
+    (r first in the split), the cell of the references' autoencoders."""
+    r, u = jnp.split(jax.nn.sigmoid(dense(p["gates"], jnp.concatenate([x, h], -1))), 2, -1)
+    c = jnp.tanh(dense(p["candidate"], jnp.concatenate([x, r * h], -1)))
+    return u * h + (1.0 - u) * c
+
+
+def gru_autoencoder_spec(n_in: int, h: int) -> dict:
+    """Encoder and decoder GRUs (width h) and the decoder's output layer h -> n_in (the references' W
+    is truncated normal with sd 1, about 0.88 after the cut, drawn untruncated here; its bias 0.1)."""
+    return {
+        "encoder": gru_spec(n_in, h),
+        "decoder": gru_spec(n_in, h),
+        "out": {"w": Init((h, n_in), 0.88), "b": Init((n_in,), mean=0.1)},
+    }
+
+
+def gru_autoencoder(ae: dict, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(mean_t h_t, mean ||v_t - v_hat_{n+1-t}||^2 / dim) for a sequence v (n, dim) in the given order:
+    the references' recurrent aggregator (huaxiuyao/HSML and ARML task_embedding.LSTMAutoencoder, two
+    GRUs despite its name). The encoder runs from zeros; the decoder starts from its last state and
+    input zeros and feeds each reconstruction back in, reconstructing the sequence in reverse."""
+
+    def encode(h: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        h = gru_cell(ae["encoder"], x, h)
+        return h, h
+
+    h_last, hs = jax.lax.scan(encode, jnp.zeros(ae["encoder"]["candidate"]["b"].shape, v.dtype), v)
+
+    def decode(carry: tuple, _: None) -> tuple[tuple, jax.Array]:
+        h, x = carry
+        h = gru_cell(ae["decoder"], x, h)
+        x_hat = dense(ae["out"], h)
+        return (h, x_hat), x_hat
+
+    _, v_hat = jax.lax.scan(decode, (h_last, jnp.zeros_like(v[0])), None, length=v.shape[0])
+    return jnp.mean(hs, 0), jnp.mean(jnp.square(v - v_hat[::-1]))
+
+
+AGGREGATORS = {"mean": pooled_autoencoder, "gru": gru_autoencoder}
 
 
 def gate_spec(z_dim: int, theta_shapes: dict, kind: str) -> dict:
@@ -265,32 +323,44 @@ def gcn_names(n: int) -> list[str]:
 
 
 def arml_representation(
-    nets: dict, x: jax.Array, y: jax.Array, k: int, var: float, gnn_layers: int, q_from: str
+    nets: dict,
+    x: jax.Array,
+    y: jax.Array,
+    k: int,
+    var: float,
+    gnn_layers: int,
+    q_from: str,
+    aggregator: str = "mean",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(z_i = t_i (+) q_i, L_q + L_t, A_S) of one task's support set (x, y): t_i pools the GCN's
-    prototype rows C_hat (ARML eq. 9); q_i pools the prototypes C (`q_from = "prototypes"`, the paper's
-    eq. 8) or the support points' embeddings e_j (`"points"`, huaxiuyao/ARML's regression code)."""
+    """(z_i = t_i (+) q_i, L_q + L_t, A_S) of one task's support set (x, y): t_i aggregates the GCN's
+    prototype rows C_hat (ARML eq. 9); q_i the prototypes C (`q_from = "prototypes"`, the paper's eq. 8)
+    or the support points' embeddings e_j (`"points"`, huaxiuyao/ARML's regression code); by pooling
+    or, as the code, a GRU autoencoder (`aggregator`)."""
     pairs = pair_features(x, y)
     c = prototypes(nets["embed"], nets["assign"], pairs)
     a_g = relation_graph(nets["vertex_rel"], nets["vertices"])
     a, h, a_s = super_graph(c, relation_graph(nets["proto_rel"], c), nets["vertices"], a_g, var)
     c_hat = gcn([nets["gcn"][n] for n in gcn_names(gnn_layers)], a, h)[:k]
-    q, loss_q = pooled_autoencoder(nets["ae_q"], c if q_from == "prototypes" else dense(nets["embed"], pairs))
-    t, loss_t = pooled_autoencoder(nets["ae_t"], c_hat)
+    aggregate = AGGREGATORS[aggregator]
+    q, loss_q = aggregate(nets["ae_q"], c if q_from == "prototypes" else dense(nets["embed"], pairs))
+    t, loss_t = aggregate(nets["ae_t"], c_hat)
     return jnp.concatenate([t, q]), loss_q + loss_t, a_s
 
 
-def arml_spec(n_in: int, d: int, k: int, vertices: int, ae_hidden: int, gnn_layers: int) -> dict:
+def arml_spec(
+    n_in: int, d: int, k: int, vertices: int, ae_hidden: int, gnn_layers: int, aggregator: str = "mean"
+) -> dict:
     """ARML's networks: pair embedding, prototype assignment, the two relation maps, the vertices, the
-    autoencoders AG^q and AG^t, and the GCN layers."""
+    autoencoders AG^q and AG^t (pooling, or GRUs of width d as the references), and the GCN layers."""
+    ae = autoencoder_spec(d, ae_hidden, d) if aggregator == "mean" else gru_autoencoder_spec(d, d)
     return {
         "embed": dense_spec(n_in, d),
         "assign": dense_spec(d, k),
         "proto_rel": dense_spec(d, 1),
         "vertex_rel": dense_spec(d, 1),
         "vertices": centres(vertices, d),
-        "ae_q": autoencoder_spec(d, ae_hidden, d),
-        "ae_t": autoencoder_spec(d, ae_hidden, d),
+        "ae_q": ae,
+        "ae_t": ae,
         "gcn": {n: dense_spec(d, d) for n in gcn_names(gnn_layers)},
     }
 
@@ -363,6 +433,13 @@ class GatedParams:
     )
     learned_lr: str = opt("none", choices=LEARNED_LR, doc=LEARNED_LR_DOC)
     lr_init: float | None = opt(None, gt=0, doc="initial learned inner rate; default model.inner_lr")
+    aggregator: str = opt(
+        "mean",
+        choices=list(AGGREGATORS),
+        doc="the task representation's autoencoders: pooling (the papers' eq., order-free) or GRUs over the "
+        "support set in its given order (the references' regression code; HSML's after a linear "
+        "embedding of width ae_hidden)",
+    )
 
 
 def check_gated(cfg: ModelConfig, p: GatedParams) -> str | None:
@@ -394,16 +471,25 @@ class HSML(Spec):
     def build(cfg: ModelConfig, p: Params, x_dim: int, y_dim: int, context: object = None) -> Method:
         d = p.hidden
 
+        n_in = x_dim + y_dim
+        if p.aggregator == "mean":
+            ae_spec = autoencoder_spec(n_in, p.ae_hidden, d)
+        else:  # huaxiuyao/HSML: a linear embedding of the pairs (width 20), then the GRUs
+            ae_spec = {"embed": dense_spec(n_in, p.ae_hidden), "gru": gru_autoencoder_spec(p.ae_hidden, d)}
+
+        def aggregate(ae: dict, pairs: jax.Array) -> tuple[jax.Array, jax.Array]:
+            if p.aggregator == "mean":
+                return pooled_autoencoder(ae, pairs)
+            return gru_autoencoder(ae["gru"], dense(ae["embed"], pairs))
+
         def represent(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-            ae = param_tree(
-                "hsml.autoencoder", lambda k: materialize(k, autoencoder_spec(x_dim + y_dim, p.ae_hidden, d))
-            )
+            ae = param_tree("hsml.autoencoder", lambda k: materialize(k, ae_spec))
             tree = param_tree(
                 "hsml.clusters", lambda k: materialize(k, cluster_tree_spec(tuple(p.clusters), d))
             )
 
             def one(xi: jax.Array, yi: jax.Array) -> tuple:
-                g, recon = pooled_autoencoder(ae, pair_features(xi, yi))
+                g, recon = aggregate(ae, pair_features(xi, yi))
                 root, assigns = hierarchical_cluster(tree, g, p.cluster_var)
                 return jnp.concatenate([g, root]), recon, assigns[0][0]
 
@@ -446,13 +532,15 @@ class ARML(Spec):
     def build(cfg: ModelConfig, p: Params, x_dim: int, y_dim: int, context: object = None) -> Method:
         d, k = p.hidden, p.prototypes
 
-        spec = arml_spec(x_dim + y_dim, d, k, p.vertices, p.ae_hidden, p.gnn_layers)
+        spec = arml_spec(x_dim + y_dim, d, k, p.vertices, p.ae_hidden, p.gnn_layers, p.aggregator)
 
         def represent(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
             nets = param_tree("arml", lambda key: materialize(key, spec))
 
             def one(xi: jax.Array, yi: jax.Array) -> tuple:
-                return arml_representation(nets, xi, yi, k, p.cluster_var, p.gnn_layers, p.q_from)
+                return arml_representation(
+                    nets, xi, yi, k, p.cluster_var, p.gnn_layers, p.q_from, p.aggregator
+                )
 
             z, recon, a_s = jax.vmap(one)(x, y)
             numpyro.deterministic("vertex_assign", a_s)  # (T, K, G): each prototype's weights on the vertices

@@ -3,6 +3,8 @@ representations, and the graph and clustering maths by hand."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -278,3 +280,63 @@ def test_a_tiny_fit_on_the_sinusoid_lowers_the_loss(small_cfg, name):
     result = fit(build_method(cfg.model, fam.x_dim, fam.y_dim), fam, cfg.train, seed=0, progress=False)
     loss = np.asarray(result.trace.loss)
     assert np.all(np.isfinite(loss)) and loss[-50:].mean() < 0.85 * loss[:50].mean()
+
+
+def test_gru_cell_by_hand():
+    """One step of TF1's GRUCell with x = 0.5, h = -0.3 and given weights, written out in scalars."""
+    p = {
+        "gates": {"w": jnp.array([[0.2, -0.1], [0.4, 0.3]]), "b": jnp.array([1.0, 1.0])},
+        "candidate": {"w": jnp.array([[0.7], [-0.6]]), "b": jnp.array([0.05])},
+    }
+    x, h = 0.5, -0.3
+    sig = lambda a: 1.0 / (1.0 + math.exp(-a))  # noqa: E731
+    r = sig(x * 0.2 + h * 0.4 + 1.0)
+    u = sig(x * -0.1 + h * 0.3 + 1.0)
+    c = math.tanh(x * 0.7 + (r * h) * -0.6 + 0.05)
+    out = tg.gru_cell(p, jnp.array([x]), jnp.array([h]))
+    np.testing.assert_allclose(out, [u * h + (1 - u) * c], rtol=1e-6)
+
+
+def test_gru_autoencoder_against_a_loop():
+    """The scanned autoencoder against a plain loop over the references' steps: the encoder from
+    zeros, the embedding the mean of its states, the decoder from the last state and input zeros
+    feeding its reconstructions back, the loss against the sequence reversed."""
+    ae = tg.materialize(jax.random.PRNGKey(0), tg.gru_autoencoder_spec(3, 4))
+    v = jax.random.normal(jax.random.PRNGKey(1), (5, 3))
+    h, states = jnp.zeros(4), []
+    for t in range(5):
+        h = tg.gru_cell(ae["encoder"], v[t], h)
+        states.append(h)
+    x, out = jnp.zeros(3), []
+    for _ in range(5):
+        h = tg.gru_cell(ae["decoder"], x, h)
+        x = h @ ae["out"]["w"] + ae["out"]["b"]
+        out.append(x)
+    want_loss = np.mean([(np.asarray(v[t]) - np.asarray(out[4 - t])) ** 2 for t in range(5)])
+    z, loss = tg.gru_autoencoder(ae, v)
+    np.testing.assert_allclose(z, np.mean(states, 0), rtol=1e-5)
+    np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
+    np.testing.assert_allclose(ae["encoder"]["gates"]["b"], 1.0)  # TF1's gate bias
+    np.testing.assert_allclose(ae["out"]["b"], 0.1)
+
+
+@pytest.mark.parametrize("name", ["hsml", "arml"])
+def test_the_gru_aggregator_sees_the_support_order_and_gates_of_one_are_maml(maml, name):
+    """aggregator = 'gru' (ARML with q over the points, as the reference): a permuted support set
+    changes the task representation, hence the prediction; with gates of one it is MAML still."""
+    batch, p_maml, loss_maml, _ = maml
+    gru = ["model.params.aggregator='gru'", *(["model.params.q_from='points'"] if name == "arml" else [])]
+    method, batch2, params = setup(*METHODS[name], *gru, "model.params.recon_weight=0")
+    assert np.array_equal(batch2.x_support, batch.x_support)
+    pred = Predictive(method.model, params=params, num_samples=1)
+    run = jax.jit(lambda b: pred(jax.random.PRNGKey(0), b._replace(y_query=None))["f"])
+    x, y = permuted(batch)
+    assert float(jnp.max(jnp.abs(run(batch._replace(x_support=x, y_support=y)) - run(batch)))) > 1e-4
+    gate = f"{name}.gate."
+    one = {
+        k: p_maml[k] if k.startswith("theta.") else (jnp.zeros_like(v) if k.endswith(".w") else v + 50.0)
+        for k, v in params.items()
+        if k.startswith(("theta.", gate))
+    }
+    loss = float(jax.jit(lambda p: elbo(method, p, batch))(params | one))
+    np.testing.assert_allclose(loss, loss_maml, rtol=1e-6)
