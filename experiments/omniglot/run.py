@@ -506,7 +506,7 @@ batch norm, meta-batch 32, 1 second-order inner step at alpha 0.4, 1 query per c
 2,500 iterations instead of 60,000; first-order MAML the same; MAML 20-way 1-shot for 2,000 iterations
 at meta-batch 16 with 1 inner step at alpha 0.4 (the paper: 5 steps at alpha 0.1, 60,000 iterations);
 ProtoNet (conv4 with max pooling, 64-d embedding) one 20-way 1-shot episode with 5 queries per class
-per iteration, 2,000 iterations (the paper: 60-way episodes, many more), and three variants towards
+per iteration, 2,000 iterations (the paper: 60-way episodes, many more), and four variants towards
 issue #17's 92% on Lake's runs: one change each, 60-way training episodes (Snell et al.'s choice for
 Omniglot; 3x the images per iteration) and Koch et al.'s affine distortions of the training images,
 then the distortions with 6,000 iterations and Snell et al.'s rate halving every 2,000, and that
