@@ -122,6 +122,23 @@ def hand_written_maml(
     return meta_loss, step
 
 
+def scanned_step(cfg: Any, steps: int, repeats: int) -> tuple[float, float, Any]:
+    """(compile seconds, best seconds per SVI step, the compiled chunk) of a config's training as
+    `bayesmeta fit` runs it: `steps` SVI steps in one scanned chunk (fit.make_chunk) with
+    cfg.train.meta_batch tasks a step sampled on device, from svi.init; minimum over `repeats`."""
+    from bayesmeta.fit import make_chunk, make_svi
+    from bayesmeta.run import Setup
+
+    setup = Setup.from_config(cfg)
+    meta_batch = cfg.train.meta_batch
+    svi = make_svi(setup.method, cfg.train)
+    state = jax.jit(svi.init)(jax.random.PRNGKey(0), setup.family.sample(jax.random.PRNGKey(1), meta_batch))
+    chunk = make_chunk(svi, setup.family, meta_batch)
+    start, key = jax.numpy.asarray(0), jax.random.PRNGKey(2)
+    compile_s, compiled = compile_timed(lambda s, i: chunk(s, i, steps, key), state, start)
+    return compile_s, min(seconds(lambda: compiled(state, start), repeats)) / steps, compiled
+
+
 def dispatched_step(cfg: Any, calls: int, repeats: int) -> tuple[float, float, Any]:
     """(compile seconds, best seconds per SVI step, the compiled step) of a config's training step on one
     batch of its family from svi.init: `calls` steps dispatched back to back, minimum over `repeats`."""

@@ -15,14 +15,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from numpyro.infer import SVI, Predictive, Trace_ELBO
+from numpyro.infer import Predictive
 
 from bayesmeta import config, registry, run
 from bayesmeta.config import ConfigError
 from bayesmeta.datasets import omniglot as data
 from bayesmeta.diagnostics.landscape import landscape_metrics
+from bayesmeta.fit import make_svi
 from bayesmeta.models.baselines import global_labels
 from bayesmeta.models.protonet import prototype_logits
 from bayesmeta.nets import Conv4, batch_norm, conv3x3, max_pool2x2
@@ -395,7 +395,7 @@ def test_a_method_without_an_inner_loop_predicts_with_xlas_convolution(tfds_dir)
     MAML, whose evaluation differentiates, keeps the patches in both."""
     cfg = _small(tfds_dir, "model.method='protonet'", "model.net.downsample='maxpool'")
     setup = run.Setup.from_config(cfg)
-    svi = SVI(setup.method.model, setup.method.guide, optax.sgd(0.0), Trace_ELBO())
+    svi = make_svi(setup.method, cfg.train)
     key = jax.random.PRNGKey(2)
     batch = jax.eval_shape(lambda k: setup.family.sample(k, 2), key)  # lowered abstractly: nothing runs
     params = jax.eval_shape(lambda k, b: svi.get_params(svi.init(k, b)), key, batch)

@@ -76,6 +76,18 @@ def maml(built):
     return batch, params, float(loss), grad
 
 
+def gates_of_one(params: dict, p_maml: dict, gate: str) -> dict:
+    """params with MAML's theta and every gate at W_g = 0, b_g = 50 (sigmoid(50) = 1 in float32)."""
+
+    def opened(k: str, v: jax.Array) -> jax.Array:
+        return jnp.zeros_like(v) if k.endswith(".w") else jnp.full_like(v, 50.0)
+
+    return {
+        k: p_maml[k] if k.startswith("theta.") else opened(k, v) if k.startswith(gate) else v
+        for k, v in params.items()
+    }
+
+
 @pytest.mark.parametrize("name", ["hsml", "arml"])
 def test_gates_of_one_are_maml(maml, built, name):
     """W_g = 0, b_g = 50: sigmoid(50) = 1 in float32, so theta_0i = theta for every task, and with no
@@ -88,11 +100,7 @@ def test_gates_of_one_are_maml(maml, built, name):
     method = build_method(cfg.model, 1, 1)
     gate = f"{name}.gate."
     assert float(jax.nn.sigmoid(jnp.float32(50.0))) == 1.0
-    one = {k: (jnp.zeros_like(v) if k.endswith(".w") else jnp.full_like(v, 50.0)) for k, v in params.items()}
-    params = {
-        k: p_maml[k] if k.startswith("theta.") else one[k] if k.startswith(gate) else v
-        for k, v in params.items()
-    }
+    params = gates_of_one(params, p_maml, gate)
     value_and_grad = jax.jit(jax.value_and_grad(lambda p: elbo(method, p, batch)))
     loss, grad = value_and_grad(params)
     np.testing.assert_allclose(float(loss), loss_maml, rtol=1e-6)
@@ -332,11 +340,5 @@ def test_the_gru_aggregator_sees_the_support_order_and_gates_of_one_are_maml(mam
     run = jax.jit(lambda b: pred(jax.random.PRNGKey(0), b._replace(y_query=None))["f"])
     x, y = permuted(batch)
     assert float(jnp.max(jnp.abs(run(batch._replace(x_support=x, y_support=y)) - run(batch)))) > 1e-4
-    gate = f"{name}.gate."
-    one = {
-        k: p_maml[k] if k.startswith("theta.") else (jnp.zeros_like(v) if k.endswith(".w") else v + 50.0)
-        for k, v in params.items()
-        if k.startswith(("theta.", gate))
-    }
-    loss = float(jax.jit(lambda p: elbo(method, p, batch))(params | one))
+    loss = float(jax.jit(lambda p: elbo(method, p, batch))(gates_of_one(params, p_maml, f"{name}.gate.")))
     np.testing.assert_allclose(loss, loss_maml, rtol=1e-6)

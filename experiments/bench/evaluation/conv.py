@@ -20,12 +20,10 @@ import time
 from pathlib import Path
 
 import jax
-import optax
-from numpyro.infer import SVI, Trace_ELBO
 
 from bayesmeta import registry
-from bayesmeta.bench import best_gemm_gflops, compile_timed, flops, seconds, write_results
-from bayesmeta.fit import make_chunk, make_svi
+from bayesmeta.bench import best_gemm_gflops, compile_timed, flops, scanned_step, seconds, write_results
+from bayesmeta.fit import make_svi
 from bayesmeta.predict import predictive
 from bayesmeta.run import Setup
 from bayesmeta.tables import markdown_table
@@ -51,7 +49,7 @@ def measure(method: str, conv: str, tasks: int, repeats: int) -> dict[str, float
     cfg = registry.load_config(None, [*TASK, f"model.method='{method}'", f"model.net.conv='{conv}'"])
     setup = Setup.from_config(cfg)
     batch = setup.family.sample(jax.random.PRNGKey(1), tasks)
-    svi = SVI(setup.method.model, setup.method.guide, optax.sgd(0.0), Trace_ELBO())
+    svi = make_svi(setup.method, cfg.train)
     params = svi.get_params(jax.jit(svi.init)(jax.random.PRNGKey(0), batch))
     key = jax.random.PRNGKey(2)
     run = predictive(setup.method, 1, 1, ("f",))
@@ -66,16 +64,10 @@ def measure(method: str, conv: str, tasks: int, repeats: int) -> dict[str, float
 
 
 def train_step(method: str, conv: str) -> float:
-    """Seconds per training step as `bayesmeta fit` runs them: TRAIN_STEPS SVI steps in one scanned
-    chunk (make_chunk), tasks sampled on device; one timed call after a warm-up."""
+    """Seconds per training step as `bayesmeta fit` runs them (bench.scanned_step: TRAIN_STEPS SVI
+    steps in one scanned chunk, tasks sampled on device), one timed call after a warm-up."""
     cfg = registry.load_config(None, [*TASK, *TRAIN, f"model.method='{method}'", f"model.net.conv='{conv}'"])
-    setup = Setup.from_config(cfg)
-    svi = make_svi(setup.method, cfg.train)
-    state = jax.jit(svi.init)(jax.random.PRNGKey(0), setup.family.sample(jax.random.PRNGKey(1), 1))
-    chunk = make_chunk(svi, setup.family, 1)
-    start, key = jax.numpy.asarray(0), jax.random.PRNGKey(2)
-    compiled = compile_timed(lambda st, i: chunk(st, i, TRAIN_STEPS, key), state, start)[1]
-    return min(seconds(lambda: compiled(state, start), 1)) / TRAIN_STEPS
+    return scanned_step(cfg, TRAIN_STEPS, 1)[1]
 
 
 def main() -> None:

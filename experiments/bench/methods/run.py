@@ -25,9 +25,9 @@ from pathlib import Path
 import jax
 
 from bayesmeta import registry
-from bayesmeta.bench import best_gemm_gflops, compile_timed, memory_mib, seconds
+from bayesmeta.bench import best_gemm_gflops, compile_timed, memory_mib, scanned_step, seconds
 from bayesmeta.experiment import machine
-from bayesmeta.fit import make_chunk, make_svi
+from bayesmeta.fit import make_svi
 from bayesmeta.io import write_json, write_text
 from bayesmeta.predict import predictive
 from bayesmeta.run import Setup
@@ -94,18 +94,12 @@ def chunk_steps(overrides: tuple[str, ...]) -> int:
 def measure(overrides: tuple[str, ...], repeats: int) -> dict[str, float]:
     steps = chunk_steps(overrides)
     cfg = registry.load_config(None, ["train.meta_batch=25", *overrides])
-    setup = Setup.from_config(cfg)
-    svi = make_svi(setup.method, cfg.train)
-    state = jax.jit(svi.init)(jax.random.PRNGKey(0), setup.family.sample(jax.random.PRNGKey(1), 25))
-    chunk = make_chunk(svi, setup.family, 25)
-    start = jax.numpy.asarray(0)
-    compile_s, compiled = compile_timed(lambda s, i: chunk(s, i, steps, jax.random.PRNGKey(2)), state, start)
-    best = min(seconds(lambda: compiled(state, start), repeats))
+    compile_s, per_step, compiled = scanned_step(cfg, steps, repeats)
     return {
         "compile_s": compile_s,
         "steps": steps,
-        "ms_per_step": best / steps * 1e3,
-        "tasks_per_s": 25 * steps / best,
+        "ms_per_step": per_step * 1e3,
+        "tasks_per_s": 25 / per_step,
         "temp_mib": memory_mib(compiled)["temp_mib"],
     }
 
