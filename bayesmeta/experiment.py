@@ -763,6 +763,25 @@ def run_grid(
     return res
 
 
+INTERRUPTED = 130  # the shell's status for a process stopped by SIGINT (as `bayesmeta fit` returns)
+
+
+def script(main: Callable[[], None]) -> None:
+    """Run an experiment script's main; interrupted (Ctrl-C, or SIGTERM while training), end with one
+    line saying how to resume and exit status 130, not a traceback: run_grid has parked the unfinished
+    runs and every finished one is in its record, so the same command carries on."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: finished runs are recorded and the unfinished ones checkpointed (parked in"
+            " cells/<run>/parked/ by a grid); rerun the same command to resume",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(INTERRUPTED) from None
+
+
 def plot_sweep(
     res: Results, x_of: Any, metric: str, path: Path, xlabel: str, ylabel: str, logx: bool = False
 ) -> Path:

@@ -214,8 +214,9 @@ def test_a_cells_record_never_pairs_one_configs_result_with_anothers(tmp_path):
     assert res.outcomes[0].metrics is not None and not (record / "failed.json").exists()
 
 
-def test_a_parked_run_resumes_on_a_fresh_clone_to_the_uninterrupted_result(tmp_path, monkeypatch):
-    """A grid interrupted mid-run parks it into its record (checkpoint and config); where runs/ is gone
+def test_a_parked_run_resumes_on_a_fresh_clone_to_the_uninterrupted_result(tmp_path, monkeypatch, capsys):
+    """A grid interrupted mid-run parks it into its record (checkpoint and config), and an experiment
+    script (experiment.script) ends with one line on how to resume and status 130; where runs/ is gone
     the run resumes from there and ends where the run without the interruption ends; the finished
     record drops the parked copy."""
     small = (*SMALL, "eval.memorization_tasks=0", "eval.tasks=10")  # 200 steps, a checkpoint every 100
@@ -228,8 +229,11 @@ def test_a_parked_run_resumes_on_a_fresh_clone_to_the_uninterrupted_result(tmp_p
         raise KeyboardInterrupt
 
     monkeypatch.setattr(run, "train", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run_grid("t", DEFAULT_CONFIG, [cell], ["mse@10"], out, progress=False)
+    with pytest.raises(SystemExit) as stopped:
+        experiment.script(lambda: run_grid("t", DEFAULT_CONFIG, [cell], ["mse@10"], out, progress=False))
+    assert stopped.value.code == 130
+    err = capsys.readouterr().err
+    assert "parked c-s-seed0" in err and "rerun the same command to resume" in err and "Traceback" not in err
     parked = out / "cells" / "c-s-seed0" / "parked"
     assert (parked / "state.npz").read_bytes() == (cell.run_dir(out) / CHECKPOINT).read_bytes()
     with FileLock(cell.run_dir(out) / LOCK):  # another process training it (run_lock is re-entrant)

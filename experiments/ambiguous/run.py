@@ -34,6 +34,7 @@ from bayesmeta.experiment import (
     reference_rows,
     reference_table,
     run_grid,
+    script,
 )
 
 HERE = Path(__file__).parent
@@ -180,4 +181,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script(main)

@@ -25,6 +25,7 @@ from bayesmeta.experiment import (
     plot_curves,
     product,
     run_grid,
+    script,
 )
 
 HERE = Path(__file__).parent
@@ -103,4 +104,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script(main)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bayesmeta.experiment import Contrast, contrast_table, contrasts, product, run_grid
+from bayesmeta.experiment import Contrast, contrast_table, contrasts, product, run_grid, script
 from bayesmeta.tables import markdown_table
 
 HERE = Path(__file__).parent
@@ -161,4 +161,4 @@ only with the clip.
 
 
 if __name__ == "__main__":
-    main()
+    script(main)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bayesmeta.experiment import Cell, run_grid
+from bayesmeta.experiment import Cell, run_grid, script
 from bayesmeta.tables import markdown_table
 
 HERE = Path(__file__).parent
@@ -78,4 +78,4 @@ support-loss gradients at theta (unnormalised, as METHODS states it).
 
 
 if __name__ == "__main__":
-    main()
+    script(main)

@@ -9,7 +9,7 @@ Finished runs are reused and interrupted ones resumed when the script is run aga
 import argparse
 from pathlib import Path
 
-from bayesmeta.experiment import product, run_grid
+from bayesmeta.experiment import product, run_grid, script
 
 HERE = Path(__file__).parent
 NOTES = """
@@ -57,4 +57,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script(main)

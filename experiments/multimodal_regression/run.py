@@ -26,6 +26,7 @@ from bayesmeta.experiment import (
     plot_curves,
     product,
     run_grid,
+    script,
     unplotted,
 )
 from bayesmeta.stats import Published
@@ -202,4 +203,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script(main)

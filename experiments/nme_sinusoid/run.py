@@ -29,6 +29,7 @@ from bayesmeta.experiment import (
     plot_sweep,
     product,
     run_grid,
+    script,
 )
 from bayesmeta.stats import Published
 
@@ -391,4 +392,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script(main)

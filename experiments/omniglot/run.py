@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bayesmeta.experiment import Cell, Contrast, contrast_table, contrasts, run_grid
+from bayesmeta.experiment import Cell, Contrast, contrast_table, contrasts, run_grid, script
 from bayesmeta.stats import Published
 
 HERE = Path(__file__).parent
@@ -602,4 +602,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script(main)

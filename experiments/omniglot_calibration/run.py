@@ -16,7 +16,14 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from bayesmeta.experiment import Condition, joint_target_table, plot_reliability_grid, product, run_grid
+from bayesmeta.experiment import (
+    Condition,
+    joint_target_table,
+    plot_reliability_grid,
+    product,
+    run_grid,
+    script,
+)
 
 HERE = Path(__file__).parent
 S = "5"  # the test-time inner steps (methods without an inner loop ignore the count)
@@ -73,4 +80,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script(main)

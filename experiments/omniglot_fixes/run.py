@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from bayesmeta.experiment import Cell, Outcome, run_grid
+from bayesmeta.experiment import Cell, Outcome, run_grid, script
 from bayesmeta.tables import markdown_table
 
 HERE = Path(__file__).parent
@@ -248,4 +248,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script(main)

@@ -25,7 +25,16 @@ import json
 import tempfile
 from pathlib import Path
 
-from bayesmeta.experiment import Cell, Contrast, contrast_table, contrasts, plot_sweep, product, run_grid
+from bayesmeta.experiment import (
+    Cell,
+    Contrast,
+    contrast_table,
+    contrasts,
+    plot_sweep,
+    product,
+    run_grid,
+    script,
+)
 from bayesmeta.stats import Published
 
 HERE = Path(__file__).parent
@@ -339,4 +348,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script(main)

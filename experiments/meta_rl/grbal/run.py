@@ -46,7 +46,7 @@ import numpy as np
 
 import bayesmeta
 from bayesmeta import control
-from bayesmeta.experiment import product, run_grid
+from bayesmeta.experiment import product, run_grid, script
 from bayesmeta.io import write_json, write_text
 from bayesmeta.report import save_fig
 from bayesmeta.stats import t_half_width
@@ -544,4 +544,4 @@ def plot_errors(replayed: dict, t1: int, path: Path) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    script(main)
