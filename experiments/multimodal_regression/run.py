@@ -41,8 +41,11 @@ METHODS = {
     # inner gradients clipped at norm 10: unclipped, all 5 seeds went non-finite by step 140; at norm 100
     # seed 0 trains (5,000 steps) but more than half its test tasks diverge over 20 learned-rate steps
     "Meta-SGD": ("model.method='maml'", "model.params.learned_lr='meta_sgd'", "model.inner_clip=10.0"),
-    # M = 5 particles; 5 draws weigh them equally (the sampler cycles through the particles)
-    "BMAML": ("model.method='bmaml'", "model.params.particles=5", "eval.samples=5"),
+    # M = 5 particles; 5 draws weigh them equally (the sampler cycles through the particles). Each
+    # particle's inner gradient clipped at norm 100 as MUMOMAML's: unclipped (records in commit 94e4e8d),
+    # seed 1 went non-finite at step 32,532 and seed 0 finished at mse@20 4.45 (median 1.51), its
+    # held-out MSE falling to 2.56 by step 26,000 and then jumping to 4.85 while the chaser loss fell
+    "BMAML": ("model.method='bmaml'", "model.params.particles=5", "eval.samples=5", "model.inner_clip=100.0"),
     # inner gradients clipped at norm 100 as MUMOMAML's: unclipped, seed 1 went non-finite at step 3995
     # (deterministically; with the clip the same seed passes it, so the inner loop is what overflowed)
     "MT-Net": ("model.method='mtnet'", "model.inner_clip=100.0"),
@@ -116,11 +119,13 @@ MSE after {STEPS} test-time steps overall and per function family (`groups/<fami
 steps. Differences from the reference: weights start Glorot-normal (the reference's truncated normal sd
 0.01); the likelihood is Gaussian with sd 0.3 (its gradient is the MSE's over 2 x 0.09, which Adam's
 scale invariance mostly absorbs); MT-Net draws its masks at test as the reference does (one draw,
-`eval.samples = 1`); BMAML averages its 5 particles. MUMOMAML's inner gradients are clipped at
-norm 100 and Meta-SGD's at norm 10 (unclipped, 4 of 5 MUMOMAML seeds and all 5 Meta-SGD seeds went
-non-finite on tasks with large targets; the Gaussian likelihood with sd 0.3 makes these gradients 5.6x
-the MSE's, so 100 is about 18 on the reference's MSE scale; MUMOMAML at 10 scored 2-4x worse, Meta-SGD
-at 100 diverged at test time on most tasks in a 5,000-step trial); no other method's are. Which of
+`eval.samples = 1`); BMAML averages its 5 particles. Inner gradients are clipped (`model.inner_clip`,
+per task; the reference does not clip) at norm 100 for MT-Net, MUMOMAML and BMAML (each particle's)
+and at norm 10 for Meta-SGD: unclipped, MT-Net's seed 1, 4 of 5 MUMOMAML seeds, all 5 Meta-SGD seeds
+and one of BMAML's first two went non-finite on tasks with large targets (the Gaussian likelihood with
+sd 0.3 makes these gradients 5.6x the MSE's, so 100 is about 18 on the reference's MSE scale;
+MUMOMAML at 10 scored 2-4x worse, Meta-SGD at 100 diverged at test time on most tasks in a 5,000-step
+trial); no other method's are clipped. Which of
 its 20 printed step counts ARML's table reports is not stated; we compare at {STEPS}. The published +-
 is read as a 95% CI over their test tasks (their code prints 1.96 sd / sqrt(n)); TAML has no published
 number on this benchmark. ARML's q_i pools the two prototypes in the row `ARML` (the paper's eq. 8) and
@@ -128,6 +133,12 @@ the support points' embeddings in `ARML, q of points` (the reference's regressio
 produced the published number; it pools them through a GRU); both are set against the published 0.44.
 `MAML, init sd 0.01` starts from the reference code's initialisation (truncated normal, sd 0.01, where
 every other row starts Glorot-normal), to see whether it accounts for the published MAML's 2.29.
+BMAML: neither ARML nor HSML says how it was run beyond ARML's appendix B.3 (the gradient-based
+baselines use ARML's step sizes), so it takes this protocol's (5 SVGD steps at 0.001 on the mean NLL,
+one leader step on support + query, M = 5). The BMAML authors' code (jsikyoon/bmaml) differs: 10
+particles, one chaser step, each particle with learned noise and weight precisions under Gamma priors,
+and a log-likelihood summed over the points (its steps are about 90x ours at its initial noise
+precision; our SVGD step at 0.09 went non-finite by step 348, ad hoc).
 The rows with `xi 0.056` weigh the autoencoders' reconstruction loss as the references do (their 0.01
 beside the MSE is 0.056 beside our Gaussian NLL at sd 0.3; the other HSML and ARML rows use 0.01).
 The rows with `GRU` aggregate the support set with the references' GRU autoencoders
