@@ -92,6 +92,22 @@ def test_one_particle_is_mamls_gradient_descent_and_no_leader_steps_no_loss():
     assert float(chaser_loss(c, leader)) == 0.0
 
 
+def test_inner_clip_bounds_each_particles_gradient_before_the_kernel_averages_them():
+    """svgd(clip=c) is the SVGD step with every grad log p(x_j) scaled to norm at most c (model.inner_clip,
+    which BMAML's multimodal row needs): a particle whose gradient is within c steps as without the clip."""
+    x = jnp.array([[3.0, -4.0], [0.1, 0.2], [-20.0, 5.0]])  # grad log p = -x: norms 5, 0.22, 20.6
+    log_p = lambda t: -0.5 * jnp.sum(t**2)  # noqa: E731
+    grads = -x
+    norms = jnp.linalg.norm(grads, axis=1, keepdims=True)
+    clipped = grads * jnp.minimum(1.0, 1.0 / norms)
+    np.testing.assert_allclose(
+        svgd(log_p, x, 1, 0.1, clip=1.0), x + 0.1 * svgd_direction(x, clipped), rtol=1e-6
+    )
+    np.testing.assert_allclose(svgd(log_p, x, 1, 0.1, clip=50.0), svgd(log_p, x, 1, 0.1), rtol=1e-6)
+    one = svgd(log_p, x[2:], 1, 0.1, clip=1.0)  # M = 1: the step is lr * c along the gradient
+    np.testing.assert_allclose(jnp.linalg.norm(one - x[2:]), 0.1, rtol=1e-5)
+
+
 def test_chaser_loss_value_and_gradients():
     c = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4))
     leader = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 4))
