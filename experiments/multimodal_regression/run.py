@@ -162,6 +162,24 @@ def table_contrasts() -> list[Contrast]:
     ]
 
 
+# each of the reference code's constructions against the row it changes one thing of
+ABLATIONS = (
+    ("HSML", "HSML, xi 0.056"),
+    ("ARML, q of points", "ARML, q of points, xi 0.056"),
+    ("HSML, xi 0.056", "HSML, GRU, xi 0.056"),
+    ("ARML, q of points, xi 0.056", "ARML, q of points, GRU, xi 0.056"),
+)
+
+
+def ablation_contrasts(run: set[str]) -> list[Contrast]:
+    """Each variant minus the row it changes, paired by seed, where both rows are in this grid."""
+    return [
+        Contrast("10-shot", label(base), label(m), METRIC)
+        for base, m in ABLATIONS
+        if label(base) in run and label(m) in run
+    ]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -190,9 +208,13 @@ def main() -> None:
         + Results("", args.out, per_family, res.outcomes, 0.0, wide=True).wide_table()
         + "\n### Paired contrasts with MAML\n\n"
         + contrast_table(contrasts(res.outcomes, [c for c in table_contrasts() if c.method in labels]))
-        + "\n### Held-out curves (curves.png)\n\n"
-        + curve_table(res.outcomes, METRIC)
     )
+    ablations = ablation_contrasts(set(labels))
+    if ablations:
+        res.notes += "\n### The reference code's constructions, one change at a time\n\n" + contrast_table(
+            contrasts(res.outcomes, ablations)
+        )
+    res.notes += "\n### Held-out curves (curves.png)\n\n" + curve_table(res.outcomes, METRIC)
     panels = {f: (f"eval.task.params.families=['{f}']",) for f in FAMILIES}
     functions = adapted_functions(res.outcomes, HERE / "base.toml", args.out, panels, STEPS)
     missing = unplotted(res.outcomes, functions)
