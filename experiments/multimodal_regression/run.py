@@ -44,7 +44,7 @@ METHODS = {
     # M = 5 particles; 5 draws weigh them equally (the sampler cycles through the particles). Each
     # particle's inner gradient clipped at norm 100 as MUMOMAML's: unclipped (records in commit 94e4e8d),
     # seed 1 went non-finite at step 32,532 and seed 0 finished at mse@20 4.45 (median 1.51), its
-    # held-out MSE falling to 2.56 by step 26,000 and then jumping to 4.85 while the chaser loss fell
+    # held-out MSE falling to 2.56 by step 26,000, then 4.85 from step 28,000 to the end (its cell history)
     "BMAML": ("model.method='bmaml'", "model.params.particles=5", "eval.samples=5", "model.inner_clip=100.0"),
     # inner gradients clipped at norm 100 as MUMOMAML's: unclipped, seed 1 went non-finite at step 3995
     # (deterministically; with the clip the same seed passes it, so the inner loop is what overflowed)
