@@ -13,7 +13,8 @@ from numpyro.infer import SVI, Trace_ELBO
 
 from bayesmeta import registry, run
 from bayesmeta.models.llama import jacobian, laplace_logdet, laplace_sample
-from bayesmeta.nets import MLP
+from bayesmeta.nets import MLP, make_net
+from bayesmeta.sites import tree_from_params
 
 SD, TAU = 0.3, 2.0
 
@@ -113,6 +114,36 @@ def test_llama_objective_adds_the_laplace_term(curvature):
     np.testing.assert_allclose(
         loss(on.method) - loss(off.method), 0.5 * float(jnp.sum(logdet)) / 9, rtol=1e-4
     )
+    # the traced log det is the curvature's at each task's adapted phi_i (2 gradient steps on the support
+    # MSE, the Gaussian inner loss, written out here), on its support set and over the curvature's
+    # block: tau I + J^T J / sd^2, or its diagonal
+    cfg = on.cfg.model
+    net = make_net(cfg.net, 1, 1)
+    theta = tree_from_params("theta", net.init, params)
+
+    def by_hand(start: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+        block, rest = (
+            ({"head": start["head"]}, {k: v for k, v in start.items() if k != "head"})
+            if curvature == "last_layer"
+            else (start, {})
+        )
+        flat, unravel = ravel_pytree(block)
+        jac = jax.jacrev(lambda v: net.apply({**rest, **unravel(v)}, x).ravel())(flat)
+        h = jnp.eye(flat.size) + jac.T @ jac / 0.3**2  # tau = model.params.prior_precision = 1
+        return jnp.sum(jnp.log(jnp.diag(h))) if curvature == "diagonal" else jnp.linalg.slogdet(h)[1]
+
+    def adapted(x: jax.Array, y: jax.Array) -> dict:
+        phi = theta
+        for _ in range(cfg.inner_steps):
+            g = jax.grad(lambda q: jnp.mean(jnp.square(net.apply(q, x) - y)))(phi)  # the MSE
+            phi = jax.tree.map(lambda a, b: a - cfg.inner_lr * b, phi, g)
+        return phi
+
+    tasks = zip(batch.x_support, batch.y_support, strict=True)
+    at_phi = np.array([by_hand(adapted(x, y), x, y) for x, y in tasks])
+    np.testing.assert_allclose(logdet, at_phi, rtol=1e-4)
+    at_theta = np.array([by_hand(theta, x, y) for x, y in zip(batch.x_support, batch.y_support, strict=True)])
+    assert np.abs(at_theta - at_phi).max() > 1e-2  # theta's curvature would not pass the check above
 
 
 def test_llama_predictions_sample_the_laplace_posterior(small_cfg, tmp_path):

@@ -117,16 +117,16 @@ families on x2 = 1, noise sd 0.3), 10 support and 10 query points; MLP 40-40 ReL
 iterations; 1,000 test tasks per seed (the same tasks for every method of a seed); 5 seeds. Columns: the
 MSE after {STEPS} test-time steps overall and per function family (`groups/<family>/...`), and after 5
 steps. Differences from the reference: weights start Glorot-normal (the reference's truncated normal sd
-0.01); the likelihood is Gaussian with sd 0.3 (its gradient is the MSE's over 2 x 0.09, which Adam's
-scale invariance mostly absorbs); MT-Net draws its masks at test as the reference does (one draw,
+0.01); the outer loss is the Gaussian NLL with sd 0.3 (its gradient is the MSE's over 2 x 0.09, which
+Adam's scale invariance mostly absorbs; the inner loss is the MSE, as the reference's); MT-Net draws its
+masks at test as the reference does (one draw,
 `eval.samples = 1`); BMAML averages its 5 particles. Inner gradients are clipped (`model.inner_clip`,
 per task; the reference does not clip) at norm 100 for MT-Net, MUMOMAML and BMAML (each particle's)
 and at norm 10 for Meta-SGD: unclipped, MT-Net's seed 1, 4 of 5 MUMOMAML seeds, all 5 Meta-SGD seeds
-and one of BMAML's first two went non-finite on tasks with large targets (the Gaussian likelihood with
-sd 0.3 makes these gradients 5.6x the MSE's, so 100 is about 18 on the reference's MSE scale;
-MUMOMAML at 10 scored 2-4x worse, Meta-SGD at 100 diverged at test time on most tasks in a 5,000-step
-trial); no other method's are clipped. Which of
-its 20 printed step counts ARML's table reports is not stated; we compare at {STEPS}. The published +-
+and one of BMAML's first two went non-finite on tasks with large targets (the norms are of the MSE's
+gradient, the reference's inner loss; MUMOMAML at 10 scored 2-4x worse, Meta-SGD at 100 diverged at
+test time on most tasks in a 5,000-step trial); no other method's are clipped. Which of its 20 printed
+step counts ARML's table reports is not stated; we compare at {STEPS}. The published +-
 is read as a 95% CI over their test tasks (their code prints 1.96 sd / sqrt(n)); TAML has no published
 number on this benchmark. ARML's q_i pools the two prototypes in the row `ARML` (the paper's eq. 8) and
 the support points' embeddings in `ARML, q of points` (the reference's regression code, which
@@ -134,11 +134,11 @@ produced the published number; it pools them through a GRU); both are set agains
 `MAML, init sd 0.01` starts from the reference code's initialisation (truncated normal, sd 0.01, where
 every other row starts Glorot-normal), to see whether it accounts for the published MAML's 2.29.
 BMAML: neither ARML nor HSML says how it was run beyond ARML's appendix B.3 (the gradient-based
-baselines use ARML's step sizes), so it takes this protocol's (5 SVGD steps at 0.001 on the mean NLL,
+baselines use ARML's step sizes), so it takes this protocol's (5 SVGD steps at 0.001 on the MSE,
 one leader step on support + query, M = 5). The BMAML authors' code (jsikyoon/bmaml) differs: 10
 particles, one chaser step, each particle with learned noise and weight precisions under Gamma priors,
-and a log-likelihood summed over the points (its steps are about 90x ours at its initial noise
-precision; our SVGD step at 0.09 went non-finite by step 348, ad hoc).
+and a log-likelihood summed over the points (at its initial noise precision, 100, its step on 10
+points is about 500x ours; our SVGD step at 0.09, 90x, went non-finite by step 348, ad hoc).
 The rows with `xi 0.056` weigh the autoencoders' reconstruction loss as the references do (their 0.01
 beside the MSE is 0.056 beside our Gaussian NLL at sd 0.3; the other HSML and ARML rows use 0.01).
 The rows with `GRU` aggregate the support set with the references' GRU autoencoders
