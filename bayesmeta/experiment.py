@@ -1160,9 +1160,9 @@ def plot_adapted(functions: dict[str, Any], path: Path, title: str = "") -> Path
 
 
 def plot_reliability_grid(outcomes: list[Outcome], steps: int, path: Path) -> Path:
-    """One reliability diagram per method (its first seed's run; metrics.json reliability entry at
-    `steps` test-time steps): accuracy against confidence per bin, with the run's ECE in the title,
-    over the share of predictions per bin."""
+    """One reliability diagram per method (the run of its lowest seed with a metrics.json reliability
+    entry at `steps` test-time steps; methods in their order in `outcomes`): accuracy against
+    confidence per bin, with the run's ECE in the title, over the share of predictions per bin."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1171,8 +1171,9 @@ def plot_reliability_grid(outcomes: list[Outcome], steps: int, path: Path) -> Pa
 
     first: dict[str, Outcome] = {}
     for o in outcomes:
-        if o.metrics is not None and str(steps) in (o.metrics.get("reliability") or {}):
-            first.setdefault(o.cell.method, o)
+        has = o.metrics is not None and str(steps) in (o.metrics.get("reliability") or {})
+        if has and (o.cell.method not in first or o.cell.seed < first[o.cell.method].cell.seed):
+            first[o.cell.method] = o
     fig, axes = reliability_axes(max(1, len(first)), 3.2, 4.3)
     for column, (method, o) in enumerate(first.items()):
         e = o.metrics["reliability"][str(steps)]

@@ -68,18 +68,70 @@ def test_a_curve_is_flat_only_when_its_last_quarter_stops_changing(tmp_path):
     assert plot_curves(outs, "mse@5", tmp_path / "curves.png").stat().st_size > 0
 
 
-def test_the_reliability_grid_draws_each_methods_first_seed(tmp_path):
+def reliability_entry(accuracy: float, ece: float, steps: str = "5") -> dict:
+    """A metrics.json reliability entry at `steps` test-time steps whose diagram is told apart by accuracy."""
+    diagram = {
+        "edges": [0.0, 0.5, 1.0],
+        "count": [0, 4],
+        "accuracy": [0.0, accuracy],
+        "confidence": [0.0, 0.8],
+    }
+    return {"reliability": {steps: {"ece": ece, "diagram": diagram}}}
+
+
+def draw_spy(monkeypatch) -> list:
+    """Records (accuracy panel, share panel, diagram) of every report.draw_reliability call, and draws."""
+    from bayesmeta import report
+
+    calls, draw = [], report.draw_reliability
+
+    def spy(ax, ax_share, diagram):
+        calls.append((ax, ax_share, diagram))
+        draw(ax, ax_share, diagram)
+
+    monkeypatch.setattr(report, "draw_reliability", spy)
+    return calls
+
+
+def test_the_reliability_grid_draws_each_methods_first_seed(tmp_path, monkeypatch):
+    """One column per method that has a run with an entry at the requested steps, in the order of those
+    first runs, each drawing the diagram of the method's first seed with the entry; failed runs, runs
+    without that entry and methods with none are not drawn."""
     from bayesmeta.experiment import Outcome, plot_reliability_grid
 
-    diagram = {"edges": [0.0, 0.5, 1.0], "count": [0, 4], "accuracy": [0.0, 0.75], "confidence": [0.0, 0.8]}
-    entry = {"reliability": {"5": {"ece": 0.05, "diagram": diagram}}}
+    calls = draw_spy(monkeypatch)
+    a1, b0, a2 = reliability_entry(0.25, 0.011), reliability_entry(0.5, 0.022), reliability_entry(0.75, 0.033)
     outcomes = [
-        Outcome(Cell("A", "s", 1), entry, 1.0),
         Outcome(Cell("A", "s", 0), {"reliability": {}}, 1.0),  # no entry at 5 steps: skipped
-        Outcome(Cell("B", "s", 0), None, 1.0, error="diverged"),  # failed: skipped
+        Outcome(Cell("B", "s", 0), b0, 1.0),
+        Outcome(Cell("C", "s", 0), None, 1.0, error="diverged"),  # failed: C has no column
+        Outcome(Cell("A", "s", 1), a1, 1.0),
+        Outcome(Cell("D", "s", 0), reliability_entry(0.9, 0.044, steps="10"), 1.0),  # other steps only
+        Outcome(Cell("B", "s", 1), reliability_entry(0.1, 0.055), 1.0),
+        Outcome(Cell("A", "s", 2), a2, 1.0),
     ]
     path = plot_reliability_grid(outcomes, 5, tmp_path / "r.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+    assert [c[2] for c in calls] == [b0["reliability"]["5"]["diagram"], a1["reliability"]["5"]["diagram"]]
+    assert [c[0].get_title() for c in calls] == ["B\nECE 0.022 (seed 0)", "A\nECE 0.011 (seed 1)"]
+    (ax0, share0, _), (ax1, share1, _) = calls  # columns left to right, a share panel under each
+    assert ax0.get_position().x0 < ax1.get_position().x0
+    for ax, share in ((ax0, share0), (ax1, share1)):
+        assert share is not ax and share.get_position().y1 <= ax.get_position().y0
+        assert share.get_position().x0 == pytest.approx(ax.get_position().x0)
+
+
+def test_the_reliability_grid_draws_the_lowest_seed_whatever_the_list_order(tmp_path, monkeypatch):
+    """'First seed' as adapted_functions and docs/results.md (reliability.png, seed 0) read it: the
+    lowest seed with an entry, even when the outcomes list a higher seed first (e.g. --seeds 2 0 1)."""
+    from bayesmeta.experiment import Outcome, plot_reliability_grid
+
+    calls = draw_spy(monkeypatch)
+    a2, a0 = reliability_entry(0.75, 0.033), reliability_entry(0.25, 0.011)
+    outcomes = [Outcome(Cell("A", "s", 2), a2, 1.0), Outcome(Cell("A", "s", 0), a0, 1.0)]
+    plot_reliability_grid(outcomes, 5, tmp_path / "r.png")
+    assert [c[2] for c in calls] == [a0["reliability"]["5"]["diagram"]]
+    assert calls[0][0].get_title() == "A\nECE 0.011 (seed 0)"
 
 
 def test_an_evaluation_cell_is_reused_from_its_record(tmp_path):

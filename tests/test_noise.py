@@ -12,8 +12,10 @@ from numpyro import handlers
 from scipy import stats
 
 from bayesmeta import registry, run
+from bayesmeta.adapt import adapt_tasks
 from bayesmeta.config import ConfigError
 from bayesmeta.likelihoods import NOISE_SITE, SD_SITE, Gaussian, make_likelihood
+from bayesmeta.nets import make_net
 from bayesmeta.predict import predictive
 from tests.helpers import TINY
 
@@ -54,6 +56,8 @@ def test_a_learned_sd_is_one_positive_param_started_at_noise_sd(method):
 
 
 def test_a_heteroscedastic_method_records_each_draws_sd():
+    """Each draw's recorded sd is 0.1 + 0.9 softplus(r) of the second output block of the network at the
+    task's adapted parameters (one inner step on the MSE of the first block, f), point by point."""
     cfg = registry.load_config(None, [*TINY, "model.method='maml'", "model.noise='heteroscedastic'"])
     setup = run.Setup.from_config(cfg)
     batch = setup.family.sample(jax.random.PRNGKey(0), 3)
@@ -62,6 +66,20 @@ def test_a_heteroscedastic_method_records_each_draws_sd():
     out = predictive(setup.method, 1, 4, ("f", SD_SITE))(params, batch, jax.random.PRNGKey(1))
     assert out["f"].shape == out[SD_SITE].shape == (4, 3, batch.x_query.shape[1], 1)
     assert float(out[SD_SITE].min()) >= 0.1
+    # by hand: a network of 2 outputs (f, r), adapted on its f's MSE with the configured inner rate
+    net = make_net(cfg.model.net, 1, 2)
+    theta = {lay: {w: params[f"theta.{lay}.{w}"] for w in "wb"} for lay in net.layer_names}
+
+    def loss(p, x, y):
+        return jnp.mean(jnp.square(net.apply(p, x)[..., :1] - y))
+
+    phi, _ = adapt_tasks(loss, theta, batch.x_support, batch.y_support, steps=1, lr=cfg.model.inner_lr)
+    head = np.asarray(jax.vmap(net.apply)(phi, batch.x_query), np.float64)  # (T, n, 2)
+    f, sd = head[..., :1], 0.1 + 0.9 * np.log1p(np.exp(head[..., 1:]))
+    assert np.std(sd) > 1e-2  # a recorded constant would not match
+    for s in range(4):  # MAML's draws share phi: each draw records the same per-point sd
+        np.testing.assert_allclose(out["f"][s], f, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out[SD_SITE][s], sd, rtol=1e-5, atol=1e-6)
 
 
 def test_noise_other_than_fixed_needs_a_gaussian_likelihood():

@@ -134,10 +134,26 @@ def test_hessian_reg_adds_lambda_times_the_same_key_estimate_to_the_elbo():
 
 
 def test_hessian_reg_trains_under_svi_and_leaves_predictive_unchanged():
-    """It is a training objective: jit-compiled SVI steps run and lower the penalised loss; Predictive
-    (query labels withheld) never computes it and predicts as MAML with the same parameters."""
-    _, plain, batch, _ = tiny_setup(tasks=8)
+    """It is a training objective: the gradient SVI follows carries the penalty's own gradient (through
+    phi_i and its second-order adaptation, not a stop-gradient), so the autodiff derivative of
+    loss(lambda) - loss(0) along each layer equals its central finite difference (the probes are fixed
+    by the key); jit-compiled SVI steps run and lower the penalised loss; Predictive (query labels
+    withheld) never computes it and predicts as MAML with the same parameters."""
+    _, plain, batch, init = tiny_setup(tasks=8)
     _, reg, _, _ = tiny_setup("model.params.hessian_reg=0.01", tasks=8)
+    key, eps = jax.random.PRNGKey(5), 1e-6  # truncation error ~1e-8 relative here
+    with jax.enable_x64(True):
+        p64, b64 = to64(init), to64(batch)
+        pen = jax.jit(jax.value_and_grad(lambda p: elbo(reg, p, b64, key) - elbo(plain, p, b64, key)))
+        value, grad = pen(p64)
+        assert float(value) > 0 and set(grad) == set(p64)
+        rng = np.random.default_rng(0)
+        for k in sorted(p64):  # one direction per layer leaf: the penalty reaches every one
+            v = rng.standard_normal(p64[k].shape)
+            fd = (pen({**p64, k: p64[k] + eps * v})[0] - pen({**p64, k: p64[k] - eps * v})[0]) / (2 * eps)
+            ad = float(jnp.sum(grad[k] * v))
+            assert abs(ad) > 1e-4 * float(value), (k, ad)
+            np.testing.assert_allclose(ad, float(fd), rtol=1e-6, err_msg=k)
     svi = SVI(reg.model, reg.guide, optax.adam(1e-2), Trace_ELBO())
     state = jax.jit(svi.init)(jax.random.PRNGKey(3), batch)
     state, losses = jax.jit(lambda s: jax.lax.scan(lambda s, _: svi.update(s, batch), s, None, length=40))(
@@ -247,7 +263,31 @@ def test_trajectory_reg_zero_is_plain_maml_and_positive_uses_the_corrected_param
             for m in (plain, reg)
         ]
         np.testing.assert_array_equal(pred[0]["f"], pred[1]["f"])
-    # head-only adaptation corrects the head only
-    _, head, hbatch, hparams = tiny_setup("model.params.trajectory_reg=0.5", "model.adapt='head'")
-    assert np.isfinite(float(elbo(head, hparams, hbatch)))
-    assert split({"layer_0": 0, "head": 1}, "head")[0] == {"head": 1}
+    # head-only adaptation corrects the head only: by hand, the head adapts with the body held at theta
+    # (a loss over the head alone, so split() is not used), the correction acts on the head subtree
+    # (theta's head -> each task's adapted head), and the body enters the query likelihood unchanged
+    hcfg, head, hbatch, hparams = tiny_setup("model.params.trajectory_reg=0.5", "model.adapt='head'")
+    _, head0, _, _ = tiny_setup("model.adapt='head'")
+    assert split({"layer_0": 0, "head": 1}, "head") == ({"head": 1}, {"layer_0": 0})
+    with jax.enable_x64(True):
+        hparams, hbatch = to64(hparams), to64(hbatch)
+        net, theta, loss = hand_net(hcfg, hparams)
+        body = {k: v for k, v in theta.items() if k != "head"}
+        assert set(body) == {"layer_0"}
+
+        def head_loss(h, x, y):
+            return loss({**body, "head": h}, x, y)
+
+        h_phi, _ = adapt_tasks(head_loss, theta["head"], hbatch.x_support, hbatch.y_support, steps=2, lr=0.3)
+        h_hat = trajectory_correction(theta["head"], h_phi, 0.5)
+        assert float(jnp.max(jnp.abs(h_hat["w"] - h_phi["w"]))) > 1e-3  # the correction is not zero
+
+        def query_loss(heads):
+            f = jax.vmap(lambda h, x: net.apply({**body, "head": h}, x))(heads, hbatch.x_query)
+            return float(jnp.mean((f - hbatch.y_query) ** 2)) + const
+
+        got = float(elbo(head, hparams, hbatch))
+        np.testing.assert_allclose(got, query_loss(h_hat), rtol=1e-10)
+        # and it is not the head-only loss without the correction (trajectory_reg = 0)
+        np.testing.assert_allclose(float(elbo(head0, hparams, hbatch)), query_loss(h_phi), rtol=1e-10)
+        assert abs(got - query_loss(h_phi)) > 1e-4
