@@ -135,6 +135,20 @@ def test_zips_of_arbitrary_members_give_one_line(members):
     _check(lambda p: read_support(p, 1, 1), buf.getvalue(), ".npz", 2)
 
 
-@pytest.mark.parametrize("text", ["x,y\n1,2\n", "1,2\n3,4\n", "x;y\n-1e6;1e6\n"])
-def test_good_csv_is_read(text):
-    _check(lambda p: read_support(p, 1, 1), text.encode(), ".csv", 2)
+@pytest.mark.parametrize(
+    ("text", "x", "y"),
+    [
+        ("x,y\n1,2\n", [[1.0]], [[2.0]]),
+        ("1,2\n3,4\n", [[1.0], [3.0]], [[2.0], [4.0]]),
+        ("x;y\n-1e6;1e6\n", [[-1e6]], [[1e6]]),  # exactly on the MAX_ABS_VALUE limit: accepted
+    ],
+)
+def test_good_csv_is_read(text, x, y, tmp_path):
+    """Valid files are read (no SupportFileError allowed) into the expected x and y columns."""
+    assert MAX_ABS_VALUE == 1e6  # the third case sits on the limit
+    path = tmp_path / "s.csv"
+    path.write_text(text)
+    got_x, got_y = read_support(path, 1, 1)
+    assert got_x.dtype == got_y.dtype == np.float32
+    np.testing.assert_array_equal(got_x, np.array(x, np.float32))
+    np.testing.assert_array_equal(got_y, np.array(y, np.float32))
