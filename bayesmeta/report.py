@@ -386,6 +386,7 @@ REQUIRED_METRICS = {
     "metrics": (dict,),
 }
 """The entries of metrics.json the summary is written from, with their JSON types."""
+JSON_TYPES = {(str,): "a string", (int,): "an integer", (int, float): "a number", (dict,): "an object"}
 METRIC_ENTRY = {
     "mean": True,
     "ci95": True,
@@ -446,9 +447,7 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
     for key, types in REQUIRED_METRICS.items():
         v = metrics.get(key)
         if isinstance(v, bool) or not isinstance(v, types):
-            raise RunFileError(
-                f"{path}: entry {key!r} missing or not a {types[0].__name__}; {_redo(run_dir)}"
-            )
+            raise RunFileError(f"{path}: entry {key!r} missing or not {JSON_TYPES[types]}; {_redo(run_dir)}")
     for name, entry in metrics["metrics"].items():
         for field, nullable in METRIC_ENTRY.items():
             present = isinstance(entry, dict) and field in entry

@@ -356,7 +356,7 @@ CASES = {
     "report-metrics-wrong-type": (
         _metrics(lambda m: m.update(train_seconds="1 s")),
         RUN,
-        "metrics.json: entry 'train_seconds'",
+        "metrics.json: entry 'train_seconds' missing or not a number",
     ),
     "report-metric-without-mean": (
         _metrics(lambda m: m["metrics"]["mse@1"].pop("mean")),
