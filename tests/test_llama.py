@@ -84,24 +84,47 @@ def test_curvatures_against_the_exact_hessian_on_a_tiny_network():
         )
 
 
+SMALL = [
+    "task.family='sine_line'",
+    "task.shots=4",
+    "task.queries=3",
+    "model.method='llama'",
+    "model.net.hidden=[5]",
+    "model.noise_sd=0.3",
+    "model.inner_steps=2",
+]
+
+
+def _small(curvature: str, *extra: str, tasks: int = 3) -> tuple:
+    """(setup, batch, initial params) of a tiny LLAMA on sine/line tasks with the given curvature."""
+    setup = run.Setup.from_config(
+        registry.load_config(None, [*SMALL, f"model.params.curvature='{curvature}'", *extra])
+    )
+    batch = setup.family.sample(jax.random.PRNGKey(0), tasks)
+    svi = SVI(setup.method.model, setup.method.guide, optax.sgd(0.0), Trace_ELBO())
+    return setup, batch, svi.get_params(jax.jit(svi.init)(jax.random.PRNGKey(1), batch))
+
+
+def _adapted_by_hand(setup: run.Setup, params: dict, x: jax.Array, y: jax.Array) -> tuple:
+    """(net, theta, phi): phi = theta after the configured gradient steps on the support MSE (the
+    Gaussian likelihood's inner loss), written out."""
+    cfg = setup.cfg.model
+    net = make_net(cfg.net, 1, 1)
+    theta = tree_from_params("theta", net.init, params)
+    phi = theta
+    for _ in range(cfg.inner_steps):
+        g = jax.grad(lambda q: jnp.mean(jnp.square(net.apply(q, x) - y)))(phi)
+        phi = jax.tree.map(lambda a, b: a - cfg.inner_lr * b, phi, g)
+    return net, theta, phi
+
+
 @pytest.mark.parametrize("curvature", ["ggn", "last_layer", "diagonal"])
 def test_llama_objective_adds_the_laplace_term(curvature):
     """loss(eta=1) - loss(eta=0) = 0.5 * sum_i log det H_i / (T Q), with H_i from the adapted phi_i."""
-    base = [
-        "task.family='sine_line'",
-        "task.shots=4",
-        "task.queries=3",
-        "model.method='llama'",
-        "model.net.hidden=[5]",
-        "model.noise_sd=0.3",
-        "model.inner_steps=2",
-        f"model.params.curvature='{curvature}'",
-    ]
-    on = run.Setup.from_config(registry.load_config(None, [*base, "model.params.eta=1.0"]))
-    off = run.Setup.from_config(registry.load_config(None, [*base, "model.params.eta=0.0"]))
-    batch = on.family.sample(jax.random.PRNGKey(0), 3)
-    svi = SVI(on.method.model, on.method.guide, optax.sgd(0.0), Trace_ELBO())
-    params = svi.get_params(jax.jit(svi.init)(jax.random.PRNGKey(1), batch))
+    on, batch, params = _small(curvature, "model.params.eta=1.0")
+    off = run.Setup.from_config(
+        registry.load_config(None, [*SMALL, f"model.params.curvature='{curvature}'", "model.params.eta=0.0"])
+    )
 
     def loss(m):
         return float(Trace_ELBO().loss(jax.random.PRNGKey(2), params, m.model, m.guide, batch))
@@ -117,11 +140,8 @@ def test_llama_objective_adds_the_laplace_term(curvature):
     # the traced log det is the curvature's at each task's adapted phi_i (2 gradient steps on the support
     # MSE, the Gaussian inner loss, written out here), on its support set and over the curvature's
     # block: tau I + J^T J / sd^2, or its diagonal
-    cfg = on.cfg.model
-    net = make_net(cfg.net, 1, 1)
-    theta = tree_from_params("theta", net.init, params)
 
-    def by_hand(start: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+    def by_hand(start: dict, net, x: jax.Array) -> jax.Array:
         block, rest = (
             ({"head": start["head"]}, {k: v for k, v in start.items() if k != "head"})
             if curvature == "last_layer"
@@ -132,17 +152,13 @@ def test_llama_objective_adds_the_laplace_term(curvature):
         h = jnp.eye(flat.size) + jac.T @ jac / 0.3**2  # tau = model.params.prior_precision = 1
         return jnp.sum(jnp.log(jnp.diag(h))) if curvature == "diagonal" else jnp.linalg.slogdet(h)[1]
 
-    def adapted(x: jax.Array, y: jax.Array) -> dict:
-        phi = theta
-        for _ in range(cfg.inner_steps):
-            g = jax.grad(lambda q: jnp.mean(jnp.square(net.apply(q, x) - y)))(phi)  # the MSE
-            phi = jax.tree.map(lambda a, b: a - cfg.inner_lr * b, phi, g)
-        return phi
-
-    tasks = zip(batch.x_support, batch.y_support, strict=True)
-    at_phi = np.array([by_hand(adapted(x, y), x, y) for x, y in tasks])
+    at_phi, at_theta = [], []
+    for x, y in zip(batch.x_support, batch.y_support, strict=True):
+        net, theta, phi = _adapted_by_hand(on, params, x, y)
+        at_phi.append(by_hand(phi, net, x))
+        at_theta.append(by_hand(theta, net, x))
+    at_phi, at_theta = np.array(at_phi), np.array(at_theta)
     np.testing.assert_allclose(logdet, at_phi, rtol=1e-4)
-    at_theta = np.array([by_hand(theta, x, y) for x, y in zip(batch.x_support, batch.y_support, strict=True)])
     assert np.abs(at_theta - at_phi).max() > 1e-2  # theta's curvature would not pass the check above
 
 
@@ -175,37 +191,18 @@ def test_last_layer_draws_are_the_laplace_posterior_pushed_through_the_linear_he
     queries are exactly N(f(x_q; phi_i), J_q H^-1 J_q^T), H = tau I + J_s^T J_s / sd^2, J the head's
     Jacobians at the adapted phi_i (computed here by hand): 4,000 draws match that mean and covariance
     within Monte Carlo error."""
-    base = [
-        "task.family='sine_line'",
-        "task.shots=4",
-        "task.queries=3",
-        "model.method='llama'",
-        "model.net.hidden=[5]",
-        "model.noise_sd=0.3",
-        "model.inner_steps=2",
-        "model.params.curvature='last_layer'",
-    ]
-    setup = run.Setup.from_config(registry.load_config(None, base))
-    batch = setup.family.sample(jax.random.PRNGKey(0), 2)
-    svi = SVI(setup.method.model, setup.method.guide, optax.sgd(0.0), Trace_ELBO())
-    params = svi.get_params(jax.jit(svi.init)(jax.random.PRNGKey(1), batch))
+    setup, batch, params = _small("last_layer", tasks=2)
     from bayesmeta.predict import predictive
 
     draws = 4000
     f = np.asarray(predictive(setup.method, 2, draws, ("f",))(params, batch, jax.random.PRNGKey(2))["f"])
-    cfg = setup.cfg.model
-    net = make_net(cfg.net, 1, 1)
-    theta = tree_from_params("theta", net.init, params)
     for t in range(2):
         x_s, y_s, x_q = batch.x_support[t], batch.y_support[t], batch.x_query[t]
-        phi = theta
-        for _ in range(cfg.inner_steps):
-            g = jax.grad(lambda q, x_s=x_s, y_s=y_s: jnp.mean(jnp.square(net.apply(q, x_s) - y_s)))(phi)
-            phi = jax.tree.map(lambda a, b: a - cfg.inner_lr * b, phi, g)
+        net, _, phi = _adapted_by_hand(setup, params, x_s, y_s)
         head, unravel = ravel_pytree(phi["head"])
         body = {k: v for k, v in phi.items() if k != "head"}
 
-        def out(v, x, body=body, unravel=unravel):
+        def out(v, x, net=net, body=body, unravel=unravel):
             return net.apply({**body, "head": unravel(v)}, x).ravel()
 
         j_s, j_q = jax.jacrev(out)(head, x_s), jax.jacrev(out)(head, x_q)
