@@ -22,11 +22,12 @@ with noise sd^2 = 1/2, up to a constant). At this scale the SVGD step size is MA
 (default model.inner_lr). The leader's target uses |D u D*| points.
 
 Differences from the authors' code (jsikyoon/bmaml, read for issue #16): there each particle also
-carries a noise precision gamma and a weight precision lambda (log-parameterised, Gamma(2, 0.2) and
-Gamma(2, 2) priors, left out of the chaser loss), the log-likelihood is summed over the points with
-the particle's own gamma (at its initial gamma = 100 a step is about 500x ours on 10 points), and its
-regression runs use 10 particles and one chaser step. Here the noise is the likelihood's (fixed), the
-optional weight prior is N(0, prior_sd^2), and the step is on the per-point scale above.
+carries a noise precision gamma and a weight precision lambda (log-parameterised; Gamma(2, 0.2) and
+Gamma(2, 2) priors by shape and rate; left out of the chaser loss), the log-likelihood is summed over
+the points with the particle's own gamma (at its initial gamma = 100 a step is about 500x ours on 10
+points), and its regression runs use 10 particles and one chaser step. Here the noise is the
+likelihood's (fixed), the optional weight prior is N(0, prior_sd^2), and the step is on the per-point
+scale above.
 
 Why not numpyro.contrib.einstein's SteinVI: it is an outer inference engine that moves the particles
 of a guide's parameters, one optimizer step per SVI step; BMAML needs a differentiable SVGD inner loop
