@@ -172,11 +172,18 @@ def batch_norm(x: jax.Array, scale: jax.Array, offset: jax.Array, eps: float = 1
 
 def max_pool2x2(h: jax.Array) -> jax.Array:
     """2x2 max pooling at stride 2 of channels-first h (c, n, h, w), 'SAME' (odd sides padded with
-    -inf): a reshape and a max, whose gradient is elementwise, in place of reduce_window, whose
-    gradient (select-and-scatter) is slow on XLA's CPU backend inside a lax.scan."""
+    -inf): a reshape and two pairwise selections, whose gradient is elementwise, in place of
+    reduce_window, whose gradient (select-and-scatter) is slow on XLA's CPU backend inside a lax.scan.
+
+    Not `max(axis=...)`: its gradient divides by the count of inputs equal to the stored maximum,
+    which XLA may recompute in another fusion with other rounding; then no input equals it and the
+    gradient is 0 / 0 (seen at LLVM's -O0 after batch norm). A selection sends the whole cotangent to
+    the input its own comparison picked (of tied inputs, the first; reduce_max splits it among them)."""
     c, n, rows, cols = h.shape
     h = jnp.pad(h, ((0, 0), (0, 0), (0, rows % 2), (0, cols % 2)), constant_values=-jnp.inf)
-    return h.reshape(c, n, -(-rows // 2), 2, -(-cols // 2), 2).max(axis=(3, 5))
+    h = h.reshape(c, n, -(-rows // 2), 2, -(-cols // 2), 2)
+    h = jnp.where(h[..., 0] >= h[..., 1], h[..., 0], h[..., 1])  # (c, n, rows', 2, cols')
+    return jnp.where(h[:, :, :, 0] >= h[:, :, :, 1], h[:, :, :, 0], h[:, :, :, 1])
 
 
 @dataclass(frozen=True)

@@ -286,6 +286,24 @@ def test_max_pool_and_its_gradient_equal_reduce_window():
         np.testing.assert_array_equal(*grads)
 
 
+def test_max_pool_gradient_after_batch_norm_is_the_reference_one_in_a_jitted_program():
+    """Jitted, batch norm then pooling (a ProtoNet block): the gradient is reduce_window's, finite. With
+    max(axis=...), whose gradient divides by the count of inputs equal to the stored maximum, XLA's
+    -O0 (tests/conftest.py) recomputed batch norm in another fusion and made most of it 0 / 0."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 15, 4, 4))
+    v = jax.random.normal(jax.random.PRNGKey(1), (8, 15, 2, 2))
+    s, o = jnp.ones(8), jnp.zeros(8)
+
+    def ref(h):
+        return jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "SAME")
+
+    ours, theirs = (
+        jax.jit(jax.grad(lambda h, f=f: jnp.sum(v * f(batch_norm(h, s, o)))))(x) for f in (max_pool2x2, ref)
+    )
+    assert np.isfinite(np.asarray(ours)).all()
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
 def test_batch_norm_uses_the_statistics_of_the_current_set():
     x = 3.0 + 2.0 * jax.random.normal(jax.random.PRNGKey(0), (4, 6, 5, 5))  # (c, n, h, w)
     out = batch_norm(x, jnp.ones(4), jnp.zeros(4))
