@@ -17,14 +17,29 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # tests build many identical programs in different closures (the same small config fitted, copied,
 # evaluated, resumed), which jit's in-memory cache cannot share and this cache can. It cuts the
 # suite's CPU time by about 40% (tests/test_run_folder.py: 86 s -> 51 s of user time). Set for this
-# process and, through the environment, for the CLI subprocesses some tests start.
+# process and, through the environment, for the CLI subprocesses some tests start and for
+# pytest-xdist's workers, which inherit the folder pytest's main process made (and which only that
+# process removes); a size bound makes JAX lock the folder around each read and write.
+#
+# Programs compile at LLVM's -O0 (XLA's backend optimization level 0): compilation is most of the
+# suite's time, and the small programs tests run spend theirs in XLA's library kernels (matmuls,
+# convolutions), which the level does not touch. The numbers are the same programs'; experiments,
+# benchmarks and users keep XLA's default.
+WORKER = "PYTEST_XDIST_WORKER" in os.environ
 XLA_CACHE = {
-    "JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="bayesmeta-test-xla-cache-"),
+    "JAX_COMPILATION_CACHE_DIR": os.environ["JAX_COMPILATION_CACHE_DIR"]
+    if WORKER and "JAX_COMPILATION_CACHE_DIR" in os.environ
+    else tempfile.mkdtemp(prefix="bayesmeta-test-xla-cache-"),
+    "JAX_COMPILATION_CACHE_MAX_SIZE": str(16 * 2**30),
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
 }
+FAST_COMPILE = "--xla_backend_optimization_level=0"
 os.environ.update(XLA_CACHE)
+if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 jax.config.update("jax_compilation_cache_dir", XLA_CACHE["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_compilation_cache_max_size", int(XLA_CACHE["JAX_COMPILATION_CACHE_MAX_SIZE"]))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
@@ -53,7 +68,8 @@ def small_cfg():
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    shutil.rmtree(XLA_CACHE["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+    if not WORKER:
+        shutil.rmtree(XLA_CACHE["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="session")

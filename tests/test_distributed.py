@@ -39,7 +39,8 @@ def free_port() -> int:
 def fit_two_processes(run_dir: Path, steps: int, resume: bool = False) -> list[str]:
     """`bayesmeta fit --distributed` as processes 0 and 1 on 127.0.0.1, train.devices = 2 (one each)."""
     port = free_port()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"}
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen=false"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
     sets = [a for s in [*SETTINGS, f"train.steps={steps}", "train.devices=2"] for a in ("--set", s)]
     cmd = [sys.executable, "-c", RUN, "fit", *sets, "--run-dir", str(run_dir), "--no-progress"]
     cmd += ["--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
