@@ -1131,7 +1131,8 @@ def on_grid_line(x_points: np.ndarray, grid: np.ndarray) -> np.ndarray:
 def plot_adapted(functions: dict[str, Any], path: Path, title: str = "") -> Path:
     """One panel per entry of `adapted_functions`: the truth, each method's adapted function against the
     grid's first input, and the support points that lie on the grid's line (for inputs of more than one
-    dimension, a support point off the plotted line is not drawn)."""
+    dimension, a support point off the plotted line is not drawn). Past ten methods the colours repeat
+    with another line style; the legend sits beside the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1147,15 +1148,20 @@ def plot_adapted(functions: dict[str, Any], path: Path, title: str = "") -> Path
         x = p["x"]
         ax.plot(x[:, 0], p["truth"][:, 0], color="k", lw=2, label="truth")
         for j, (method, f) in enumerate(p["f"].items()):
-            ax.plot(x[:, 0], f[:, 0], color=f"C{j}", lw=1.2, label=method)
+            ax.plot(
+                x[:, 0], f[:, 0], color=f"C{j % 10}", ls=("-", "--", ":")[j // 10 % 3], lw=1.2, label=method
+            )
         on_line = on_grid_line(p["x_support"], x)
         ax.scatter(p["x_support"][on_line, 0], p["y_support"][on_line, 0], color="k", s=16, zorder=3)
         ax.set_title(label, fontsize=9)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=6)
+    fig.legend(
+        *axes.flat[0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7
+    )
     if title:
         fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
     return save_fig(fig, path)
 
 
