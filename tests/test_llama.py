@@ -162,26 +162,20 @@ def test_llama_objective_adds_the_laplace_term(curvature):
     assert np.abs(at_theta - at_phi).max() > 1e-2  # theta's curvature would not pass the check above
 
 
-def test_llama_predictions_sample_the_laplace_posterior(small_cfg, tmp_path):
-    cfg = small_cfg(
-        "task.family='sine_line'",
-        "task.shots=5",
-        "model.method='llama'",
-        "model.noise_sd=0.3",
-        "train.steps=200",
-        "eval.samples=5",
-        "eval.inner_steps=[2]",
-    )
+def test_llama_predictions_sample_the_laplace_posterior(small_cfg):
+    """After 200 steps of meta-training, LLAMA's predictive draws at the queries spread (the Laplace
+    posterior is sampled), and with model.params.sample_posterior false every draw is the mode."""
+    settings = ("task.family='sine_line'", "task.shots=5", "model.method='llama'", "model.noise_sd=0.3")
+    cfg = small_cfg(*settings, "train.steps=200")
     setup = run.Setup.from_config(cfg)
+    from bayesmeta.fit import fit
     from bayesmeta.predict import predictive
 
-    result, _ = run.train(cfg, tmp_path, progress=False)
+    result = fit(setup.method, setup.family, cfg.train, seed=cfg.seed, progress=False, save=False)
     batch = setup.eval_family.sample(jax.random.PRNGKey(0), 4)
     f = predictive(setup.method, 2, 5, ("f",))(result.params, batch, jax.random.PRNGKey(1))["f"]
     assert float(jnp.std(f, 0).mean()) > 1e-3
-    mode = run.Setup.from_config(
-        registry.load_config(tmp_path / "config.toml", ["model.params.sample_posterior=false"])
-    )
+    mode = run.Setup.from_config(small_cfg(*settings, "model.params.sample_posterior=false"))
     f0 = predictive(mode.method, 2, 3, ("f",))(result.params, batch, jax.random.PRNGKey(1))["f"]
     np.testing.assert_allclose(f0[0], f0[1])  # the mode is deterministic
 
