@@ -21,13 +21,22 @@ posterior tempered by the number of points, whenever L is the per-point NLL (Cat
 with noise sd^2 = 1/2, up to a constant). At this scale the SVGD step size is MAML's inner step size
 (default model.inner_lr). The leader's target uses |D u D*| points.
 
-Differences from the authors' code (jsikyoon/bmaml, read for issue #16): there each particle also
-carries a noise precision gamma and a weight precision lambda (log-parameterised; Gamma(2, 0.2) and
-Gamma(2, 2) priors by shape and rate; left out of the chaser loss), the log-likelihood is summed over
-the points with the particle's own gamma (at its initial gamma = 100 a step is about 500x ours on 10
-points), and its regression runs use 10 particles and one chaser step. Here the noise is the
-likelihood's (fixed), the optional weight prior is N(0, prior_sd^2), and the step is on the per-point
-scale above.
+The authors' target (model.params.target = "authors"; jsikyoon/bmaml, bnn.py and bmaml.py, read for
+issue #16). Each particle also carries log precisions: v = (theta, log lambda, log gamma), started at
+lambda = 1 and gamma = 100 (their m_l = 1, m_g = 0.01) plus N(0, 0.001^2) noise, and SVGD moves v
+towards
+
+    log pi_D(v) = sum_{n,k} [log gamma / 2 - gamma (y_nk - f_k(x_n; theta))^2 / 2]     all points, summed
+                + P log lambda / 2 - lambda ||theta||^2 / 2                            N(theta; 0, 1/lambda)
+                + log Gamma(gamma; 2, 0.2) + log gamma + log Gamma(lambda; 2, 2) + log lambda
+
+(shape and rate; "+ log" is the log-parameterisation's Jacobian; constants dropped). The chaser loss
+leaves the log precisions out, as theirs does (they are meta-learned through the weights' path). At
+gamma = 100 a step on 10 points is about 500x the tempered target's, at the same step size (their
+follow_lr = leader_lr = 0.001). Gaussian likelihood only; prediction keeps the likelihood's fixed noise
+(model.noise_sd) for "y". Their regression runs use 10 particles and one chaser step (model.params.particles,
+model.inner_steps); their kernel's bandwidth is the median over the pairs i < j, ours over all M^2
+entries (numpyro's).
 
 Why not numpyro.contrib.einstein's SteinVI: it is an outer inference engine that moves the particles
 of a guide's parameters, one optimizer step per SVI step; BMAML needs a differentiable SVGD inner loop
@@ -59,7 +68,7 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from bayesmeta.adapt import clip_norm
-from bayesmeta.config import ModelConfig, opt
+from bayesmeta.config import ConfigError, ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Context, Method, Requires, Spec, no_guide
 from bayesmeta.nets import make_net
@@ -67,6 +76,30 @@ from bayesmeta.sites import observe, param_tree, tree_from_params
 from bayesmeta.tasks import TaskBatch
 
 LogDensity = Callable[[jax.Array], jax.Array]
+# the authors' target (module docstring): Gamma(shape, rate) priors of the noise precision gamma and the
+# weight precision lambda, and their starting values (jsikyoon/bmaml's flags a_g, b_g, a_l, b_l, m_g, m_l)
+GAMMA_PRIOR, LAMBDA_PRIOR = (2.0, 0.2), (2.0, 2.0)
+GAMMA_INIT, LAMBDA_INIT = 100.0, 1.0
+
+
+def gamma_log_density(log_x: jax.Array, shape: float, rate: float) -> jax.Array:
+    """log Gamma(x; shape, rate) + log x at x = exp(log_x), without its normaliser: the density of log x."""
+    return shape * log_x - rate * jnp.exp(log_x)
+
+
+def authors_log_density(
+    err: jax.Array, theta: jax.Array, log_lambda: jax.Array, log_gamma: jax.Array
+) -> jax.Array:
+    """The authors' per-task SVGD target (module docstring) at residuals err = y - f(x; theta), without
+    constants: Gaussian log-likelihood summed at precision gamma, N(theta; 0, 1/lambda), Gamma priors."""
+    llik = jnp.sum(0.5 * log_gamma - 0.5 * jnp.exp(log_gamma) * jnp.square(err))
+    prior = 0.5 * theta.size * log_lambda - 0.5 * jnp.exp(log_lambda) * jnp.sum(jnp.square(theta))
+    return (
+        llik
+        + prior
+        + gamma_log_density(log_gamma, *GAMMA_PRIOR)
+        + gamma_log_density(log_lambda, *LAMBDA_PRIOR)
+    )
 
 
 def sq_distances(x: jax.Array) -> jax.Array:
@@ -154,6 +187,13 @@ class BMAML(Spec):
         prior_sd: float = opt(
             0.0, ge=0, doc="sd of the N(0, s^2) prior in the per-task SVGD target (scaled by 1/|D|); 0 = none"
         )
+        target: str = opt(
+            "tempered",
+            choices=["tempered", "authors"],
+            doc="per-task SVGD target: 'tempered', -L(theta; D) + log N(theta; 0, s^2) / |D| at the inner "
+            "loop's per-point scale; 'authors', jsikyoon/bmaml's: learned noise and weight precisions per "
+            "particle under Gamma priors, the Gaussian log-likelihood summed over the points",
+        )
 
     # particles are whole networks; the chaser loss has no likelihood to fit an sd to; 'sqrt' remat
     # does not apply to the SVGD loop (a jax.checkpoint policy does)
@@ -167,28 +207,56 @@ class BMAML(Spec):
     def build(cfg: ModelConfig, p: Params, x_dim: int, y_dim: int, context: Context) -> Method:
         net = make_net(cfg.net, x_dim, y_dim)
         lik = make_likelihood(cfg)
+        authors = p.target == "authors"
+        if authors and (cfg.likelihood != "gaussian" or p.prior_sd > 0):
+            raise ConfigError(
+                "model.params.target: 'authors' is the Gaussian regression target with its own priors; it "
+                f"needs model.likelihood = 'gaussian' (got {cfg.likelihood!r}) and model.params.prior_sd = 0 "
+                f"(got {p.prior_sd}); allowed targets: 'tempered', 'authors'"
+            )
         lr = cfg.inner_lr if p.svgd_lr is None else p.svgd_lr
         m = p.particles
         shapes = jax.eval_shape(net.init, jax.random.PRNGKey(0))
-        _, unravel = ravel_pytree(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+        theta0, unravel = ravel_pytree(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+        d = theta0.size  # a particle's weights: v[:d]; the authors' target appends log lambda, log gamma
 
         def init_particles(key: jax.Array) -> dict:
             """M independent draws of the net's initialiser, stacked on a leading particle axis (a loop,
-            not vmap: eagerly, in svi.init, it reuses the compiled ops of one net.init)."""
+            not vmap: eagerly, in svi.init, it reuses the compiled ops of one net.init); for the authors'
+            target, with each particle's (log lambda, log gamma) beside them."""
             draws = [net.init(k) for k in jax.random.split(key, m)]
-            return jax.tree.map(lambda *a: jnp.stack(a), *draws)
+            tree = jax.tree.map(lambda *a: jnp.stack(a), *draws)
+            if not authors:
+                return tree
+            start = jnp.log(jnp.array([LAMBDA_INIT, GAMMA_INIT]))
+            return {
+                "net": tree,
+                "log_precisions": start + 0.001 * jax.random.normal(jax.random.fold_in(key, m), (m, 2)),
+            }
 
         def flat(particles: dict) -> jax.Array:
-            """(M, D) from a params tree with a leading particle axis."""
-            return jax.vmap(lambda t: ravel_pytree(t)[0])(particles)
+            """(M, D) from a params tree with a leading particle axis (D = d, or d + 2 for the authors')."""
+            if authors:
+                return jnp.concatenate([flat_weights(particles["net"]), particles["log_precisions"]], 1)
+            return flat_weights(particles)
+
+        def flat_weights(tree: dict) -> jax.Array:
+            return jax.vmap(lambda t: ravel_pytree(t)[0])(tree)
+
+        def weights(v: jax.Array) -> dict:
+            """The net's parameters of one particle v."""
+            return unravel(v[:d])
 
         def log_target(x: jax.Array, y: jax.Array) -> LogDensity:
-            """log pi_D(theta) = -L(theta; D) + log N(theta; 0, s^2) / |D| (without constants)."""
+            """log pi_D(v): the tempered target -L(theta; D) + log N(theta; 0, s^2) / |D| (without
+            constants), or the authors' (authors_log_density)."""
 
-            def log_p(theta: jax.Array) -> jax.Array:
-                out = -lik.loss(net.apply(unravel(theta), x), y)
+            def log_p(v: jax.Array) -> jax.Array:
+                if authors:
+                    return authors_log_density(y - net.apply(weights(v), x), v[:d], v[d], v[d + 1])
+                out = -lik.loss(net.apply(weights(v), x), y)
                 if p.prior_sd > 0:
-                    out -= 0.5 * jnp.sum(jnp.square(theta)) / p.prior_sd**2 / x.shape[0]
+                    out -= 0.5 * jnp.sum(jnp.square(v)) / p.prior_sd**2 / x.shape[0]
                 return out
 
             return log_p
@@ -206,7 +274,7 @@ class BMAML(Spec):
 
         def outputs(x: jax.Array, xq: jax.Array) -> jax.Array:
             """Net outputs of every particle on every task's query inputs: (T, M, n, d)."""
-            return jax.vmap(lambda xi, q: jax.vmap(lambda t: net.apply(unravel(t), q))(xi))(x, xq)
+            return jax.vmap(lambda xi, q: jax.vmap(lambda t: net.apply(weights(t), q))(xi))(x, xq)
 
         def model(batch: TaskBatch, inner_steps: int | None = None, training: bool = True) -> None:
             x0 = flat(param_tree("particles", init_particles))
@@ -216,7 +284,7 @@ class BMAML(Spec):
                 both_x = jnp.concatenate([batch.x_support, batch.x_query], 1)
                 both_y = jnp.concatenate([batch.y_support, batch.y_query], 1)
                 leader = adapt(chaser, both_x, both_y, p.leader_steps)
-                numpyro.factor("chaser", -chaser_loss(chaser, leader))
+                numpyro.factor("chaser", -chaser_loss(chaser[..., :d], leader[..., :d]))
                 return
             out = outputs(chaser, batch.x_query)
             with numpyro.plate("particle_tasks", batch.n_tasks):
