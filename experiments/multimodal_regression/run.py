@@ -48,7 +48,7 @@ METHODS = {
     "BMAML": ("model.method='bmaml'", "model.params.particles=5", "eval.samples=5", "model.inner_clip=100.0"),
     # the BMAML authors' construction (jsikyoon/bmaml): learned noise and weight precisions per particle
     # under Gamma priors, the log-likelihood summed over the points, M = 10, one chaser step; unclipped
-    "BMAML, authors' target": (
+    "BMAML, authors target": (
         "model.method='bmaml'",
         "model.params.target='authors'",
         "model.params.particles=10",
@@ -99,7 +99,7 @@ TABLE = {
     "MAML, init sd 0.01": (2.29, 0.16),  # the same published run, whose code starts at sd 0.01
     "Meta-SGD": (2.91, 0.23),
     "BMAML": (1.65, 0.10),
-    "BMAML, authors' target": (1.65, 0.10),  # the same published run
+    "BMAML, authors target": (1.65, 0.10),  # the same published run
     "MT-Net": (1.76, 0.12),
     "MUMOMAML": (0.52, 0.04),
     "HSML": (0.49, 0.04),
@@ -149,7 +149,7 @@ one leader step on support + query, M = 5). The BMAML authors' code (jsikyoon/bm
 particles, one chaser step, each particle with learned noise and weight precisions under Gamma priors,
 and a log-likelihood summed over the points (at its initial noise precision, 100, its step on 10
 points is about 500x ours; our SVGD step at 0.09, 90x, went non-finite by step 348, ad hoc). The
-row `BMAML, authors' target` is that construction (`model.params.target='authors'`, M = 10, one
+row `BMAML, authors target` is that construction (`model.params.target='authors'`, M = 10, one
 chaser step, SVGD step 0.001 as their follow_lr and leader_lr, no clip); ARML's protocol still sets
 the 20 test-time steps.
 The rows with `xi 0.056` weigh the autoencoders' reconstruction loss as the references do (their 0.01
