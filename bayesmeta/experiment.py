@@ -1056,11 +1056,10 @@ def adapted_functions(
     whose run folder is present (a cell reused from its record has none) restored, adapted to its
     support set with `inner_steps` steps, and its predictive mean (over the run's eval.samples draws) on
     the family's dense grid. Returns {"x", "truth", "x_support", "y_support"} per panel and {"f": {method:
-    (G, y_dim)}}. Each method's curves are also stored beside its cell record (cells/<cell>/adapted.json,
-    under a hash of the cell's overrides and seed, the panels, steps and key) and read from there when
-    its run folder is gone, so a
-    figure regenerates on a fresh clone; a method with neither is left out of "f" (`unplotted` names
-    them)."""
+    (G, y_dim)}}, methods in the grid's order. Each method's curves are also stored beside its cell
+    record (cells/<cell>/adapted.json, under a hash of the cell's overrides and seed, the panels, steps
+    and key) and read from there when its run folder is gone, so a figure regenerates on a fresh clone;
+    a method with neither is left out of "f" (`unplotted` names them)."""
 
     def tag(o: Outcome) -> str:
         what = [list(o.cell.overrides), o.cell.seed, panels, inner_steps, key]
@@ -1071,8 +1070,9 @@ def adapted_functions(
         stored = _read_cache(out_dir / CELLS / o.cell.name / "adapted.json").get(tag(o))
         if o.cell.method not in first and (o.cell.has_run(out_dir) or stored is not None):
             first[o.cell.method] = (o, None if o.cell.has_run(out_dir) else stored)
+    order = list(dict.fromkeys(o.cell.method for o in outcomes))  # the grid's (the table's) order
     out: dict[str, Any] = {}
-    for method, (o, stored) in first.items():
+    for method, (o, stored) in sorted(first.items(), key=lambda kv: order.index(kv[0])):
         panels_of_run = stored or _adapted_panels(o, base, out_dir, panels, inner_steps, key)
         if stored is None:
             path = out_dir / CELLS / o.cell.name / "adapted.json"
