@@ -116,6 +116,15 @@ def test_chaser_loss_value_and_gradients():
     assert not jnp.any(jax.grad(chaser_loss, 1)(c, leader))
 
 
+def mixture_mse(setup, params, batch) -> float:
+    """Mean test MSE over `batch`'s tasks of the 3-particle mixture's predictive mean (3 draws, one per
+    particle) after 2 SVGD steps on each support set."""
+    f = jax.jit(setup.method.sampler, static_argnums=(3, 4))(
+        params, batch._replace(y_query=None), jax.random.PRNGKey(0), 2, 3
+    )["f"]
+    return float(jnp.mean(setup.likelihood.task_metrics(f.mean(0), batch.y_query)["mse"]))
+
+
 @pytest.fixture(scope="module")
 def bmaml():
     """(setup, initial params, params after 1000 meta-steps, a held-out batch) for CFG on the sinusoid."""
@@ -192,13 +201,7 @@ def test_bmaml_learns_the_sinusoid(bmaml):
     """1000 meta-steps of the chaser loss: the 2-step test MSE of the 3-particle mixture falls well
     below that of the untrained initial particles (3.9 -> 0.8 when written)."""
     setup, init, trained, batch = bmaml
-    sample = jax.jit(setup.method.sampler, static_argnums=(3, 4))
-
-    def mse(params):
-        f = sample(params, batch._replace(y_query=None), jax.random.PRNGKey(0), 2, 3)["f"]
-        return float(jnp.mean(setup.likelihood.task_metrics(f.mean(0), batch.y_query)["mse"]))
-
-    before, after = mse(init), mse(trained)
+    before, after = mixture_mse(setup, init, batch), mixture_mse(setup, trained, batch)
     assert after < 0.5 * before, (before, after)
 
 
@@ -244,8 +247,8 @@ def test_the_authors_target_adds_learned_precisions_left_out_of_the_chaser_loss(
     assert start.shape == (3, 2)
     np.testing.assert_allclose(start, np.log([[1.0, 100.0]] * 3), atol=0.01)
     net = make_net(cfg.model.net, 1, 1)
-    tree = {k.removeprefix("particles.net."): v for k, v in init.items() if ".net." in k}
-    tree = {layer: {p: tree[f"{layer}.{p}"] for p in ("w", "b")} for layer in net.layer_names}
+    layout = {"net": lambda k: jax.vmap(net.init)(jax.random.split(k, 3)), "log_precisions": lambda k: start}
+    tree = tree_from_params("particles", lambda k: {name: f(k) for name, f in layout.items()}, init)["net"]
     weights = jax.vmap(lambda t: ravel_pytree(t)[0])(tree)
     unravel = ravel_pytree(jax.tree.map(lambda a: a[0], tree))[1]
     x0, d = jnp.concatenate([weights, start], 1), weights.shape[1]
@@ -274,13 +277,7 @@ def test_the_authors_target_adds_learned_precisions_left_out_of_the_chaser_loss(
 
     trained = fit(setup.method, setup.family, cfg.train, seed=0, progress=False, save=False).params
     held_out = setup.eval_family.sample(jax.random.PRNGKey(99), 100)
-    sample = jax.jit(setup.method.sampler, static_argnums=(3, 4))
-
-    def mse(params):
-        f = sample(params, held_out._replace(y_query=None), jax.random.PRNGKey(0), 2, 3)["f"]
-        return float(jnp.mean(setup.likelihood.task_metrics(f.mean(0), held_out.y_query)["mse"]))
-
-    before, after = mse(init), mse(trained)
+    before, after = mixture_mse(setup, init, held_out), mixture_mse(setup, trained, held_out)
     assert after < 0.5 * before, (before, after)
 
 
