@@ -17,10 +17,12 @@ import optax
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
+from bayesmeta.nets import keep_shared, shared_layout
 from bayesmeta.sites import RATES, param_tree
 
 Params = dict[str, Any]
 TaskLoss = Callable[[Params, jax.Array, jax.Array], jax.Array]
+Layout = Callable[[Params, int], tuple[Params, Any]]  # (theta, tasks) -> (theta, vmap axes)
 
 
 def split(params: Params, adapt: str) -> tuple[Params, Params]:
@@ -148,10 +150,17 @@ def _segmented_scan(body: Any, carry: Params, rates: Params, steps: int) -> tupl
 
 
 def adapt_tasks(
-    loss: TaskLoss, theta: Params, x: jax.Array, y: jax.Array, **kwargs: Any
+    loss: TaskLoss,
+    theta: Params,
+    x: jax.Array,
+    y: jax.Array,
+    layout: Layout = keep_shared,
+    **kwargs: Any,
 ) -> tuple[Params, jax.Array]:
-    """`gradient_descent` vmapped over the leading task axis of x and y."""
-    return jax.vmap(lambda xi, yi: gradient_descent(loss, theta, xi, yi, **kwargs))(x, y)
+    """`gradient_descent` vmapped over the leading task axis of x and y, from the one theta (laid out
+    for the vmap by `layout`, nets.shared_layout)."""
+    tree, axes = layout(theta, x.shape[0])
+    return jax.vmap(lambda th, xi, yi: gradient_descent(loss, th, xi, yi, **kwargs), (axes, 0, 0))(tree, x, y)
 
 
 def adapt_each(
@@ -172,12 +181,14 @@ class InnerLoop:
     first_order: bool = False
     remat: str = "none"
     clip: float = 0.0
+    layout: Layout = keep_shared
 
     @classmethod
     def from_config(cls, cfg: Any, **overrides: Any) -> InnerLoop:
-        """From [model] (inner_steps, inner_lr, adapt, first_order, remat, inner_clip), with keyword
-        overrides."""
+        """From [model] (inner_steps, inner_lr, adapt, first_order, remat, inner_clip, and the net's
+        layout of a theta shared by the tasks), with keyword overrides."""
         kw = {
+            "layout": shared_layout(cfg.net),
             "steps": cfg.inner_steps,
             "lr": cfg.inner_lr,
             "adapt": cfg.adapt,
@@ -214,13 +225,16 @@ class InnerLoop:
         }
         lr = self.lr if lr is None else lr
         if not task_lr and fixed is None:
-            return (adapt_each if per_task else adapt_tasks)(loss, theta, x, y, lr=lr, **kw)
+            if per_task:
+                return adapt_each(loss, theta, x, y, lr=lr, **kw)
+            return adapt_tasks(loss, theta, x, y, self.layout, lr=lr, **kw)
 
         def one(th: Params, rate: Any, const: Params | None, xi: jax.Array, yi: jax.Array) -> Any:
             task_loss = loss if const is None else (lambda p, a, b: loss({**p, **const}, a, b))
             return gradient_descent(task_loss, th, xi, yi, lr=rate, **kw)
 
-        axes = (0 if per_task else None, 0 if task_lr else None, None if fixed is None else 0, 0, 0)
+        theta, theta_axes = (theta, 0) if per_task else self.layout(theta, x.shape[0])
+        axes = (theta_axes, 0 if task_lr else None, None if fixed is None else 0, 0, 0)
         return jax.vmap(one, in_axes=axes)(theta, lr, fixed, x, y)
 
 

@@ -89,6 +89,11 @@ class NetConfig:
         "convolution (for accelerators); a method without an inner loop predicts with XLA's (forward only, "
         "faster on CPU too)",
     )
+    kernel_copies: bool = opt(
+        True,
+        doc="conv4 with patches: kernels shared by vmapped tasks get one copy per task (one batched matmul; "
+        "false: vmap's default, which makes XLA transpose every task's patches; nets.broadcast_kernels)",
+    )
 
 
 NOISE = ("fixed", "learned", "heteroscedastic")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +106,10 @@ class MLP:
 
     def apply(self, params: dict, x: jax.Array) -> jax.Array:
         return dense(params["head"], self.features(params, x))
+
+    def shared_axes(self, tree: Any, tasks: int) -> tuple[Any, Any]:
+        """(tree, vmap axes) for parameters shared by `tasks` vmapped tasks (keep_shared)."""
+        return keep_shared(tree, tasks)
 
 
 def conv_init(key: jax.Array, c_in: int, c_out: int) -> dict[str, jax.Array]:
@@ -198,6 +203,7 @@ class Conv4:
     blocks: int = 4
     downsample: str = "stride"
     conv: str = "patches"
+    kernel_copies: bool = True
 
     @property
     def side(self) -> int:
@@ -245,10 +251,60 @@ class Conv4:
     def apply(self, params: dict, x: jax.Array) -> jax.Array:
         return dense(params["head"], self.features(params, x))
 
+    def shared_axes(self, tree: Any, tasks: int) -> tuple[Any, Any]:
+        """(tree, vmap axes) for parameters shared by `tasks` vmapped tasks (shared_layout)."""
+        return shared_layout(NetConfig(kind="conv4", conv=self.conv, kernel_copies=self.kernel_copies))(
+            tree, tasks
+        )
+
+
+def keep_shared(tree: Any, tasks: int) -> tuple[Any, Any]:
+    """Parameters shared by vmapped tasks as they are (vmap axis None): for a dense layer one GEMM over
+    every task's rows is the fast form (adapt.py's one-step inner loop)."""
+    return tree, None
+
+
+def broadcast_kernels(tree: Any, tasks: int) -> tuple[Any, Any]:
+    """Every 3x3 kernel (rank-4 leaf, HWIO) of parameters shared by vmapped tasks given one copy per
+    task (vmap axis 0), the rest kept shared. vmap's rule for a matmul with one unbatched side folds
+    the task axis into the other side's columns: conv3x3's patches (B, 9 c, positions), contracted on
+    their middle axis, which XLA transposes in memory first (and the gradient's too); with batched
+    kernels it is one batched matmul, and the copies' gradient one sum over tasks (experiments/bench/
+    layout: the steps of conv meta-learners with more than one task per batch, against shared kernels)."""
+    per_task = lambda a: jnp.ndim(a) == 4  # noqa: E731
+    return (
+        jax.tree.map(lambda a: jnp.broadcast_to(a, (tasks, *a.shape)) if per_task(a) else a, tree),
+        jax.tree.map(lambda a: 0 if per_task(a) else None, tree),
+    )
+
+
+def shared_layout(cfg: NetConfig) -> Callable[[Any, int], tuple[Any, Any]]:
+    """How a net's parameters shared by vmapped tasks are laid out: conv4's patches want one kernel per
+    task (broadcast_kernels); XLA's convolution takes shared kernels as they are (per-task ones become
+    a slower grouped convolution), as does a dense layer (keep_shared); model.net.kernel_copies = false
+    keeps them shared too (experiments/bench/layout compares the two)."""
+    copies = cfg.kind == "conv4" and cfg.conv == "patches" and cfg.kernel_copies
+    return broadcast_kernels if copies else keep_shared
+
+
+def task_vmap(net: MLP | Conv4, fn: Callable[..., Any], shared: Any, *tasks: Any) -> Any:
+    """fn(shared, *task) for every task (the leading axis of each array in `tasks`), vmapped, with the
+    parameters `shared` laid out for the net (Conv4.shared_axes)."""
+    size = jax.tree.leaves(tasks)[0].shape[0]
+    tree, axes = net.shared_axes(shared, size)
+    return jax.vmap(fn, in_axes=(axes, *(0,) * len(tasks)))(tree, *tasks)
+
 
 def make_net(cfg: NetConfig, in_dim: int, out_dim: int) -> MLP | Conv4:
     if cfg.kind == "conv4":
-        return Conv4(in_dim, out_dim, cfg.filters, downsample=cfg.downsample, conv=cfg.conv)
+        return Conv4(
+            in_dim,
+            out_dim,
+            cfg.filters,
+            downsample=cfg.downsample,
+            conv=cfg.conv,
+            kernel_copies=cfg.kernel_copies,
+        )
     return MLP(in_dim, out_dim, cfg.hidden, cfg.activation, cfg.init_sd)
 
 

@@ -32,7 +32,7 @@ from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Context, Method, no_guide
 from bayesmeta.models.baselines import Classifier
-from bayesmeta.nets import dense, dense_init, embedding, make_net
+from bayesmeta.nets import dense, dense_init, embedding, make_net, task_vmap
 from bayesmeta.sites import observe, param_tree
 from bayesmeta.tasks import TaskBatch
 
@@ -122,9 +122,7 @@ class GNN(Classifier):
 
         def model(batch: TaskBatch, inner_steps: int | None = None, training: bool = True) -> None:
             theta = param_tree("theta", init)
-            out = jax.vmap(lambda xs, ys, xq: task_logits(theta, xs, ys, xq))(
-                batch.x_support, batch.y_support, batch.x_query
-            )
+            out = task_vmap(net, task_logits, theta, batch.x_support, batch.y_support, batch.x_query)
             observe(lik, out, batch.y_query)
 
         return Method(name="gnn", model=model, guide=no_guide, likelihood=lik, inner_loop=False)

@@ -46,7 +46,7 @@ from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Context, Method, no_guide
 from bayesmeta.models.baselines import Classifier
-from bayesmeta.nets import dense, dense_init, embedding, lstm_cell, lstm_init, make_net
+from bayesmeta.nets import dense, dense_init, embedding, lstm_cell, lstm_init, make_net, task_vmap
 from bayesmeta.sites import observe, param_tree, tree_from_params
 from bayesmeta.tasks import TaskBatch
 
@@ -222,7 +222,7 @@ class MANN(Classifier):
             return {"embed": body(kb), "mann": mann_init(km, d, sizes)}
 
         def embed(theta: dict, x: jax.Array) -> jax.Array:
-            return jax.vmap(lambda xi: net.features(theta["embed"], xi))(x)
+            return task_vmap(net, net.features, theta["embed"], x)
 
         def model(batch: TaskBatch, inner_steps: int | None = None, training: bool = True) -> None:
             theta = param_tree("theta", init)

@@ -33,7 +33,7 @@ from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Context, Method, no_guide
 from bayesmeta.models.baselines import Classifier
-from bayesmeta.nets import embedding, lstm_cell, lstm_init, make_net
+from bayesmeta.nets import embedding, lstm_cell, lstm_init, make_net, task_vmap
 from bayesmeta.sites import observe, param_tree
 from bayesmeta.tasks import TaskBatch
 
@@ -124,8 +124,13 @@ class MatchingNetworks(Classifier):
                 if p.learn_scale
                 else p.scale
             )
-            out = jax.vmap(lambda xs, ys, xq: logits(theta, fce, xs, ys, xq, s))(
-                batch.x_support, batch.y_support, batch.x_query
+            out = task_vmap(
+                net,
+                lambda th, xs, ys, xq: logits(th, fce, xs, ys, xq, s),
+                theta,
+                batch.x_support,
+                batch.y_support,
+                batch.x_query,
             )
             observe(lik, out, batch.y_query)
 

@@ -26,7 +26,7 @@ from bayesmeta.bounds import implied_beta
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Context, Method, Probe, Spec
-from bayesmeta.nets import MLP, Conv4, make_net
+from bayesmeta.nets import MLP, Conv4, make_net, task_vmap
 from bayesmeta.sites import (
     bayesian_layers,
     bottleneck,
@@ -69,7 +69,7 @@ class ConvEncoder:
         return {k: v for k, v in self.conv.init(key).items() if k != "head"}
 
     def apply(self, params: dict, x: jax.Array) -> jax.Array:
-        return jax.vmap(lambda xi: self.apply_set(params, xi))(x)
+        return task_vmap(self.conv, self.apply_set, params, x)
 
     def apply_set(self, params: dict, x: jax.Array) -> jax.Array:
         """One task's set x (n, d) -> (n, filters), batch norm with the set's statistics."""

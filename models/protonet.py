@@ -17,7 +17,7 @@ from bayesmeta.config import ModelConfig
 from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Context, Method, no_guide
 from bayesmeta.models.baselines import Classifier
-from bayesmeta.nets import embedding, make_net
+from bayesmeta.nets import embedding, make_net, task_vmap
 from bayesmeta.sites import observe, param_tree
 from bayesmeta.tasks import TaskBatch
 
@@ -40,7 +40,7 @@ class ProtoNet(Classifier):
 
         def embed(theta: dict, x: jax.Array) -> jax.Array:
             """Embeddings of T sets (T, n, d) with the shared weights (batch norm per set)."""
-            return jax.vmap(lambda xi: net.features(theta, xi))(x)
+            return task_vmap(net, net.features, theta, x)
 
         init, _ = embedding(net, x_dim)
 

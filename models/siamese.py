@@ -37,7 +37,7 @@ from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Context, Method, no_guide
 from bayesmeta.models.baselines import Classifier
-from bayesmeta.nets import dense_init, embedding, make_net
+from bayesmeta.nets import dense_init, embedding, make_net, task_vmap
 from bayesmeta.sites import observe, param_tree
 from bayesmeta.tasks import TaskBatch
 
@@ -95,7 +95,7 @@ class Siamese(Classifier):
 
         def model(batch: TaskBatch, inner_steps: int | None = None, training: bool = True) -> None:
             theta = param_tree("theta", init)
-            logit = jax.vmap(lambda xs, xq: logits(theta, xs, xq))(batch.x_support, batch.x_query)
+            logit = task_vmap(net, logits, theta, batch.x_support, batch.x_query)
             if training and batch.y_query is not None:
                 same = jax.vmap(pair_labels)(batch.y_query, batch.y_support)
                 w = jax.vmap(lambda s: pair_weights(s, balanced))(same) / same.shape[0]

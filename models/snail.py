@@ -37,7 +37,7 @@ from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Context, Method, no_guide
 from bayesmeta.models.baselines import Classifier
 from bayesmeta.models.mann import shuffle, take
-from bayesmeta.nets import dense, dense_init, embedding, make_net
+from bayesmeta.nets import dense, dense_init, embedding, make_net, task_vmap
 from bayesmeta.sites import observe, param_tree
 from bayesmeta.tasks import TaskBatch
 
@@ -157,7 +157,7 @@ class SNAIL(Classifier):
             return init
 
         def embed(theta: dict, x: jax.Array) -> jax.Array:
-            return jax.vmap(lambda xi: net.features(theta["embed"], xi))(x)
+            return task_vmap(net, net.features, theta["embed"], x)
 
         def model(batch: TaskBatch, inner_steps: int | None = None, training: bool = True) -> None:
             n_tasks, n_s = batch.y_support.shape[:2]

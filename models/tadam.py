@@ -33,7 +33,7 @@ from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Context, Method, no_guide
 from bayesmeta.models.baselines import Classifier
 from bayesmeta.models.protonet import prototype_logits
-from bayesmeta.nets import Film, dense, dense_init, embedding, make_net
+from bayesmeta.nets import Film, dense, dense_init, embedding, make_net, task_vmap
 from bayesmeta.sites import observe, param_tree
 from bayesmeta.tasks import TaskBatch
 
@@ -111,8 +111,13 @@ class TADAM(Classifier):
                 if p.metric_scale
                 else p.alpha_init
             )
-            out = jax.vmap(lambda xs, ys, xq: logits(theta, tenp, xs, ys, xq))(
-                batch.x_support, batch.y_support, batch.x_query
+            out = task_vmap(
+                net,
+                lambda th, xs, ys, xq: logits(th, tenp, xs, ys, xq),
+                theta,
+                batch.x_support,
+                batch.y_support,
+                batch.x_query,
             )
             if training and tenp is not None and p.film_l2 > 0:
                 numpyro.factor("film_l2", -p.film_l2 * film_penalty(tenp))

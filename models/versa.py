@@ -35,7 +35,7 @@ import numpyro.distributions as dist
 from bayesmeta.config import ModelConfig, opt
 from bayesmeta.likelihoods import make_likelihood
 from bayesmeta.method import Context, Method, Requires, Spec, no_guide
-from bayesmeta.nets import MLP, embedding, make_net
+from bayesmeta.nets import MLP, embedding, make_net, task_vmap
 from bayesmeta.sites import SD_FLOOR, observe, param_tree
 from bayesmeta.tasks import TaskBatch
 
@@ -116,7 +116,7 @@ class VERSA(Spec):
 
         def features(theta: dict, x: jax.Array) -> jax.Array:
             """h(x) for T sets (T, n, d), one set at a time (Conv4's batch norm is per set)."""
-            return jax.vmap(lambda xi: net.features(theta["body"], xi))(x)
+            return task_vmap(net, net.features, theta["body"], x)
 
         def posterior(theta: dict, h_s: jax.Array, y_s: jax.Array) -> tuple[jax.Array, jax.Array]:
             """q's (loc, sd), each (T, m, d + 1), from the support features and labels."""

@@ -16,16 +16,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.core import ClosedJaxpr, Jaxpr
 from numpyro.infer import Predictive
 
 from bayesmeta import config, registry, run
+from bayesmeta.adapt import InnerLoop
 from bayesmeta.config import ConfigError
 from bayesmeta.datasets import omniglot as data
 from bayesmeta.diagnostics.landscape import landscape_metrics
 from bayesmeta.fit import make_svi
 from bayesmeta.models.baselines import global_labels
 from bayesmeta.models.protonet import prototype_logits
-from bayesmeta.nets import Conv4, batch_norm, conv3x3, max_pool2x2
+from bayesmeta.nets import Conv4, batch_norm, broadcast_kernels, conv3x3, keep_shared, max_pool2x2, task_vmap
 from bayesmeta.predict import predictive
 from bayesmeta.registry import build_method, make_family
 from bayesmeta.tasks.omniglot import rotate
@@ -268,6 +270,76 @@ def test_xla_convolution_option_gives_the_same_network():
         a, b = (Conv4(784, 5, 8, downsample=down, conv=c) for c in ("patches", "xla"))
         params = a.init(jax.random.PRNGKey(0))
         np.testing.assert_allclose(a.apply(params, x), b.apply(params, x), atol=1e-4)
+
+
+def _dot_batch_dims(fn, *args) -> list:
+    """The batch dimensions of every dot_general in fn's jaxpr (nested jaxprs included)."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                found.append(eqn.params["dimension_numbers"][1])
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (list, tuple)) else (value,):
+                    if isinstance(sub, ClosedJaxpr):
+                        walk(sub.jaxpr)
+                    elif isinstance(sub, Jaxpr):
+                        walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_shared_kernels_become_one_batched_matmul_with_the_same_values_and_gradients():
+    """task_vmap with shared Conv4 parameters: each task gets its own copy of the 3x3 kernels (every
+    conv matmul batched over tasks, so XLA need not transpose the patches), the dense head stays
+    shared, and values and gradients are plain vmap's; XLA's convolution keeps the kernels shared."""
+    x = jax.random.uniform(jax.random.PRNGKey(1), (3, 6, 784))
+    net = Conv4(784, 5, 8, downsample="maxpool")
+    params = net.init(jax.random.PRNGKey(0))
+
+    def loss(fn, p):
+        return jnp.sum(jnp.sin(fn(p)))
+
+    ours = lambda p: task_vmap(net, net.apply, p, x)  # noqa: E731
+    plain = lambda p: jax.vmap(lambda xi: net.apply(p, xi))(x)  # noqa: E731
+    np.testing.assert_allclose(jax.jit(ours)(params), jax.jit(plain)(params), rtol=1e-5, atol=1e-5)
+    g_ours, g_plain = (jax.jit(jax.grad(lambda p, f=f: loss(f, p)))(params) for f in (ours, plain))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g_ours, g_plain)
+
+    tree, axes = net.shared_axes(params, 3)
+    assert axes["block_0"]["w"] == 0 and tree["block_0"]["w"].shape == (3, 3, 3, 1, 8)
+    assert axes["block_0"]["scale"] is None and axes["head"]["w"] is None
+    batched = [dims for dims in _dot_batch_dims(ours, params) if dims != ((), ())]
+    assert len(batched) >= net.blocks  # one batched kernel matmul per block (plain vmap has none)
+    assert all(dims == ((), ()) for dims in _dot_batch_dims(plain, params))
+    xla = Conv4(784, 5, 8, downsample="maxpool", conv="xla")
+    assert xla.shared_axes(params, 3) == (params, None)
+
+
+def test_inner_loop_from_a_shared_conv_init_lays_out_its_kernels_per_task():
+    """The inner loop from one theta over a batch of tasks (MAML's first step) reads InnerLoop.layout
+    (nets.shared_layout): for conv4's patches the kernels per task, with the adapted parameters and
+    losses of the shared layout (keep_shared)."""
+    cfg = registry.load_config(None, [*OMNI, "model.method='maml'", "model.net.kind='conv4'"])
+    assert InnerLoop.from_config(cfg.model).layout is broadcast_kernels
+    assert InnerLoop.from_config(registry.load_config(None, []).model).layout is keep_shared
+    net = Conv4(784, 5, 4)
+    theta = net.init(jax.random.PRNGKey(0))
+    x = jax.random.uniform(jax.random.PRNGKey(1), (3, 5, 784))
+    y = jax.random.randint(jax.random.PRNGKey(2), (3, 5), 0, 5)
+
+    def task_loss(p, xi, yi):
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(net.apply(p, xi)), yi[:, None], 1))
+
+    (phi_a, loss_a), (phi_b, loss_b) = (
+        jax.jit(lambda th, lay=layout: InnerLoop(steps=1, lr=0.4, layout=lay)(task_loss, th, x, y))(theta)
+        for layout in (broadcast_kernels, keep_shared)
+    )
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), phi_a, phi_b)
+    assert phi_a["block_1"]["w"].shape == (3, 3, 3, 4, 4)
 
 
 def test_max_pool_and_its_gradient_equal_reduce_window():
