@@ -537,9 +537,10 @@ queries per class per iteration; MANN, SNAIL and the GNN, which have N outputs, 
 5-way 1-shot episodes (meta-batch 16 for MANN, 8 for SNAIL and the GNN) or 20-way ones (meta-batch
 2). Matching networks take the paper's softmax over cosine similarities (s = 1) in the row `matching
 networks`, under which a correct 20-way prediction has probability at most e / (e + 19 / e) = 0.28,
-and a learned s started at 10 in `matching networks, learned scale`. Each model is trained once and evaluated in
-every setting its output layer allows (MAML 5-way in the 5-way settings, MAML 20-way in the 20-way
-ones and on Lake's runs); MAML's 5-shot rows use the 1-shot-trained model (the paper trains 5-shot).
+and a learned s started at 10 in `matching networks, learned scale`. Each model is trained once and
+evaluated in every setting its output layer allows (MAML 5-way in the 5-way settings, MAML 20-way in
+the 20-way ones and on Lake's runs); MAML's 5-shot rows use the 1-shot-trained model (the paper trains
+5-shot).
 
 Published scores on Lake's 20 runs (trained on the full background set): people 95.5 %, Bayesian
 program learning 95.2 %, convolutional siamese net 92.0 % (with augmentation), plain siamese net
