@@ -324,6 +324,8 @@ def test_inner_loop_from_a_shared_conv_init_lays_out_its_kernels_per_task():
     losses of the shared layout (keep_shared)."""
     cfg = registry.load_config(None, [*OMNI, "model.method='maml'", "model.net.kind='conv4'"])
     assert InnerLoop.from_config(cfg.model).layout is broadcast_kernels
+    off = registry.load_config(None, [*OMNI, "model.net.kind='conv4'", "model.net.kernel_copies=false"])
+    assert InnerLoop.from_config(off.model).layout is keep_shared
     assert InnerLoop.from_config(registry.load_config(None, []).model).layout is keep_shared
     net = Conv4(784, 5, 4)
     theta = net.init(jax.random.PRNGKey(0))
