@@ -253,9 +253,7 @@ class Conv4:
 
     def shared_axes(self, tree: Any, tasks: int) -> tuple[Any, Any]:
         """(tree, vmap axes) for parameters shared by `tasks` vmapped tasks (shared_layout)."""
-        return shared_layout(NetConfig(kind="conv4", conv=self.conv, kernel_copies=self.kernel_copies))(
-            tree, tasks
-        )
+        return conv_layout(self.conv, self.kernel_copies)(tree, tasks)
 
 
 def keep_shared(tree: Any, tasks: int) -> tuple[Any, Any]:
@@ -283,8 +281,12 @@ def shared_layout(cfg: NetConfig) -> Callable[[Any, int], tuple[Any, Any]]:
     task (broadcast_kernels); XLA's convolution takes shared kernels as they are (per-task ones become
     a slower grouped convolution), as does a dense layer (keep_shared); model.net.kernel_copies = false
     keeps them shared too (experiments/bench/layout compares the two)."""
-    copies = cfg.kind == "conv4" and cfg.conv == "patches" and cfg.kernel_copies
-    return broadcast_kernels if copies else keep_shared
+    return conv_layout(cfg.conv, cfg.kernel_copies) if cfg.kind == "conv4" else keep_shared
+
+
+def conv_layout(conv: str, kernel_copies: bool) -> Callable[[Any, int], tuple[Any, Any]]:
+    """conv4's layout (shared_layout): kernel copies for the patches when kernel_copies, else shared."""
+    return broadcast_kernels if conv == "patches" and kernel_copies else keep_shared
 
 
 def task_vmap(net: MLP | Conv4, fn: Callable[..., Any], shared: Any, *tasks: Any) -> Any:
