@@ -16,6 +16,16 @@ units, 128 slots of width 40 and 4 read heads with gamma = 0.95 (`units`, `slots
 `gamma`). x_t is the configured net's features (an MLP with no hidden layer is the paper's raw pixels;
 conv4 with max pooling a convolutional encoder, batch norm over each set as ProtoNet's).
 
+Two options depart from the paper's equations, for the plateau at the uniform prediction that the
+paper's read attention gives at these sizes: a softmax over cosines in [-1, 1] across 128 slots, most
+of them empty (their cosine counts whatever their norm), puts at most e^2 / 128 of the weight on the
+right slot, so the read carries little of the bound label until the output weights grow about a
+hundredfold. `key_strength` multiplies each head's cosines by beta_t = 1 + softplus(W_b h_t + b_b)
+(the neural Turing machine's key strength, Graves et al. 2014) with beta_0 = `strength` at
+initialisation; `add_vector` writes a_t = tanh(W_v h_t + b_v) instead of the key (as NTM's add vector),
+so that what is stored (the previous item's features with the label that arrived after them) need not
+be what the next read looks for.
+
 The engine's episode (support and query sets) becomes the sequence: the support items in a random order
 per task (numpyro.prng_key; the sampler lays them out class by class, which would give the next label
 away), each presented with the previous item's label, then every query item as the next step, with the
@@ -81,20 +91,29 @@ def update_usage(usage: jax.Array, read: jax.Array, write: jax.Array, gamma: flo
     return gamma * usage + jnp.sum(read, 0) + jnp.sum(write, 0)
 
 
-def cosine_read(keys: jax.Array, m: jax.Array) -> jax.Array:
-    """w^r(i) = softmax_i(k . M(i) / (|k| |M(i)|)) for keys (heads, width): (heads, slots)."""
+def cosine_read(keys: jax.Array, m: jax.Array, strength: jax.Array | float = 1.0) -> jax.Array:
+    """w^r(i) = softmax_i(beta k . M(i) / (|k| |M(i)|)) for keys (heads, width) and key strengths beta
+    (heads,) or a scalar (the paper: beta = 1): (heads, slots)."""
     unit = lambda v: v * jax.lax.rsqrt(jnp.sum(jnp.square(v), -1, keepdims=True) + EPS)  # noqa: E731
-    return jax.nn.softmax(unit(keys) @ unit(m).T, axis=-1)
+    return jax.nn.softmax(jnp.reshape(strength, (-1, 1)) * (unit(keys) @ unit(m).T), axis=-1)
 
 
-def memory_step(mem: Memory, keys: jax.Array, alpha: jax.Array, gamma: float) -> tuple[Memory, jax.Array]:
-    """One LRU access (module docstring): write the keys (heads, width) by w^w into M with the least
-    used slot of w^u_{t-1} cleared, read them back by cosine attention: (new memory, reads (heads, width))."""
+def memory_step(
+    mem: Memory,
+    keys: jax.Array,
+    alpha: jax.Array,
+    gamma: float,
+    strength: jax.Array | float = 1.0,
+    values: jax.Array | None = None,
+) -> tuple[Memory, jax.Array]:
+    """One LRU access (module docstring): write the values (heads, width; the keys when None) by w^w
+    into M with the least used slot of w^u_{t-1} cleared, read M_t back by cosine attention of the
+    keys sharpened by the key strengths: (new memory, reads (heads, width))."""
     heads = keys.shape[0]
     write = write_weights(alpha, mem.read, mem.least)
     cleared = mem.m * (1 - jax.nn.one_hot(jnp.argmin(mem.usage), mem.m.shape[0]))[:, None]
-    m = cleared + write.T @ keys
-    read = cosine_read(keys, m)
+    m = cleared + write.T @ (keys if values is None else values)
+    read = cosine_read(keys, m, strength)
     usage = update_usage(mem.usage, read, write, gamma)
     return Memory(m, read, usage, least_used(usage, heads)), read @ m
 
@@ -106,18 +125,33 @@ class Sizes:
     width: int
     heads: int
     ways: int
+    key_strength: bool = False
+    strength: float = 10.0
+    add_vector: bool = False
+
+
+def strength_init(key: jax.Array, s: Sizes) -> dict:
+    """The key-strength head beta_t = 1 + softplus(W h_t + b), b such that beta = s.strength at W h = 0."""
+    p = dense_init(key, s.units, s.heads)
+    return p | {"b": jnp.full((s.heads,), jnp.log(jnp.expm1(s.strength - 1.0)))}
 
 
 def mann_init(key: jax.Array, d: int, s: Sizes) -> dict:
     """Controller LSTM (input [x, onehot(y_prev), r_prev]), key and gate heads, output layer."""
-    kc, kk, ka, ko = jax.random.split(key, 4)
+    kc, kk, ka, ko, kb = jax.random.split(key, 5)
     n_in = d + s.ways + s.heads * s.width
-    return {
+    p = {
         "lstm": lstm_init(kc, n_in, s.units, s.units),
         "key": dense_init(kk, s.units, s.heads * s.width),
         "alpha": dense_init(ka, s.units, s.heads),
         "out": dense_init(ko, s.units + s.heads * s.width, s.ways),
     }
+    kb, kv = jax.random.split(kb)
+    return (
+        p
+        | ({"strength": strength_init(kb, s)} if s.key_strength else {})
+        | ({"value": dense_init(kv, s.units, s.heads * s.width)} if s.add_vector else {})
+    )
 
 
 def initial_state(s: Sizes) -> tuple:
@@ -138,7 +172,9 @@ def step(p: dict, s: Sizes, gamma: float, state: tuple, x: jax.Array, y_prev: ja
     h, c, r, mem = state
     h, c = lstm_cell(p["lstm"], jnp.concatenate([x, y_prev, r]), h, c)
     keys = jnp.tanh(dense(p["key"], h)).reshape(s.heads, s.width)
-    mem, reads = memory_step(mem, keys, dense(p["alpha"], h), gamma)
+    strength = 1 + jax.nn.softplus(dense(p["strength"], h)) if s.key_strength else 1.0
+    values = jnp.tanh(dense(p["value"], h)).reshape(s.heads, s.width) if s.add_vector else None
+    mem, reads = memory_step(mem, keys, dense(p["alpha"], h), gamma, strength, values)
     r = reads.reshape(-1)
     return (h, c, r, mem), dense(p["out"], jnp.concatenate([h, r]))
 
@@ -202,6 +238,15 @@ class MANN(Classifier):
         heads: int = opt(4, ge=1, doc="read heads, also the n of the least-used weights (the paper: 4)")
         gamma: float = opt(0.95, ge=0, le=1, doc="usage decay gamma in w^u = gamma w^u + w^r + w^w")
         step_loss: bool = opt(False, doc="also fit the prediction at every support step (the paper's loss)")
+        key_strength: bool = opt(
+            False,
+            doc="sharpen each read head's cosine attention by a key strength beta_t = 1 + softplus(W h_t), "
+            "as the neural Turing machine's content addressing (Graves et al. 2014); the paper has none",
+        )
+        strength: float = opt(10.0, gt=1, doc="with key_strength: beta at initialisation (W h_t = 0)")
+        add_vector: bool = opt(
+            False, doc="write a separate add vector a_t = tanh(W h_t) instead of the key (the paper: the key)"
+        )
 
     @staticmethod
     def check(cfg: ModelConfig, params: Params) -> str | None:
@@ -215,7 +260,7 @@ class MANN(Classifier):
         lik = make_likelihood(cfg)
         p = params
         body, d = embedding(net, x_dim)
-        sizes = Sizes(p.units, p.slots, p.width, p.heads, y_dim)
+        sizes = Sizes(p.units, p.slots, p.width, p.heads, y_dim, p.key_strength, p.strength, p.add_vector)
 
         def init(key: jax.Array) -> dict:
             kb, km = jax.random.split(key)

@@ -7,13 +7,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from bayesmeta.models.mann import (
     Memory,
+    Sizes,
     instance_accuracy,
     instance_numbers,
     least_used,
     memory_step,
+    strength_init,
     update_usage,
     write_weights,
 )
@@ -76,10 +79,37 @@ def test_presentation_numbers_and_accuracy_by_instance():
     assert np.isnan(acc["accuracy_instance_4"])
 
 
-def test_mann_learns_hidden_clusters():
+@pytest.mark.parametrize("options", [(), ("model.params.key_strength=true", "model.params.add_vector=true")])
+def test_mann_learns_hidden_clusters(options):
     """800 steps (lr 1e-2) on 2-way 1-shot clusters (nuisance sd 0.3): held-out query accuracy rises from
-    near chance (0.5) by at least 0.25; the support items are bound to their labels through the memory."""
+    near chance (0.5) by at least 0.25; the support items are bound to their labels through the memory,
+    with the paper's read and with the key strength and add vector."""
     before, after, _ = fit_accuracy(
-        *TINY, "train.lr=1e-2", "task.params.ways=2", "task.params.nuisance=0.3", steps=800
+        *TINY, *options, "train.lr=1e-2", "task.params.ways=2", "task.params.nuisance=0.3", steps=800
     )
     assert before < 0.6 and after > before + 0.25, (before, after)
+
+
+def test_key_strength_and_add_vector_by_hand():
+    """With key strengths beta the read is softmax(beta cos(k, M_t)); with an add vector the memory
+    receives the values, not the keys, and the reads still compare the keys; the strength head starts
+    at beta = strength."""
+    usage = jnp.array([0.5, 0.1, 0.9, 0.3])
+    read_prev = jnp.array([[1.0, 0, 0, 0], [0, 0, 0.5, 0.5]])
+    m = jnp.array([[1.0, 0], [2.0, 2.0], [0, 1.0], [1.0, 1.0]])
+    mem = Memory(m, read_prev, usage, least_used(usage, 2))
+    keys, values = jnp.array([[1.0, 0], [0, 2.0]]), jnp.array([[0.0, -1.0], [3.0, 1.0]])
+    alpha, beta = jnp.array([0.0, np.log(3.0)]), jnp.array([2.0, 5.0])
+    new, reads = memory_step(mem, keys, alpha, 0.5, beta, values)
+    w = np.asarray(write_weights(alpha, read_prev, mem.least))
+    m_want = np.array([[1.0, 0], [0, 0], [0, 1.0], [1.0, 1.0]]) + w.T @ np.asarray(values)
+    np.testing.assert_allclose(new.m, m_want, rtol=1e-6)
+    unit = m_want / np.linalg.norm(m_want, axis=1, keepdims=True)
+    cos = (np.asarray(keys) / np.linalg.norm(keys, axis=1, keepdims=True)) @ unit.T
+    r = np.exp(np.asarray(beta)[:, None] * cos)
+    r /= r.sum(1, keepdims=True)
+    np.testing.assert_allclose(new.read, r, rtol=1e-5)
+    np.testing.assert_allclose(reads, r @ m_want, rtol=1e-5)
+
+    head = strength_init(jax.random.PRNGKey(0), Sizes(8, 4, 2, 3, 5, key_strength=True, strength=10.0))
+    np.testing.assert_allclose(1 + jax.nn.softplus(head["b"]), 10.0, rtol=1e-5)

@@ -36,6 +36,7 @@ def train(ways: int, shots: int, queries: int, meta_batch: int, steps: int, *ext
     )
 
 
+KEY_STRENGTH = ("model.params.key_strength=true", "model.params.add_vector=true")
 # Training protocols, reduced from the papers' to fit about 30 minutes each on 2 CPU cores (see notes)
 MAML_5 = ("model.method='maml'", *train(5, 1, 1, 32, 2500), "model.inner_lr=0.4")
 METHODS = {
@@ -107,6 +108,13 @@ METHODS = {
     # the memory and graph learners of issue #17: N outputs, so one model per N (as MAML); SNAIL's TC
     # blocks sized for the 5-shot sequence (length N K + 1) so the 1-shot-trained model is tested 5-shot
     "MANN 5-way": ("model.method='mann'", "model.net.downsample='maxpool'", *train(5, 1, 5, 16, 2000)),
+    # the plain row stays at chance (the uniform read attention over 128 slots, models/mann.py)
+    "MANN 5-way, key strength": (
+        "model.method='mann'",
+        "model.net.downsample='maxpool'",
+        *KEY_STRENGTH,
+        *train(5, 1, 5, 16, 2000),
+    ),
     "SNAIL 5-way": (
         "model.method='snail'",
         "model.net.downsample='maxpool'",
@@ -163,6 +171,7 @@ WAYS = {
     "first-order MAML 5-way": (5,),
     "MAML 20-way": (20,),
     "MANN 5-way": (5,),
+    "MANN 5-way, key strength": (5,),
     "SNAIL 5-way": (5,),
     "SNAIL 20-way": (20,),
     "GNN 5-way": (5,),
@@ -197,6 +206,8 @@ PUBLISHED = {  # METHODS 2 and 8; full Omniglot (1200 training characters), ours
     # SNAIL (Mishra et al.), the few-shot GNN (Garcia & Bruna)
     ("MANN 5-way", "5-way 1-shot"): 0.828,
     ("MANN 5-way", "5-way 5-shot"): 0.949,
+    ("MANN 5-way, key strength", "5-way 1-shot"): 0.828,
+    ("MANN 5-way, key strength", "5-way 5-shot"): 0.949,
     ("SNAIL 5-way", "5-way 1-shot"): 0.9907,
     ("SNAIL 5-way", "5-way 5-shot"): 0.9978,
     ("SNAIL 20-way", "20-way 1-shot"): 0.9764,
@@ -276,6 +287,7 @@ MANN_INSTANCES = (
     "model.method='mann'",
     "model.net.downsample='maxpool'",
     "model.params.step_loss=true",
+    *KEY_STRENGTH,
     *train(5, 10, 1, 16, 2000),
 )
 
@@ -302,14 +314,15 @@ def instances(seeds: list[int], out: Path | None = None, smoke: bool = False) ->
 
 
 INSTANCE_NOTES = """
-MANN (LSTM controller of 200 units, 128 x 40 memory, 4 read heads, LRU access, gamma 0.95) on the conv4
-embedding with max pooling (Santoro et al. feed 20 x 20 pixels to the controller), trained 2,000
-iterations of 16 5-way episodes of 10 images per class presented in a random order with the labels
-offset by one step and the loss at every step (plus one query per class after the sequence); Santoro
-et al. train 100,000 episodes on full Omniglot. Testing: 600 held-out 5-way episodes (Early_Aramaic and
-Korean), 11 images per class shuffled into one sequence of 55 steps, every label revealed a step later;
-accuracy at the n-th presentation of a class. Published: Santoro et al.'s Table 1 (5 classes per
-episode, their class counts per episode random rather than fixed).
+MANN (LSTM controller of 200 units, 128 x 40 memory, 4 read heads, LRU access, gamma 0.95, with the key
+strength and add vector of the table's row `MANN 5-way, key strength`) on the conv4 embedding with max
+pooling (Santoro et al. feed 20 x 20 pixels to the controller), trained 2,000 iterations of 16 5-way
+episodes of 10 images per class presented in a random order with the labels offset by one step and the
+loss at every step (plus one query per class after the sequence); Santoro et al. train 100,000 episodes
+on full Omniglot. Testing: 600 held-out 5-way episodes (Early_Aramaic and Korean), 11 images per class
+shuffled into one sequence of 55 steps, every label revealed a step later; accuracy at the n-th
+presentation of a class. Published: Santoro et al.'s Table 1 (5 classes per episode, their class counts
+per episode random rather than fixed).
 """
 
 
@@ -515,32 +528,33 @@ have none, so both columns are equal). The verdict compares with the published n
 Omniglot, far longer training): *matches* when it lies within our 95% CI over the 600 tasks of one
 seed widened by 1.96 x the paper's sd where it gives one, else *better* or *worse*.
 
-Training, reduced to about 10-30 minutes per run on 2 CPU cores shared by 2-3 runs at a time:
-MAML 5-way 1-shot (MAML's settings: conv4 with 64 filters and stride-2 convolutions, transductive
-batch norm, meta-batch 32, 1 second-order inner step at alpha 0.4, 1 query per class, Adam 1e-3) for
-2,500 iterations instead of 60,000; first-order MAML the same; MAML 20-way 1-shot for 2,000 iterations
-at meta-batch 16 with 1 inner step at alpha 0.4 (the paper: 5 steps at alpha 0.1, 60,000 iterations);
-ProtoNet (conv4 with max pooling, 64-d embedding) one 20-way 1-shot episode with 5 queries per class
-per iteration, 2,000 iterations (the paper: 60-way episodes, many more), and four variants towards
-issue #17's 92% on Lake's runs: one change each, 60-way training episodes (Snell et al.'s choice for
-Omniglot; 3x the images per iteration) and Koch et al.'s affine distortions of the training images,
-then the distortions with 6,000 iterations and Snell et al.'s rate halving every 2,000, and that
-last one trained on all 8 alphabets (242 characters x 4 rotations, none held out: tested on Lake's
-runs only, whose characters come from outside the minimal sets; its training monitor is Lake's runs);
-fine-tuning pre-trains one
-720-way classifier on the episodes' images (4 20-way episodes of 6 images per class per iteration,
-3,000 iterations), then fits a zero-initialised head on the support set (50 steps at rate 0.5); 1-NN is
-the Euclidean nearest support image in 28x28 pixels. The metric, memory and graph learners of issue
-#17 embed with ProtoNet's conv4 (max pooling) and train 2,000 iterations: TADAM, matching networks
-and the siamese net (with Koch et al.'s distortions) on ProtoNet's one 20-way 1-shot episode of 5
-queries per class per iteration; MANN, SNAIL and the GNN, which have N outputs, one model per N, on
-5-way 1-shot episodes (meta-batch 16 for MANN, 8 for SNAIL and the GNN) or 20-way ones (meta-batch
-2). Matching networks take the paper's softmax over cosine similarities (s = 1) in the row `matching
-networks`, under which a correct 20-way prediction has probability at most e / (e + 19 / e) = 0.28,
-and a learned s started at 10 in `matching networks, learned scale`. Each model is trained once and
-evaluated in every setting its output layer allows (MAML 5-way in the 5-way settings, MAML 20-way in
-the 20-way ones and on Lake's runs); MAML's 5-shot rows use the 1-shot-trained model (the paper trains
-5-shot).
+Training, reduced to about 10-30 minutes per run on 2 CPU cores shared by 2-3 runs at a time: MAML 5-way
+1-shot (MAML's settings: conv4 with 64 filters and stride-2 convolutions, transductive batch norm,
+meta-batch 32, 1 second-order inner step at alpha 0.4, 1 query per class, Adam 1e-3) for 2,500
+iterations instead of 60,000; first-order MAML the same; MAML 20-way 1-shot for 2,000 iterations at
+meta-batch 16 with 1 inner step at alpha 0.4 (the paper: 5 steps at alpha 0.1, 60,000 iterations);
+ProtoNet (conv4 with max pooling, 64-d embedding) one 20-way 1-shot episode with 5 queries per class per
+iteration, 2,000 iterations (the paper: 60-way episodes, many more), and four variants towards issue
+#17's 92% on Lake's runs: one change each, 60-way training episodes (Snell et al.'s choice for Omniglot;
+3x the images per iteration) and Koch et al.'s affine distortions of the training images, then the
+distortions with 6,000 iterations and Snell et al.'s rate halving every 2,000, and that last one trained
+on all 8 alphabets (242 characters x 4 rotations, none held out: tested on Lake's runs only, whose
+characters come from outside the minimal sets; its training monitor is Lake's runs); fine-tuning
+pre-trains one 720-way classifier on the episodes' images (4 20-way episodes of 6 images per class per
+iteration, 3,000 iterations), then fits a zero-initialised head on the support set (50 steps at rate
+0.5); 1-NN is the Euclidean nearest support image in 28x28 pixels. The metric, memory and graph learners
+of issue #17 embed with ProtoNet's conv4 (max pooling) and train 2,000 iterations: TADAM, matching
+networks and the siamese net (with Koch et al.'s distortions) on ProtoNet's one 20-way 1-shot episode of
+5 queries per class per iteration; MANN, SNAIL and the GNN, which have N outputs, one model per N, on
+5-way 1-shot episodes (meta-batch 16 for MANN, 8 for SNAIL and the GNN) or 20-way ones (meta-batch 2).
+MANN with the paper's read attention (`MANN 5-way`) stays at the uniform prediction; `MANN 5-way, key
+strength` sharpens it by NTM's key strength (started at 10) and writes an add vector instead of the key
+(models/mann.py says why). Matching networks take the paper's softmax over cosine similarities (s = 1)
+in the row `matching networks`, under which a correct 20-way prediction has probability at most e / (e +
+19 / e) = 0.28, and a learned s started at 10 in `matching networks, learned scale`. Each model is
+trained once and evaluated in every setting its output layer allows (MAML 5-way in the 5-way settings,
+MAML 20-way in the 20-way ones and on Lake's runs); MAML's 5-shot rows use the 1-shot-trained model (the
+paper trains 5-shot).
 
 Published scores on Lake's 20 runs (trained on the full background set): people 95.5 %, Bayesian
 program learning 95.2 %, convolutional siamese net 92.0 % (with augmentation), plain siamese net
