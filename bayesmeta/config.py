@@ -180,7 +180,7 @@ class TrainConfig:
 class EvalConfig:
     tasks: int = opt(600, ge=1, doc="evaluation tasks")
     inner_steps: tuple[int, ...] = opt((1, 10), ge=0, doc="test-time inner steps to report")
-    batch: int = opt(100, ge=1, doc="tasks per device call")
+    batch: int = opt(100, ge=1, doc="tasks per device call, in the evaluation and the training monitor")
     samples: int = opt(1, ge=1, doc="posterior predictive draws per task")
     blown_up_draws: str = opt(
         "keep",

@@ -194,18 +194,22 @@ def evaluate(
 
 
 def quick_metric(
-    method: Method, likelihood: Any, batch: TaskBatch, inner_steps: int
+    method: Method, likelihood: Any, batch: TaskBatch, inner_steps: int, chunk: int | None = None
 ) -> Callable[[dict], dict[str, float]]:
     """params -> {metric@steps: mean over the batch}: the cheap evaluation run during training, of one
-    predictive draw (for a method with a posterior its MSE includes the draw's spread about the mean)."""
+    predictive draw (for a method with a posterior its MSE includes the draw's spread about the mean),
+    `chunk` tasks at a time (all at once when None), so that its memory is that of eval.batch tasks."""
     run = predictive(method, inner_steps, 1, sites=("f",))
     key = jax.random.PRNGKey(0)
+    n = batch.n_tasks
+    parts = [batch.take(slice(i, i + (chunk or n))) for i in range(0, n, chunk or n)]
 
     def metric(params: dict) -> dict[str, float]:
-        mean = run(params, batch, key)["f"][0]
-        return {
-            f"{k}@{inner_steps}": float(jnp.mean(v))
-            for k, v in likelihood.task_metrics(mean, batch.y_query).items()
-        }
+        per_task: dict[str, list] = {}
+        for part in parts:
+            mean = run(params, part, key)["f"][0]
+            for k, v in likelihood.task_metrics(mean, part.y_query).items():
+                per_task.setdefault(k, []).append(v)
+        return {f"{k}@{inner_steps}": float(jnp.mean(jnp.concatenate(v))) for k, v in per_task.items()}
 
     return metric

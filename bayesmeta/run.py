@@ -226,7 +226,9 @@ def train_seeds(
             if primary:
                 write_text(d / "config.toml", config_mod.dumps(c))
         monitor = setup.eval_family.sample(jax.random.fold_in(setup.eval_key, 10**6), first.train.eval_tasks)
-        metric = quick_metric(setup.eval_method, setup.likelihood, monitor, max(first.eval.inner_steps))
+        metric = quick_metric(
+            setup.eval_method, setup.likelihood, monitor, max(first.eval.inner_steps), first.eval.batch
+        )
         results = fit_seeds(
             setup.method,
             setup.family,

@@ -17,7 +17,7 @@ import pytest
 from bayesmeta import registry, run
 from bayesmeta.cli import main
 from bayesmeta.fit import CHECKPOINT, CheckpointError, fit, learning_rate, make_optimizer
-from bayesmeta.predict import eval_tasks, evaluate, predictive
+from bayesmeta.predict import eval_tasks, evaluate, predictive, quick_metric
 
 
 def test_short_fit_beats_the_best_constant_predictor(small_cfg, tmp_path):
@@ -41,6 +41,24 @@ def test_short_fit_beats_the_best_constant_predictor(small_cfg, tmp_path):
     assert mse10.mean() < ev.per_task[0]["mse"].mean()  # adaptation helps
     loss = np.asarray(result.trace.loss)
     assert loss[-100:].mean() < 0.5 * loss[:100].mean()
+
+
+def test_training_monitor_in_chunks_equals_all_at_once(small_cfg):
+    """The monitor averages its per-task metrics over eval.batch-sized chunks (memory bounded by the
+    chunk): the same number as one call on all the tasks, also with a last, smaller chunk."""
+    setup = run.Setup.from_config(small_cfg())
+    tasks = setup.eval_family.sample(jax.random.PRNGKey(5), 10)
+    params = {
+        k: np.asarray(v)
+        for k, v in fit(
+            setup.method, setup.family, small_cfg("train.steps=5").train, seed=0, progress=False
+        ).params.items()
+    }
+    whole = quick_metric(setup.eval_method, setup.likelihood, tasks, 2)(params)
+    for chunk in (5, 4):
+        parts = quick_metric(setup.eval_method, setup.likelihood, tasks, 2, chunk)(params)
+        assert parts.keys() == whole.keys() == {"mse@2"}
+        np.testing.assert_allclose(parts["mse@2"], whole["mse@2"], rtol=1e-5)
 
 
 def test_resume_ends_in_the_same_parameters(small_cfg, tmp_path):
