@@ -333,8 +333,8 @@ def _stats(metrics: dict[str, Any], name: str) -> dict[str, Any]:
             v = v[key]
         if isinstance(v, dict) and "mean" in v:  # a summary over tasks, e.g. "groups/sine/mse@10"
             return v
-    else:
-        v = metrics["diagnostics"][name]
+    else:  # a diagnostic the run did not compute (e.g. eval.memorization_tasks = 0) is missing
+        v = metrics["diagnostics"].get(name)
     return {"mean": v, "median": v, "n_diverged": 0, "n": 1, "dominated": False, "missing": v is None}
 
 

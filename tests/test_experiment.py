@@ -382,3 +382,14 @@ def test_the_default_compilation_cache_is_bounded_and_locked(tmp_path):
     own = tmp_path / "own"
     assert _cache_probe(tmp_path, JAX_COMPILATION_CACHE_DIR=str(own)) == (str(own), -1)
     assert not (own / ".lockfile").exists() and any(own.iterdir())
+
+
+def test_a_diagnostic_a_run_did_not_compute_is_missing_not_an_error():
+    """A grid may ask every setting for the memorization meter while one setting turns it off
+    (eval.memorization_tasks = 0): that cell's value is missing (n/a in the table), not a KeyError."""
+    from bayesmeta.experiment import _stats
+
+    metrics = {"metrics": {}, "diagnostics": {"support_dependence@5": 0.25}}
+    assert _stats(metrics, "support_dependence@5")["mean"] == 0.25
+    gone = _stats(metrics, "support_dependence@20")
+    assert gone["mean"] is None and gone["missing"]

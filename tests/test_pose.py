@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from bayesmeta import registry
+from bayesmeta.config import ConfigError
 from bayesmeta.datasets import omniglot as data
 from bayesmeta.diagnostics.memorization import support_dependence
 from bayesmeta.likelihoods import make_likelihood
@@ -92,6 +93,31 @@ def test_held_out_and_validation_characters_never_in_training_tasks(tfds_dir):
     assert len(set(drawn.tolist())) > 100  # of the 156 training characters
     held = np.asarray(test.sample(jax.random.PRNGKey(1), N).info["character"])
     assert set(held.tolist()) <= set(test.split_labels.tolist())
+
+
+def test_a_subset_of_training_characters_and_fixed_drawers(tfds_dir):
+    """characters = n keeps a fixed subset of n training characters (the same in two builds, none held
+    out) and tasks draw only from it; drawers = fixed gives a character one image up to rotation, the
+    one a task with zero rotation shows."""
+    sub = family(tfds_dir, "task.params.characters=20")
+    full = family(tfds_dir)
+    assert len(sub.split_labels) == 20 and set(sub.split_labels.tolist()) <= set(full.split_labels.tolist())
+    np.testing.assert_array_equal(
+        sub.split_labels, family(tfds_dir, "task.params.characters=20").split_labels
+    )
+    drawn = sub.sample(jax.random.PRNGKey(3), N).info["character"]
+    assert set(np.asarray(drawn).tolist()) <= set(sub.split_labels.tolist())
+    with pytest.raises(ConfigError, match=r"params\.characters"):
+        make_family(config(tfds_dir, "task.params.characters=1000").task)
+
+    fixed = family(tfds_dir, "task.params.drawers='fixed'", "task.params.characters=1")
+    tasks = fixed.sample(jax.random.PRNGKey(4), 6)
+    c = data.characters("minimal", 28, "", tfds_dir)
+    first = c.images[np.flatnonzero(c.label == int(fixed.split_labels[0]))[0]].astype(np.float32) / 255.0
+    x = np.concatenate([tasks.x_support, tasks.x_query], 1).reshape(-1, 28, 28)
+    rot = np.asarray(tasks.info["rotation"]).reshape(-1)
+    for img, r in zip(x, rot, strict=True):  # each image is the first drawer's, turned by its rotation
+        np.testing.assert_allclose(img, rotate_image(jnp.asarray(first), r), atol=1e-5)
 
 
 def test_canonical_angles_reproducible_from_the_seed(tfds_dir):

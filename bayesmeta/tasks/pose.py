@@ -1,17 +1,20 @@
 """Pose regression on Omniglot characters: the structure of Yin et al.'s (2020) Pascal3D pose tasks
 (their section 4.2) rebuilt on images we have.
 
-Every character k has a hidden canonical angle c_k ~ U[0, 2 pi), drawn once per character (by its
-global label) from `canonical_seed`. A task is one character; its inputs are that character's images
-rotated by angles r ~ U[0, 2 pi) (counter-clockwise on screen, bilinear resampling about the centre,
-blank ink outside; `drawers = "one"` rotates one drawer's image, as the paper renders one object,
-"random" draws each image's drawer), and its targets are the angles relative to the canonical one,
-r - c_k, given as the unit vector y = (cos(r - c_k), sin(r - c_k)) (y_dim 2; the model predicts
-(cos, sin) under the Gaussian likelihood, i.e. a squared loss on the 2-vector). Characters are split
-by alphabet: `split = "test"` uses the `held_out` alphabets, "validation" the `validation` ones (for
-choosing hyper-parameters), "train" the rest; with the full source the evaluation set is the test
-split. A network that memorizes each training character's canonical angle from its appearance can
-solve training tasks without their support sets, and fails on held-out characters unless it uses them.
+Every character k has a hidden canonical angle c_k ~ U[0, 2 pi), drawn once per character (by its global
+label) from `canonical_seed`. A task is one character; its inputs are that character's images rotated by
+angles r ~ U[0, 2 pi) (counter-clockwise on screen, bilinear resampling about the centre, blank ink
+outside; `drawers = "one"` rotates one drawer's image, as the paper renders one object, "random" draws
+each image's drawer, "fixed" always rotates the character's first drawer's image, so that a character
+has one appearance up to rotation, as a rendered object has), and its targets are the angles relative to
+the canonical one, r - c_k, given as the unit vector y = (cos(r - c_k), sin(r - c_k)) (y_dim 2; the
+model predicts (cos, sin) under the Gaussian likelihood, i.e. a squared loss on the 2-vector).
+Characters are split by alphabet: `split = "test"` uses the `held_out` alphabets, "validation" the
+`validation` ones (for choosing hyper-parameters), "train" the rest (or `characters` of them, a fixed
+random subset, to make memorizing them easier: the paper trains on 50 objects); with the full source the
+evaluation set is the test split. A network that memorizes each training character's canonical angle
+from its appearance can solve training tasks without their support sets, and fails on held-out
+characters unless it uses them.
 
 Scores (TaskMetrics) beside the likelihood's MSE of (cos, sin):
 
@@ -99,7 +102,12 @@ class OmniglotPose:
         )
         canonical_seed: int = opt(0, ge=0, doc="seed of the characters' hidden canonical angles")
         drawers: str = opt(
-            "one", choices=["one", "random"], doc="a task rotates one drawer's image, or each image's own"
+            "one",
+            choices=["one", "random", "fixed"],
+            doc="a task rotates one drawer's image, each image's own, or always the character's first",
+        )
+        characters: int = opt(
+            0, ge=0, doc="train split: only this many characters, a fixed random subset (0: all of them)"
         )
         noise_sd: float = opt(0.0, ge=0, doc="sd of Gaussian noise on the targets (cos, sin)")
         image_size: int = opt(28, ge=4, le=105, doc="images are resized to this side")
@@ -127,7 +135,11 @@ class OmniglotPose:
         test = c.subset == "evaluation" if p.source == "full" else np.isin(c.alphabet, p.held_out)
         val = np.isin(c.alphabet, p.validation) & ~test
         keep = {"test": test, "validation": val, "train": ~test & ~val}[p.split]
-        return np.unique(c.label[keep])
+        labels = np.unique(c.label[keep])
+        if p.split == "train" and 0 < p.characters < len(labels):
+            pick = np.random.default_rng(p.canonical_seed).permutation(len(labels))[: p.characters]
+            labels = np.sort(labels[pick])
+        return labels
 
     @cached_property
     def canonical(self) -> np.ndarray:
@@ -159,6 +171,8 @@ class OmniglotPose:
                 return f"params.{name}: unknown alphabets {unknown}; the {p.source} source has {alphabets}"
         if self.n_characters == 0:
             return f"params.split: no characters in the {p.split!r} split"
+        if p.split == "train" and p.characters > self.n_characters:
+            return f"params.characters: at most {self.n_characters}, the train split's characters"
         return None
 
     def sample(self, key: jax.Array, n_tasks: int) -> TaskBatch:
@@ -197,6 +211,7 @@ def draw_pose_tasks(
     char = jax.random.randint(kc, (n_tasks,), 0, d["pool"].shape[0])
     shape = (n_tasks, 1) if drawers == "one" else (n_tasks, n)
     drawer = jnp.broadcast_to(jax.random.randint(kd, shape, 0, DRAWERS), (n_tasks, n))
+    drawer = jnp.zeros_like(drawer) if drawers == "fixed" else drawer
     images = d["images"][d["pool"][char[:, None], drawer]].astype(jnp.float32) / 255.0  # (T, n, s, s)
     rotation = jax.random.uniform(kr, (n_tasks, n), maxval=2 * math.pi)
     rotated = jax.vmap(rotate_image)(images.reshape(-1, *images.shape[-2:]), rotation.reshape(-1))
