@@ -194,6 +194,19 @@ def _recorded(folder: Path, cfg: config.Config) -> dict[str, Any] | None:
     return m if run.up_to_date(m) else None
 
 
+def recorded(cells: list[Cell], base: Path, out_dir: Path) -> list[Cell]:
+    """The cells whose result is recorded under out_dir for their config (nothing parked, failed or to
+    train): a table of what has been run, e.g. one row with three seeds beside rows with one."""
+
+    def done(cell: Cell) -> bool:
+        name = [f"seed={cell.seed}", f"name={cell.run_name}"]
+        cfg = registry.load_config(base, [*cell.overrides, *cell.evaluation, *name])
+        folder = out_dir / CELLS / cell.run_name
+        return _recorded(folder / "evals" / cell.setting if cell.evaluation else folder, cfg) is not None
+
+    return [c for c in cells if done(c)]
+
+
 def _train_config(cell: Cell, base: Path) -> config.Config:
     """The config of the cell's training run (without its evaluation overrides)."""
     return registry.load_config(base, [*cell.overrides, f"seed={cell.seed}", f"name={cell.run_name}"])

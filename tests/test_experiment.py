@@ -15,7 +15,7 @@ from filelock import FileLock
 
 from bayesmeta import experiment, run
 from bayesmeta.config import DEFAULT_CONFIG
-from bayesmeta.experiment import Cell, run_grid
+from bayesmeta.experiment import Cell, recorded, run_grid
 from bayesmeta.fit import CHECKPOINT
 from bayesmeta.io import LOCK
 from tests.conftest import SMALL
@@ -143,6 +143,17 @@ def test_an_evaluation_cell_is_reused_from_its_record(tmp_path):
     again = run_grid("t", DEFAULT_CONFIG, [cell], ["mse@10"], tmp_path, progress=False)
     assert again.outcomes[0].reused and not (tmp_path / "runs").exists()
     assert again.rows[0]["mean"] == first.rows[0]["mean"] and first.rows[0]["tasks_per_seed"] == 20
+
+
+def test_recorded_keeps_the_cells_with_a_result_for_their_config(tmp_path):
+    """recorded() selects what a grid has run: a finished evaluation cell, not its other seed (never
+    run) nor the same cell under another config."""
+    small = (*SMALL, "train.steps=50", "eval.memorization_tasks=0")
+    cell = Cell("m", "ten", 0, small, ("eval.tasks=10",))
+    run_grid("t", DEFAULT_CONFIG, [cell], ["mse@10"], tmp_path, progress=False)
+    other_seed = Cell("m", "ten", 1, small, ("eval.tasks=10",))
+    changed = Cell("m", "ten", 0, small, ("eval.tasks=12",))
+    assert recorded([cell, other_seed, changed], DEFAULT_CONFIG, tmp_path) == [cell]
 
 
 def test_an_evaluation_equal_to_the_training_runs_own_is_not_repeated(tmp_path):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bayesmeta.experiment import Cell, Contrast, contrast_table, contrasts, run_grid, script
+from bayesmeta.experiment import Cell, Contrast, contrast_table, contrasts, recorded, run_grid, script
 from bayesmeta.stats import Published
 
 HERE = Path(__file__).parent
@@ -262,7 +262,13 @@ SMOKE = (  # a few steps of every cell, to check the wiring (not results)
 )
 
 
-def table(seeds: list[int], only: list[str] | None, out: Path | None = None, smoke: bool = False) -> None:
+def table(
+    seeds: list[int],
+    only: list[str] | None,
+    out: Path | None = None,
+    smoke: bool = False,
+    only_recorded: bool = False,
+) -> None:
     extra = SMOKE if smoke else ()
     cells = [
         Cell(
@@ -274,12 +280,13 @@ def table(seeds: list[int], only: list[str] | None, out: Path | None = None, smo
         if compatible(m, s)
         for seed in seeds
     ]
+    out = out or HERE / "table"
     run_grid(
         "Omniglot (minimal background sets): held-out alphabets and Lake's 20 one-shot runs",
         BASE,
-        cells,
+        recorded(cells, BASE, out) if only_recorded else cells,
         list(METRICS),
-        out or HERE / "table",
+        out,
         published=table_published(),
         notes=TABLE_NOTES,
         progress=False,
@@ -625,6 +632,12 @@ def main() -> None:
     )
     p.add_argument("--out", type=Path, help="table, instances: write here instead of the committed folder")
     p.add_argument(
+        "--recorded",
+        action="store_true",
+        help="table: only the cells already recorded, of any of --seeds (rows may differ in seeds); "
+        "nothing is trained",
+    )
+    p.add_argument(
         "--smoke",
         action="store_true",
         help="a few training steps and test tasks; nme, nme-ablation: in a temp folder",
@@ -644,7 +657,7 @@ def main() -> None:
     elif args.what == "instances":
         instances(args.seeds, args.out, args.smoke)
     else:
-        table(args.seeds, args.only, args.out, args.smoke)
+        table(args.seeds, args.only, args.out, args.smoke, args.recorded)
 
 
 if __name__ == "__main__":
