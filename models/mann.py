@@ -138,7 +138,7 @@ def strength_init(key: jax.Array, s: Sizes) -> dict:
 
 def mann_init(key: jax.Array, d: int, s: Sizes) -> dict:
     """Controller LSTM (input [x, onehot(y_prev), r_prev]), key and gate heads, output layer."""
-    kc, kk, ka, ko, kb = jax.random.split(key, 5)
+    kc, kk, ka, ko = jax.random.split(key, 4)
     n_in = d + s.ways + s.heads * s.width
     p = {
         "lstm": lstm_init(kc, n_in, s.units, s.units),
@@ -146,7 +146,7 @@ def mann_init(key: jax.Array, d: int, s: Sizes) -> dict:
         "alpha": dense_init(ka, s.units, s.heads),
         "out": dense_init(ko, s.units + s.heads * s.width, s.ways),
     }
-    kb, kv = jax.random.split(kb)
+    kb, kv = jax.random.split(jax.random.fold_in(key, 4))  # the paper's parameters keep their keys
     return (
         p
         | ({"strength": strength_init(kb, s)} if s.key_strength else {})
