@@ -199,10 +199,9 @@ def recorded(cells: list[Cell], base: Path, out_dir: Path) -> list[Cell]:
     train): a table of what has been run, e.g. one row with three seeds beside rows with one."""
 
     def done(cell: Cell) -> bool:
-        name = [f"seed={cell.seed}", f"name={cell.run_name}"]
-        cfg = registry.load_config(base, [*cell.overrides, *cell.evaluation, *name])
         folder = out_dir / CELLS / cell.run_name
-        return _recorded(folder / "evals" / cell.setting if cell.evaluation else folder, cfg) is not None
+        record = folder / "evals" / cell.setting if cell.evaluation else folder
+        return _recorded(record, _eval_config(cell, base)) is not None
 
     return [c for c in cells if done(c)]
 
@@ -210,6 +209,12 @@ def recorded(cells: list[Cell], base: Path, out_dir: Path) -> list[Cell]:
 def _train_config(cell: Cell, base: Path) -> config.Config:
     """The config of the cell's training run (without its evaluation overrides)."""
     return registry.load_config(base, [*cell.overrides, f"seed={cell.seed}", f"name={cell.run_name}"])
+
+
+def _eval_config(cell: Cell, base: Path) -> config.Config:
+    """The config of the cell's evaluation (its training run's, with the evaluation overrides)."""
+    overrides = [*cell.overrides, *cell.evaluation, f"seed={cell.seed}", f"name={cell.run_name}"]
+    return registry.load_config(base, overrides)
 
 
 def _train(cell: Cell, base: Path, out_dir: Path, progress: bool) -> Outcome:
@@ -255,9 +260,7 @@ def _untrained(cell: Cell, base: Path, out_dir: Path) -> config.Config | None:
     if _same_config(record / PARKED / "config.toml", cfg):
         return None  # resumed from its parked checkpoint by _train
     if cell.evaluation:
-        overrides = [*cell.overrides, *cell.evaluation, f"seed={cell.seed}", f"name={cell.run_name}"]
-        evaluated = registry.load_config(base, overrides)
-        if _recorded(record / "evals" / cell.setting, evaluated) is not None:
+        if _recorded(record / "evals" / cell.setting, _eval_config(cell, base)) is not None:
             return None
     elif _recorded(record, cfg) is not None or _recorded_failure(record, cfg) is not None:
         return None
@@ -303,8 +306,7 @@ def evaluate_cell(cell: Cell, base: Path, out_dir: Path, progress: bool = True) 
     into runs/<run>/evals/<setting>/; reused when that evaluation's config is unchanged (also from its
     record in cells/<run>/evals/<setting>/). Overrides that leave the training run's config as it was
     name its own evaluation, which is not repeated."""
-    overrides = [*cell.overrides, *cell.evaluation, f"seed={cell.seed}", f"name={cell.run_name}"]
-    cfg = registry.load_config(base, overrides)
+    cfg = _eval_config(cell, base)
     run_dir = cell.run_dir(out_dir)
     eval_dir = run_dir / "evals" / cell.setting
     record = out_dir / CELLS / cell.run_name / "evals" / cell.setting

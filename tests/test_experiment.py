@@ -15,7 +15,7 @@ from filelock import FileLock
 
 from bayesmeta import experiment, run
 from bayesmeta.config import DEFAULT_CONFIG
-from bayesmeta.experiment import Cell, recorded, run_grid
+from bayesmeta.experiment import Cell, _stats, recorded, run_grid
 from bayesmeta.fit import CHECKPOINT
 from bayesmeta.io import LOCK
 from tests.conftest import SMALL
@@ -398,8 +398,6 @@ def test_the_default_compilation_cache_is_bounded_and_locked(tmp_path):
 def test_a_diagnostic_a_run_did_not_compute_is_missing_not_an_error():
     """A grid may ask every setting for the memorization meter while one setting turns it off
     (eval.memorization_tasks = 0): that cell's value is missing (n/a in the table), not a KeyError."""
-    from bayesmeta.experiment import _stats
-
     metrics = {"metrics": {}, "diagnostics": {"support_dependence@5": 0.25}}
     assert _stats(metrics, "support_dependence@5")["mean"] == 0.25
     gone = _stats(metrics, "support_dependence@20")

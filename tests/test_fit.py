@@ -48,12 +48,7 @@ def test_training_monitor_in_chunks_equals_all_at_once(small_cfg):
     chunk): the same number as one call on all the tasks, also with a last, smaller chunk."""
     setup = run.Setup.from_config(small_cfg())
     tasks = setup.eval_family.sample(jax.random.PRNGKey(5), 10)
-    params = {
-        k: np.asarray(v)
-        for k, v in fit(
-            setup.method, setup.family, small_cfg("train.steps=5").train, seed=0, progress=False
-        ).params.items()
-    }
+    params = fit(setup.method, setup.family, small_cfg("train.steps=5").train, seed=0, progress=False).params
     whole = quick_metric(setup.eval_method, setup.likelihood, tasks, 2)(params)
     for chunk in (5, 4):
         parts = quick_metric(setup.eval_method, setup.likelihood, tasks, 2, chunk)(params)

@@ -209,9 +209,11 @@ def draw_pose_tasks(
     kc, kd, kr, ke = jax.random.split(key, 4)
     n = shots + queries
     char = jax.random.randint(kc, (n_tasks,), 0, d["pool"].shape[0])
-    shape = (n_tasks, 1) if drawers == "one" else (n_tasks, n)
-    drawer = jnp.broadcast_to(jax.random.randint(kd, shape, 0, DRAWERS), (n_tasks, n))
-    drawer = jnp.zeros_like(drawer) if drawers == "fixed" else drawer
+    if drawers == "fixed":  # the character's first drawer
+        drawer = jnp.zeros((n_tasks, n), jnp.int32)
+    else:
+        shape = (n_tasks, 1) if drawers == "one" else (n_tasks, n)
+        drawer = jnp.broadcast_to(jax.random.randint(kd, shape, 0, DRAWERS), (n_tasks, n))
     images = d["images"][d["pool"][char[:, None], drawer]].astype(jnp.float32) / 255.0  # (T, n, s, s)
     rotation = jax.random.uniform(kr, (n_tasks, n), maxval=2 * math.pi)
     rotated = jax.vmap(rotate_image)(images.reshape(-1, *images.shape[-2:]), rotation.reshape(-1))

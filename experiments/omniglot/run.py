@@ -36,6 +36,7 @@ def train(ways: int, shots: int, queries: int, meta_batch: int, steps: int, *ext
     )
 
 
+# MANN's read sharpened by NTM's key strength, with an add vector (models/mann.py says why)
 KEY_STRENGTH = ("model.params.key_strength=true", "model.params.add_vector=true")
 # Training protocols, reduced from the papers' to fit about 30 minutes each on 2 CPU cores (see notes)
 MAML_5 = ("model.method='maml'", *train(5, 1, 1, 32, 2500), "model.inner_lr=0.4")
